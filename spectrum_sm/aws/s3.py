@@ -1,0 +1,140 @@
+"""S3 helpers: URIs, and a checkpoint source that streams shards from an ``s3://`` prefix.
+
+boto3 picks its endpoint from the usual configuration, so ``AWS_ENDPOINT_URL`` pointing at a moto
+server works for tests and local runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.checkpoint import header_length, parse_header
+from ..core.errors import SpectrumError
+
+log = logging.getLogger(__name__)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key/prefix`` -> ``("bucket", "key/prefix")``; raise on anything else."""
+    if not uri.startswith("s3://"):
+        raise SpectrumError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise SpectrumError(f"S3 URI {uri!r} has no bucket name")
+    return bucket, key
+
+
+def s3_client():
+    import boto3
+
+    return boto3.client("s3")
+
+
+def describe_client_error(exc: Exception, what: str) -> SpectrumError:
+    """One line for any boto3/botocore failure (missing object, credentials, endpoint)."""
+    code = ""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code", "")
+    if code in {"404", "NoSuchKey", "NotFound"}:
+        return SpectrumError(f"{what}: no such S3 object")
+    if code == "NoSuchBucket":
+        return SpectrumError(f"{what}: the bucket does not exist")
+    if code in {"403", "AccessDenied"}:
+        return SpectrumError(f"{what}: access denied")
+    name = type(exc).__name__
+    if name == "NoCredentialsError":
+        return SpectrumError(f"{what}: no AWS credentials found")
+    return SpectrumError(f"{what}: {name}: {exc}")
+
+
+@dataclass
+class S3Source:
+    """A checkpoint under an S3 prefix. Shards are downloaded one ahead and deleted after use."""
+
+    uri: str
+    name: str = ""
+    _sizes: dict[str, int] = field(default_factory=dict)
+    _etags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.bucket, key = split_s3_uri(self.uri)
+        self.prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+        self.location = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.name = self.name or (self.prefix.rstrip("/").rsplit("/", 1)[-1] or self.bucket)
+        self._client = s3_client()
+        self._tmp = Path(tempfile.mkdtemp(prefix="spectrum-s3-"))
+        self._fetched: dict[str, Path] = {}
+
+    def list_files(self) -> list[str]:
+        if not self._sizes:
+            try:
+                pages = self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
+                )
+                for page in pages:
+                    for obj in page.get("Contents", []):
+                        rel = obj["Key"][len(self.prefix) :]
+                        if rel:
+                            self._sizes[rel] = obj["Size"]
+                            self._etags[rel] = obj.get("ETag", "").strip('"')
+            except Exception as exc:
+                raise describe_client_error(exc, self.location) from exc
+            if not self._sizes:
+                raise SpectrumError(f"{self.location}: no files under this S3 prefix")
+        return sorted(self._sizes)
+
+    def read_header(self, filename: str) -> dict[str, Any]:
+        """Validate a shard's header with two ranged GETs, before downloading it."""
+        label = f"{self.location}/{filename}"
+        size = self._sizes[filename]
+        prefix = self._range(filename, 0, 7) if size >= 8 else b""
+        header_len = header_length(prefix, size, label)
+        raw = self._range(filename, 8, 8 + header_len - 1)
+        return parse_header(raw, header_len, size, label)
+
+    def _range(self, filename: str, first: int, last: int) -> bytes:
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self.prefix + filename, Range=f"bytes={first}-{last}"
+            )
+            return response["Body"].read()
+        except Exception as exc:
+            raise describe_client_error(exc, f"{self.location}/{filename}") from exc
+
+    def fetch(self, filename: str) -> Path:
+        if filename in self._fetched:
+            return self._fetched[filename]
+        target = self._tmp / filename
+        try:
+            self._client.download_file(self.bucket, self.prefix + filename, str(target))
+        except Exception as exc:
+            raise describe_client_error(exc, f"{self.location}/{filename}") from exc
+        self._fetched[filename] = target
+        return target
+
+    def release(self, filename: str) -> None:
+        path = self._fetched.pop(filename, None)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "kind": "s3",
+            "uri": self.location,
+            "files": [
+                {"name": n, "size": self._sizes[n], "etag": self._etags.get(n, "")}
+                for n in sorted(self._sizes)
+                if n.endswith((".safetensors", ".json"))
+            ],
+        }

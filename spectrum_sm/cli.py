@@ -1,0 +1,183 @@
+"""The ``spectrum-sm`` command line.
+
+Only argparse loads at start-up; each command imports what it needs, so ``--help`` is instant.
+Every error a user can cause ends in one ``error: ...`` line and exit status 1 (2 for usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("spectrum_sm")
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
+    return int(value) if value.is_integer() else value
+
+
+def _globs(values: list[str] | None) -> list[str]:
+    """``--include a,b --include c`` -> ``["a", "b", "c"]``."""
+    return [g.strip() for v in values or [] for g in v.split(",") if g.strip()]
+
+
+def _add_type_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="module types to keep, e.g. 'self_attn.*,mlp.*' (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="module types to leave out, e.g. '*norm*' (repeatable)",
+    )
+    parser.add_argument(
+        "--no-embeddings",
+        dest="embeddings",
+        action="store_false",
+        help="do not write the ^lm_head.weight$ and ^model.embed_tokens.weight$ entries",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="spectrum-sm",
+        description="Spectrum fine-tuning on Amazon SageMaker: SNR scan, layer selection, jobs.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    scan = commands.add_parser(
+        "scan",
+        help="score every weight of a model and write the layer file",
+        description="Stream a safetensors checkpoint (folder, s3:// prefix or Hub id), score "
+        "each weight by Spectrum's SNR and write the reference's result files.",
+    )
+    scan.add_argument("model", help="local folder or .safetensors file, s3://bucket/prefix, or Hub id")
+    scan.add_argument("--top-percent", type=_percent, default=50, metavar="P",
+                      help="share of each module type to train, in (0, 100] (default: 50)")  # fmt: skip
+    scan.add_argument("--output-dir", default="model_snr_results", metavar="DIR",
+                      help="where the files go (default: ./model_snr_results)")  # fmt: skip
+    scan.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                      help="where to compute (default: cuda when available)")  # fmt: skip
+    scan.add_argument("--exact", action="store_true",
+                      help="float32 svdvals like the reference instead of the float64 Gram method")  # fmt: skip
+    scan.add_argument("--name", default="", help="model name for file names (default: from MODEL)")
+    scan.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    scan.add_argument("--no-hash", dest="hash_files", action="store_false",
+                      help="skip sha256 of local shards in the manifest")  # fmt: skip
+    scan.add_argument("--chunk-mb", type=int, default=64, metavar="MB",
+                      help="float64 chunk size; bounds memory (default: 64)")  # fmt: skip
+    scan.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _add_type_filters(scan)
+
+    select = commands.add_parser(
+        "select",
+        help="write the layer file for another percent from a results JSON",
+        description="Select layers again from snr_results_<model>.json (ours or the reference "
+        "repository's model_snr_results/), without rescanning.",
+    )
+    select.add_argument("results", help="snr_results_<model>.json")
+    select.add_argument("--top-percent", type=_percent, required=True, metavar="P",
+                        help="share of each module type to train, in (0, 100]")  # fmt: skip
+    select.add_argument("--output-dir", default=None, metavar="DIR",
+                        help="where the layer file goes (default: next to RESULTS)")  # fmt: skip
+    select.add_argument("--name", default="", help="model name for the file name")
+    _add_type_filters(select)
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)  # fmt: skip
+
+
+def _run_scan(args: argparse.Namespace) -> int:
+    from .api import scan
+
+    result = scan(
+        args.model,
+        args.top_percent,
+        output_dir=args.output_dir,
+        include=_globs(args.include),
+        exclude=_globs(args.exclude),
+        embeddings=args.embeddings,
+        exact=args.exact,
+        device=args.device,
+        name=args.name,
+        revision=args.revision,
+        hash_files=args.hash_files,
+        chunk_mb=args.chunk_mb,
+        show_progress=not args.quiet,
+    )
+    chosen = result.selection()
+    summary = {
+        "model": result.model_name,
+        "weights_scanned": len(result.scores),
+        "selected": sum(len(v) for v in chosen.values()),
+        "seconds": round(result.seconds, 2),
+        "files": {k: str(p) for k, p in result.files.items()},
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"scanned {summary['weights_scanned']} weights in {summary['seconds']} s; "
+              f"selected {summary['selected']} at {result.top_percent}%")  # fmt: skip
+        print(f"layer file: {result.files['layers']}")
+    return 0
+
+
+def _run_select(args: argparse.Namespace) -> int:
+    from .api import select
+
+    path = select(
+        args.results,
+        args.top_percent,
+        output_dir=args.output_dir,
+        include=_globs(args.include),
+        exclude=_globs(args.exclude),
+        embeddings=args.embeddings,
+        name=args.name,
+    )
+    print(f"layer file: {path}")
+    return 0
+
+
+COMMANDS = {"scan": _run_scan, "select": _run_select}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: ``spectrum-sm COMMAND ...``."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    from .core.errors import SpectrumError
+
+    try:
+        return COMMANDS[args.command](args)
+    except SpectrumError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""The streaming Spectrum scan: read tensors shard by shard, score each, write the reference files.
+
+One reader thread fetches shards (downloading the next one while this one is scored), validates
+their headers and cuts each weight into chunks along its long side; the calling thread turns the
+chunks into float64 Gram matrices and eigenvalues. Only a few chunks are in flight at a time, so
+memory follows the chunk size, not the model size.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import selection as sel
+from .atomic import ensure_output_dir, write_files_atomically
+from .checkpoint import (
+    FLOAT_DTYPES,
+    ShardSource,
+    TensorInfo,
+    read_config,
+    read_header,
+    shard_files,
+    tensors_from_header,
+)
+from .errors import SpectrumError
+from .progress import Progress
+from .snr import (
+    GramAccumulator,
+    as_matrix_shape,
+    module_type,
+    natural_key,
+    singular_values_exact,
+    snr_from_singular_values,
+)
+
+log = logging.getLogger(__name__)
+
+EMBED_SUFFIX = "embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+DEFAULT_CHUNK_MB = 64
+
+
+@dataclass
+class TensorScore:
+    """The score of one weight and what it cost."""
+
+    module: str
+    type: str
+    snr: float
+    shape: tuple[int, ...]
+    dtype: str
+    seconds: float
+
+
+@dataclass
+class ScanResult:
+    """Everything a scan produced; ``files`` lists what was written (empty without output)."""
+
+    model_name: str
+    slug: str
+    scores: dict[str, TensorScore]
+    method: str
+    device: str
+    top_percent: float
+    include: list[str]
+    exclude: list[str]
+    embeddings: bool
+    tied_embeddings: bool
+    provenance: dict[str, Any]
+    config: dict[str, Any] | None
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def snr_table(self) -> dict[str, dict[str, Any]]:
+        """``{module: {"snr": float, "type": str}}`` in model order (the reference's JSON)."""
+        return {m: {"snr": s.snr, "type": s.type} for m, s in self.scores.items()}
+
+    def selection(self, percent: float | None = None) -> dict[str, list[str]]:
+        """Per type, the modules to train at ``percent`` (default: the scan's percent)."""
+        return sel.select_layers(self.snr_table(), percent or self.top_percent)
+
+    def layer_file_text(self, percent: float | None = None) -> str:
+        return sel.layer_file_text(self.selection(percent), self.embeddings)
+
+    def manifest(self) -> dict[str, Any]:
+        from .. import __version__
+
+        import torch
+
+        config = self.config or {}
+        return {
+            "spectrum_sm_version": __version__,
+            "torch_version": torch.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {
+                "name": self.model_name,
+                "slug": self.slug,
+                "source": self.provenance,
+                "model_type": config.get("model_type"),
+                "architectures": config.get("architectures"),
+            },
+            "method": self.method,
+            "device": self.device,
+            "top_percent": self.top_percent,
+            "include": self.include,
+            "exclude": self.exclude,
+            "embeddings": self.embeddings,
+            "tied_embeddings": self.tied_embeddings,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+            "tensors": {
+                m: {
+                    "snr": s.snr,
+                    "type": s.type,
+                    "shape": list(s.shape),
+                    "dtype": s.dtype,
+                    "seconds": round(s.seconds, 4),
+                }
+                for m, s in self.scores.items()
+            },
+            "files": {k: p.name for k, p in self.files.items()},
+        }
+
+    def write(self, output_dir: str | Path) -> dict[str, Path]:
+        """Write the reference's three files and our manifest, atomically."""
+        out = ensure_output_dir(output_dir)
+        names = {
+            "results": sel.results_file_name(self.slug),
+            "sorted": sel.sorted_file_name(self.slug),
+            "layers": sel.layer_file_name(self.slug, self.top_percent),
+            "manifest": sel.manifest_file_name(self.slug),
+        }
+        self.files = {key: out / name for key, name in names.items()}
+        table = self.snr_table()
+        texts = {
+            names["results"]: sel.results_json_text(table),
+            names["sorted"]: json.dumps(sel.sorted_results(table), indent=4) + "\n",
+            names["layers"]: self.layer_file_text(),
+            names["manifest"]: json.dumps(self.manifest(), indent=2) + "\n",
+        }
+        write_files_atomically(out, texts)
+        return self.files
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpectrumError(f"--device {device} asked for, but CUDA is not available here")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise SpectrumError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return device
+
+
+@dataclass
+class _Plan:
+    tensors: list[TensorInfo]
+    headers: dict[str, dict[str, Any]]
+    tied: bool
+    skipped: list[str]
+
+
+def _plan(
+    source: ShardSource,
+    shards: list[str],
+    include: list[str],
+    exclude: list[str],
+    config: dict[str, Any] | None,
+    headers: dict[str, dict[str, Any]],
+) -> _Plan:
+    """Choose the weights to score from the shard headers."""
+    everything: list[TensorInfo] = []
+    for shard in shards:
+        everything += tensors_from_header(headers[shard], shard)
+    names = {t.name for t in everything}
+    embeds = sorted(n for n in names if n.endswith(EMBED_SUFFIX))
+    has_lm_head = any(n == LM_HEAD or n.endswith("." + LM_HEAD) for n in names)
+    tied = bool(embeds) and (
+        not has_lm_head or bool((config or {}).get("tie_word_embeddings", False))
+    )
+    skipped = []
+    weights = []
+    for info in everything:
+        if not info.name.endswith(".weight"):
+            continue
+        module = info.name[: -len(".weight")]
+        if tied and (info.name == LM_HEAD or info.name.endswith("." + LM_HEAD)):
+            skipped.append(f"{module}: tied to the input embedding, scored once")
+            continue
+        if info.dtype not in FLOAT_DTYPES:
+            skipped.append(f"{module}: {info.dtype} is not a floating-point weight")
+            continue
+        if len(info.shape) not in (1, 2) or info.numel == 0:
+            skipped.append(f"{module}: shape {list(info.shape)} is not a 1-D or 2-D weight")
+            continue
+        weights.append(info)
+    types = list(dict.fromkeys(module_type(t.name[: -len(".weight")]) for t in weights))
+    if not types:
+        raise SpectrumError(f"{source.location}: no floating-point 1-D or 2-D weights to scan")
+    kept = set(sel.filter_types(types, include, exclude))
+    weights = [t for t in weights if module_type(t.name[: -len(".weight")]) in kept]
+    if tied:
+        log.info(
+            "lm_head is tied to %s (tie_word_embeddings): it is scored once, as the embedding",
+            embeds[0].removesuffix(".weight"),
+        )
+    for reason in skipped:
+        log.info("skipped %s", reason)
+    return _Plan(weights, headers, tied, skipped)
+
+
+def _cost(info: TensorInfo) -> float:
+    n, m = as_matrix_shape(info.shape)
+    short, long_ = min(n, m), max(n, m)
+    return long_ * short * short + short**3
+
+
+_DONE = object()
+
+
+class _Reader(threading.Thread):
+    """Fetches shards in order (one ahead) and puts weight chunks on a bounded queue."""
+
+    def __init__(
+        self,
+        source: ShardSource,
+        plan: _Plan,
+        chunk_elements: int,
+        exact: bool,
+        headers_checked: set[str],
+    ) -> None:
+        super().__init__(name="spectrum-reader", daemon=True)
+        self.source = source
+        self.plan = plan
+        self.chunk_elements = chunk_elements
+        self.exact = exact
+        self.headers_checked = headers_checked
+        self.items: queue.Queue = queue.Queue(maxsize=3)
+        self.stop = threading.Event()
+
+    def _put(self, item: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                self.items.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def run(self) -> None:
+        try:
+            by_shard: dict[str, list[TensorInfo]] = {}
+            for info in self.plan.tensors:
+                by_shard.setdefault(info.shard, []).append(info)
+            shards = list(by_shard)
+            with ThreadPoolExecutor(1, thread_name_prefix="spectrum-fetch") as pool:
+                futures: dict[str, Future] = {}
+                for index, shard in enumerate(shards):
+                    for ahead in shards[index : index + 2]:
+                        if ahead not in futures:
+                            futures[ahead] = pool.submit(self.source.fetch, ahead)
+                    path = futures.pop(shard).result()
+                    if shard not in self.headers_checked:
+                        read_header(path, f"{self.source.location}/{shard}")
+                    self._read_shard(path, by_shard[shard])
+                    self.source.release(shard)
+            self._put(_DONE)
+        except _Stopped:
+            return
+        except BaseException as exc:  # handed to the scanning thread, which re-raises it
+            try:
+                self._put(exc)
+            except _Stopped:
+                return
+
+    def _read_shard(self, path: Path, tensors: list[TensorInfo]) -> None:
+        from safetensors import safe_open
+
+        try:
+            handle_cm = safe_open(str(path), framework="pt")
+        except Exception as exc:
+            raise SpectrumError(f"{path.name}: cannot open safetensors file ({exc})") from exc
+        with handle_cm as handle:
+            for info in sorted(tensors, key=lambda t: natural_key(t.name)):
+                self._put(("begin", info))
+                for chunk in self._chunks(handle, info):
+                    self._put(("chunk", chunk))
+                self._put(("end", info))
+
+    def _chunks(self, handle: Any, info: TensorInfo) -> Iterator[Any]:
+        n, m = as_matrix_shape(info.shape)
+        try:
+            view = handle.get_slice(info.name)
+            if self.exact or n < m:
+                # Wide weights are read whole (at most the largest tensor) and cut into
+                # transposed column blocks; exact mode wants the whole matrix anyway.
+                weight = view[:]
+                weight = weight[None, :] if weight.ndim == 1 else weight
+                if self.exact:
+                    yield weight
+                    return
+                step = max(1, self.chunk_elements // n)
+                for start in range(0, m, step):
+                    yield weight[:, start : start + step].T
+                return
+            step = max(1, self.chunk_elements // m)
+            for start in range(0, n, step):
+                yield view[start : start + step]
+        except SpectrumError:
+            raise
+        except Exception as exc:
+            raise SpectrumError(f"{info.shard}: cannot read tensor {info.name!r} ({exc})") from exc
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _score_stream(
+    reader: _Reader, device: str, exact: bool, progress: Progress
+) -> Iterator[TensorScore]:
+    """Consume the reader's queue and yield one score per weight."""
+    current: TensorInfo | None = None
+    acc: GramAccumulator | None = None
+    whole = None
+    started = 0.0
+    while True:
+        item = reader.items.get()
+        if item is _DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        kind, payload = item
+        if kind == "begin":
+            current, started, whole = payload, time.perf_counter(), None
+            n, m = as_matrix_shape(payload.shape)
+            acc = None if exact else GramAccumulator(min(n, m), device=device)
+        elif kind == "chunk":
+            if exact:
+                whole = payload
+            else:
+                acc.add(payload)
+        else:
+            assert current is not None
+            module = current.name[: -len(".weight")]
+            n, m = as_matrix_shape(current.shape)
+            values = singular_values_exact(whole.to(device)) if exact else acc.singular_values()
+            try:
+                score = snr_from_singular_values(values, n, m)
+            except ValueError as exc:
+                raise SpectrumError(f"{current.shard}: tensor {current.name!r}: {exc}") from exc
+            elapsed = time.perf_counter() - started
+            progress.update(_cost(current), module)
+            yield TensorScore(
+                module, module_type(module), score, current.shape, current.dtype, elapsed
+            )
+            acc = whole = None
+
+
+def scan_source(
+    source: ShardSource,
+    top_percent: float = 50,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    embeddings: bool = True,
+    exact: bool = False,
+    device: str = "auto",
+    chunk_mb: int = DEFAULT_CHUNK_MB,
+    output_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> ScanResult:
+    """Scan a checkpoint source; see :func:`spectrum_sm.scan` for the arguments."""
+    import torch
+
+    started = time.perf_counter()
+    top_percent = sel.check_percent(top_percent)
+    include, exclude = list(include or []), list(exclude or [])
+    if output_dir is not None:
+        ensure_output_dir(output_dir)  # fail before an hour of work, not after
+    device = resolve_device(device)
+    if chunk_mb <= 0:
+        raise SpectrumError(f"chunk size must be positive, got {chunk_mb} MB")
+
+    shards = shard_files(source)
+    config = read_config(source)
+    headers: dict[str, dict[str, Any]] = {}
+    checked: set[str] = set()
+    for shard in shards:
+        # Local shards are validated up front; remote ones again when they arrive.
+        remote_header = getattr(source, "read_header", None)
+        if remote_header is not None:
+            headers[shard] = remote_header(shard)
+        else:
+            headers[shard] = read_header(source.fetch(shard), f"{source.location}/{shard}")
+            checked.add(shard)
+    plan = _plan(source, shards, include, exclude, config, headers)
+    method = "svdvals-float32" if exact else "gram-float64-eigvalsh"
+    log.info(
+        "scanning %d weights of %s (%d shard%s) on %s with %s",
+        len(plan.tensors),
+        source.location,
+        len(shards),
+        "" if len(shards) == 1 else "s",
+        device,
+        method,
+    )
+    progress = Progress(
+        sum(_cost(t) for t in plan.tensors), len(plan.tensors), "SNR scan", show_progress
+    )
+    reader = _Reader(source, plan, chunk_mb * 1024 * 1024 // 8, exact, checked)
+    reader.start()
+    scores: dict[str, TensorScore] = {}
+    try:
+        with torch.no_grad():
+            for score in _score_stream(reader, device, exact, progress):
+                scores[score.module] = score
+    finally:
+        reader.stop.set()
+        reader.join(timeout=30)
+        progress.close()
+    ordered = {m: scores[m] for m in sorted(scores, key=natural_key)}
+    result = ScanResult(
+        model_name=source.name,
+        slug=sel.model_slug(source.name),
+        scores=ordered,
+        method=method,
+        device=device,
+        top_percent=top_percent,
+        include=include,
+        exclude=exclude,
+        embeddings=embeddings,
+        tied_embeddings=plan.tied,
+        provenance=source.provenance(),
+        config=config,
+        seconds=time.perf_counter() - started,
+        skipped=plan.skipped,
+    )
+    if output_dir is not None:
+        result.write(output_dir)
+    log.info("scanned %d weights in %.1f s", len(ordered), result.seconds)
+    return result
+

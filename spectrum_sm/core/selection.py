@@ -1,0 +1,168 @@
+"""Layer selection and the reference's output files (results JSON, sorted JSON, layer YAML)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import SpectrumError
+
+#: The two embedding entries the reference always writes first.
+EMBEDDING_ENTRIES = ("^lm_head.weight$", "^model.embed_tokens.weight$")
+RESULTS_PREFIX = "snr_results_"
+
+Scores = Mapping[str, Mapping[str, Any]]  # module -> {"snr": float, "type": str}
+
+
+def check_percent(percent: float) -> float:
+    """Validate a top percent: a number in (0, 100]."""
+    try:
+        value = float(percent)
+    except (TypeError, ValueError):
+        raise SpectrumError(f"top percent must be a number, got {percent!r}") from None
+    if not math.isfinite(value) or not 0 < value <= 100:
+        raise SpectrumError(f"top percent must be in (0, 100], got {percent}")
+    return int(value) if value.is_integer() else value
+
+
+def format_percent(percent: float) -> str:
+    """``30`` for 30 or 30.0 (like the reference's int argument), ``12.5`` otherwise."""
+    value = check_percent(percent)
+    return str(value)
+
+
+def model_slug(model_name: str) -> str:
+    """The reference's file-name slug: ``/`` and ``_`` become ``-``."""
+    return model_name.replace("/", "-").replace("_", "-")
+
+
+def results_file_name(slug: str) -> str:
+    return f"{RESULTS_PREFIX}{slug}.json"
+
+
+def sorted_file_name(slug: str) -> str:
+    return f"{RESULTS_PREFIX}{slug}_sorted.json"
+
+
+def layer_file_name(slug: str, percent: float) -> str:
+    return f"{RESULTS_PREFIX}{slug}_unfrozenparameters_{format_percent(percent)}percent.yaml"
+
+
+def manifest_file_name(slug: str) -> str:
+    return f"scan_manifest_{slug}.json"
+
+
+def types_in_order(scores: Scores) -> list[str]:
+    """Module types in order of first appearance."""
+    seen: dict[str, None] = {}
+    for info in scores.values():
+        seen.setdefault(info["type"], None)
+    return list(seen)
+
+
+def filter_types(
+    types: Iterable[str], include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
+) -> list[str]:
+    """Types kept by ``include``/``exclude`` globs; a glob that matches no type is an error."""
+    types = list(types)
+    include = [g for g in (include or []) if g]
+    exclude = [g for g in (exclude or []) if g]
+    for glob in include + exclude:
+        if not fnmatch.filter(types, glob):
+            raise SpectrumError(
+                f"type filter {glob!r} matches no module type; types are: {', '.join(types)}"
+            )
+    kept = [t for t in types if not include or any(fnmatch.fnmatchcase(t, g) for g in include)]
+    kept = [t for t in kept if not any(fnmatch.fnmatchcase(t, g) for g in exclude)]
+    if not kept:
+        raise SpectrumError("the type filters leave no module type to select")
+    return kept
+
+
+def _rank_key(item: tuple[str, float]) -> float:
+    # A NaN score (the reference gives one to weights left on the meta device) ranks last.
+    return -math.inf if math.isnan(item[1]) else item[1]
+
+
+def select_layers(
+    scores: Scores,
+    percent: float,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> dict[str, list[str]]:
+    """Per type, the top ``int(count * percent / 100)`` modules by score (stable for ties)."""
+    percent = check_percent(percent)
+    kept = filter_types(types_in_order(scores), include, exclude)
+    by_type: dict[str, list[tuple[str, float]]] = {t: [] for t in kept}
+    for module, info in scores.items():
+        if info["type"] in by_type:
+            by_type[info["type"]].append((module, float(info["snr"])))
+    selection = {}
+    for layer_type, layers in by_type.items():
+        ranked = sorted(layers, key=_rank_key, reverse=True)
+        count = int(len(layers) * percent / 100)
+        selection[layer_type] = [module for module, _ in ranked[:count]]
+    return selection
+
+
+def sorted_results(scores: Scores) -> dict[str, dict[str, float]]:
+    """The reference's ``_sorted.json``: per type, modules by descending score."""
+    grouped: dict[str, list[tuple[str, float]]] = {}
+    for module, info in scores.items():
+        grouped.setdefault(info["type"], []).append((module, float(info["snr"])))
+    return {
+        layer_type: dict(sorted(layers, key=_rank_key, reverse=True))
+        for layer_type, layers in grouped.items()
+    }
+
+
+def layer_file_text(selection: Mapping[str, list[str]], embeddings: bool = True) -> str:
+    """The reference's layer YAML (also what axolotl's ``unfrozen_parameters`` reads)."""
+    lines = ["unfrozen_parameters:"]
+    if embeddings:
+        lines += [f"- {entry}" for entry in EMBEDDING_ENTRIES]
+    for layer_type, modules in selection.items():
+        lines.append(f"# {layer_type} layers")
+        lines += [f"- {module}" for module in modules]
+    return "\n".join(lines) + "\n"
+
+
+def results_json_text(scores: Scores) -> str:
+    data = {m: {"snr": float(i["snr"]), "type": i["type"]} for m, i in scores.items()}
+    return json.dumps(data, indent=4) + "\n"
+
+
+def load_results(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a results JSON (ours or one from the reference's ``model_snr_results/``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpectrumError(f"results file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpectrumError(f"{path}: not a valid JSON file ({exc})") from exc
+    if not isinstance(data, dict) or not data:
+        raise SpectrumError(f"{path}: expected a non-empty object of module -> {{snr, type}}")
+    for module, info in data.items():
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("type"), str)
+            or not isinstance(info.get("snr"), (int, float))
+            or isinstance(info.get("snr"), bool)
+        ):
+            hint = ""
+            if isinstance(info, dict) and all(isinstance(v, (int, float)) for v in info.values()):
+                hint = " (this looks like a _sorted.json; pass the unsorted results file)"
+            raise SpectrumError(
+                f"{path}: entry {module!r} is not of the form {{'snr': number, 'type': str}}{hint}"
+            )
+    return data
+
+
+def slug_from_results_path(path: str | Path) -> str:
+    stem = Path(path).stem
+    return stem[len(RESULTS_PREFIX) :] if stem.startswith(RESULTS_PREFIX) else stem
