@@ -25,7 +25,15 @@ if TYPE_CHECKING:
     from .core.scanner import ScanResult
     from .core.selection import load_results, select_layers
 
-__all__ = ["ScanResult", "SpectrumError", "__version__", *sorted(set(_LAZY) - {"ScanResult", "SpectrumError"})]  # fmt: skip
+__all__ = [
+    "ScanResult",
+    "SpectrumError",
+    "__version__",
+    "load_results",
+    "scan",
+    "select",
+    "select_layers",
+]
 
 
 def __getattr__(name: str) -> Any:

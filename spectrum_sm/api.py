@@ -7,10 +7,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .core import selection as sel
 from .core.atomic import ensure_output_dir, write_files_atomically
 from .core.checkpoint import ShardSource, open_source
 from .core.scanner import DEFAULT_CHUNK_MB, ScanResult, scan_source
-from .core import selection as sel
 
 log = logging.getLogger(__name__)
 

@@ -69,21 +69,48 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream a safetensors checkpoint (folder, s3:// prefix or Hub id), score "
         "each weight by Spectrum's SNR and write the reference's result files.",
     )
-    scan.add_argument("model", help="local folder or .safetensors file, s3://bucket/prefix, or Hub id")
-    scan.add_argument("--top-percent", type=_percent, default=50, metavar="P",
-                      help="share of each module type to train, in (0, 100] (default: 50)")  # fmt: skip
-    scan.add_argument("--output-dir", default="model_snr_results", metavar="DIR",
-                      help="where the files go (default: ./model_snr_results)")  # fmt: skip
-    scan.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                      help="where to compute (default: cuda when available)")  # fmt: skip
-    scan.add_argument("--exact", action="store_true",
-                      help="float32 svdvals like the reference instead of the float64 Gram method")  # fmt: skip
+    scan.add_argument(
+        "model", help="local folder or .safetensors file, s3://bucket/prefix, or Hub id"
+    )
+    scan.add_argument(
+        "--top-percent",
+        type=_percent,
+        default=50,
+        metavar="P",
+        help="share of each module type to train, in (0, 100] (default: 50)",
+    )
+    scan.add_argument(
+        "--output-dir",
+        default="model_snr_results",
+        metavar="DIR",
+        help="where the files go (default: ./model_snr_results)",
+    )
+    scan.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to compute (default: cuda when available)",
+    )
+    scan.add_argument(
+        "--exact",
+        action="store_true",
+        help="float32 svdvals like the reference instead of the float64 Gram method",
+    )
     scan.add_argument("--name", default="", help="model name for file names (default: from MODEL)")
     scan.add_argument("--revision", default=None, help="Hub branch, tag or commit")
-    scan.add_argument("--no-hash", dest="hash_files", action="store_false",
-                      help="skip sha256 of local shards in the manifest")  # fmt: skip
-    scan.add_argument("--chunk-mb", type=int, default=64, metavar="MB",
-                      help="float64 chunk size; bounds memory (default: 64)")  # fmt: skip
+    scan.add_argument(
+        "--no-hash",
+        dest="hash_files",
+        action="store_false",
+        help="skip sha256 of local shards in the manifest",
+    )
+    scan.add_argument(
+        "--chunk-mb",
+        type=int,
+        default=64,
+        metavar="MB",
+        help="float64 chunk size; bounds memory (default: 64)",
+    )
     scan.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_type_filters(scan)
 
@@ -94,10 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
         "repository's model_snr_results/), without rescanning.",
     )
     select.add_argument("results", help="snr_results_<model>.json")
-    select.add_argument("--top-percent", type=_percent, required=True, metavar="P",
-                        help="share of each module type to train, in (0, 100]")  # fmt: skip
-    select.add_argument("--output-dir", default=None, metavar="DIR",
-                        help="where the layer file goes (default: next to RESULTS)")  # fmt: skip
+    select.add_argument(
+        "--top-percent",
+        type=_percent,
+        required=True,
+        metavar="P",
+        help="share of each module type to train, in (0, 100]",
+    )
+    select.add_argument(
+        "--output-dir",
+        default=None,
+        metavar="DIR",
+        help="where the layer file goes (default: next to RESULTS)",
+    )
     select.add_argument("--name", default="", help="model name for the file name")
     _add_type_filters(select)
     return parser
@@ -105,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)  # fmt: skip
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
 
 
 def _run_scan(args: argparse.Namespace) -> int:
@@ -138,8 +178,10 @@ def _run_scan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"scanned {summary['weights_scanned']} weights in {summary['seconds']} s; "
-              f"selected {summary['selected']} at {result.top_percent}%")  # fmt: skip
+        print(
+            f"scanned {summary['weights_scanned']} weights in {summary['seconds']} s; "
+            f"selected {summary['selected']} at {result.top_percent}%"
+        )
         print(f"layer file: {result.files['layers']}")
     return 0
 

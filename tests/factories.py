@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -16,24 +19,35 @@ def tiny_qwen3(path: Path, **kwargs) -> Path:
     return make_qwen3(path, **kwargs)
 
 
-def planted_checkpoint(path: Path, ranks: dict[str, int], *, n: int = 96, m: int = 64,
-                       strength: float = 3.0, seed: int = 0) -> Path:  # fmt: skip
-    """A checkpoint whose weights are noise plus a low-rank signal of known rank.
+def planted_checkpoint(
+    path: Path, ranks: dict[str, int], *, size: int = 128, strength: float = 8.0, seed: int = 0
+) -> Path:
+    """A checkpoint whose square weights are noise plus ``rank`` orthogonal signal components.
 
-    Higher rank (with the same per-component strength) means more singular values above the
-    Marchenko-Pastur edge, hence a higher Spectrum score: the expected ranking is known.
+    The noise's singular values fill [0, 2]; each component adds one singular value of
+    ``strength``. With the top singular value pinned at ``strength``, the score grows with the
+    rank (see ``test_snr.test_planted_rank_orders_scores``), so the expected ranking is known.
     """
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, rank in ranks.items():
-        noise = torch.randn(n, m, generator=gen) / m**0.5
-        signal = torch.zeros(n, m)
-        for _ in range(rank):
-            u = torch.randn(n, 1, generator=gen)
-            v = torch.randn(1, m, generator=gen)
-            signal += strength * (u / u.norm()) @ (v / v.norm())
-        tensors[f"{name}.weight"] = (noise + signal).to(torch.bfloat16)
+        noise = torch.randn(size, size, generator=gen) / size**0.5
+        u, _ = torch.linalg.qr(torch.randn(size, rank, generator=gen))
+        v, _ = torch.linalg.qr(torch.randn(size, rank, generator=gen))
+        tensors[f"{name}.weight"] = (noise + strength * u @ v.T).to(torch.bfloat16)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps({"model_type": "planted"}))
     return path
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
+    """Run ``spectrum-sm`` in a real subprocess; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "spectrum_sm.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+    )

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,9 +26,22 @@ SINGLE_FILE = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,11 @@ class ShardSource(Protocol):
 
 def read_header(path: Path, display_name: str | None = None) -> dict[str, Any]:
     """Parse and validate a local safetensors header; raise :class:`SpectrumError` on damage."""
+    return read_header_and_offset(path, display_name)[0]
+
+
+def read_header_and_offset(path: Path, display_name: str | None = None) -> tuple[dict, int]:
+    """The validated header and the byte offset where the tensor data starts."""
     label = display_name or str(path)
     try:
         size = path.stat().st_size
@@ -80,7 +98,7 @@ def read_header(path: Path, display_name: str | None = None) -> dict[str, Any]:
             raw = handle.read(header_len)
     except OSError as exc:
         raise SpectrumError(f"{label}: cannot read ({exc.strerror})") from exc
-    return parse_header(raw, header_len, size, label)
+    return parse_header(raw, header_len, size, label), 8 + header_len
 
 
 def header_length(prefix: bytes, size: int, label: str) -> int:
@@ -191,7 +209,6 @@ class LocalSource:
     path: Path
     name: str = ""
     hash_files: bool = True
-    _hashes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -213,17 +230,19 @@ class LocalSource:
         return self.path if self._single else self.path / filename
 
     def release(self, filename: str) -> None:
-        if self.hash_files and filename.endswith(".safetensors") and filename not in self._hashes:
-            self._hashes[filename] = sha256_file(self.fetch(filename))
+        """Local files stay where they are."""
 
     def provenance(self) -> dict[str, Any]:
+        # Hashing runs after the scan, not beside it: on a small machine a second busy thread
+        # stalls MKL's threads far more than the hashing itself costs.
         files = []
         for name in self.list_files():
-            if not (name.endswith(".safetensors") or name.endswith(".json")):
+            if not name.endswith((".safetensors", ".json")):
                 continue
-            entry: dict[str, Any] = {"name": name, "size": self.fetch(name).stat().st_size}
-            if name in self._hashes:
-                entry["sha256"] = self._hashes[name]
+            path = self.fetch(name)
+            entry: dict[str, Any] = {"name": name, "size": path.stat().st_size}
+            if self.hash_files:
+                entry["sha256"] = sha256_file(path)
             files.append(entry)
         return {"kind": "local", "path": str(self.path.resolve()), "files": files}
 
@@ -259,7 +278,9 @@ class HubSource:
             try:
                 from huggingface_hub import HfApi
 
-                info = HfApi().model_info(self.repo_id, revision=self.revision, files_metadata=False)
+                info = HfApi().model_info(
+                    self.repo_id, revision=self.revision, files_metadata=False
+                )
             except Exception as exc:  # network, auth, missing repo: all end the same way
                 raise self._hub_error(exc) from exc
             self._sha = info.sha
@@ -308,8 +329,13 @@ def looks_like_hub_id(spec: str) -> bool:
     )
 
 
-def open_source(spec: str | os.PathLike[str] | ShardSource, *, name: str = "", revision=None,
-                hash_files: bool = True) -> ShardSource:  # fmt: skip
+def open_source(
+    spec: str | os.PathLike[str] | ShardSource,
+    *,
+    name: str = "",
+    revision=None,
+    hash_files: bool = True,
+) -> ShardSource:
     """A source for a local path or a Hub id (S3 prefixes are opened by the jobs layer)."""
     if not isinstance(spec, (str, os.PathLike)):
         return spec

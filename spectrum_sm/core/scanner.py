@@ -23,11 +23,13 @@ from typing import Any
 from . import selection as sel
 from .atomic import ensure_output_dir, write_files_atomically
 from .checkpoint import (
+    DTYPE_BYTES,
     FLOAT_DTYPES,
     ShardSource,
     TensorInfo,
     read_config,
     read_header,
+    read_header_and_offset,
     shard_files,
     tensors_from_header,
 )
@@ -47,6 +49,28 @@ log = logging.getLogger(__name__)
 EMBED_SUFFIX = "embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 DEFAULT_CHUNK_MB = 64
+
+
+def _torch_dtypes() -> dict[str, Any]:
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
+
+
+class _TorchDtypes(dict):
+    def __missing__(self, key: str) -> Any:
+        self.update(_torch_dtypes())
+        return self[key]
+
+
+TORCH_DTYPES: dict[str, Any] = _TorchDtypes()
 
 
 @dataclass
@@ -93,9 +117,9 @@ class ScanResult:
         return sel.layer_file_text(self.selection(percent), self.embeddings)
 
     def manifest(self) -> dict[str, Any]:
-        from .. import __version__
-
         import torch
+
+        from .. import __version__
 
         config = self.config or {}
         return {
@@ -240,14 +264,12 @@ class _Reader(threading.Thread):
         plan: _Plan,
         chunk_elements: int,
         exact: bool,
-        headers_checked: set[str],
     ) -> None:
         super().__init__(name="spectrum-reader", daemon=True)
         self.source = source
         self.plan = plan
         self.chunk_elements = chunk_elements
         self.exact = exact
-        self.headers_checked = headers_checked
         self.items: queue.Queue = queue.Queue(maxsize=3)
         self.stop = threading.Event()
 
@@ -273,8 +295,6 @@ class _Reader(threading.Thread):
                         if ahead not in futures:
                             futures[ahead] = pool.submit(self.source.fetch, ahead)
                     path = futures.pop(shard).result()
-                    if shard not in self.headers_checked:
-                        read_header(path, f"{self.source.location}/{shard}")
                     self._read_shard(path, by_shard[shard])
                     self.source.release(shard)
             self._put(_DONE)
@@ -287,42 +307,47 @@ class _Reader(threading.Thread):
                 return
 
     def _read_shard(self, path: Path, tensors: list[TensorInfo]) -> None:
-        from safetensors import safe_open
-
-        try:
-            handle_cm = safe_open(str(path), framework="pt")
-        except Exception as exc:
-            raise SpectrumError(f"{path.name}: cannot open safetensors file ({exc})") from exc
-        with handle_cm as handle:
+        # Plain positioned reads, not mmap: mapped pages would count towards the process's
+        # memory and grow with the model, while reads stay bounded by the chunk size.
+        header, data_start = read_header_and_offset(path, f"{self.source.location}/{path.name}")
+        with open(path, "rb", buffering=0) as handle:
             for info in sorted(tensors, key=lambda t: natural_key(t.name)):
+                start, _ = header[info.name]["data_offsets"]
                 self._put(("begin", info))
-                for chunk in self._chunks(handle, info):
+                for chunk in self._chunks(handle, data_start + start, info):
                     self._put(("chunk", chunk))
                 self._put(("end", info))
 
-    def _chunks(self, handle: Any, info: TensorInfo) -> Iterator[Any]:
+    def _chunks(self, handle: Any, offset: int, info: TensorInfo) -> Iterator[Any]:
         n, m = as_matrix_shape(info.shape)
-        try:
-            view = handle.get_slice(info.name)
-            if self.exact or n < m:
-                # Wide weights are read whole (at most the largest tensor) and cut into
-                # transposed column blocks; exact mode wants the whole matrix anyway.
-                weight = view[:]
-                weight = weight[None, :] if weight.ndim == 1 else weight
-                if self.exact:
-                    yield weight
-                    return
-                step = max(1, self.chunk_elements // n)
-                for start in range(0, m, step):
-                    yield weight[:, start : start + step].T
+        dtype = TORCH_DTYPES[info.dtype]
+        row_bytes = m * DTYPE_BYTES[info.dtype]
+        if self.exact or n < m:
+            # Wide weights are read whole (at most the largest tensor) and cut into transposed
+            # column blocks; exact mode wants the whole matrix anyway.
+            weight = _read_rows(handle, offset, n, m, row_bytes, dtype, info)
+            if self.exact:
+                yield weight
                 return
-            step = max(1, self.chunk_elements // m)
-            for start in range(0, n, step):
-                yield view[start : start + step]
-        except SpectrumError:
-            raise
-        except Exception as exc:
-            raise SpectrumError(f"{info.shard}: cannot read tensor {info.name!r} ({exc})") from exc
+            step = max(1, self.chunk_elements // n)
+            for start in range(0, m, step):
+                yield weight[:, start : start + step].T
+            return
+        step = max(1, self.chunk_elements // m)
+        for start in range(0, n, step):
+            rows = min(step, n - start)
+            yield _read_rows(handle, offset + start * row_bytes, rows, m, row_bytes, dtype, info)
+
+
+def _read_rows(handle, offset: int, rows: int, m: int, row_bytes: int, dtype, info: TensorInfo):
+    import torch
+
+    buffer = bytearray(rows * row_bytes)
+    handle.seek(offset)
+    got = handle.readinto(buffer)
+    if got != len(buffer):
+        raise SpectrumError(f"{info.shard}: tensor {info.name!r} is cut short (file truncated?)")
+    return torch.frombuffer(buffer, dtype=dtype).view(rows, m)
 
 
 class _Stopped(Exception):
@@ -357,10 +382,10 @@ def _score_stream(
             assert current is not None
             module = current.name[: -len(".weight")]
             n, m = as_matrix_shape(current.shape)
-            values = singular_values_exact(whole.to(device)) if exact else acc.singular_values()
             try:
+                values = singular_values_exact(whole.to(device)) if exact else acc.singular_values()
                 score = snr_from_singular_values(values, n, m)
-            except ValueError as exc:
+            except (ValueError, RuntimeError) as exc:  # torch.linalg errors are RuntimeErrors
                 raise SpectrumError(f"{current.shard}: tensor {current.name!r}: {exc}") from exc
             elapsed = time.perf_counter() - started
             progress.update(_cost(current), module)
@@ -398,7 +423,6 @@ def scan_source(
     shards = shard_files(source)
     config = read_config(source)
     headers: dict[str, dict[str, Any]] = {}
-    checked: set[str] = set()
     for shard in shards:
         # Local shards are validated up front; remote ones again when they arrive.
         remote_header = getattr(source, "read_header", None)
@@ -406,7 +430,6 @@ def scan_source(
             headers[shard] = remote_header(shard)
         else:
             headers[shard] = read_header(source.fetch(shard), f"{source.location}/{shard}")
-            checked.add(shard)
     plan = _plan(source, shards, include, exclude, config, headers)
     method = "svdvals-float32" if exact else "gram-float64-eigvalsh"
     log.info(
@@ -421,7 +444,7 @@ def scan_source(
     progress = Progress(
         sum(_cost(t) for t in plan.tensors), len(plan.tensors), "SNR scan", show_progress
     )
-    reader = _Reader(source, plan, chunk_mb * 1024 * 1024 // 8, exact, checked)
+    reader = _Reader(source, plan, chunk_mb * 1024 * 1024 // 8, exact)
     reader.start()
     scores: dict[str, TensorScore] = {}
     try:
@@ -453,4 +476,3 @@ def scan_source(
         result.write(output_dir)
     log.info("scanned %d weights in %.1f s", len(ordered), result.seconds)
     return result
-

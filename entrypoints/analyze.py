@@ -1,0 +1,104 @@
+"""The analysis job's entrypoint: the Spectrum scan inside a SageMaker training job (or locally).
+
+SageMaker runs it as ``python analyze.py --top_percent 30 ...``; every option also has a default
+from the container contract:
+
+* the model comes from ``--model_name_or_path`` (a Hub id: the token comes from ``HF_TOKEN`` in the
+  environment) or else from the ``model`` channel (``SM_CHANNEL_MODEL``);
+* results go to ``--output_dir``, default ``SM_MODEL_DIR`` (``/opt/ml/model``), which the job
+  uploads to S3 uncompressed.
+
+On failure the reason goes to ``/opt/ml/output/failure`` (when that folder exists) so SageMaker
+shows it as the job's FailureReason. Uses only the core of ``spectrum_sm``; no SageMaker SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+# Shipped next to the spectrum_sm package in the job's code folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+log = logging.getLogger("spectrum_sm.analyze")
+FAILURE_FILE = Path(os.environ.get("SM_OUTPUT_FAILURE", "/opt/ml/output/failure"))
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _globs(text: str) -> list[str]:
+    return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Spectrum SNR scan (analysis job)")
+    parser.add_argument(
+        "--model_name_or_path",
+        default=os.environ.get("SM_CHANNEL_MODEL"),
+        help="Hub id or folder (default: the 'model' channel)",
+    )
+    parser.add_argument("--model_name", default="", help="name for the result files")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--top_percent", type=float, default=50)
+    parser.add_argument("--include", type=_globs, default=[])
+    parser.add_argument("--exclude", type=_globs, default=[])
+    parser.add_argument("--embeddings", type=_bool, default=True)
+    parser.add_argument("--exact", type=_bool, default=False)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output_dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    args = parser.parse_args(argv)
+    if not args.model_name_or_path:
+        parser.error("no model: pass --model_name_or_path or provide a 'model' channel")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    from spectrum_sm.api import scan
+    from spectrum_sm.core.errors import SpectrumError
+
+    try:
+        result = scan(
+            args.model_name_or_path,
+            args.top_percent,
+            output_dir=args.output_dir,
+            include=args.include,
+            exclude=args.exclude,
+            embeddings=args.embeddings,
+            exact=args.exact,
+            device=args.device,
+            name=args.model_name,
+            revision=args.revision,
+        )
+    except SpectrumError as exc:
+        return fail(str(exc))
+    except Exception as exc:  # anything else still becomes the job's FailureReason
+        traceback.print_exc()
+        return fail(f"{type(exc).__name__}: {exc}")
+    print(json.dumps({k: str(v) for k, v in result.files.items()}))
+    return 0
+
+
+def fail(reason: str) -> int:
+    log.error("%s", reason)
+    if FAILURE_FILE.parent.is_dir():
+        FAILURE_FILE.write_text(reason[:1024])
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
