@@ -33,19 +33,18 @@ REFERENCE_RUN = textwrap.dedent(
 )
 
 
-def run_with_rss(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Like run_measured, but reads the child's own peak RSS with os.wait4."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(proc.pid, 0)
+def run_with_rss(cmd: list[str]) -> tuple[float, float, str]:
+    """Run ``[python, -m/-c, ...]`` under _peak.py: wall seconds, peak RSS (GiB), stdout."""
+    with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak:
+        wrapped = [cmd[0], str(ROOT / "benchmarks" / "_peak.py"), *cmd[1:]]
+        start = time.perf_counter()
+        proc = subprocess.run(
+            wrapped, capture_output=True, text=True, env={**os.environ, "PEAK_RSS_FILE": peak.name}
+        )
         wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
         if proc.returncode != 0:
-            sys.exit(f"command failed: {' '.join(cmd)}\n{err.read()[-3000:]}")
-        return wall, usage.ru_maxrss * 1024 / GIB, out.read()
+            sys.exit(f"command failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        return wall, int(peak.read()) * 1024 / GIB, proc.stdout
 
 
 def build_model(path: Path, size: str) -> Path:
@@ -153,51 +152,55 @@ def qwen3_8b_layer(args: argparse.Namespace) -> None:
     import torch
     from safetensors.torch import save_file
 
-    work = Path(args.workdir) / "qwen3-8b-layer"
+    layers = 4  # enough for both BLAS workers to stay busy, as in a 36-layer run
+    work = Path(args.workdir) / "qwen3-8b-layers"
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "model.safetensors").exists():
-        print("writing one Qwen3-8B layer plus both embeddings (bf16, ~3.4 GB) ...", flush=True)
+        print(f"writing {layers} Qwen3-8B layers plus both embeddings (bf16, ~4.1 GB) ...")
         gen = torch.Generator().manual_seed(0)
         tensors = {
-            f"model.layers.0.{name}.weight": (torch.randn(*shape, generator=gen) * 0.02).to(
+            f"model.layers.{i}.{name}.weight": (torch.randn(*shape, generator=gen) * 0.02).to(
                 torch.bfloat16
             )
+            for i in range(layers)
             for name, shape in QWEN3_8B_LAYER.items()
         }
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
             tensors[name] = (torch.randn(*EMBEDDING, generator=gen) * 0.02).to(torch.bfloat16)
         save_file(tensors, str(work / "model.safetensors"), metadata={"format": "pt"})
         del tensors
-    out = work / "out"
-    ours_cmd = [
-        sys.executable,
-        "-m",
-        "spectrum_sm.cli",
-        "-q",
-        "scan",
-        str(work),
-        "--top-percent",
-        "30",
-        "--output-dir",
-        str(out),
-        "--no-hash",
-        "--json",
-        "--device",
-        args.device,
-    ]
-    wall, rss, _ = run_with_rss(ours_cmd)
-    manifest = json.loads((out / "scan_manifest_qwen3-8b-layer.json").read_text())
-    seconds = {
-        m.split(".", 3)[-1] if m.startswith("model.layers.") else m: t["seconds"]
-        for m, t in manifest["tensors"].items()
-    }
-    layer = sum(seconds[name] for name in QWEN3_8B_LAYER)
-    embeds = seconds["model.embed_tokens"] + seconds["lm_head"]
-    overhead = wall - sum(seconds.values())
-    ours_total = 36 * layer + embeds + overhead
+
+    def ours(include: str) -> tuple[float, float, float]:
+        out = work / f"out-{include.replace('*', '').replace(',', '-')}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "spectrum_sm.cli",
+            "-q",
+            "scan",
+            str(work),
+            "--top-percent",
+            "30",
+            "--output-dir",
+            str(out),
+            "--no-hash",
+            "--device",
+            args.device,
+            "--include",
+            include,
+        ]
+        wall, rss, _ = run_with_rss(cmd)
+        manifest = json.loads((out / "scan_manifest_qwen3-8b-layers.json").read_text())
+        return wall, manifest["seconds"], rss
+
+    wall_l, scan_l, rss_l = ours("self_attn.*_proj,mlp.*")
+    _, scan_e, rss_e = ours("lm_head,model.embed_tokens")
+    overhead = wall_l - scan_l
+    ours_total = 36 / layers * scan_l + scan_e + overhead
     print(
-        f"ours ({manifest['device']}): one layer {layer:.1f} s, embeddings {embeds:.1f} s, "
-        f"process overhead {overhead:.1f} s, peak RSS {rss:.2f} GiB"
+        f"ours ({args.device}): {layers} layers {scan_l:.1f} s ({scan_l / layers:.1f} s/layer), "
+        f"embeddings {scan_e:.1f} s, process overhead {overhead:.1f} s, "
+        f"peak RSS {max(rss_l, rss_e):.2f} GiB"
     )
     print(f"ours, whole Qwen3-8B (36 layers + embeddings): {ours_total / 60:.1f} min")
     if args.skip_reference:
@@ -216,8 +219,6 @@ def qwen3_8b_layer(args: argparse.Namespace) -> None:
         f"in float32 needs {8.19e9 * 4 / GIB:.1f} GiB"
     )
     print(f"speed-up: {ref_total / ours_total:.2f}x")
-    for name in QWEN3_8B_LAYER:
-        print(f"  {name:18} ours {seconds[name]:6.2f} s   reference {ref[name]:6.2f} s")
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 log = logging.getLogger("spectrum_sm.analyze")
-FAILURE_FILE = Path(os.environ.get("SM_OUTPUT_FAILURE", "/opt/ml/output/failure"))
 
 
 def _bool(text: str) -> bool:
@@ -94,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(reason: str) -> int:
+    from spectrum_sm.core.container import write_failure
+
     log.error("%s", reason)
-    if FAILURE_FILE.parent.is_dir():
-        FAILURE_FILE.write_text(reason[:1024])
+    write_failure(reason)
     return 1
 
 

@@ -52,3 +52,86 @@ def make_qwen3(
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(Path(path), **kwargs)
     return Path(path)
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(path: str | Path, texts: list[str], vocab_size: int = 512) -> Path:
+    """Train a small byte-level BPE tokenizer on ``texts`` and save it with a ChatML template.
+
+    Byte-level, so any text encodes; ``vocab_size`` must not exceed the toy model's vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    fast.save_pretrained(Path(path))
+    return Path(path)
+
+
+def toy_chat_rows(count: int = 64, seed: int = 0) -> list[dict]:
+    """A learnable chat set: questions about small sums, answered with the result."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You add numbers."},
+                    {"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                ]
+            }
+        )
+    return rows
+
+
+def make_toy_training_setup(
+    directory: str | Path, *, layers: int = 2, rows: int = 64, seed: int = 0
+) -> dict[str, Path]:
+    """A tiny Qwen3 with its own tokenizer and a chat data file, all in ``directory``."""
+    import json
+
+    directory = Path(directory)
+    data = toy_chat_rows(rows, seed)
+    texts = [m["content"] for r in data for m in r["messages"]]
+    model_dir = directory / "model"
+    make_tokenizer(model_dir, texts * 4, vocab_size=320)
+    make_qwen3(
+        model_dir,
+        layers=layers,
+        hidden=64,
+        intermediate=128,
+        vocab=320,
+        seed=seed,
+        shard_size=None,
+        dtype="bfloat16",
+    )
+    data_file = directory / "train.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in data))
+    return {"model": model_dir, "train": data_file}

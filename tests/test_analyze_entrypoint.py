@@ -15,8 +15,13 @@ ENTRYPOINT = Path(__file__).resolve().parents[1] / "entrypoints" / "analyze.py"
 
 
 def run_entrypoint(args, env):
-    return subprocess.run([sys.executable, str(ENTRYPOINT), *args], capture_output=True,
-                          text=True, env={**os.environ, **env}, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ENTRYPOINT), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
 
 
 def test_reads_the_model_channel_and_writes_to_sm_model_dir(tiny_model, tmp_path):

@@ -1,0 +1,152 @@
+"""Training-job arguments: one dataclass with help text, parsed from ``--name value`` pairs.
+
+SageMaker passes hyperparameters as ``--name value`` (non-strings JSON-encoded); defaults for the
+paths come from the container contract (``SM_CHANNEL_*``, ``SM_MODEL_DIR``, /opt/ml/checkpoints).
+Unknown arguments are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.container import default_checkpoint_dir, env_path
+from ..core.errors import SpectrumError
+
+METHODS = ("spectrum", "full", "lora", "qlora")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class TrainArgs:
+    model_name_or_path: str | None = field(
+        default_factory=lambda: env_path("SM_CHANNEL_MODEL"),
+        metadata={"help": "model folder or Hub id (default: the 'model' channel)"},
+    )
+    spectrum_config: str | None = field(
+        default_factory=lambda: env_path("SM_CHANNEL_SPECTRUM"),
+        metadata={"help": "layer file, or a folder holding one (default: the 'spectrum' channel)"},
+    )
+    train_data: str | None = field(
+        default_factory=lambda: env_path("SM_CHANNEL_TRAIN"),
+        metadata={"help": "jsonl/json/parquet file or folder (default: the 'train' channel)"},
+    )
+    validation_data: str | None = field(
+        default_factory=lambda: env_path("SM_CHANNEL_VALIDATION"),
+        metadata={"help": "validation data (default: the 'validation' channel, if any)"},
+    )
+    output_dir: str = field(
+        default_factory=lambda: env_path("SM_MODEL_DIR") or "output",
+        metadata={"help": "where the fine-tuned model goes (default: SM_MODEL_DIR)"},
+    )
+    checkpoint_dir: str | None = field(
+        default_factory=default_checkpoint_dir,
+        metadata={"help": "checkpoints for resume (default: /opt/ml/checkpoints in a job)"},
+    )
+    method: str = field(default="spectrum", metadata={"help": "spectrum | full | lora | qlora"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: use epochs"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps < 0"})
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: never)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps for warmup"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "micro-batch size"})
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "eval batch size"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches/step"})
+    max_seq_length: int = field(default=2048, metadata={"help": "tokens per example"})
+    precision: str = field(
+        default="auto", metadata={"help": "bf16 | fp16 | fp32 | auto (bf16 on a capable GPU)"}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "non-reentrant"})
+    packing: bool = field(default=False, metadata={"help": "concatenate examples into blocks"})
+    assistant_only_loss: bool = field(
+        default=True, metadata={"help": "loss on assistant tokens only (messages rows)"}
+    )
+    seed: int = field(default=42, metadata={"help": "seed for data order and init"})
+    logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
+    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: at end)"})
+    name_prefix: str = field(
+        default="", metadata={"help": "rewrite 'model.' in layer entries (multimodal models)"}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "LoRA targets (comma list or all-linear)"}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "for custom models"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
+        if not self.model_name_or_path:
+            problems.append("no model: pass --model_name_or_path or provide a 'model' channel")
+        if not self.train_data:
+            problems.append("no training data: pass --train_data or provide a 'train' channel")
+        if self.method == "spectrum" and not self.spectrum_config:
+            problems.append("method spectrum needs --spectrum_config or a 'spectrum' channel")
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "max_seq_length",
+            "logging_steps",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            problems.append("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+        if self.learning_rate <= 0:
+            problems.append("learning_rate must be positive")
+        if problems:
+            raise SpectrumError("; ".join(problems))
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().strip('"').lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _str(text: str) -> str:
+    # SageMaker SDK v3 JSON-encodes non-strings; a JSON string stays quoted in some paths.
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == '"' else text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear message instead of usage + exit 2
+        raise SpectrumError(f"invalid arguments: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="train.py",
+        allow_abbrev=False,
+        description="Spectrum / full / LoRA fine-tuning with accelerate",
+    )
+    for item in dataclasses.fields(TrainArgs):
+        # Annotations are strings here ("int", "str | None", ...).
+        kind: Any = {"int": int, "float": float, "bool": _bool}.get(
+            str(item.type).split(" ")[0], _str
+        )
+        parser.add_argument(
+            f"--{item.name}", type=kind, default=None, help=item.metadata.get("help", "")
+        )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArgs:
+    """Parse ``--name value`` pairs; unset ones keep their (container) defaults."""
+    namespace = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(namespace).items() if v is not None}
+    return TrainArgs(**given)

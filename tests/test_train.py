@@ -1,0 +1,338 @@
+"""entrypoints/train.py end to end on a tiny Qwen3 with a locally trained tokenizer (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spectrum_sm.toy import make_toy_training_setup
+from spectrum_sm.training.data import IGNORE_INDEX, build_examples, tokenize_row
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "entrypoints" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    paths = make_toy_training_setup(base, layers=2, rows=48)
+    layer_file = base / "layers.yaml"
+    layer_file.write_text(
+        "unfrozen_parameters:\n- ^lm_head.weight$\n- ^model.embed_tokens.weight$\n"
+        "# mlp.down_proj layers\n- model.layers.1.mlp.down_proj\n"
+        "# self_attn.q_proj layers\n- model.layers.0.self_attn.q_proj\n"
+    )
+    paths["layers"] = layer_file
+    return paths
+
+
+def base_args(setup, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path",
+        str(setup["model"]),
+        "--spectrum_config",
+        str(setup["layers"]),
+        "--train_data",
+        str(setup["train"]),
+        "--output_dir",
+        str(out / "model"),
+        "--max_steps",
+        "8",
+        "--learning_rate",
+        "3e-3",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_seq_length",
+        "64",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "7",
+        "--precision",
+        "fp32",
+        "--warmup_ratio",
+        "0",
+        *extra,
+    ]
+
+
+def run_train(args, env=None, launcher=None, timeout_s=600):
+    cmd = [*(launcher or [sys.executable]), str(TRAIN), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def model_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def test_assistant_only_loss_masks_the_prompt(setup):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["model"])
+    row = {
+        "messages": [
+            {"role": "system", "content": "You add numbers."},
+            {"role": "user", "content": "What is 5 plus 3?"},
+            {"role": "assistant", "content": "5 plus 3 is 8."},
+        ]
+    }
+    example = tokenize_row(row, 0, tokenizer, 512)
+    learned = [
+        t
+        for t, label in zip(example.input_ids, example.labels, strict=True)
+        if label != IGNORE_INDEX
+    ]
+    assert tokenizer.decode(learned) == "5 plus 3 is 8.<|im_end|>\n"
+    everything = tokenize_row(row, 0, tokenizer, 512, assistant_only=False)
+    assert IGNORE_INDEX not in everything.labels
+    pc = tokenize_row({"prompt": "Q: 2+2?", "completion": " 4"}, 1, tokenizer, 512)
+    kept = [t for t, label in zip(pc.input_ids, pc.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(kept) == " 4<|im_end|>"
+    packed = build_examples([{"text": "one two three"}] * 10, tokenizer, 16, packing=True)
+    assert all(len(e.input_ids) == 16 for e in packed)
+
+
+def test_spectrum_trains_exactly_the_selected_tensors(setup, tmp_path):
+    proc = run_train(base_args(setup, tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "model"
+    before = model_tensors(setup["model"])
+    after = model_tensors(out)
+    assert set(before) == set(after)
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    assert changed == [
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
+    assert all(after[n].dtype == before[n].dtype for n in before)  # saved as loaded (bf16)
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["steps"] == 8 and report["method"] == "spectrum"
+    trainable = sum(before[n].numel() for n in changed)
+    assert report["trainable_params"] == trainable
+    # AdamW: two fp32 moments per trainable element plus a float32 step counter per tensor.
+    assert report["optimizer_state_bytes"] == 2 * 4 * trainable + 4 * len(changed)
+    lines = [line for line in proc.stdout.splitlines() if "train_loss=" in line]
+    assert len(lines) == 8
+    assert "trainable params: " in proc.stdout and "|| trainable%: " in proc.stdout
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    assert (out / "generation_config.json").exists()
+
+
+def test_loss_falls_on_a_learnable_set(setup, tmp_path):
+    proc = run_train(
+        base_args(
+            setup,
+            tmp_path,
+            "--max_steps",
+            "30",
+            "--validation_data",
+            str(setup["train"]),
+            "--eval_steps",
+            "15",
+        )
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [
+        float(line.split("train_loss=")[1].split()[0])
+        for line in proc.stdout.splitlines()
+        if "train_loss=" in line
+    ]
+    assert losses[-1] < 0.6 * losses[0], losses
+    evals = [line for line in proc.stdout.splitlines() if "eval_loss=" in line]
+    assert len(evals) == 3  # steps 15 and 30, and the final evaluation
+
+
+def test_kill_minus_nine_and_resume_gives_identical_weights(setup, tmp_path):
+    reference = tmp_path / "reference"
+    args = ["--max_steps", "40", "--save_steps", "5"]
+    proc = run_train(base_args(setup, reference, "--checkpoint_dir", str(reference / "ck"), *args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    ck = killed / "ck"
+    cmd = base_args(setup, killed, "--checkpoint_dir", str(ck), *args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, str(TRAIN), *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.monotonic() + 300
+    while not (ck.exists() and any(p.name.startswith("checkpoint-") for p in ck.iterdir())):
+        assert child.poll() is None, "finished before any checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (killed / "model").exists()
+    proc = run_train(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((killed / "model" / "training_report.json").read_text())
+    assert report["resumed_from_step"] is not None and 0 < report["resumed_from_step"] < 40
+    a, b = model_tensors(reference / "model"), model_tensors(killed / "model")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert len([p for p in ck.iterdir() if p.name.startswith("checkpoint-")]) == 2  # keep 2
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(setup, tmp_path):
+    ck = tmp_path / "ck"
+    cmd = base_args(setup, tmp_path, "--checkpoint_dir", str(ck), "--max_steps", "400")
+    child = subprocess.Popen(
+        [sys.executable, str(TRAIN), *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    for line in child.stdout:
+        if "step=3 " in line:
+            child.send_signal(signal.SIGTERM)
+            break
+    rest = child.stdout.read()
+    assert child.wait(timeout=120) == 143, rest
+    assert "SIGTERM" in rest
+    saved = [p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(saved) == 1 and int(saved[0].split("-")[1]) >= 3
+
+
+def test_two_processes_with_gloo(setup, tmp_path):
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    args = base_args(setup, tmp_path, "--max_steps", "4", "--per_device_train_batch_size", "2")
+    proc = run_train(args, launcher=launcher, timeout_s=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "model" / "training_report.json").read_text())
+    assert report["processes"] == 2 and report["steps"] == 4
+    assert sum("train_loss=" in line for line in proc.stdout.splitlines()) == 4  # main only
+    before, after = model_tensors(setup["model"]), model_tensors(tmp_path / "model")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    }
+
+
+def test_lora_and_full_run_through_the_same_loop(setup, tmp_path):
+    for method in ("lora", "full"):
+        out = tmp_path / method
+        proc = run_train(base_args(setup, out, "--method", method, "--max_steps", "2"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((out / "model" / "training_report.json").read_text())
+        assert report["method"] == method
+        after = model_tensors(out / "model")
+        assert set(after) == set(model_tensors(setup["model"]))  # LoRA merged back
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--spectrum_config", "MISSING"], "does not exist"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus"),
+        (["--method", "qlora"], "qlora needs"),
+        (["--max_steps", "0"], "nothing to train"),
+    ],
+)
+def test_bad_arguments_fail_cleanly(setup, tmp_path, extra, fragment):
+    args = base_args(setup, tmp_path)
+    if extra[0] == "--spectrum_config":
+        args[args.index("--spectrum_config") + 1] = str(tmp_path / extra[1])
+    else:
+        args += extra
+    output = tmp_path / "opt-ml-output"
+    output.mkdir()
+    proc = run_train(args, env={"SM_OUTPUT_FAILURE": str(output / "failure")})
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert fragment in proc.stderr
+    assert fragment in (output / "failure").read_text()
+    assert not (tmp_path / "model").exists()
+
+
+def test_pattern_matching_nothing_and_unknown_rows_fail_cleanly(setup, tmp_path):
+    layers = tmp_path / "bad.yaml"
+    layers.write_text("unfrozen_parameters:\n- model.layers.9.mlp.down_proj\n")
+    args = base_args(setup, tmp_path)
+    args[args.index("--spectrum_config") + 1] = str(layers)
+    proc = run_train(args)
+    assert proc.returncode == 1 and "model.layers.9.mlp.down_proj" in proc.stderr
+    assert "match no parameter" in proc.stderr and "Traceback" not in proc.stderr
+
+    data = tmp_path / "odd.jsonl"
+    data.write_text('{"text": "fine"}\n{"question": "q", "answer": {"text": "a"}}\n')
+    args = base_args(setup, tmp_path)
+    args[args.index("--train_data") + 1] = str(data)
+    proc = run_train(args)
+    assert proc.returncode == 1
+    assert "data row 1 has fields [answer, question]" in proc.stderr
+
+
+def test_container_defaults_come_from_sm_environment(setup, tmp_path):
+    spectrum_channel = tmp_path / "spectrum"
+    spectrum_channel.mkdir()
+    (spectrum_channel / "snr_results_m_unfrozenparameters_30percent.yaml").write_text(
+        setup["layers"].read_text()
+    )
+    train_channel = tmp_path / "train"
+    train_channel.mkdir()
+    (train_channel / "part-0.jsonl").write_text(setup["train"].read_text())
+    env = {
+        "SM_CHANNEL_MODEL": str(setup["model"]),
+        "SM_CHANNEL_SPECTRUM": str(spectrum_channel),
+        "SM_CHANNEL_TRAIN": str(train_channel),
+        "SM_MODEL_DIR": str(tmp_path / "sm-model"),
+    }
+    proc = run_train(["--max_steps", "1", "--max_seq_length", "64", "--precision", "fp32"], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "sm-model" / "training_report.json").exists()
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "zero3.yaml"])
+def test_shipped_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "entrypoints" / "accelerate" / name
+    assert path.read_text().startswith("# accelerate launch --config_file entrypoints/accelerate/")
+    config = load_config_from_file(str(path))
+    assert config.num_processes == 8 and config.mixed_precision == "bf16"
+    if name == "fsdp.yaml":
+        assert config.fsdp_config["fsdp_use_orig_params"] is True
+    if name == "zero3.yaml":
+        assert config.deepspeed_config["zero_stage"] == 3
