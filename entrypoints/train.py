@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -366,6 +367,8 @@ def train(args) -> int:
     window_tokens, window_start = 0, time.perf_counter()
     running_loss, running_count = 0.0, 0
     grad_norm = torch.tensor(0.0)
+    step_seconds: list[float] = []
+    last_step_end = time.perf_counter()
     while state.step < total_steps:
         for index, batch in micro_batches(
             train_examples, state.epoch, state.micro_batch, args, accelerator, pad_id
@@ -387,8 +390,12 @@ def train(args) -> int:
             state.micro_batch = index + 1
             if not accelerator.sync_gradients:
                 continue
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             state.step += 1
+            now = time.perf_counter()
+            step_seconds.append(now - last_step_end)
+            last_step_end = now
             if state.step % args.logging_steps == 0 or state.step == total_steps:
                 mean = torch.tensor(running_loss / running_count, device=accelerator.device)
                 last_loss = float(accelerator.reduce(mean, reduction="mean"))
@@ -398,7 +405,7 @@ def train(args) -> int:
                     metrics.train_line(
                         state.step,
                         last_loss,
-                        scheduler.get_last_lr()[0],
+                        step_lr,
                         float(grad_norm),
                         window_tokens / max(elapsed, 1e-9),
                         metrics.peak_memory_bytes() / 1024**3,
@@ -455,6 +462,8 @@ def train(args) -> int:
         "final_eval_loss": eval_loss,
         "tokens_seen": state.tokens_seen,
         "tokens_per_sec": round(state.tokens_seen / seconds, 2),
+        # The first two steps include warm-up (allocations, autotuning); the median skips them.
+        "median_step_seconds": statistics.median(step_seconds[2:] or step_seconds or [0.0]),
         "peak_memory_bytes": metrics.peak_memory_bytes(),
         "precision": precision,
         "processes": accelerator.num_processes,

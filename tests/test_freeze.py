@@ -175,3 +175,21 @@ def test_read_layer_file_formats(tmp_path):
     (tmp_path / "bad.yaml").write_text("unfrozen_parameters: [a\n")
     with pytest.raises(SpectrumError, match="not valid YAML"):
         read_layer_file(tmp_path / "bad.yaml")
+
+
+def test_reference_selection_on_qwen3_8b_counts_exactly():
+    """Qwen3-8B on the meta device (no memory): the reference's 30% selection with both
+    embedding entries trains 3,174,124,032 of 8,190,735,360 parameters."""
+    import sys
+    from pathlib import Path
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from train_gpu import QWEN3_8B, spectrum_entries
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_8B))
+    report = freeze_except(model, spectrum_entries())
+    assert report.all_params == 8_190_735_360
+    assert report.trainable_params == 3_174_124_032

@@ -146,6 +146,23 @@ def test_spectrum_trains_exactly_the_selected_tensors(setup, tmp_path):
     assert (out / "generation_config.json").exists()
 
 
+def test_bf16_with_gradient_checkpointing_keeps_frozen_weights(setup, tmp_path):
+    args = base_args(setup, tmp_path, "--max_steps", "2")
+    args[args.index("--precision") + 1] = "bf16"
+    proc = run_train([*args, "--gradient_checkpointing", "true"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "learning_rate=3.000000e-03" in proc.stdout  # step 1 logs the rate it used
+    before, after = model_tensors(setup["model"]), model_tensors(tmp_path / "model")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    }
+    assert all(t.dtype == torch.bfloat16 for t in after.values())
+
+
 def test_loss_falls_on_a_learnable_set(setup, tmp_path):
     proc = run_train(
         base_args(
