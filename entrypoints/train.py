@@ -222,11 +222,20 @@ def optimizer_state_bytes(optimizer) -> int:
     )
 
 
-def save_model(model, tokenizer, output_dir: Path, save_dtype, method: str, report: dict) -> None:
-    """A Hugging Face model folder, written beside and then moved into ``output_dir``."""
+def save_model(
+    model, tokenizer, output_dir: Path, save_dtype, method: str, report: dict, state_dict=None
+) -> None:
+    """A Hugging Face model folder, written beside and then moved into ``output_dir``.
+
+    ``state_dict`` carries the gathered weights of a sharded (FSDP / ZeRO-3) model.
+    """
     import torch
 
-    if method in ("lora", "qlora"):
+    if state_dict is not None:
+        state_dict = {
+            k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()
+        }
+    elif method in ("lora", "qlora"):
         model = model.merge_and_unload() if method == "lora" else model
     else:
         with torch.no_grad():
@@ -236,7 +245,9 @@ def save_model(model, tokenizer, output_dir: Path, save_dtype, method: str, repo
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = output_dir / ".tmp-model"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True, max_shard_size="5GB")
+    model.save_pretrained(
+        staging, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB"
+    )
     tokenizer.save_pretrained(staging)
     (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     for item in staging.iterdir():
@@ -321,6 +332,12 @@ def train(args) -> int:
     from accelerate.utils import DistributedType
 
     uniform_fp32 = accelerator.distributed_type == DistributedType.FSDP
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and args.method in ("lora", "qlora"):
+        raise SpectrumError(
+            f"method {args.method} with FSDP or DeepSpeed is not supported yet; "
+            "use DDP (torchrun) for LoRA comparisons"
+        )
     base_dtype_name = DTYPES["fp32" if precision == "fp32" or uniform_fp32 else precision]
     import transformers
 
@@ -349,7 +366,7 @@ def train(args) -> int:
     resumed_from = None
     checkpoint = latest_checkpoint(args.checkpoint_dir)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator, sharded)
         resumed_from = state.step
     terminate = Terminate()
     model.train()
@@ -429,6 +446,7 @@ def train(args) -> int:
                     scheduler,
                     accelerator,
                     args.save_total_limit,
+                    sharded,
                 )
             if stop:
                 log.warning(
@@ -470,6 +488,8 @@ def train(args) -> int:
         "seconds": round(seconds, 2),
     }
     accelerator.wait_for_everyone()
+    # Sharded weights are gathered by all processes together; only the main one writes.
+    full_state = accelerator.get_state_dict(model) if sharded else None
     if accelerator.is_main_process:
         save_model(
             accelerator.unwrap_model(model),
@@ -478,6 +498,7 @@ def train(args) -> int:
             save_dtype,
             args.method,
             report,
+            full_state,
         )
         log.info("model saved to %s", args.output_dir)
         print(json.dumps(report))

@@ -83,9 +83,20 @@ def trainable_state(model) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    directory: str | Path, state: TrainingState, model, optimizer, scheduler, accelerator, keep: int
+    directory: str | Path,
+    state: TrainingState,
+    model,
+    optimizer,
+    scheduler,
+    accelerator,
+    keep: int,
+    sharded: bool = False,
 ) -> Path:
-    """Write a checkpoint from every process (RNG) and the main one (the rest), atomically."""
+    """Write a checkpoint from every process (RNG, shards) and the main one (the rest).
+
+    ``sharded`` (FSDP / ZeRO-3): weights and optimizer state live in shards, so accelerate's
+    ``save_state`` writes them (untested here: this environment has no GPU).
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -97,13 +108,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if sharded:
+        accelerator.save_state(str(tmp))
+    else:
+        torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file(
-            trainable_state(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors")
-        )
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not sharded:
+            weights = trainable_state(accelerator.unwrap_model(model))
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         if final.exists():
@@ -125,12 +139,19 @@ def _prune(directory: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> TrainingState:
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, accelerator, sharded: bool = False
+) -> TrainingState:
     """Restore everything :func:`save_checkpoint` wrote; the run continues bit for bit."""
     import torch
     from safetensors.torch import load_file
 
     state = TrainingState(**json.loads((path / STATE_FILE).read_text()))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if sharded:
+        accelerator.load_state(str(path))
+        log.info("resumed from %s (step %d)", path, state.step)
+        return state
     unwrapped = accelerator.unwrap_model(model)
     current = sorted(trainable_state(unwrapped))
     if state.trainable is not None and sorted(state.trainable) != current:
@@ -144,7 +165,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> Tra
         for name, tensor in saved.items():
             params[name].copy_(tensor)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = path / f"rng-{accelerator.process_index}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
