@@ -42,8 +42,15 @@ def _globs(text: str) -> list[str]:
     return [g.strip() for g in text.split(",") if g.strip()]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # the job's FailureReason, not a usage dump
+        from spectrum_sm.core.errors import SpectrumError
+
+        raise SpectrumError(f"invalid arguments: {message}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Spectrum SNR scan (analysis job)")
+    parser = _Parser(description="Spectrum SNR scan (analysis job)", allow_abbrev=False)
     parser.add_argument(
         "--model_name_or_path",
         default=os.environ.get("SM_CHANNEL_MODEL"),
@@ -66,11 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
     from spectrum_sm.api import scan
     from spectrum_sm.core.errors import SpectrumError
 
     try:
+        args = parse_args(argv)
         result = scan(
             args.model_name_or_path,
             args.top_percent,

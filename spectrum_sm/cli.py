@@ -136,6 +136,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     select.add_argument("--name", default="", help="model name for the file name")
     _add_type_filters(select)
+
+    for name, text in (
+        ("analyze", "launch the analysis job (the SNR scan) described by CONFIG"),
+        ("train", "launch the training job described by CONFIG"),
+        ("run", "launch analysis, then training on its layer file"),
+    ):
+        job = commands.add_parser(name, help=text, description=text + ".")
+        job.add_argument("config", help="pipeline YAML (sections: common, analysis, training)")
+        job.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override a config value, e.g. training.spot=false (repeatable)",
+        )
+        job.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="print the CreateTrainingJob request(s) as JSON; send nothing",
+        )
+        job.add_argument(
+            "--local",
+            action="store_true",
+            help="run the job(s) on this machine through the container contract",
+        )
+        job.add_argument(
+            "--workdir",
+            default="spectrum-sm-jobs",
+            help="local mode: where job folders (laid out like /opt/ml) go",
+        )
     return parser
 
 
@@ -202,7 +232,47 @@ def _run_select(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"scan": _run_scan, "select": _run_select}
+def _run_jobs(args: argparse.Namespace) -> int:
+    from .aws import pipeline
+    from .aws.config import load_pipeline
+    from .aws.local import run_local
+    from .aws.requests import redacted
+    from .core.errors import SpectrumError
+
+    config = load_pipeline(args.config, args.set)
+    local, dry = args.local, args.dry_run
+    if args.command == "run":
+        result = pipeline.run_pipeline(config, local=local, dry_run=dry, workdir=args.workdir)
+        if dry:
+            result = {k: redacted(v) for k, v in result.items()}
+        print(json.dumps(result, indent=None if not dry else 2))
+        return 0
+    if not local and not dry:
+        raise SpectrumError(
+            "launching on SageMaker is not available yet in this version; use "
+            "--dry-run to print the request or --local to run it here"
+        )
+    if args.command == "analyze":
+        request = pipeline.prepare_analysis(config.analysis, dry_run=dry, local=local)
+    else:
+        request = pipeline.prepare_training(
+            config.training, spectrum_uri=None, dry_run=dry, local=local
+        )
+    if dry:
+        print(json.dumps(redacted(request), indent=2))
+        return 0
+    job = run_local(request, args.workdir)
+    print(json.dumps({"job": job.name, "status": job.status, "model_s3": job.model_s3}))
+    return 0
+
+
+COMMANDS = {
+    "scan": _run_scan,
+    "select": _run_select,
+    "analyze": _run_jobs,
+    "train": _run_jobs,
+    "run": _run_jobs,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

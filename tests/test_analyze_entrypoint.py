@@ -47,3 +47,14 @@ def test_failure_reason_is_written_for_sagemaker(tmp_path):
     assert proc.returncode == 1
     assert "does not exist" in (output / "failure").read_text()
     assert "Traceback" not in proc.stderr
+
+
+def test_unknown_argument_is_a_failure_reason(tmp_path):
+    output = tmp_path / "output"
+    output.mkdir()
+    proc = run_entrypoint(
+        ["--model_name_or_path", "x", "--bogus", "1"],
+        {"SM_OUTPUT_FAILURE": str(output / "failure")},
+    )
+    assert proc.returncode == 1
+    assert "unrecognized arguments: --bogus" in (output / "failure").read_text()

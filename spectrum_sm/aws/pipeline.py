@@ -1,0 +1,169 @@
+"""Analysis then training: stage inputs in S3, build both requests, run them (locally for now).
+
+``dry_run`` builds and validates the requests and touches nothing (no credentials needed). Local
+paths in a config (model folder, data) are uploaded to ``<output_s3>/inputs/<job>/<channel>/``
+first, so the requests only ever hold S3 URIs, locally and remotely alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import SpectrumError
+from .config import AnalysisConfig, PipelineConfig, TrainingConfig, to_yaml
+from .requests import (
+    analysis_output_uri,
+    build_analysis_request,
+    build_training_request,
+    job_name,
+)
+from .s3 import describe_client_error, s3_client, split_s3_uri
+
+log = logging.getLogger(__name__)
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+CODE_PARTS = ("spectrum_sm", "entrypoints")
+
+
+def _staged_uri(config, name: str, channel: str) -> str:
+    return f"{config.output_s3.rstrip('/')}/inputs/{name}/{channel}/"
+
+
+def _resolve_inputs(config, name: str, fields: dict[str, str], dry_run: bool) -> dict[str, str]:
+    """Map each field to an S3 URI, uploading local paths (not in a dry run)."""
+    from .local import upload_folder
+
+    resolved = {}
+    for channel, value in fields.items():
+        if not value or value.startswith("s3://"):
+            if value and not dry_run:
+                require_s3(value)
+            resolved[channel] = value
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            if channel == "model" and "/" in value and not value.startswith((".", "/")):
+                resolved[channel] = value  # a Hub id
+                continue
+            raise SpectrumError(
+                f"{channel}: {value!r} is neither an s3:// URI nor an existing path"
+            )
+        uri = _staged_uri(config, name, channel)
+        if not dry_run:
+            if path.is_file():
+                staging = Path(tempfile.mkdtemp(prefix="spectrum-stage-"))
+                shutil.copy2(path, staging / path.name)
+                upload_folder(staging, uri)
+                shutil.rmtree(staging)
+            else:
+                upload_folder(path, uri)
+        resolved[channel] = uri
+    return resolved
+
+
+def require_s3(uri: str) -> None:
+    """Fail before any job starts when an S3 input does not exist."""
+    bucket, key = split_s3_uri(uri)
+    try:
+        found = s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+    except Exception as exc:
+        raise describe_client_error(exc, uri) from exc
+    if not found.get("KeyCount"):
+        raise SpectrumError(f"{uri}: no such S3 object or prefix")
+
+
+def upload_code(uri: str) -> None:
+    """The job's code channel: spectrum_sm/ and entrypoints/ as plain files."""
+    from .local import upload_folder
+
+    staging = Path(tempfile.mkdtemp(prefix="spectrum-code-"))
+    try:
+        for part in CODE_PARTS:
+            shutil.copytree(
+                PACKAGE_ROOT / part,
+                staging / part,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+            )
+        upload_folder(staging, uri)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare_analysis(config: AnalysisConfig, *, dry_run: bool, local: bool) -> dict[str, Any]:
+    name = job_name(config.base_job_name, "analysis")
+    inputs = _resolve_inputs(config, name, {"model": config.model}, dry_run)
+    staged = dataclasses.replace(config, model=inputs["model"])
+    request = build_analysis_request(staged, name=name, need_role=not local)
+    if not dry_run:
+        upload_code(request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"])
+        _write_config(staged, request)
+    return request
+
+
+def prepare_training(
+    config: TrainingConfig, *, spectrum_uri: str | None, dry_run: bool, local: bool
+) -> dict[str, Any]:
+    name = job_name(config.base_job_name, "train")
+    fields = {
+        "model": config.model,
+        "train": config.train_data,
+        "validation": config.validation_data,
+    }
+    if spectrum_uri is None and config.spectrum_config:
+        fields["spectrum"] = config.spectrum_config
+    inputs = _resolve_inputs(config, name, fields, dry_run)
+    staged = dataclasses.replace(
+        config,
+        model=inputs["model"],
+        train_data=inputs["train"],
+        validation_data=inputs["validation"],
+        spectrum_config=spectrum_uri or inputs.get("spectrum", ""),
+    )
+    request = build_training_request(staged, name=name, need_role=not local)
+    if not dry_run:
+        upload_code(request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"])
+        _write_config(staged, request)
+    return request
+
+
+def _write_config(config, request: dict[str, Any]) -> None:
+    """The config travels with the job: next to its outputs in S3."""
+    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    bucket, key = split_s3_uri(f"{output}/{request['TrainingJobName']}/spectrum-sm-config.yaml")
+    try:
+        s3_client().put_object(Bucket=bucket, Key=key, Body=to_yaml(config).encode())
+    except Exception as exc:
+        raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
+
+
+def run_pipeline(
+    config: PipelineConfig, *, local: bool, dry_run: bool, workdir: str | Path = "spectrum-sm-jobs"
+) -> dict[str, Any]:
+    """Analysis, then training on its layer file. Returns requests (dry run) or outcomes."""
+    if not local and not dry_run:
+        raise SpectrumError(
+            "launching on SageMaker is not available yet in this version; use --dry-run to "
+            "print the requests or --local to run them on this machine"
+        )
+    analysis = prepare_analysis(config.analysis, dry_run=dry_run, local=local)
+    spectrum_uri = analysis_output_uri(config.analysis, analysis["TrainingJobName"])
+    training = prepare_training(
+        config.training, spectrum_uri=spectrum_uri, dry_run=dry_run, local=local
+    )
+    if dry_run:
+        return {"analysis": analysis, "training": training}
+    from .local import run_local
+
+    first = run_local(analysis, workdir)
+    second = run_local(training, workdir)
+    return {
+        "analysis_job": first.name,
+        "training_job": second.name,
+        "layer_file_s3": spectrum_uri,
+        "model_s3": second.model_s3,
+        "workdir": str(Path(workdir).resolve()),
+    }

@@ -1,0 +1,312 @@
+"""CreateTrainingJob requests as plain data, built apart from sending and validated first.
+
+The validator walks a request against botocore's own SageMaker service model (required members,
+string lengths and patterns, list and map sizes, numeric ranges, enums): botocore checks none of
+the maximums or patterns when sending, so this is the only guard before money is spent.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import secrets
+from typing import Any
+
+from ..core.errors import SpectrumError
+from ..training.metrics import METRIC_DEFINITIONS
+from .config import (
+    LOCAL_ROLE,
+    AnalysisConfig,
+    JobConfig,
+    TrainingConfig,
+    default_image,
+    validate,
+)
+
+LAUNCHER = "/opt/ml/input/data/code/entrypoints/launch.py"
+CODE_CHANNEL = "code"
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def job_name(base: str, kind: str) -> str:
+    """``<base>-<kind>-<UTC time>-<random>``: unique per launch, even within one second."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d%H%M%S")
+    suffix = secrets.token_hex(3)
+    room = 63 - len(kind) - len(stamp) - len(suffix) - 3
+    return f"{base[:room].rstrip('-')}-{kind}-{stamp}-{suffix}"
+
+
+def _s3_channel(name: str, uri: str) -> dict[str, Any]:
+    return {
+        "ChannelName": name,
+        "DataSource": {
+            "S3DataSource": {
+                "S3DataType": "S3Prefix",
+                "S3Uri": uri,
+                "S3DataDistributionType": "FullyReplicated",
+            }
+        },
+        "InputMode": "File",
+    }
+
+
+def _common(
+    config: JobConfig, name: str, output_path: str, code_uri: str, entry: str
+) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "TrainingJobName": name,
+        # Local mode needs no role; a placeholder keeps the request well-formed.
+        "RoleArn": config.role or LOCAL_ROLE,
+        "AlgorithmSpecification": {
+            "TrainingImage": config.image_uri or default_image(config.region),
+            "TrainingInputMode": "File",
+            "ContainerEntrypoint": ["python3", LAUNCHER],
+            "ContainerArguments": [entry],
+        },
+        "HyperParameters": {},
+        "InputDataConfig": [_s3_channel(CODE_CHANNEL, code_uri)],
+        "OutputDataConfig": {"S3OutputPath": output_path, "CompressionType": "NONE"},
+        "ResourceConfig": {
+            "InstanceType": config.instance_type,
+            "InstanceCount": config.instance_count,
+            "VolumeSizeInGB": config.volume_size_gb,
+        },
+        "StoppingCondition": {"MaxRuntimeInSeconds": config.max_runtime_s},
+        "Environment": {k: str(v) for k, v in config.environment.items()},
+        "EnableNetworkIsolation": config.network_isolation,
+        "EnableInterContainerTrafficEncryption": config.encrypt_inter_container,
+    }
+    if config.output_kms_key:
+        request["OutputDataConfig"]["KmsKeyId"] = config.output_kms_key
+    if config.volume_kms_key:
+        request["ResourceConfig"]["VolumeKmsKeyId"] = config.volume_kms_key
+    if config.subnets or config.security_group_ids:
+        request["VpcConfig"] = {
+            "Subnets": config.subnets,
+            "SecurityGroupIds": config.security_group_ids,
+        }
+    if config.tags:
+        request["Tags"] = [{"Key": k, "Value": str(v)} for k, v in config.tags.items()]
+    for key in SECRET_ENV:
+        # A Hub token travels in the environment, never in hyperparameters (which are logged).
+        if os.environ.get(key) and key not in request["Environment"]:
+            request["Environment"][key] = os.environ[key]
+    return request
+
+
+def _hp(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def analysis_prefix(config: AnalysisConfig) -> str:
+    return config.output_s3.rstrip("/") + "/analysis"
+
+
+def analysis_output_uri(config: AnalysisConfig, name: str) -> str:
+    """Where the service puts the layer file (``CompressionType: NONE`` keeps files as they are)."""
+    return f"{analysis_prefix(config)}/{name}/output/model/"
+
+
+def build_analysis_request(
+    config: AnalysisConfig,
+    *,
+    name: str | None = None,
+    code_uri: str | None = None,
+    need_role: bool = True,
+) -> dict[str, Any]:
+    """The analysis job's CreateTrainingJob request (validated)."""
+    validate(config, need_role=need_role)
+    name = name or job_name(config.base_job_name, "analysis")
+    code_uri = code_uri or f"{config.output_s3.rstrip('/')}/code/{name}/"
+    request = _common(config, name, analysis_prefix(config) + "/", code_uri, "analyze")
+    hps = {
+        "top_percent": config.top_percent,
+        "embeddings": config.embeddings,
+        "exact": config.exact,
+        "model_name": config.model.rstrip("/").rsplit("/", 1)[-1]
+        if config.model.startswith("s3://")
+        else config.model,
+    }
+    if config.include:
+        hps["include"] = config.include
+    if config.exclude:
+        hps["exclude"] = config.exclude
+    if config.revision:
+        hps["revision"] = config.revision
+    if config.model.startswith("s3://"):
+        request["InputDataConfig"].append(_s3_channel("model", config.model))
+    else:
+        hps["model_name_or_path"] = config.model
+    _check_isolation(config, hps)
+    request["HyperParameters"] = {k: _hp(v) for k, v in hps.items()}
+    validate_request(request)
+    return request
+
+
+def _check_isolation(config: JobConfig, hps: dict[str, Any]) -> None:
+    if config.network_isolation and "model_name_or_path" in hps:
+        raise SpectrumError(
+            "network_isolation blocks downloads from the Hugging Face Hub; put the model in S3 "
+            "and give its s3:// prefix as model"
+        )
+
+
+def build_training_request(
+    config: TrainingConfig,
+    *,
+    spectrum_uri: str | None = None,
+    name: str | None = None,
+    code_uri: str | None = None,
+    need_role: bool = True,
+) -> dict[str, Any]:
+    """The training job's CreateTrainingJob request (validated).
+
+    ``spectrum_uri`` is the S3 prefix holding the layer file (the analysis job's output); the
+    layer list itself never travels as a hyperparameter.
+    """
+    validate(config, need_role=need_role)
+    name = name or job_name(config.base_job_name, "train")
+    code_uri = code_uri or f"{config.output_s3.rstrip('/')}/code/{name}/"
+    request = _common(config, name, config.output_s3.rstrip("/") + "/training/", code_uri, "train")
+    spectrum = spectrum_uri or config.spectrum_config
+    if config.method == "spectrum" and not spectrum:
+        raise SpectrumError("a spectrum training job needs the layer file's S3 location")
+    channels = {
+        "train": config.train_data,
+        "validation": config.validation_data,
+        "spectrum": spectrum if config.method == "spectrum" else "",
+    }
+    hps: dict[str, Any] = {"method": config.method, **config.hyperparameters}
+    if config.model.startswith("s3://"):
+        channels["model"] = config.model
+    else:
+        hps["model_name_or_path"] = config.model
+    for channel, uri in channels.items():
+        if uri:
+            if not uri.startswith("s3://"):
+                raise SpectrumError(
+                    f"{channel} must be an s3:// URI for a SageMaker job, got "
+                    f"{uri!r} (spectrum_sm.aws.pipeline uploads local paths first)"
+                )
+            request["InputDataConfig"].append(_s3_channel(channel, uri))
+    _check_isolation(config, hps)
+    request["HyperParameters"] = {k: _hp(v) for k, v in hps.items()}
+    request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.gpus_per_host())
+    request["AlgorithmSpecification"]["MetricDefinitions"] = METRIC_DEFINITIONS
+    if config.spot:
+        request["EnableManagedSpotTraining"] = True
+        request["StoppingCondition"]["MaxWaitTimeInSeconds"] = (
+            config.max_wait_s or 2 * config.max_runtime_s
+        )
+        request["CheckpointConfig"] = {
+            "S3Uri": config.checkpoint_s3
+            or f"{config.output_s3.rstrip('/')}/checkpoints/{config.base_job_name}/",
+            "LocalPath": "/opt/ml/checkpoints",
+        }
+    validate_request(request)
+    return request
+
+
+# --- validation against botocore's service model -------------------------------------------
+
+_MODEL = None
+
+
+def _input_shape():
+    global _MODEL
+    if _MODEL is None:
+        import botocore.session
+
+        _MODEL = botocore.session.get_session().get_service_model("sagemaker")
+    return _MODEL.operation_model("CreateTrainingJob").input_shape
+
+
+def validate_request(request: dict[str, Any]) -> None:
+    """Raise :class:`SpectrumError` listing every way ``request`` breaks the service's limits."""
+    problems: list[str] = []
+    _walk(_input_shape(), request, "request", problems)
+    if problems:
+        raise SpectrumError("invalid CreateTrainingJob request: " + "; ".join(problems[:10]))
+
+
+def _walk(shape, value, where: str, problems: list[str]) -> None:
+    meta = shape.metadata
+    kind = shape.type_name
+    if kind == "structure":
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected an object")
+            return
+        for member in shape.required_members:
+            if member not in value:
+                problems.append(f"{where}.{member}: required")
+        for key, item in value.items():
+            if key not in shape.members:
+                problems.append(f"{where}.{key}: not a CreateTrainingJob field")
+                continue
+            _walk(shape.members[key], item, f"{where}.{key}", problems)
+    elif kind == "list":
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list")
+            return
+        _size(meta, len(value), where, "items", problems)
+        for index, item in enumerate(value):
+            _walk(shape.member, item, f"{where}[{index}]", problems)
+    elif kind == "map":
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping")
+            return
+        _size(meta, len(value), where, "entries", problems)
+        for key, item in value.items():
+            _walk(shape.key, key, f"{where} key {key!r}", problems)
+            _walk(shape.value, item, f"{where}[{key!r}]", problems)
+    elif kind == "string":
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string")
+            return
+        _size(meta, len(value), where, "characters", problems)
+        if shape.enum and value not in shape.enum:
+            choices = (
+                ", ".join(shape.enum) if len(shape.enum) <= 12 else f"{len(shape.enum)} values"
+            )
+            problems.append(f"{where}: {value!r} is not one of {choices}")
+        pattern = meta.get("pattern")
+        if pattern and not _full_match(pattern, value):
+            problems.append(f"{where}: {value[:80]!r} does not match {pattern}")
+    elif kind in ("integer", "long"):
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{where}: expected an integer")
+            return
+        _size(meta, value, where, "", problems)
+    elif kind == "boolean" and not isinstance(value, bool):
+        problems.append(f"{where}: expected true or false")
+
+
+def _size(meta: dict, size: int, where: str, unit: str, problems: list[str]) -> None:
+    low, high = meta.get("min"), meta.get("max")
+    label = f" {unit}" if unit else ""
+    if low is not None and size < low:
+        problems.append(f"{where}: {size}{label}, at least {low} allowed")
+    if high is not None and size > high:
+        problems.append(f"{where}: {size}{label}, at most {high} allowed")
+
+
+def _full_match(pattern: str, value: str) -> bool:
+    try:
+        return re.fullmatch(pattern, value, flags=re.DOTALL) is not None
+    except re.error:  # a Java-only construct: the length checks still apply
+        return True
+
+
+def redacted(request: dict[str, Any]) -> dict[str, Any]:
+    """A copy safe to print: secrets in the environment are masked."""
+    copy = json.loads(json.dumps(request))
+    for key in SECRET_ENV:
+        if key in copy.get("Environment", {}):
+            copy["Environment"][key] = "***"
+    return copy

@@ -1,0 +1,314 @@
+"""Job configs, CreateTrainingJob requests and their limits, dry runs, and the local pipeline
+against a real moto server over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from factories import run_cli
+from safetensors.torch import load_file
+
+from spectrum_sm.aws.config import AnalysisConfig, TrainingConfig, load_pipeline
+from spectrum_sm.aws.requests import (
+    analysis_output_uri,
+    build_analysis_request,
+    build_training_request,
+    validate_request,
+)
+from spectrum_sm.core.errors import SpectrumError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+COMMON = {"role": ROLE, "output_s3": "s3://bucket/prefix"}
+
+
+def analysis(**kw):
+    return AnalysisConfig(**{**COMMON, "model": "Qwen/Qwen3-8B", **kw})
+
+
+def training(**kw):
+    return TrainingConfig(
+        **{**COMMON, "model": "Qwen/Qwen3-8B", "train_data": "s3://b/train/", **kw}
+    )
+
+
+def test_requests_carry_what_the_jobs_need():
+    a = build_analysis_request(analysis(top_percent=30, include=["mlp.*"]))
+    assert a["OutputDataConfig"]["CompressionType"] == "NONE"
+    assert a["HyperParameters"]["include"] == "mlp.*"
+    assert a["HyperParameters"]["model_name_or_path"] == "Qwen/Qwen3-8B"
+    layer_uri = analysis_output_uri(analysis(), a["TrainingJobName"])
+    t = build_training_request(
+        training(spot=True, hyperparameters={"max_steps": 5}), spectrum_uri=layer_uri
+    )
+    channels = {
+        c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in t["InputDataConfig"]
+    }
+    assert channels["spectrum"] == layer_uri and channels["train"] == "s3://b/train/"
+    # The layer list travels through S3, never as a hyperparameter.
+    assert "spectrum_config" not in t["HyperParameters"]
+    assert not any("model.layers" in v for v in t["HyperParameters"].values())
+    assert t["EnableManagedSpotTraining"] is True
+    assert (
+        t["StoppingCondition"]["MaxWaitTimeInSeconds"]
+        >= t["StoppingCondition"]["MaxRuntimeInSeconds"]
+    )
+    assert t["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
+    assert t["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] == "8"  # p4d: 8 GPUs
+    assert {m["Name"] for m in t["AlgorithmSpecification"]["MetricDefinitions"]} >= {
+        "train:loss",
+        "eval:loss",
+    }
+
+
+def test_job_names_are_unique_within_one_second():
+    names = {build_analysis_request(analysis())["TrainingJobName"] for _ in range(20)}
+    assert len(names) == 20
+    assert all(len(n) <= 63 for n in names)
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda: analysis(role="not-an-arn"), "IAM role ARN"),
+        (lambda: analysis(role=""), "IAM role ARN"),
+        (lambda: analysis(output_s3="bucket/prefix"), "s3://bucket/prefix"),
+        (lambda: analysis(instance_type="p4d.24xlarge"), "instance_type"),
+        (lambda: analysis(top_percent=0), "top_percent"),
+        (lambda: analysis(max_runtime_s=0), "max_runtime_s"),
+        (lambda: analysis(volume_size_gb=0), "volume_size_gb"),
+        (lambda: analysis(base_job_name="bad_name!"), "base_job_name"),
+        (lambda: training(spot=True, max_wait_s=10), "max_wait_s"),
+        (lambda: training(hyperparameters={"spectrum_config": "x"}), "set by the job itself"),
+        (lambda: training(method="dpo"), "method"),
+    ],
+)
+def test_config_validation(make, fragment):
+    config = make()
+    with pytest.raises(SpectrumError, match=fragment):
+        if isinstance(config, AnalysisConfig):
+            build_analysis_request(config)
+        else:
+            build_training_request(config, spectrum_uri="s3://b/layers/")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda r: r.update(TrainingJobName="x" * 64), "at most 63"),
+        (lambda r: r.update(TrainingJobName="bad_name"), "does not match"),
+        (lambda r: r["HyperParameters"].update({f"k{i}": "v" for i in range(100)}), "at most 100"),
+        (lambda r: r["HyperParameters"].update(big="v" * 2501), "at most 2500"),
+        (lambda r: r["Environment"].update(BIG="v" * 513), "at most 512"),
+        (lambda r: r["InputDataConfig"][0].update(ChannelName="bad channel"), "does not match"),
+        (
+            lambda r: r["InputDataConfig"][0]["DataSource"]["S3DataSource"].update(S3Uri="ftp://x"),
+            "does not match",
+        ),
+        (lambda r: r.update(RoleArn="arn:aws:iam::12:role/x"), "RoleArn"),
+        (lambda r: r.pop("OutputDataConfig"), "required"),
+        (lambda r: r["ResourceConfig"].update(InstanceCount="2"), "expected an integer"),
+        (lambda r: r.update(Bogus=1), "not a CreateTrainingJob field"),
+    ],
+)
+def test_request_limits_from_the_service_model(mutate, fragment):
+    request = build_analysis_request(analysis())
+    mutate(request)
+    with pytest.raises(SpectrumError, match=fragment):
+        validate_request(request)
+
+
+def test_unknown_config_keys_and_overrides(tmp_path):
+    good = load_pipeline(
+        EXAMPLES / "qwen3-8b.yaml", ["training.spot=false", "analysis.top_percent=25"]
+    )
+    assert good.training.spot is False and good.analysis.top_percent == 25
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("analysis:\n  model: m\n  top_precent: 30\n")
+    with pytest.raises(SpectrumError, match=r"unknown key.*top_precent"):
+        load_pipeline(bad)
+    (tmp_path / "top.yaml").write_text("analysys: {}\n")
+    with pytest.raises(SpectrumError, match=r"unknown key.*analysys"):
+        load_pipeline(tmp_path / "top.yaml")
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(example, tmp_path):
+    from spectrum_sm.aws.pipeline import run_pipeline
+
+    header = example.read_text().splitlines()[0]
+    assert header.startswith("# spectrum-sm run examples/" + example.name)
+    overrides = []
+    if "--local" in header:  # its local paths must exist for the requests to be built
+        (tmp_path / "model").mkdir()
+        (tmp_path / "train.jsonl").write_text("{}")
+        overrides = [
+            f"analysis.model={tmp_path / 'model'}",
+            f"training.model={tmp_path / 'model'}",
+            f"training.train_data={tmp_path / 'train.jsonl'}",
+        ]
+    config = load_pipeline(example, overrides)
+    requests = run_pipeline(config, local="--local" in header, dry_run=True)
+    for request in requests.values():
+        validate_request(request)
+
+
+def test_dry_run_needs_no_credentials(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+        HF_TOKEN="hf_secret",
+    )
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spectrum_sm.cli",
+            "run",
+            str(EXAMPLES / "qwen3-8b.yaml"),
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert set(data) == {"analysis", "training"}
+    layer_uri = analysis_output_uri(
+        load_pipeline(EXAMPLES / "qwen3-8b.yaml").analysis, data["analysis"]["TrainingJobName"]
+    )
+    spectrum = [c for c in data["training"]["InputDataConfig"] if c["ChannelName"] == "spectrum"]
+    assert spectrum[0]["DataSource"]["S3DataSource"]["S3Uri"] == layer_uri
+    assert data["training"]["ResourceConfig"]["InstanceType"] == "ml.p4d.24xlarge"
+    assert data["training"]["EnableManagedSpotTraining"] is True
+    assert data["analysis"]["Environment"]["HF_TOKEN"] == "***"
+    assert "hf_secret" not in proc.stdout
+    for request in data.values():
+        validate_request(request)
+
+
+def test_remote_launch_is_refused_clearly():
+    proc = run_cli("run", str(EXAMPLES / "qwen3-8b.yaml"))
+    assert proc.returncode == 1 and "not available yet" in proc.stderr
+
+
+@pytest.mark.integration
+def test_local_pipeline_against_moto(moto_server, tmp_path):
+    import boto3
+
+    from spectrum_sm.core.freeze import freeze_except, read_layer_file
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=16)
+    bucket = "pipeline-test"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    proc = run_cli(
+        "-q",
+        "run",
+        str(EXAMPLES / "local-tiny.yaml"),
+        "--local",
+        "--workdir",
+        str(tmp_path / "jobs"),
+        "--set",
+        f"common.output_s3=s3://{bucket}/tiny",
+        "--set",
+        f"analysis.model={paths['model']}",
+        "--set",
+        f"training.model={paths['model']}",
+        "--set",
+        f"training.train_data={paths['train']}",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    s3 = boto3.client("s3")
+
+    def keys(uri):
+        key = uri.split("/", 3)[3]
+        return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])]
+
+    layer_keys = [k for k in keys(result["layer_file_s3"]) if k.endswith("percent.yaml")]
+    assert len(layer_keys) == 1
+    model_keys = keys(result["model_s3"])
+    assert any(k.endswith("model.safetensors") for k in model_keys)
+    assert any(k.endswith("training_report.json") for k in model_keys)
+    download = tmp_path / "download"
+    download.mkdir()
+    s3.download_file(bucket, layer_keys[0], str(download / "layers.yaml"))
+    s3.download_file(
+        bucket,
+        next(k for k in model_keys if k.endswith("model.safetensors")),
+        str(download / "model.safetensors"),
+    )
+    before = load_file(str(paths["model"] / "model.safetensors"))
+    after = load_file(str(download / "model.safetensors"))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    from transformers import AutoModelForCausalLM
+
+    expected = set(
+        freeze_except(
+            AutoModelForCausalLM.from_pretrained(paths["model"]),
+            read_layer_file(download / "layers.yaml"),
+        ).trainable
+    )
+    assert changed == expected and len(expected) > 2
+    config_keys = [k for k in keys(f"s3://{bucket}/tiny/") if k.endswith("spectrum-sm-config.yaml")]
+    assert len(config_keys) == 2  # written next to each job's outputs
+    assert yaml.safe_load(s3.get_object(Bucket=bucket, Key=config_keys[0])["Body"].read())
+
+
+@pytest.mark.integration
+def test_local_job_failures_surface_the_reason(moto_server, tmp_path):
+    import boto3
+
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=16)
+    bucket = "failing-test"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    base = [
+        "--local",
+        "--workdir",
+        str(tmp_path / "jobs"),
+        "--set",
+        f"common.output_s3=s3://{bucket}/x",
+        "--set",
+        f"analysis.model={paths['model']}",
+        "--set",
+        f"training.model={paths['model']}",
+    ]
+    missing = run_cli(
+        "run",
+        str(EXAMPLES / "local-tiny.yaml"),
+        *base,
+        "--set",
+        f"training.train_data=s3://{bucket}/no/such/data/",
+    )
+    assert missing.returncode == 1 and "no such S3 object or prefix" in missing.stderr
+    assert not (tmp_path / "jobs").exists()  # rejected before any job ran
+    failing = run_cli(
+        "run",
+        str(EXAMPLES / "local-tiny.yaml"),
+        *base,
+        "--set",
+        f"training.train_data={paths['train']}",
+        "--set",
+        "training.hyperparameters.max_steps=-5",
+        "--set",
+        "training.hyperparameters.num_train_epochs=0",
+    )
+    assert failing.returncode == 1
+    assert "failed: nothing to train" in failing.stderr
+    assert "Traceback" not in failing.stderr.split("last log lines")[0]
