@@ -58,6 +58,8 @@ def command(kind: str, root: Path) -> list[str]:
     per_host = int(os.environ.get("SPECTRUM_SM_NPROC_PER_HOST", "1"))
     if kind == "train" and (per_host > 1 or len(hosts) > 1):
         current = resources.get("current_host", hosts[0])
+        # One host (local mode included) needs no name resolution for the rendezvous.
+        master = hosts[0] if len(hosts) > 1 else "127.0.0.1"
         return [
             sys.executable,
             "-m",
@@ -65,7 +67,7 @@ def command(kind: str, root: Path) -> list[str]:
             f"--nnodes={len(hosts)}",
             f"--node_rank={hosts.index(current)}",
             f"--nproc_per_node={per_host}",
-            f"--master_addr={hosts[0]}",
+            f"--master_addr={master}",
             "--master_port=29500",
             script,
             *args,

@@ -17,22 +17,36 @@ _LAZY = {
     "ScanResult": "spectrum_sm.core.scanner",
     "select_layers": "spectrum_sm.core.selection",
     "load_results": "spectrum_sm.core.selection",
+    "freeze_except": "spectrum_sm.core.freeze",
+    "load_pipeline": "spectrum_sm.aws.config",
+    "run_pipeline": "spectrum_sm.aws.pipeline",
+    "TrainingJob": "spectrum_sm.aws.jobs",
+    "submit": "spectrum_sm.aws.jobs",
 }
 
 if TYPE_CHECKING:
     from .api import scan, select
+    from .aws.config import load_pipeline
+    from .aws.jobs import TrainingJob, submit
+    from .aws.pipeline import run_pipeline
     from .core.errors import SpectrumError
+    from .core.freeze import freeze_except
     from .core.scanner import ScanResult
     from .core.selection import load_results, select_layers
 
 __all__ = [
     "ScanResult",
     "SpectrumError",
+    "TrainingJob",
     "__version__",
+    "freeze_except",
+    "load_pipeline",
     "load_results",
+    "run_pipeline",
     "scan",
     "select",
     "select_layers",
+    "submit",
 ]
 
 

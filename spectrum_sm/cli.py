@@ -166,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
             default="spectrum-sm-jobs",
             help="local mode: where job folders (laid out like /opt/ml) go",
         )
+        job.add_argument(
+            "--no-wait",
+            action="store_true",
+            help="SageMaker: return once the (last) job is submitted",
+        )
+        job.add_argument(
+            "--no-logs",
+            action="store_true",
+            help="SageMaker: do not stream CloudWatch logs while waiting",
+        )
     return parser
 
 
@@ -177,6 +187,8 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _run_scan(args: argparse.Namespace) -> int:
@@ -235,23 +247,22 @@ def _run_select(args: argparse.Namespace) -> int:
 def _run_jobs(args: argparse.Namespace) -> int:
     from .aws import pipeline
     from .aws.config import load_pipeline
+    from .aws.jobs import submit
     from .aws.local import run_local
     from .aws.requests import redacted
-    from .core.errors import SpectrumError
 
     config = load_pipeline(args.config, args.set)
     local, dry = args.local, args.dry_run
+    wait, logs = not args.no_wait, not args.no_logs
     if args.command == "run":
-        result = pipeline.run_pipeline(config, local=local, dry_run=dry, workdir=args.workdir)
-        if dry:
-            result = {k: redacted(v) for k, v in result.items()}
-        print(json.dumps(result, indent=None if not dry else 2))
-        return 0
-    if not local and not dry:
-        raise SpectrumError(
-            "launching on SageMaker is not available yet in this version; use "
-            "--dry-run to print the request or --local to run it here"
+        result = pipeline.run_pipeline(
+            config, local=local, dry_run=dry, workdir=args.workdir, wait=wait, logs=logs
         )
+        if dry:
+            print(json.dumps({k: redacted(v) for k, v in result.items()}, indent=2))
+        else:
+            print(json.dumps(result))
+        return 0
     if args.command == "analyze":
         request = pipeline.prepare_analysis(config.analysis, dry_run=dry, local=local)
     else:
@@ -261,8 +272,13 @@ def _run_jobs(args: argparse.Namespace) -> int:
     if dry:
         print(json.dumps(redacted(request), indent=2))
         return 0
-    job = run_local(request, args.workdir)
-    print(json.dumps({"job": job.name, "status": job.status, "model_s3": job.model_s3}))
+    if local:
+        job = run_local(request, args.workdir)
+        print(json.dumps({"job": job.name, "status": job.status, "model_s3": job.model_s3}))
+        return 0
+    handle = submit(request)
+    status = handle.wait(logs=logs)["TrainingJobStatus"] if wait else "Submitted"
+    print(json.dumps({"job": handle.name, "status": status, **handle.outputs}))
     return 0
 
 

@@ -44,7 +44,11 @@ def moto_server():
     Sets ``AWS_ENDPOINT_URL`` and dummy credentials for the whole session, so boto3 clients (ours
     and those of subprocesses) talk to it.
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -133,6 +133,12 @@ def test_unknown_config_keys_and_overrides(tmp_path):
     bad.write_text("analysis:\n  model: m\n  top_precent: 30\n")
     with pytest.raises(SpectrumError, match=r"unknown key.*top_precent"):
         load_pipeline(bad)
+    with pytest.raises(SpectrumError, match="top_percent must be float, got 'abc'"):
+        load_pipeline(EXAMPLES / "qwen3-8b.yaml", ["analysis.top_percent=abc"])
+    with pytest.raises(SpectrumError, match="spot must be bool"):
+        load_pipeline(EXAMPLES / "qwen3-8b.yaml", ["training.spot=3"])
+    with pytest.raises(SpectrumError, match="not of the form"):
+        load_pipeline(EXAMPLES / "qwen3-8b.yaml", ["training.spot"])
     (tmp_path / "top.yaml").write_text("analysys: {}\n")
     with pytest.raises(SpectrumError, match=r"unknown key.*analysys"):
         load_pipeline(tmp_path / "top.yaml")
@@ -198,11 +204,6 @@ def test_dry_run_needs_no_credentials(tmp_path):
     assert "hf_secret" not in proc.stdout
     for request in data.values():
         validate_request(request)
-
-
-def test_remote_launch_is_refused_clearly():
-    proc = run_cli("run", str(EXAMPLES / "qwen3-8b.yaml"))
-    assert proc.returncode == 1 and "not available yet" in proc.stderr
 
 
 @pytest.mark.integration
@@ -312,3 +313,28 @@ def test_local_job_failures_surface_the_reason(moto_server, tmp_path):
     assert failing.returncode == 1
     assert "failed: nothing to train" in failing.stderr
     assert "Traceback" not in failing.stderr.split("last log lines")[0]
+
+
+def test_launcher_builds_the_container_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch", ROOT / "entrypoints" / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    config = tmp_path / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "hyperparameters.json").write_text(json.dumps({"max_steps": "5", "method": "full"}))
+    (config / "inputdataconfig.json").write_text(json.dumps({"train": {}, "spectrum": {}}))
+    (config / "resourceconfig.json").write_text(
+        json.dumps({"current_host": "algo-2", "hosts": ["algo-1", "algo-2"]})
+    )
+    env = launch.container_environment(tmp_path)
+    assert env["SM_CHANNEL_TRAIN"] == str(tmp_path / "input" / "data" / "train")
+    assert env["SM_MODEL_DIR"] == str(tmp_path / "model")
+    monkeypatch.setenv("SPECTRUM_SM_NPROC_PER_HOST", "8")
+    cmd = launch.command("train", tmp_path)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert "--nnodes=2" in cmd and "--node_rank=1" in cmd and "--nproc_per_node=8" in cmd
+    assert "--master_addr=algo-1" in cmd
+    assert cmd[-4:] == ["--max_steps", "5", "--method", "full"]
+    assert launch.command("analyze", tmp_path)[1].endswith("analyze.py")

@@ -261,16 +261,40 @@ def validate(config: JobConfig, *, need_role: bool) -> None:
         raise SpectrumError(f"invalid {type(config).__name__}: " + "; ".join(problems))
 
 
+_TYPES = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "list[str]": (list,),
+    "dict[str, str]": (dict,),
+    "dict[str, Any]": (dict,),
+}
+
+
 def _from_dict(cls, data: dict[str, Any], where: str):
+    """Build ``cls`` from YAML data: unknown keys and wrong types are errors; an empty value
+    (``key:`` or ``--set key=``) means the default."""
     if not isinstance(data, dict):
         raise SpectrumError(f"{where}: expected a mapping of settings")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise SpectrumError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
         )
-    return cls(**data)
+    values = {}
+    for key, value in data.items():
+        if value is None:
+            continue
+        allowed = _TYPES.get(str(fields[key].type), (object,))
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if not isinstance(value, allowed) or wrong_bool:
+            raise SpectrumError(f"{where}: {key} must be {fields[key].type!s}, got {value!r}")
+        if str(fields[key].type) == "list[str]" and not all(isinstance(v, str) for v in value):
+            raise SpectrumError(f"{where}: {key} must be a list of strings")
+        values[key] = value
+    return cls(**values)
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:

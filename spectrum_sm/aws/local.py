@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError
+from .jobs import JobFailed
 from .s3 import describe_client_error, s3_client, split_s3_uri
 
 log = logging.getLogger(__name__)
@@ -144,19 +145,7 @@ def run_local(
     failure = root / "output" / "failure"
     if code != 0:
         reason = failure.read_text() if failure.is_file() else f"exit status {code}"
-        job = LocalJob(name, "Failed", root, model_s3, reason, list(tail))
-        raise JobFailed(job)
+        raise JobFailed(name, "Failed", reason, list(tail))
     upload_folder(root / "model", model_s3)
     log.info("local job %s completed; model at %s", name, model_s3)
     return LocalJob(name, "Completed", root, model_s3, "", list(tail))
-
-
-class JobFailed(SpectrumError):
-    """A job ended Failed; carries its FailureReason and last log lines."""
-
-    def __init__(self, job: LocalJob) -> None:
-        self.job = job
-        last = "\n".join(job.log_tail[-10:])
-        super().__init__(
-            f"job {job.name} failed: {job.failure_reason.strip()}\nlast log lines:\n{last}"
-        )

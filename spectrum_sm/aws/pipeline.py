@@ -8,6 +8,8 @@ first, so the requests only ever hold S3 URIs, locally and remotely alike.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -18,6 +20,7 @@ from ..core.errors import SpectrumError
 from .config import AnalysisConfig, PipelineConfig, TrainingConfig, to_yaml
 from .requests import (
     analysis_output_uri,
+    analysis_prefix,
     build_analysis_request,
     build_training_request,
     job_name,
@@ -124,6 +127,9 @@ def prepare_training(
         spectrum_config=spectrum_uri or inputs.get("spectrum", ""),
     )
     request = build_training_request(staged, name=name, need_role=not local)
+    if local:
+        # This machine, not the instance type's GPU count, sets the local process count.
+        request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.processes_per_host or 1)
     if not dry_run:
         upload_code(request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"])
         _write_config(staged, request)
@@ -140,30 +146,99 @@ def _write_config(config, request: dict[str, Any]) -> None:
         raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
 
 
+def analysis_key(config: AnalysisConfig) -> str:
+    """Same model, revision and settings -> same key: the analysis can be reused."""
+    fields = {
+        k: getattr(config, k)
+        for k in ("model", "revision", "top_percent", "include", "exclude", "embeddings", "exact")
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _index_uri(config: AnalysisConfig) -> str:
+    return f"{analysis_prefix(config)}/index/{analysis_key(config)}.json"
+
+
+def find_reusable_analysis(config: AnalysisConfig) -> dict[str, str] | None:
+    """A finished analysis of the same model and settings whose layer file is still in S3."""
+    bucket, key = split_s3_uri(_index_uri(config))
+    client = s3_client()
+    try:
+        record = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        layer_bucket, layer_key = split_s3_uri(record["layer_dir"])
+        listing = client.list_objects_v2(Bucket=layer_bucket, Prefix=layer_key)
+    except Exception:  # no record, or it points nowhere: run the analysis
+        return None
+    if not any(o["Key"].endswith("percent.yaml") for o in listing.get("Contents", [])):
+        return None
+    return record
+
+
+def record_analysis(config: AnalysisConfig, job: str, layer_dir: str) -> None:
+    bucket, key = split_s3_uri(_index_uri(config))
+    body = json.dumps({"job": job, "layer_dir": layer_dir, "model": config.model})
+    try:
+        s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode())
+    except Exception as exc:
+        raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
+
+
 def run_pipeline(
-    config: PipelineConfig, *, local: bool, dry_run: bool, workdir: str | Path = "spectrum-sm-jobs"
+    config: PipelineConfig,
+    *,
+    local: bool,
+    dry_run: bool,
+    workdir: str | Path = "spectrum-sm-jobs",
+    wait: bool = True,
+    logs: bool = True,
 ) -> dict[str, Any]:
-    """Analysis, then training on its layer file. Returns requests (dry run) or outcomes."""
-    if not local and not dry_run:
-        raise SpectrumError(
-            "launching on SageMaker is not available yet in this version; use --dry-run to "
-            "print the requests or --local to run them on this machine"
-        )
-    analysis = prepare_analysis(config.analysis, dry_run=dry_run, local=local)
-    spectrum_uri = analysis_output_uri(config.analysis, analysis["TrainingJobName"])
-    training = prepare_training(
-        config.training, spectrum_uri=spectrum_uri, dry_run=dry_run, local=local
-    )
+    """Analysis, then training on its layer file.
+
+    ``dry_run``: build and validate both requests, send nothing, return them. ``local``: run both
+    here through the container contract. Otherwise submit to SageMaker (training waits when
+    ``wait``). A finished analysis of the same model and settings is reused when
+    ``config.reuse_analysis``. Both jobs are staged and validated before the first is submitted.
+    """
     if dry_run:
+        analysis = prepare_analysis(config.analysis, dry_run=True, local=local)
+        spectrum_uri = analysis_output_uri(config.analysis, analysis["TrainingJobName"])
+        training = prepare_training(
+            config.training, spectrum_uri=spectrum_uri, dry_run=True, local=local
+        )
         return {"analysis": analysis, "training": training}
+    from .jobs import submit
     from .local import run_local
 
-    first = run_local(analysis, workdir)
-    second = run_local(training, workdir)
-    return {
-        "analysis_job": first.name,
-        "training_job": second.name,
+    reused = find_reusable_analysis(config.analysis) if config.reuse_analysis else None
+    analysis = None
+    if reused:
+        log.info(
+            "reusing analysis %s (same model and settings): %s", reused["job"], reused["layer_dir"]
+        )
+        analysis_name, spectrum_uri = reused["job"], reused["layer_dir"]
+    else:
+        analysis = prepare_analysis(config.analysis, dry_run=False, local=local)
+        analysis_name = analysis["TrainingJobName"]
+        spectrum_uri = analysis_output_uri(config.analysis, analysis_name)
+    training = prepare_training(
+        config.training, spectrum_uri=spectrum_uri, dry_run=False, local=local
+    )
+    if analysis is not None:
+        if local:
+            run_local(analysis, workdir)
+        else:
+            submit(analysis).wait(logs=logs)
+        record_analysis(config.analysis, analysis_name, spectrum_uri)
+    result = {
+        "analysis_job": analysis_name,
+        "analysis_reused": bool(reused),
         "layer_file_s3": spectrum_uri,
-        "model_s3": second.model_s3,
-        "workdir": str(Path(workdir).resolve()),
+        "training_job": training["TrainingJobName"],
     }
+    if local:
+        job = run_local(training, workdir)
+        return {**result, "model_s3": job.model_s3, "workdir": str(Path(workdir).resolve())}
+    handle = submit(training)
+    if wait:
+        handle.wait(logs=logs)
+    return {**result, "model_s3": handle.outputs["model"]}

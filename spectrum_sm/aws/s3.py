@@ -44,7 +44,7 @@ def describe_client_error(exc: Exception, what: str) -> SpectrumError:
         code = response.get("Error", {}).get("Code", "")
     if code in {"404", "NoSuchKey", "NotFound"}:
         return SpectrumError(f"{what}: no such S3 object")
-    if code == "NoSuchBucket":
+    if code == "NoSuchBucket" or "NoSuchBucket" in str(exc):
         return SpectrumError(f"{what}: the bucket does not exist")
     if code in {"403", "AccessDenied"}:
         return SpectrumError(f"{what}: access denied")

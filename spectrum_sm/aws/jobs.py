@@ -1,0 +1,213 @@
+"""Submitting requests to SageMaker and following the jobs: a small job handle over boto3.
+
+The request sent is exactly the one built and validated (what ``--dry-run`` prints). boto3 loads
+only when a job is submitted or attached, and follows the usual configuration (region, profile,
+``AWS_ENDPOINT_URL``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..core.errors import SpectrumError
+from .requests import validate_request
+from .s3 import describe_client_error, s3_client, split_s3_uri
+
+log = logging.getLogger(__name__)
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+TERMINAL = {"Completed", "Failed", "Stopped"}
+
+
+class JobFailed(SpectrumError):
+    """A job ended Failed or Stopped; carries its FailureReason and last log lines."""
+
+    def __init__(self, name: str, status: str, reason: str, log_tail: list[str]) -> None:
+        self.name, self.status, self.reason, self.log_tail = name, status, reason, log_tail
+        last = "\n".join(log_tail[-10:])
+        super().__init__(
+            f"job {name} {status.lower()}: {reason.strip() or 'no reason given'}"
+            + (f"\nlast log lines:\n{last}" if last else "")
+        )
+
+
+class JobTimeout(SpectrumError):
+    """The job did not finish within the time ``wait`` was given (it keeps running)."""
+
+
+def _client(service: str):
+    import boto3
+
+    return boto3.client(service)
+
+
+class TrainingJob:
+    """A SageMaker training job: ``describe``, ``wait(logs=True)``, ``stop``, ``outputs``."""
+
+    def __init__(self, name: str, sagemaker=None, logs=None) -> None:
+        self.name = name
+        self._sm = sagemaker or _client("sagemaker")
+        self._logs = logs
+        self._log_tail: list[str] = []
+        self._tokens: dict[str, str] = {}
+
+    @classmethod
+    def attach(cls, name: str) -> TrainingJob:
+        """A handle on an existing job (from another process or notebook)."""
+        job = cls(name)
+        job.describe()
+        return job
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            return self._sm.describe_training_job(TrainingJobName=self.name)
+        except Exception as exc:
+            raise SpectrumError(f"cannot describe job {self.name}: {exc}") from exc
+
+    @property
+    def status(self) -> str:
+        return self.describe()["TrainingJobStatus"]
+
+    def stop(self) -> None:
+        try:
+            self._sm.stop_training_job(TrainingJobName=self.name)
+        except Exception as exc:
+            raise SpectrumError(f"cannot stop job {self.name}: {exc}") from exc
+
+    def wait(
+        self,
+        *,
+        logs: bool = True,
+        poll_s: float = 15.0,
+        timeout_s: float | None = None,
+        echo: Callable[[str], None] = print,
+    ) -> dict[str, Any]:
+        """Block until the job ends; stream its CloudWatch log lines when ``logs``.
+
+        Raises :class:`JobFailed` (FailureReason and last log lines) when it fails or is stopped,
+        :class:`JobTimeout` when ``timeout_s`` passes first.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            description = self.describe()
+            if logs:
+                for line in self._new_log_lines():
+                    echo(line)
+            status = description["TrainingJobStatus"]
+            if status in TERMINAL:
+                if logs:
+                    for line in self._new_log_lines():
+                        echo(line)
+                if status != "Completed":
+                    raise JobFailed(
+                        self.name,
+                        status,
+                        description.get("FailureReason", ""),
+                        self._log_tail or self._fetch_tail(),
+                    )
+                return description
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {self.name} still {status} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+    def _logs_client(self):
+        if self._logs is None:
+            self._logs = _client("logs")
+        return self._logs
+
+    def _new_log_lines(self) -> list[str]:
+        """Lines not seen yet, across the job's log streams (one per instance)."""
+        client = self._logs_client()
+        lines: list[str] = []
+        try:
+            streams = client.describe_log_streams(
+                logGroupName=LOG_GROUP, logStreamNamePrefix=self.name + "/"
+            ).get("logStreams", [])
+        except Exception:  # no log group yet (the job has not started): nothing to show
+            return lines
+        for stream in streams:
+            name = stream["logStreamName"]
+            kwargs = {"logGroupName": LOG_GROUP, "logStreamName": name, "startFromHead": True}
+            if name in self._tokens:
+                kwargs["nextToken"] = self._tokens[name]
+            response = client.get_log_events(**kwargs)
+            self._tokens[name] = response["nextForwardToken"]
+            lines += [event["message"] for event in response.get("events", [])]
+        self._log_tail = (self._log_tail + lines)[-40:]
+        return lines
+
+    def _fetch_tail(self) -> list[str]:
+        self._tokens.clear()
+        self._new_log_lines()
+        return self._log_tail
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        """S3 URIs of the job's results (``model`` is a folder: outputs are uncompressed)."""
+        description = self.describe()
+        output = description["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+        uris = {
+            "model": f"{output}/{self.name}/output/model/",
+            "output": f"{output}/{self.name}/output/",
+        }
+        checkpoint = description.get("CheckpointConfig", {}).get("S3Uri")
+        if checkpoint:
+            uris["checkpoints"] = checkpoint
+        return uris
+
+    def _read_output(self, suffix: str) -> str:
+        bucket, key = split_s3_uri(self.outputs["model"])
+        client = s3_client()
+        try:
+            listing = client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])
+            match = [o["Key"] for o in listing if o["Key"].endswith(suffix)]
+            if len(match) != 1:
+                raise SpectrumError(
+                    f"{self.outputs['model']}: expected one *{suffix}, found {len(match)}"
+                )
+            return client.get_object(Bucket=bucket, Key=match[0])["Body"].read().decode()
+        except SpectrumError:
+            raise
+        except Exception as exc:
+            raise describe_client_error(exc, self.outputs["model"]) from exc
+
+    def layer_file(self) -> list[str]:
+        """An analysis job's layer list, read from S3."""
+        import yaml
+
+        return yaml.safe_load(self._read_output("percent.yaml"))["unfrozen_parameters"]
+
+    def snr_table(self) -> dict[str, dict[str, Any]]:
+        """An analysis job's score table (``{module: {"snr", "type"}}``), read from S3."""
+        bucket, key = split_s3_uri(self.outputs["model"])
+        client = s3_client()
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])
+        keys = [
+            o["Key"]
+            for o in listing
+            if o["Key"].rsplit("/", 1)[-1].startswith("snr_results_")
+            and o["Key"].endswith(".json")
+            and not o["Key"].endswith("_sorted.json")
+        ]
+        if len(keys) != 1:
+            raise SpectrumError(f"{self.outputs['model']}: expected one snr_results_*.json")
+        text = client.get_object(Bucket=bucket, Key=keys[0])["Body"].read().decode()
+        return json.loads(text)
+
+
+def submit(request: dict[str, Any], sagemaker=None) -> TrainingJob:
+    """Validate, then send a CreateTrainingJob request; returns the job handle."""
+    validate_request(request)
+    client = sagemaker or _client("sagemaker")
+    try:
+        client.create_training_job(**request)
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+        raise SpectrumError(
+            f"SageMaker refused job {request['TrainingJobName']}: {code}: {exc}"
+        ) from exc
+    log.info("submitted %s", request["TrainingJobName"])
+    return TrainingJob(request["TrainingJobName"], sagemaker=client)

@@ -1,0 +1,190 @@
+"""Submitting to SageMaker and following jobs, against a real moto server over HTTP.
+
+Moto marks every training job Completed at once and cannot stop one; ``set_job_status`` moves a
+job to another state by editing moto's backend, which lives in this process with the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from factories import run_cli
+from test_jobs import EXAMPLES
+
+from spectrum_sm.aws.config import load_pipeline
+from spectrum_sm.aws.jobs import JobFailed, JobTimeout, TrainingJob, submit
+from spectrum_sm.aws.pipeline import prepare_analysis
+from spectrum_sm.core.errors import SpectrumError
+
+pytestmark = pytest.mark.integration
+
+
+def set_job_status(name: str, status: str, reason: str = "") -> None:
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.sagemaker.models import sagemaker_backends
+
+    job = sagemaker_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].training_jobs[name]
+    job.training_job_status = status
+    job.failure_reason = reason or None
+
+
+def put_logs(name: str, lines: list[str]) -> None:
+    logs = boto3.client("logs")
+    group = "/aws/sagemaker/TrainingJobs"
+    with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
+        logs.create_log_group(logGroupName=group)
+    stream = f"{name}/algo-1-1700000000"
+    now = int(time.time() * 1000)  # CloudWatch drops events older than 14 days
+    logs.create_log_stream(logGroupName=group, logStreamName=stream)
+    logs.put_log_events(logGroupName=group, logStreamName=stream,
+                        logEvents=[{"timestamp": now + i, "message": m}
+                                   for i, m in enumerate(lines)])  # fmt: skip
+
+
+@pytest.fixture
+def config(s3_bucket):
+    return load_pipeline(EXAMPLES / "qwen3-8b.yaml", [f"common.output_s3=s3://{s3_bucket}/q"])
+
+
+def test_submit_and_describe(config, s3_bucket):
+    request = prepare_analysis(config.analysis, dry_run=False, local=False)
+    job = submit(request)
+    described = job.describe()
+    assert described["TrainingJobName"] == request["TrainingJobName"]
+    assert described["HyperParameters"] == request["HyperParameters"]
+    assert described["OutputDataConfig"]["CompressionType"] == "NONE"
+    code = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="q/code/")
+    assert any(o["Key"].endswith("entrypoints/launch.py") for o in code["Contents"])
+    assert TrainingJob.attach(job.name).status == "Completed"
+    with pytest.raises(SpectrumError, match="cannot describe job nope"):
+        TrainingJob.attach("nope")
+
+
+def test_wait_streams_logs_and_surfaces_failures(config):
+    request = prepare_analysis(config.analysis, dry_run=False, local=False)
+    job = submit(request)
+    put_logs(job.name, ["loading weights", "step=1 train_loss=1.0"])
+    seen: list[str] = []
+    assert job.wait(logs=True, poll_s=0.01, echo=seen.append)["TrainingJobStatus"] == "Completed"
+    assert seen == ["loading weights", "step=1 train_loss=1.0"]
+
+    set_job_status(job.name, "Failed", "AlgorithmError: layer file entries match no parameter")
+    with pytest.raises(JobFailed) as info:
+        TrainingJob(job.name).wait(logs=True, poll_s=0.01, echo=lambda line: None)
+    assert info.value.reason.startswith("AlgorithmError: layer file entries")
+    assert "step=1 train_loss=1.0" in str(info.value)
+
+    set_job_status(job.name, "InProgress")
+    with pytest.raises(JobTimeout, match="still InProgress"):
+        job.wait(logs=False, poll_s=0.05, timeout_s=0.2)
+
+
+def test_stop_sends_the_request_and_reports_refusals(config):
+    client = boto3.client("sagemaker")
+    with Stubber(client) as stub:
+        stub.add_response("stop_training_job", {}, {"TrainingJobName": "job-1"})
+        TrainingJob("job-1", sagemaker=client).stop()
+        stub.assert_no_pending_responses()
+    job = submit(prepare_analysis(config.analysis, dry_run=False, local=False))
+    with pytest.raises(SpectrumError, match="cannot stop job"):  # moto has no StopTrainingJob
+        job.stop()
+
+
+def test_outputs_layer_file_and_score_table_from_s3(config, s3_bucket):
+    job = submit(prepare_analysis(config.analysis, dry_run=False, local=False))
+    model_uri = job.outputs["model"]
+    assert model_uri.endswith(f"/{job.name}/output/model/")
+    key = model_uri.split("/", 3)[3]
+    s3 = boto3.client("s3")
+    s3.put_object(
+        Bucket=s3_bucket,
+        Key=key + "snr_results_x_unfrozenparameters_30percent.yaml",
+        Body=b"unfrozen_parameters:\n- ^lm_head.weight$\n- model.layers.3.mlp.down_proj\n",
+    )
+    s3.put_object(
+        Bucket=s3_bucket,
+        Key=key + "snr_results_x.json",
+        Body=json.dumps(
+            {"model.layers.3.mlp.down_proj": {"snr": 0.5, "type": "mlp.down_proj"}}
+        ).encode(),
+    )
+    s3.put_object(Bucket=s3_bucket, Key=key + "snr_results_x_sorted.json", Body=b"{}")
+    assert job.layer_file() == ["^lm_head.weight$", "model.layers.3.mlp.down_proj"]
+    assert job.snr_table()["model.layers.3.mlp.down_proj"]["snr"] == 0.5
+
+
+def data_sets(bucket: str) -> list[str]:
+    """Training data in the test bucket, and the overrides that point the example at it."""
+    s3 = boto3.client("s3")
+    for part in ("train", "validation"):
+        s3.put_object(Bucket=bucket, Key=f"data/{part}/part-0.jsonl", Body=b'{"text": "x"}\n')
+    return [
+        "--set",
+        f"training.train_data=s3://{bucket}/data/train/",
+        "--set",
+        f"training.validation_data=s3://{bucket}/data/validation/",
+    ]
+
+
+def test_pipeline_submits_both_jobs_and_reuses_a_finished_analysis(s3_bucket):
+    sets = ["--set", f"common.output_s3=s3://{s3_bucket}/p", "--no-logs", *data_sets(s3_bucket)]
+    first = run_cli("run", str(EXAMPLES / "qwen3-8b.yaml"), *sets)
+    assert first.returncode == 0, first.stderr
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    assert result["analysis_reused"] is False
+    training = boto3.client("sagemaker").describe_training_job(
+        TrainingJobName=result["training_job"]
+    )
+    channels = {
+        c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+        for c in training["InputDataConfig"]
+    }
+    assert channels["spectrum"] == result["layer_file_s3"]
+    # What the real service would have left behind: the layer file at the analysis output.
+    key = result["layer_file_s3"].split("/", 3)[3]
+    boto3.client("s3").put_object(
+        Bucket=s3_bucket,
+        Key=key + "snr_unfrozenparameters_30percent.yaml",
+        Body=b"unfrozen_parameters: []\n",
+    )
+    second = run_cli("run", str(EXAMPLES / "qwen3-8b.yaml"), *sets)
+    assert second.returncode == 0, second.stderr
+    again = json.loads(second.stdout.strip().splitlines()[-1])
+    assert again["analysis_reused"] is True and again["layer_file_s3"] == result["layer_file_s3"]
+    assert again["analysis_job"] == result["analysis_job"]
+    changed = run_cli(
+        "run", str(EXAMPLES / "qwen3-8b.yaml"), *sets, "--set", "analysis.top_percent=25"
+    )
+    assert json.loads(changed.stdout.strip().splitlines()[-1])["analysis_reused"] is False
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("training.instance_type=ml.g5.3xlarge", "not a SageMaker training instance type"),
+        ("common.role=", "IAM role ARN"),
+        ("training.train_data=s3://{bucket}/missing/", "no such S3 object or prefix"),
+        ("analysis.output_s3=not-s3", "s3://bucket/prefix"),
+    ],
+)
+def test_bad_input_submits_nothing(s3_bucket, override, fragment):
+    before = boto3.client("sagemaker").list_training_jobs(MaxResults=100)["TrainingJobSummaries"]
+    proc = run_cli(
+        "run",
+        str(EXAMPLES / "qwen3-8b.yaml"),
+        "--no-logs",
+        *data_sets(s3_bucket),
+        "--set",
+        f"common.output_s3=s3://{s3_bucket}/b",
+        "--set",
+        override.format(bucket=s3_bucket),
+    )
+    assert proc.returncode == 1, proc.stdout
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr
+    after = boto3.client("sagemaker").list_training_jobs(MaxResults=100)["TrainingJobSummaries"]
+    assert len(after) == len(before)
