@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
-# Set up .venv, build a small Qwen3-architecture model here (no Hub needed), and run the
-# Spectrum scan on it: the SNR table and the 30% layer file land in work/demo/snr.
+# Set up .venv and run the whole Spectrum pipeline on this machine: a small Qwen3 model and chat
+# data are built in work/demo, S3 is an embedded moto server (or whatever AWS_ENDPOINT_URL points
+# at), and the analysis and training jobs run in local mode. Extra arguments go to the demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -c "
-from spectrum_sm.toy import make_qwen3
-make_qwen3('work/demo/model', layers=8, hidden=256, intermediate=704, vocab=4096, shard_size='2MB')
-"
-.venv/bin/spectrum-sm scan work/demo/model --top-percent 30 --output-dir work/demo/snr "$@"
+.venv/bin/spectrum-sm demo --workdir work/demo "$@"

@@ -176,7 +176,34 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="SageMaker: do not stream CloudWatch logs while waiting",
         )
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole pipeline here on a small model (no AWS account needed)",
+        description="Build a small Qwen3 model and chat data, start an embedded S3 unless "
+        "AWS_ENDPOINT_URL is set, run analysis and training in local mode, show the results.",
+    )
+    demo.add_argument("--workdir", default="spectrum-sm-demo", help="where everything goes")
+    demo.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    demo.add_argument(
+        "--top-percent",
+        type=_percent,
+        default=50,
+        metavar="P",
+        help="share of each module type to train (default: 50)",
+    )
+    demo.add_argument("--json", action="store_true", help="end with one JSON line")
     return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo, summary_lines
+
+    result = run_demo(args.workdir, steps=args.steps, top_percent=args.top_percent)
+    if not args.quiet:
+        print("\n".join(summary_lines(result)))
+    if args.json:
+        print(json.dumps(result))
+    return 0
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
@@ -283,6 +310,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "demo": _run_demo,
     "scan": _run_scan,
     "select": _run_select,
     "analyze": _run_jobs,

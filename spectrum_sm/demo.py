@@ -1,0 +1,150 @@
+"""``spectrum-sm demo``: the whole pipeline on this machine, no AWS account needed.
+
+Builds a small Qwen3-architecture model and a chat dataset, starts an in-process S3 (moto) unless
+``AWS_ENDPOINT_URL`` already points somewhere, runs the analysis and training jobs in local mode
+through the container contract, downloads the results and reports what was trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+BUCKET = "spectrum-sm-demo"
+
+
+@contextlib.contextmanager
+def s3_endpoint() -> Iterator[str]:
+    """The configured S3 endpoint, or an embedded moto server for the duration."""
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        yield os.environ["AWS_ENDPOINT_URL"]
+        return
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    settings = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "demo",
+        "AWS_SECRET_ACCESS_KEY": "demo",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    log.info("embedded S3 (moto) at %s", endpoint)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_demo(workdir: str | Path, *, steps: int = 30, top_percent: float = 50) -> dict[str, Any]:
+    """Run the demo in ``workdir``; returns where everything is."""
+    from .aws.config import AnalysisConfig, PipelineConfig, TrainingConfig
+    from .aws.local import download_prefix
+    from .aws.pipeline import run_pipeline
+    from .aws.s3 import s3_client
+    from .core.selection import load_results, select_layers
+    from .toy import make_toy_training_setup
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log.info("building a small Qwen3 model and a chat dataset in %s", workdir / "inputs")
+    paths = make_toy_training_setup(workdir / "inputs", layers=4, rows=96)
+    with s3_endpoint() as endpoint:
+        client = s3_client()
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=BUCKET)
+        common = {
+            "output_s3": f"s3://{BUCKET}/demo",
+            "instance_type": "ml.m5.xlarge",
+            "base_job_name": "demo",
+        }
+        config = PipelineConfig(
+            AnalysisConfig(**common, model=str(paths["model"]), top_percent=top_percent),
+            TrainingConfig(
+                **common,
+                model=str(paths["model"]),
+                train_data=str(paths["train"]),
+                hyperparameters={
+                    "max_steps": steps,
+                    "learning_rate": 1e-3,
+                    "per_device_train_batch_size": 4,
+                    "max_seq_length": 64,
+                    "precision": "fp32",
+                    "logging_steps": 5,
+                },
+            ),
+            reuse_analysis=False,
+        )
+        result = run_pipeline(config, local=True, dry_run=False, workdir=workdir / "jobs")
+        analysis_dir, model_dir = workdir / "analysis", workdir / "model"
+        download_prefix(result["layer_file_s3"], analysis_dir)
+        download_prefix(result["model_s3"], model_dir)
+    layer_file = next(analysis_dir.glob("*unfrozenparameters*.yaml"))
+    results_file = next(
+        p for p in analysis_dir.glob("snr_results_*.json") if not p.name.endswith("_sorted.json")
+    )
+    report = json.loads((model_dir / "training_report.json").read_text())
+    scores = load_results(results_file)
+    return {
+        "base_model": str(paths["model"]),
+        "train_data": str(paths["train"]),
+        "unfrozen_parameters": str(layer_file),
+        "snr_results": str(results_file),
+        "model_dir": str(model_dir),
+        "s3_endpoint": endpoint,
+        "layer_file_s3": result["layer_file_s3"],
+        "model_s3": result["model_s3"],
+        "analysis_job": result["analysis_job"],
+        "training_job": result["training_job"],
+        "selected_modules": sum(len(v) for v in select_layers(scores, top_percent).values()),
+        "scored_modules": len(scores),
+        "trainable_params": report["trainable_params"],
+        "all_params": report["all_params"],
+        "final_train_loss": report["final_train_loss"],
+    }
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """A short human report: what was scored, selected, trained, and where it all is."""
+    from .core.selection import load_results, sorted_results
+
+    lines = [
+        f"scored {result['scored_modules']} weights; {result['selected_modules']} selected "
+        f"(plus the embeddings)",
+        f"trainable params: {result['trainable_params']:,} || all params: "
+        f"{result['all_params']:,} || trainable%: "
+        f"{100 * result['trainable_params'] / result['all_params']:.2f}",
+        f"final train loss: {result['final_train_loss']:.4f}",
+        "",
+        "top score per type:",
+    ]
+    for layer_type, modules in sorted_results(load_results(result["snr_results"])).items():
+        best, score = next(iter(modules.items()))
+        lines.append(f"  {layer_type:28} {best:42} {score:.4f}")
+    lines += [
+        "",
+        f"base model:   {result['base_model']}",
+        f"layer file:   {result['unfrozen_parameters']}",
+        f"fine-tuned:   {result['model_dir']}",
+        f"S3 ({result['s3_endpoint']}): {result['layer_file_s3']} and {result['model_s3']}",
+    ]
+    return lines
