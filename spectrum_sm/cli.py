@@ -176,6 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="SageMaker: do not stream CloudWatch logs while waiting",
         )
+    planner = commands.add_parser(
+        "plan",
+        help="count trainable parameters and estimate GPU memory from config.json",
+        description="Count what spectrum (at P%%), full and LoRA train and estimate per-GPU "
+        "memory from a model's config.json alone; recommend instances that fit.",
+    )
+    planner.add_argument("model", help="folder or config.json path, or Hub id")
+    planner.add_argument("--top-percent", type=_percent, default=30, metavar="P")
+    planner.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    planner.add_argument("--seq", type=int, default=2048, help="sequence length")
+    planner.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
+    planner.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
+    planner.add_argument(
+        "--no-sharding",
+        dest="sharded",
+        action="store_false",
+        help="no FSDP/ZeRO-3 across an instance's GPUs",
+    )
+    planner.add_argument("--lora-rank", type=int, default=16)
+    planner.add_argument("--json", action="store_true", help="print one JSON object")
+
     demo = commands.add_parser(
         "demo",
         help="run the whole pipeline here on a small model (no AWS account needed)",
@@ -193,6 +214,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", action="store_true", help="end with one JSON line")
     return parser
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    result = plan(
+        args.model,
+        args.top_percent,
+        precision=args.precision,
+        seq=args.seq,
+        batch=args.batch,
+        checkpointing=args.checkpointing,
+        lora_rank=args.lora_rank,
+        sharded=args.sharded,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    total = result["total_params"]
+    print(f"{args.model}: {total:,} parameters")
+    rows = [
+        ("spectrum", result["trainable_params"]),
+        ("spectrum, no embeddings", result["trainable_params_no_embeddings"]),
+        ("full", result["full_params"]),
+        (f"lora r={args.lora_rank}", result["lora_params"]),
+    ]
+    for label, count in rows:
+        print(f"  {label:24} trainable {count:>16,}  ({100 * count / total:6.2f}%)")
+    print(
+        "memory on one GPU (GiB): "
+        + ", ".join(f"{m} {g}" for m, g in result["memory_one_gpu_gib"].items())
+    )
+    print(
+        "cheapest instance that fits: "
+        + ", ".join(f"{m} {i or 'none listed'}" for m, i in result["recommended"].items())
+    )
+    print(f"assumptions: {result['assumptions']}")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -311,6 +370,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "demo": _run_demo,
+    "plan": _run_plan,
     "scan": _run_scan,
     "select": _run_select,
     "analyze": _run_jobs,

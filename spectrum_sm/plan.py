@@ -1,0 +1,268 @@
+"""The memory planner: parameter counts and per-GPU memory for spectrum / full / LoRA, from a
+model's ``config.json`` alone (the model is built on the meta device: no weights, no memory).
+
+The estimate follows how ``entrypoints/train.py`` trains: frozen weights stay in the compute
+dtype, trainable ones get float32 master copies, float32 gradients and two float32 AdamW moments;
+FSDP / ZeRO-3 divide weights, gradients and optimizer state by the GPU count. Activations use a
+per-layer rule of thumb (below); it was checked against the CPU training benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .core.errors import SpectrumError
+from .core.snr import module_type
+
+GIB = 1024**3
+#: (GPUs, GiB per GPU, approximate on-demand USD/hour in us-east-1), cheapest first after sorting.
+INSTANCES = {
+    "ml.g5.2xlarge": (1, 24, 1.52),
+    "ml.g6e.2xlarge": (1, 48, 2.80),
+    "ml.g5.12xlarge": (4, 24, 7.09),
+    "ml.g6e.12xlarge": (4, 48, 13.12),
+    "ml.g5.48xlarge": (8, 24, 20.36),
+    "ml.g6e.48xlarge": (8, 48, 37.66),
+    "ml.p4d.24xlarge": (8, 40, 37.69),
+    "ml.p4de.24xlarge": (8, 80, 47.11),
+    "ml.p5.48xlarge": (8, 80, 113.07),
+    "ml.p5e.48xlarge": (8, 141, 120.00),
+}
+#: Bytes of saved activations per token per layer, in units of the compute dtype's size:
+#: without checkpointing ~ 18 * hidden + 4 * intermediate (attention and MLP inputs, outputs
+#: and intermediates with SDPA attention); with checkpointing only the layer input is kept
+#: (plus one layer's worth recomputed at a time).
+ACT_HIDDEN, ACT_INTERMEDIATE = 18, 4
+CUDA_OVERHEAD_GIB = 1.0
+
+
+def load_config(model: str) -> dict[str, Any]:
+    """``config.json`` of a local folder (or the file itself) or a Hub id."""
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        if path.exists() or model.startswith((".", "/")):
+            raise SpectrumError(f"no config.json at {model!r}")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, "config.json"))
+        except Exception as exc:
+            raise SpectrumError(f"cannot get config.json of {model!r} from the Hub: {exc}") from exc
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SpectrumError(f"{path}: unreadable config.json ({exc})") from exc
+
+
+def meta_model(config: dict[str, Any]):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.for_model(**config)
+    except Exception as exc:
+        raise SpectrumError(f"transformers does not know this config ({exc})") from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg), cfg
+
+
+@dataclass
+class Counts:
+    total_params: int
+    trainable_params: int  # spectrum at the percent, with the embedding entries
+    trainable_params_no_embeddings: int
+    full_params: int
+    lora_params: int
+    embedding_params: int
+    tied_embeddings: bool
+
+
+def count_parameters(model, percent: float, lora_rank: int = 16) -> Counts:
+    """Exact counts: Spectrum keeps ``int(n * percent / 100)`` modules of each type."""
+    import torch
+
+    unique = {id(p): (n, p) for n, p in model.named_parameters()}
+    total = sum(p.numel() for _, p in unique.values())
+    by_type: dict[str, list[int]] = {}
+    embed_ids = set()
+    for name, param in unique.values():
+        if not name.endswith(".weight"):
+            continue
+        module = name[: -len(".weight")]
+        if module.endswith("embed_tokens") or module == "lm_head":
+            embed_ids.add(id(param))
+            continue
+        by_type.setdefault(module_type(module), []).append(param.numel())
+    selected = 0
+    for sizes in by_type.values():
+        keep = int(len(sizes) * percent / 100)
+        selected += sum(sorted(sizes, reverse=True)[:keep])  # equal within a type in practice
+    embeddings = sum(unique[i][1].numel() for i in embed_ids)
+    lora = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            lora += lora_rank * (module.in_features + module.out_features)
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = out is not None and inp is not None and out.weight is inp.weight
+    return Counts(total, selected + embeddings, selected, total, lora, embeddings, tied)
+
+
+@dataclass
+class Estimate:
+    method: str
+    trainable_params: int
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    overhead_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return (
+            self.weights_gib
+            + self.gradients_gib
+            + self.optimizer_gib
+            + self.activations_gib
+            + self.overhead_gib
+        )
+
+
+def estimate_memory(
+    cfg,
+    total: int,
+    trainable: int,
+    method: str,
+    *,
+    precision: str = "bf16",
+    seq: int = 2048,
+    batch: int = 1,
+    checkpointing: bool = True,
+    gpus: int = 1,
+    sharded: bool = False,
+    overhead_gib: float = CUDA_OVERHEAD_GIB,
+) -> Estimate:
+    """Per-GPU memory of one training step (see the module docstring for the model)."""
+    low = 4 if precision == "fp32" else 2
+    shard = gpus if sharded else 1
+    frozen = total - trainable if method != "lora" else total
+    weights = (frozen * low + trainable * 4) / shard
+    gradients = trainable * 4 / shard
+    optimizer = trainable * 8 / shard
+    hidden = cfg.hidden_size
+    intermediate = getattr(cfg, "intermediate_size", 4 * hidden)
+    layers = cfg.num_hidden_layers
+    tokens = seq * batch
+    per_layer = (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * intermediate) * tokens * low
+    if checkpointing:
+        activations = layers * tokens * hidden * low + per_layer
+    else:
+        activations = layers * per_layer
+    activations += 3 * tokens * cfg.vocab_size * 4  # float32 logits, their softmax and gradient
+    if method == "lora":
+        # Measured on the CPU benchmark: LoRA keeps about one more copy of every adapted
+        # layer's input (its A matrix needs it for the gradient).
+        inputs = 6 * hidden + intermediate  # q, k, v, o, gate, up read hidden; down reads inter.
+        activations += (1 if checkpointing else layers) * inputs * tokens * low
+    return Estimate(
+        method,
+        trainable,
+        weights / GIB,
+        gradients / GIB,
+        optimizer / GIB,
+        activations / GIB,
+        overhead_gib,
+    )
+
+
+def plan(
+    model: str,
+    percent: float,
+    *,
+    precision: str = "bf16",
+    seq: int = 2048,
+    batch: int = 1,
+    checkpointing: bool = True,
+    lora_rank: int = 16,
+    sharded: bool = True,
+) -> dict[str, Any]:
+    """Counts, estimates and the instances that fit, cheapest first."""
+    from .core.selection import check_percent
+
+    percent = check_percent(percent)
+    meta, cfg = meta_model(load_config(model))
+    counts = count_parameters(meta, percent, lora_rank)
+    methods = {
+        "spectrum": counts.trainable_params,
+        "full": counts.full_params,
+        "lora": counts.lora_params,
+    }
+    instances = []
+    for name, (gpus, gib, price) in sorted(INSTANCES.items(), key=lambda kv: kv[1][2]):
+        fits = {}
+        for method, trainable in methods.items():
+            est = estimate_memory(
+                cfg,
+                counts.total_params,
+                trainable,
+                method,
+                precision=precision,
+                seq=seq,
+                batch=batch,
+                checkpointing=checkpointing,
+                gpus=gpus,
+                sharded=sharded and gpus > 1,
+            )
+            fits[method] = {
+                "per_gpu_gib": round(est.total_gib, 2),
+                "fits": est.total_gib <= 0.9 * gib,
+            }
+        instances.append(
+            {
+                "instance_type": name,
+                "gpus": gpus,
+                "gpu_gib": gib,
+                "usd_per_hour": price,
+                "methods": fits,
+            }
+        )
+    single = {
+        m: asdict(
+            estimate_memory(
+                cfg,
+                counts.total_params,
+                t,
+                m,
+                precision=precision,
+                seq=seq,
+                batch=batch,
+                checkpointing=checkpointing,
+            )
+        )
+        for m, t in methods.items()
+    }
+    return {
+        "model": model,
+        "top_percent": percent,
+        **asdict(counts),
+        "memory_one_gpu_gib": {m: round(Estimate(**e).total_gib, 2) for m, e in single.items()},
+        "memory_one_gpu_breakdown": single,
+        "recommended": {
+            m: next((i["instance_type"] for i in instances if i["methods"][m]["fits"]), None)
+            for m in methods
+        },
+        "instances": instances,
+        "assumptions": (
+            f"{precision} compute, frozen weights in {precision}, trainable weights with float32 "
+            f"master copies, float32 gradients, AdamW (8 bytes per trainable parameter); "
+            f"sequence {seq} x batch {batch}, gradient checkpointing "
+            f"{'on' if checkpointing else 'off'}; FSDP/ZeRO-3 sharding over an instance's GPUs "
+            f"{'on' if sharded else 'off'}; {CUDA_OVERHEAD_GIB} GiB CUDA overhead; fits means "
+            f"at most 90% of GPU memory; prices are approximate us-east-1 on-demand."
+        ),
+    }
