@@ -176,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="SageMaker: do not stream CloudWatch logs while waiting",
         )
+    report = commands.add_parser(
+        "report",
+        help="heatmap and table of SNR scores with the selected layers marked",
+        description="Draw the SNR heatmap (layer index by type, selected layers marked) from a "
+        "results JSON and print the sorted table and trainable share.",
+    )
+    report.add_argument("results", help="snr_results_<model>.json (ours or the reference's)")
+    report.add_argument("--top-percent", type=_percent, default=30, metavar="P")
+    report.add_argument("--output", default=None, help="PNG path (default: next to RESULTS)")
+    report.add_argument("--no-embeddings", dest="embeddings", action="store_false")
+
     planner = commands.add_parser(
         "plan",
         help="count trainable parameters and estimate GPU memory from config.json",
@@ -214,6 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", action="store_true", help="end with one JSON line")
     return parser
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .core.atomic import ensure_output_dir
+    from .report import snr_report
+
+    report = snr_report(args.results, args.top_percent, embeddings=args.embeddings)
+    output = (
+        Path(args.output)
+        if args.output
+        else Path(args.results).with_suffix(f".snr_{args.top_percent}percent.png")
+    )
+    ensure_output_dir(output.parent)
+    print("\n".join(report.lines()))
+    print(f"heatmap: {report.save(output)}")
+    return 0
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -371,6 +400,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
 COMMANDS = {
     "demo": _run_demo,
     "plan": _run_plan,
+    "report": _run_report,
     "scan": _run_scan,
     "select": _run_select,
     "analyze": _run_jobs,
