@@ -20,12 +20,11 @@ log = logging.getLogger(__name__)
 BUCKET = "spectrum-sm-demo"
 
 
-@contextlib.contextmanager
-def s3_endpoint() -> Iterator[str]:
-    """The configured S3 endpoint, or an embedded moto server for the duration."""
-    if os.environ.get("AWS_ENDPOINT_URL"):
-        yield os.environ["AWS_ENDPOINT_URL"]
-        return
+def start_embedded_s3():
+    """Start an in-process moto server and point boto3 at it; returns the server (``.stop()``).
+
+    For notebooks and the demo: nothing is sent anywhere but this process.
+    """
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -34,18 +33,27 @@ def s3_endpoint() -> Iterator[str]:
         port = sock.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    settings = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "demo",
-        "AWS_SECRET_ACCESS_KEY": "demo",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    log.info("embedded S3 (moto) at %s", endpoint)
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="demo",
+        AWS_SECRET_ACCESS_KEY="demo",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    log.info("embedded S3 (moto) at %s", os.environ["AWS_ENDPOINT_URL"])
+    return server
+
+
+@contextlib.contextmanager
+def s3_endpoint() -> Iterator[str]:
+    """The configured S3 endpoint, or an embedded moto server for the duration."""
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        yield os.environ["AWS_ENDPOINT_URL"]
+        return
+    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {k: os.environ.get(k) for k in keys}
+    server = start_embedded_s3()
     try:
-        yield endpoint
+        yield os.environ["AWS_ENDPOINT_URL"]
     finally:
         server.stop()
         for key, value in saved.items():

@@ -183,6 +183,56 @@ def record_analysis(config: AnalysisConfig, job: str, layer_dir: str) -> None:
         raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
 
 
+def launch_analysis(
+    config: AnalysisConfig,
+    *,
+    local: bool,
+    workdir: str | Path = "spectrum-sm-jobs",
+    logs: bool = True,
+    reuse: bool = True,
+) -> dict[str, Any]:
+    """Run (or reuse) the analysis job; returns its name and the S3 prefix of the layer file."""
+    from .jobs import submit
+    from .local import run_local
+
+    reused = find_reusable_analysis(config) if reuse else None
+    if reused:
+        log.info("reusing analysis %s: %s", reused["job"], reused["layer_dir"])
+        return {"job": reused["job"], "layer_dir": reused["layer_dir"], "reused": True}
+    request = prepare_analysis(config, dry_run=False, local=local)
+    name = request["TrainingJobName"]
+    layer_dir = analysis_output_uri(config, name)
+    if local:
+        run_local(request, workdir)
+    else:
+        submit(request).wait(logs=logs)
+    record_analysis(config, name, layer_dir)
+    return {"job": name, "layer_dir": layer_dir, "reused": False}
+
+
+def launch_training(
+    config: TrainingConfig,
+    spectrum_uri: str | None,
+    *,
+    local: bool,
+    workdir: str | Path = "spectrum-sm-jobs",
+    wait: bool = True,
+    logs: bool = True,
+) -> dict[str, Any]:
+    """Run the training job on a layer file in S3; returns its name and model location."""
+    from .jobs import submit
+    from .local import run_local
+
+    request = prepare_training(config, spectrum_uri=spectrum_uri, dry_run=False, local=local)
+    name = request["TrainingJobName"]
+    if local:
+        return {"job": name, "model_s3": run_local(request, workdir).model_s3}
+    handle = submit(request)
+    if wait:
+        handle.wait(logs=logs)
+    return {"job": name, "model_s3": handle.outputs["model"]}
+
+
 def run_pipeline(
     config: PipelineConfig,
     *,
