@@ -338,3 +338,20 @@ def test_launcher_builds_the_container_command(tmp_path, monkeypatch):
     assert "--master_addr=algo-1" in cmd
     assert cmd[-4:] == ["--max_steps", "5", "--method", "full"]
     assert launch.command("analyze", tmp_path)[1].endswith("analyze.py")
+
+
+def test_launch_script_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    script = EXAMPLES / "launch_pipeline.py"
+    assert script.read_text().startswith("# python examples/launch_pipeline.py ")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(EXAMPLES / "qwen3-8b.yaml"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "analysis: qwen3-8b-spectrum-analysis-" in proc.stdout
+    assert "'spectrum'" in proc.stdout and "ml.p4d.24xlarge" in proc.stdout
