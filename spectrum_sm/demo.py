@@ -70,6 +70,7 @@ def run_demo(workdir: str | Path, *, steps: int = 30, top_percent: float = 50) -
     from .aws.pipeline import run_pipeline
     from .aws.s3 import s3_client
     from .core.selection import load_results, select_layers
+    from .report import snr_report
     from .toy import make_toy_training_setup
 
     workdir = Path(workdir).resolve()
@@ -112,11 +113,13 @@ def run_demo(workdir: str | Path, *, steps: int = 30, top_percent: float = 50) -
     )
     report = json.loads((model_dir / "training_report.json").read_text())
     scores = load_results(results_file)
+    heatmap = snr_report(results_file, top_percent).save(workdir / "snr_report.png")
     return {
         "base_model": str(paths["model"]),
         "train_data": str(paths["train"]),
         "unfrozen_parameters": str(layer_file),
         "snr_results": str(results_file),
+        "snr_report": str(heatmap),
         "model_dir": str(model_dir),
         "s3_endpoint": endpoint,
         "layer_file_s3": result["layer_file_s3"],
@@ -152,6 +155,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         "",
         f"base model:   {result['base_model']}",
         f"layer file:   {result['unfrozen_parameters']}",
+        f"SNR heatmap:  {result['snr_report']}",
         f"fine-tuned:   {result['model_dir']}",
         f"S3 ({result['s3_endpoint']}): {result['layer_file_s3']} and {result['model_s3']}",
     ]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import boto3
 import pytest
@@ -57,6 +58,7 @@ def test_demo_with_its_own_embedded_s3(tmp_path):
         result
     )
     assert "trainable params:" in proc.stdout and "fine-tuned:" in proc.stdout
+    assert Path(result["snr_report"]).read_bytes()[:4] == b"\x89PNG"
     assert_only_selected_changed(result)
 
 
