@@ -36,6 +36,7 @@ def container_environment(root: Path) -> dict[str, str]:
         "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
         "SM_OUTPUT_FAILURE": str(root / "output" / "failure"),
         "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
+        "SM_TENSORBOARD_DIR": str(root / "output" / "tensorboard"),
         "SM_HOSTS": json.dumps(hosts),
         "SM_CURRENT_HOST": resources.get("current_host", hosts[0]),
         "SM_CHANNELS": json.dumps(sorted(channels)),

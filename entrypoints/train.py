@@ -142,6 +142,30 @@ def cosine_with_warmup(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class Scalars:
+    """TensorBoard scalars from the main process; a no-op without a folder or the package."""
+
+    def __init__(self, folder: str, enabled: bool) -> None:
+        self.writer = None
+        if not (folder and enabled):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed: no TensorBoard output")
+            return
+        self.writer = SummaryWriter(folder)
+
+    def add(self, step: int, **values: float) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 class Terminate:
     """SIGTERM (spot interruption, StopTrainingJob) asks for a checkpoint and a clean exit."""
 
@@ -369,6 +393,7 @@ def train(args) -> int:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator, sharded)
         resumed_from = state.step
     terminate = Terminate()
+    scalars = Scalars(args.tensorboard_dir, accelerator.is_main_process)
     model.train()
     log.info(
         "training %d steps (%d per epoch), %d examples, precision %s, %d process(es)",
@@ -428,11 +453,21 @@ def train(args) -> int:
                         metrics.peak_memory_bytes() / 1024**3,
                     ),
                 )
+                scalars.add(
+                    state.step,
+                    **{
+                        "train/loss": last_loss,
+                        "train/learning_rate": step_lr,
+                        "train/grad_norm": float(grad_norm),
+                        "train/tokens_per_sec": window_tokens / max(elapsed, 1e-9),
+                    },
+                )
                 running_loss, running_count = 0.0, 0
                 window_tokens, window_start = 0, time.perf_counter()
             if eval_examples and args.eval_steps and state.step % args.eval_steps == 0:
                 eval_loss = evaluate(model, eval_examples, args, accelerator, pad_id)
                 log.info("%s", metrics.eval_line(state.step, eval_loss))
+                scalars.add(state.step, **{"eval/loss": eval_loss})
             stop = torch.tensor(float(terminate.requested), device=accelerator.device)
             stop = bool(accelerator.reduce(stop, reduction="sum") > 0)
             if args.checkpoint_dir and (
@@ -454,6 +489,7 @@ def train(args) -> int:
                     state.step,
                     " after a checkpoint" if args.checkpoint_dir else "",
                 )
+                scalars.close()
                 return 143
             if state.step >= total_steps:
                 break
@@ -464,6 +500,8 @@ def train(args) -> int:
     if eval_examples:
         eval_loss = evaluate(model, eval_examples, args, accelerator, pad_id)
         log.info("%s", metrics.eval_line(state.step, eval_loss))
+        scalars.add(state.step, **{"eval/loss": eval_loss})
+    scalars.close()
     seconds = time.perf_counter() - started
     report = {
         "method": args.method,

@@ -60,6 +60,9 @@ def test_requests_carry_what_the_jobs_need():
         >= t["StoppingCondition"]["MaxRuntimeInSeconds"]
     )
     assert t["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
+    assert t["TensorBoardOutputConfig"]["S3OutputPath"].startswith(
+        "s3://bucket/prefix/tensorboard/"
+    )
     assert t["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] == "8"  # p4d: 8 GPUs
     assert {m["Name"] for m in t["AlgorithmSpecification"]["MetricDefinitions"]} >= {
         "train:loss",
@@ -265,6 +268,7 @@ def test_local_pipeline_against_moto(moto_server, tmp_path):
         ).trainable
     )
     assert changed == expected and len(expected) > 2
+    assert any("tfevents" in k for k in keys(f"s3://{bucket}/tiny/tensorboard/"))
     config_keys = [k for k in keys(f"s3://{bucket}/tiny/") if k.endswith("spectrum-sm-config.yaml")]
     assert len(config_keys) == 2  # written next to each job's outputs
     assert yaml.safe_load(s3.get_object(Bucket=bucket, Key=config_keys[0])["Body"].read())

@@ -168,6 +168,8 @@ def test_loss_falls_on_a_learnable_set(setup, tmp_path):
         base_args(
             setup,
             tmp_path,
+            "--tensorboard_dir",
+            str(tmp_path / "tb"),
             "--max_steps",
             "30",
             "--validation_data",
@@ -185,6 +187,12 @@ def test_loss_falls_on_a_learnable_set(setup, tmp_path):
     assert losses[-1] < 0.6 * losses[0], losses
     evals = [line for line in proc.stdout.splitlines() if "eval_loss=" in line]
     assert len(evals) == 3  # steps 15 and 30, and the final evaluation
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert len(events.Scalars("train/loss")) == 30
+    assert [e.step for e in events.Scalars("eval/loss")] == [15, 30, 30]
 
 
 def test_kill_minus_nine_and_resume_gives_identical_weights(setup, tmp_path):

@@ -147,5 +147,8 @@ def run_local(
         reason = failure.read_text() if failure.is_file() else f"exit status {code}"
         raise JobFailed(name, "Failed", reason, list(tail))
     upload_folder(root / "model", model_s3)
+    tensorboard = request.get("TensorBoardOutputConfig")
+    if tensorboard and (root / "output" / "tensorboard").is_dir():
+        upload_folder(root / "output" / "tensorboard", tensorboard["S3OutputPath"])
     log.info("local job %s completed; model at %s", name, model_s3)
     return LocalJob(name, "Completed", root, model_s3, "", list(tail))

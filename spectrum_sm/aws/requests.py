@@ -199,6 +199,11 @@ def build_training_request(
     request["HyperParameters"] = {k: _hp(v) for k, v in hps.items()}
     request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.gpus_per_host())
     request["AlgorithmSpecification"]["MetricDefinitions"] = METRIC_DEFINITIONS
+    if config.tensorboard:
+        request["TensorBoardOutputConfig"] = {
+            "LocalPath": "/opt/ml/output/tensorboard",
+            "S3OutputPath": f"{config.output_s3.rstrip('/')}/tensorboard/{name}/",
+        }
     if config.spot:
         request["EnableManagedSpotTraining"] = True
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = (

@@ -45,6 +45,10 @@ class TrainArgs:
         default_factory=default_checkpoint_dir,
         metadata={"help": "checkpoints for resume (default: /opt/ml/checkpoints in a job)"},
     )
+    tensorboard_dir: str = field(
+        default_factory=lambda: env_path("SM_TENSORBOARD_DIR") or "",
+        metadata={"help": "write TensorBoard scalars here (default: the job's tensorboard dir)"},
+    )
     method: str = field(default="spectrum", metadata={"help": "spectrum | full | lora | qlora"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: use epochs"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps < 0"})
