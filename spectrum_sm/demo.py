@@ -44,11 +44,8 @@ def start_embedded_s3():
 
 
 @contextlib.contextmanager
-def s3_endpoint() -> Iterator[str]:
-    """The configured S3 endpoint, or an embedded moto server for the duration."""
-    if os.environ.get("AWS_ENDPOINT_URL"):
-        yield os.environ["AWS_ENDPOINT_URL"]
-        return
+def embedded_s3() -> Iterator[str]:
+    """An in-process moto server for the duration; the AWS environment is restored after."""
     keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
     saved = {k: os.environ.get(k) for k in keys}
     server = start_embedded_s3()
@@ -61,6 +58,16 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def s3_endpoint() -> Iterator[str]:
+    """The configured S3 endpoint, or an embedded moto server for the duration."""
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        yield os.environ["AWS_ENDPOINT_URL"]
+        return
+    with embedded_s3() as endpoint:
+        yield endpoint
 
 
 def run_demo(workdir: str | Path, *, steps: int = 30, top_percent: float = 50) -> dict[str, Any]:

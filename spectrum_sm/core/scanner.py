@@ -1,9 +1,9 @@
 """The streaming Spectrum scan: read tensors shard by shard, score each, write the reference files.
 
-One reader thread fetches shards (downloading the next one while this one is scored), validates
-their headers and cuts each weight into chunks along its long side; the calling thread turns the
-chunks into float64 Gram matrices and eigenvalues. Only a few chunks are in flight at a time, so
-memory follows the chunk size, not the model size.
+A fetch thread brings shards in (downloading the next one while this one is scored); a pool of
+workers, one per core, each reads one weight in chunks along its long side with plain positioned
+reads, builds its float64 Gram matrix and takes the eigenvalues. Memory follows the chunk size
+and the number of workers, not the model size.
 """
 
 from __future__ import annotations
@@ -191,13 +191,8 @@ def resolve_device(device: str) -> str:
 @dataclass
 class _Plan:
     tensors: list[TensorInfo]
-    headers: dict[str, dict[str, Any]]
     tied: bool
     skipped: list[str]
-
-    @property
-    def by_module(self) -> dict[str, TensorInfo]:
-        return {t.name[: -len(".weight")]: t for t in self.tensors}
 
 
 def _plan(
@@ -246,7 +241,7 @@ def _plan(
         )
     for reason in skipped:
         log.info("skipped %s", reason)
-    return _Plan(weights, headers, tied, skipped)
+    return _Plan(weights, tied, skipped)
 
 
 def _cost(info: TensorInfo) -> float:
@@ -365,7 +360,7 @@ def _run_pipeline(
         torch.set_num_threads(1)
     try:
         fetches: dict[str, Future] = {shards[0]: fetcher.submit(source.fetch, shards[0])}
-        in_flight: list[tuple[str, list[Future]]] = []
+        in_flight: list[tuple[str, dict[Future, TensorInfo]]] = []
         for index, shard in enumerate(shards):
             path = fetches.pop(shard).result()
             if index + 1 < len(shards):
@@ -374,7 +369,7 @@ def _run_pipeline(
             header, data_start = read_header_and_offset(path, f"{source.location}/{shard}")
             # Largest first, so the pool does not end on one big weight with idle cores.
             tasks = sorted(by_shard[shard], key=_cost, reverse=True)
-            futures = [
+            futures = {
                 pool.submit(
                     _score_tensor,
                     path,
@@ -384,16 +379,16 @@ def _run_pipeline(
                     exact=exact,
                     chunk_elements=chunk_elements,
                     stop=stop,
-                )
+                ): t
                 for t in tasks
-            ]
+            }
             in_flight.append((shard, futures))
             while len(in_flight) > 1 or (in_flight and index == len(shards) - 1):
                 done_shard, done = in_flight.pop(0)
                 for future in as_completed(done):
                     score = future.result()
                     scores[score.module] = score
-                    progress.update(_cost_of_module(plan, score.module), score.module)
+                    progress.update(_cost(done[future]), score.module)
                 source.release(done_shard)
     except BaseException:
         stop.set()
@@ -403,11 +398,6 @@ def _run_pipeline(
         fetcher.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads_before)
     return scores
-
-
-def _cost_of_module(plan: _Plan, module: str) -> float:
-    info = plan.by_module[module]
-    return _cost(info)
 
 
 def scan_source(
