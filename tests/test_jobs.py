@@ -359,3 +359,21 @@ def test_launch_script_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "analysis: qwen3-8b-spectrum-analysis-" in proc.stdout
     assert "'spectrum'" in proc.stdout and "ml.p4d.24xlarge" in proc.stdout
+
+
+def test_single_job_commands_dry_run():
+    analyze = run_cli("analyze", str(EXAMPLES / "qwen3-8b.yaml"), "--dry-run")
+    assert analyze.returncode == 0, analyze.stderr
+    assert json.loads(analyze.stdout)["ResourceConfig"]["InstanceType"] == "ml.g5.2xlarge"
+    train = run_cli(
+        "train",
+        str(EXAMPLES / "qwen3-8b.yaml"),
+        "--dry-run",
+        "--set",
+        "training.spectrum_config=s3://my-spectrum-bucket/layers/",
+    )
+    assert train.returncode == 0, train.stderr
+    channels = {c["ChannelName"]: c for c in json.loads(train.stdout)["InputDataConfig"]}
+    assert channels["spectrum"]["DataSource"]["S3DataSource"]["S3Uri"].endswith("/layers/")
+    missing = run_cli("train", str(EXAMPLES / "qwen3-8b.yaml"), "--dry-run")
+    assert missing.returncode == 1 and "layer file's S3 location" in missing.stderr
