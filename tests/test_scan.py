@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 import yaml
 from factories import planted_checkpoint, tiny_qwen3
 from reference_spectrum import reference_scan, reference_select
@@ -228,3 +229,42 @@ def test_scan_holds_only_chunks_not_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(scanner.GramAccumulator, "add", spy)
     spectrum_sm.scan(model, 50, chunk_mb=1, show_progress=False)
     assert largest <= 1024 * 1024 // 8 + 2048  # one chunk of 1 MB in float64 (plus a row)
+
+
+def _arch_configs():
+    import transformers as T
+
+    small = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    )
+    return {
+        "llama": lambda: T.LlamaConfig(**small, num_key_value_heads=2),
+        "mistral": lambda: T.MistralConfig(**small, num_key_value_heads=2),
+        "gemma2-tied": lambda: T.Gemma2Config(**small, num_key_value_heads=2, head_dim=16),
+        "phi3-fused-qkv": lambda: T.Phi3Config(**small, num_key_value_heads=4, pad_token_id=0),
+        "gpt2-conv1d": lambda: T.GPT2Config(vocab_size=300, n_embd=64, n_layer=4, n_head=4),
+    }
+
+
+@pytest.mark.parametrize("arch", list(_arch_configs()))
+def test_same_selection_as_reference_on_other_architectures(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_arch_configs()[arch]())
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path / arch)
+    ours = spectrum_sm.scan(tmp_path / arch, 50, show_progress=False)
+    ref = reference_scan(str(tmp_path / arch))
+    if ours.tied_embeddings:
+        ref.pop("lm_head")  # the reference scores the shared tensor twice
+    assert set(ours.scores) == set(ref)
+    for percent in (25, 50):
+        assert nonempty(ours.selection(percent)) == nonempty(reference_select(ref, percent))

@@ -45,7 +45,13 @@ from .snr import (
 
 log = logging.getLogger(__name__)
 
-EMBED_SUFFIX = "embed_tokens.weight"
+EMBED_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+)
 LM_HEAD = "lm_head.weight"
 DEFAULT_CHUNK_MB = 64
 
@@ -207,10 +213,10 @@ def _plan(
     everything: list[TensorInfo] = []
     for shard in shards:
         everything += tensors_from_header(headers[shard], shard)
-    names = {t.name for t in everything}
-    embeds = sorted(n for n in names if n.endswith(EMBED_SUFFIX))
-    has_lm_head = any(n == LM_HEAD or n.endswith("." + LM_HEAD) for n in names)
-    tied = bool(embeds) and (
+    embedding = _input_embedding(everything, config)
+    has_lm_head = any(t.name == LM_HEAD or t.name.endswith("." + LM_HEAD) for t in everything)
+    # Tied checkpoints store the shared matrix once, as the input embedding.
+    tied = embedding is not None and (
         not has_lm_head or bool((config or {}).get("tie_word_embeddings", False))
     )
     skipped = []
@@ -237,11 +243,26 @@ def _plan(
     if tied:
         log.info(
             "lm_head is tied to %s (tie_word_embeddings): it is scored once, as the embedding",
-            embeds[0].removesuffix(".weight"),
+            embedding.removesuffix(".weight"),
         )
     for reason in skipped:
         log.info("skipped %s", reason)
     return _Plan(weights, tied, skipped)
+
+
+def _input_embedding(tensors: list[TensorInfo], config: dict[str, Any] | None) -> str | None:
+    """The input embedding's tensor name: by its usual names, else the one 2-D weight whose
+    first dimension is the vocabulary size."""
+    named = sorted(t.name for t in tensors if t.name.endswith(EMBED_SUFFIXES))
+    if named:
+        return named[0]
+    vocab = (config or {}).get("vocab_size")
+    by_shape = [
+        t.name
+        for t in tensors
+        if len(t.shape) == 2 and t.shape[0] == vocab and not t.name.endswith(LM_HEAD)
+    ]
+    return by_shape[0] if len(by_shape) == 1 else None
 
 
 def _cost(info: TensorInfo) -> float:
