@@ -67,9 +67,25 @@ def base_args(setup, out: Path, *extra: str) -> list[str]:
 
 
 def run_train(args, env=None, launcher=None, timeout_s=600):
+    """Run train.py (or a launcher around it) in its own process group, so a timeout also ends
+    the workers a launcher started."""
     cmd = [*(launcher or [sys.executable]), str(TRAIN), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def free_port() -> int:
