@@ -88,6 +88,22 @@ def run_train(args, env=None, launcher=None, timeout_s=600):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+#: The weight tensors the ``setup`` layer file unfreezes.
+SELECTED = {
+    "lm_head.weight",
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.1.mlp.down_proj.weight",
+}
+
+
+def changed_tensors(base: Path, trained: Path) -> set[str]:
+    """Names of the tensors that differ between two model folders (same names required)."""
+    before, after = model_tensors(base), model_tensors(trained)
+    assert set(before) == set(after)
+    return {n for n in before if not torch.equal(before[n], after[n])}
+
+
 def free_port() -> int:
     import socket
 
@@ -134,16 +150,9 @@ def test_spectrum_trains_exactly_the_selected_tensors(setup, tmp_path):
     proc = run_train(base_args(setup, tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "model"
-    before = model_tensors(setup["model"])
-    after = model_tensors(out)
-    assert set(before) == set(after)
-    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
-    assert changed == [
-        "lm_head.weight",
-        "model.embed_tokens.weight",
-        "model.layers.0.self_attn.q_proj.weight",
-        "model.layers.1.mlp.down_proj.weight",
-    ]
+    before, after = model_tensors(setup["model"]), model_tensors(out)
+    changed = changed_tensors(setup["model"], out)
+    assert changed == SELECTED
     assert all(after[n].dtype == before[n].dtype for n in before)  # saved as loaded (bf16)
     report = json.loads((out / "training_report.json").read_text())
     assert report["steps"] == 8 and report["method"] == "spectrum"
@@ -168,15 +177,8 @@ def test_bf16_with_gradient_checkpointing_keeps_frozen_weights(setup, tmp_path):
     proc = run_train([*args, "--gradient_checkpointing", "true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "learning_rate=3.000000e-03" in proc.stdout  # step 1 logs the rate it used
-    before, after = model_tensors(setup["model"]), model_tensors(tmp_path / "model")
-    changed = {n for n in before if not torch.equal(before[n], after[n])}
-    assert changed == {
-        "lm_head.weight",
-        "model.embed_tokens.weight",
-        "model.layers.0.self_attn.q_proj.weight",
-        "model.layers.1.mlp.down_proj.weight",
-    }
-    assert all(t.dtype == torch.bfloat16 for t in after.values())
+    assert changed_tensors(setup["model"], tmp_path / "model") == SELECTED
+    assert all(t.dtype == torch.bfloat16 for t in model_tensors(tmp_path / "model").values())
 
 
 def test_loss_falls_on_a_learnable_set(setup, tmp_path):
@@ -281,14 +283,7 @@ def test_two_processes_with_gloo(setup, tmp_path):
     report = json.loads((tmp_path / "model" / "training_report.json").read_text())
     assert report["processes"] == 2 and report["steps"] == 4
     assert sum("train_loss=" in line for line in proc.stdout.splitlines()) == 4  # main only
-    before, after = model_tensors(setup["model"]), model_tensors(tmp_path / "model")
-    changed = {n for n in before if not torch.equal(before[n], after[n])}
-    assert changed == {
-        "lm_head.weight",
-        "model.embed_tokens.weight",
-        "model.layers.0.self_attn.q_proj.weight",
-        "model.layers.1.mlp.down_proj.weight",
-    }
+    assert changed_tensors(setup["model"], tmp_path / "model") == SELECTED
 
 
 def test_lora_and_full_run_through_the_same_loop(setup, tmp_path):
