@@ -158,43 +158,39 @@ class TrainingJob:
             uris["checkpoints"] = checkpoint
         return uris
 
-    def _read_output(self, suffix: str) -> str:
-        bucket, key = split_s3_uri(self.outputs["model"])
+    def _read_output(self, wanted: Callable[[str], bool], what: str) -> str:
+        """The text of the one output file whose name ``wanted`` accepts."""
+        model_uri = self.outputs["model"]
+        bucket, key = split_s3_uri(model_uri)
         client = s3_client()
         try:
             listing = client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])
-            match = [o["Key"] for o in listing if o["Key"].endswith(suffix)]
+            match = [o["Key"] for o in listing if wanted(o["Key"].rsplit("/", 1)[-1])]
             if len(match) != 1:
-                raise SpectrumError(
-                    f"{self.outputs['model']}: expected one *{suffix}, found {len(match)}"
-                )
+                raise SpectrumError(f"{model_uri}: expected one {what}, found {len(match)}")
             return client.get_object(Bucket=bucket, Key=match[0])["Body"].read().decode()
         except SpectrumError:
             raise
         except Exception as exc:
-            raise describe_client_error(exc, self.outputs["model"]) from exc
+            raise describe_client_error(exc, model_uri) from exc
 
     def layer_file(self) -> list[str]:
         """An analysis job's layer list, read from S3."""
         import yaml
 
-        return yaml.safe_load(self._read_output("percent.yaml"))["unfrozen_parameters"]
+        text = self._read_output(lambda name: name.endswith("percent.yaml"), "layer file")
+        return yaml.safe_load(text)["unfrozen_parameters"]
 
     def snr_table(self) -> dict[str, dict[str, Any]]:
         """An analysis job's score table (``{module: {"snr", "type"}}``), read from S3."""
-        bucket, key = split_s3_uri(self.outputs["model"])
-        client = s3_client()
-        listing = client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])
-        keys = [
-            o["Key"]
-            for o in listing
-            if o["Key"].rsplit("/", 1)[-1].startswith("snr_results_")
-            and o["Key"].endswith(".json")
-            and not o["Key"].endswith("_sorted.json")
-        ]
-        if len(keys) != 1:
-            raise SpectrumError(f"{self.outputs['model']}: expected one snr_results_*.json")
-        text = client.get_object(Bucket=bucket, Key=keys[0])["Body"].read().decode()
+        text = self._read_output(
+            lambda name: (
+                name.startswith("snr_results_")
+                and name.endswith(".json")
+                and not name.endswith("_sorted.json")
+            ),
+            "snr_results_*.json",
+        )
         return json.loads(text)
 
 
