@@ -183,6 +183,27 @@ def record_analysis(config: AnalysisConfig, job: str, layer_dir: str) -> None:
         raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
 
 
+def execute(
+    request: dict[str, Any],
+    *,
+    local: bool,
+    workdir: str | Path = "spectrum-sm-jobs",
+    wait: bool = True,
+    logs: bool = True,
+) -> str:
+    """Run a prepared request here (local) or on SageMaker; returns the model's S3 prefix."""
+    if local:
+        from .local import run_local
+
+        return run_local(request, workdir).model_s3
+    from .jobs import submit
+
+    handle = submit(request)
+    if wait:
+        handle.wait(logs=logs)
+    return handle.outputs["model"]
+
+
 def launch_analysis(
     config: AnalysisConfig,
     *,
@@ -192,20 +213,15 @@ def launch_analysis(
     reuse: bool = True,
 ) -> dict[str, Any]:
     """Run (or reuse) the analysis job; returns its name and the S3 prefix of the layer file."""
-    from .jobs import submit
-    from .local import run_local
-
     reused = find_reusable_analysis(config) if reuse else None
     if reused:
-        log.info("reusing analysis %s: %s", reused["job"], reused["layer_dir"])
+        log.info(
+            "reusing analysis %s (same model and settings): %s", reused["job"], reused["layer_dir"]
+        )
         return {"job": reused["job"], "layer_dir": reused["layer_dir"], "reused": True}
     request = prepare_analysis(config, dry_run=False, local=local)
     name = request["TrainingJobName"]
-    layer_dir = analysis_output_uri(config, name)
-    if local:
-        run_local(request, workdir)
-    else:
-        submit(request).wait(logs=logs)
+    layer_dir = execute(request, local=local, workdir=workdir, logs=logs)
     record_analysis(config, name, layer_dir)
     return {"job": name, "layer_dir": layer_dir, "reused": False}
 
@@ -220,17 +236,9 @@ def launch_training(
     logs: bool = True,
 ) -> dict[str, Any]:
     """Run the training job on a layer file in S3; returns its name and model location."""
-    from .jobs import submit
-    from .local import run_local
-
     request = prepare_training(config, spectrum_uri=spectrum_uri, dry_run=False, local=local)
-    name = request["TrainingJobName"]
-    if local:
-        return {"job": name, "model_s3": run_local(request, workdir).model_s3}
-    handle = submit(request)
-    if wait:
-        handle.wait(logs=logs)
-    return {"job": name, "model_s3": handle.outputs["model"]}
+    model_s3 = execute(request, local=local, workdir=workdir, wait=wait, logs=logs)
+    return {"job": request["TrainingJobName"], "model_s3": model_s3}
 
 
 def run_pipeline(
@@ -256,9 +264,6 @@ def run_pipeline(
             config.training, spectrum_uri=spectrum_uri, dry_run=True, local=local
         )
         return {"analysis": analysis, "training": training}
-    from .jobs import submit
-    from .local import run_local
-
     reused = find_reusable_analysis(config.analysis) if config.reuse_analysis else None
     analysis = None
     if reused:
@@ -274,21 +279,16 @@ def run_pipeline(
         config.training, spectrum_uri=spectrum_uri, dry_run=False, local=local
     )
     if analysis is not None:
-        if local:
-            run_local(analysis, workdir)
-        else:
-            submit(analysis).wait(logs=logs)
+        execute(analysis, local=local, workdir=workdir, logs=logs)
         record_analysis(config.analysis, analysis_name, spectrum_uri)
+    model_s3 = execute(training, local=local, workdir=workdir, wait=wait, logs=logs)
     result = {
         "analysis_job": analysis_name,
         "analysis_reused": bool(reused),
         "layer_file_s3": spectrum_uri,
         "training_job": training["TrainingJobName"],
+        "model_s3": model_s3,
     }
     if local:
-        job = run_local(training, workdir)
-        return {**result, "model_s3": job.model_s3, "workdir": str(Path(workdir).resolve())}
-    handle = submit(training)
-    if wait:
-        handle.wait(logs=logs)
-    return {**result, "model_s3": handle.outputs["model"]}
+        result["workdir"] = str(Path(workdir).resolve())
+    return result
