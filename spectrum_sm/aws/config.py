@@ -20,19 +20,6 @@ ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@\-/]{1,512}$")
 S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
 LOCAL_ROLE = "arn:aws:iam::000000000000:role/spectrum-sm-local"
 JOB_BASE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,40}$")
-GPU_FAMILIES = (
-    "ml.g4dn",
-    "ml.g5",
-    "ml.g6",
-    "ml.g6e",
-    "ml.p3",
-    "ml.p4d",
-    "ml.p4de",
-    "ml.p5",
-    "ml.p5e",
-    "ml.p5en",
-    "ml.p6",
-)
 #: GPUs per instance for the types this project recommends (others: set processes_per_host).
 GPUS = {
     "ml.g5.xlarge": 1,
@@ -71,10 +58,6 @@ def default_image(region: str) -> str:
     account = DLC_ACCOUNTS.get(region, "763104351884")
     suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
     return f"{account}.dkr.ecr.{region}.{suffix}/{DEFAULT_IMAGE_TAG}"
-
-
-def is_gpu_instance(instance_type: str) -> bool:
-    return instance_type.startswith(tuple(f + "." for f in GPU_FAMILIES))
 
 
 def training_instance_types() -> list[str]:
