@@ -391,7 +391,8 @@ def _run_jobs(args: argparse.Namespace) -> int:
         job = run_local(request, args.workdir)
         print(json.dumps({"job": job.name, "status": job.status, "model_s3": job.model_s3}))
         return 0
-    handle = submit(request)
+    job_config = config.analysis if args.command == "analyze" else config.training
+    handle = submit(request, pipeline.launch_options(job_config))
     status = handle.wait(logs=logs)["TrainingJobStatus"] if wait else "Submitted"
     print(json.dumps({"job": handle.name, "status": status, **handle.outputs}))
     return 0

@@ -88,15 +88,18 @@ def run_demo(workdir: str | Path, *, steps: int = 30, top_percent: float = 50) -
         client = s3_client()
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=BUCKET)
-        common = {
-            "output_s3": f"s3://{BUCKET}/demo",
-            "instance_type": "ml.m5.xlarge",
-            "base_job_name": "demo",
-        }
+        common = {"output_s3": f"s3://{BUCKET}/demo", "base_job_name": "demo"}
+        # What the jobs would run on in SageMaker (the scan streams, so a CPU instance does).
         config = PipelineConfig(
-            AnalysisConfig(**common, model=str(paths["model"]), top_percent=top_percent),
+            AnalysisConfig(
+                **common,
+                instance_type="ml.m5.xlarge",
+                model=str(paths["model"]),
+                top_percent=top_percent,
+            ),
             TrainingConfig(
                 **common,
+                instance_type="ml.g5.xlarge",
                 model=str(paths["model"]),
                 train_data=str(paths["train"]),
                 hyperparameters={

@@ -176,3 +176,21 @@ def test_cli_scan_and_select_happy_path(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (out / "snr_results_m_unfrozenparameters_25percent.yaml").exists()
+
+
+def test_help_imports_nothing_heavy():
+    """``--help`` stays instant: torch, transformers, boto3 and the SageMaker SDK load on use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from spectrum_sm import cli\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    cli.main(['--help'])\n"
+        "heavy = {'torch', 'transformers', 'boto3', 'sagemaker'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

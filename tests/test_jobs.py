@@ -20,6 +20,7 @@ from spectrum_sm.aws.requests import (
     build_training_request,
     validate_request,
 )
+from spectrum_sm.aws.sdk import sdk_base_name
 from spectrum_sm.core.errors import SpectrumError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,40 @@ def test_job_names_are_unique_within_one_second():
     names = {build_analysis_request(analysis())["TrainingJobName"] for _ in range(20)}
     assert len(names) == 20
     assert all(len(n) <= 63 for n in names)
+    # The SDK appends its own -<YYYYmmddHHMMSS> to the base; the random part stays in the base.
+    bases = {sdk_base_name(n) for n in names}
+    assert len(bases) == 20
+    assert all(len(n) - len(sdk_base_name(n)) == 15 for n in names)
+    long = build_analysis_request(analysis(base_job_name="x" * 41))["TrainingJobName"]
+    assert len(long) <= 63
+
+
+HF_IMAGE = "huggingface-pytorch-training:2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04"
+
+
+def _image(request):
+    return request["AlgorithmSpecification"]["TrainingImage"]
+
+
+def test_images_come_from_the_sdk_image_uris():
+    assert _image(build_analysis_request(analysis())) == (
+        f"763104351884.dkr.ecr.us-east-1.amazonaws.com/{HF_IMAGE}"
+    )
+    # Opt-in regions have their own registry account; the SDK's table knows them.
+    cape_town = build_analysis_request(analysis(region="af-south-1"))
+    assert _image(cape_town) == f"626614931356.dkr.ecr.af-south-1.amazonaws.com/{HF_IMAGE}"
+    # The scan runs on CPU instances too, in the PyTorch CPU image.
+    cpu = build_analysis_request(analysis(instance_type="ml.c5.9xlarge"))
+    assert (
+        _image(cpu) == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.9-cpu-py312"
+    )
+    with pytest.raises(SpectrumError, match=r"no Hugging Face training image for ml\.c5\.9xlarge"):
+        build_training_request(training(instance_type="ml.c5.9xlarge"), spectrum_uri="s3://b/l/")
+    mine = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mine:1"
+    cpu_training = build_training_request(
+        training(instance_type="ml.c5.9xlarge", image_uri=mine), spectrum_uri="s3://b/l/"
+    )
+    assert _image(cpu_training) == mine
 
 
 @pytest.mark.parametrize(
@@ -175,6 +210,15 @@ def test_dry_run_needs_no_credentials(tmp_path):
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
         AWS_EC2_METADATA_DISABLED="true",
         HF_TOKEN="hf_secret",
+        PYTHONPATH=str(tmp_path),
+    )
+    # No network either: any connection attempt in the subprocess fails the run.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import socket\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise OSError('network used during a dry run')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.create_connection = refuse\n"
     )
     import subprocess
     import sys
@@ -202,6 +246,11 @@ def test_dry_run_needs_no_credentials(tmp_path):
     spectrum = [c for c in data["training"]["InputDataConfig"] if c["ChannelName"] == "spectrum"]
     assert spectrum[0]["DataSource"]["S3DataSource"]["S3Uri"] == layer_uri
     assert data["training"]["ResourceConfig"]["InstanceType"] == "ml.p4d.24xlarge"
+    for request in data.values():  # looked up offline with the SDK's image_uris
+        assert request["AlgorithmSpecification"]["TrainingImage"] == (
+            "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-training:"
+            "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04"
+        )
     assert data["training"]["EnableManagedSpotTraining"] is True
     assert data["analysis"]["Environment"]["HF_TOKEN"] == "***"
     assert "hf_secret" not in proc.stdout

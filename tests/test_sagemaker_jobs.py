@@ -18,10 +18,12 @@ from test_jobs import EXAMPLES
 
 from spectrum_sm.aws.config import load_pipeline
 from spectrum_sm.aws.jobs import JobFailed, JobTimeout, TrainingJob, submit
-from spectrum_sm.aws.pipeline import prepare_analysis
+from spectrum_sm.aws.pipeline import launch_options, prepare_analysis
+from spectrum_sm.aws.sdk import LaunchOptions, sdk_base_name
 from spectrum_sm.core.errors import SpectrumError
 
 pytestmark = pytest.mark.integration
+OPTIONS = LaunchOptions(validate_role=False)
 
 
 def set_job_status(name: str, status: str, reason: str = "") -> None:
@@ -48,17 +50,39 @@ def put_logs(name: str, lines: list[str]) -> None:
 
 @pytest.fixture
 def config(s3_bucket):
-    return load_pipeline(EXAMPLES / "qwen3-8b.yaml", [f"common.output_s3=s3://{s3_bucket}/q"])
+    # moto has no IAM policy simulation, which the SDK's role check needs.
+    return load_pipeline(
+        EXAMPLES / "qwen3-8b.yaml",
+        [f"common.output_s3=s3://{s3_bucket}/q", "common.validate_role=false"],
+    )
 
 
-def test_submit_and_describe(config, s3_bucket):
+def test_submit_sends_the_prepared_request_through_model_trainer(config, s3_bucket):
     request = prepare_analysis(config.analysis, dry_run=False, local=False)
-    job = submit(request)
+    job = submit(request, launch_options(config.analysis))
+    # The SDK names the job <base_job_name>-<time>; the base (with its random part) is ours.
+    assert job.name.startswith(sdk_base_name(request["TrainingJobName"]) + "-")
     described = job.describe()
-    assert described["TrainingJobName"] == request["TrainingJobName"]
-    assert described["HyperParameters"] == request["HyperParameters"]
+    assert described["TrainingJobName"] == job.name
+    for key in ("RoleArn", "HyperParameters", "ResourceConfig", "StoppingCondition"):
+        assert described[key] == request[key], key
+    assert (
+        described["OutputDataConfig"]["S3OutputPath"] == request["OutputDataConfig"]["S3OutputPath"]
+    )
     assert described["OutputDataConfig"]["CompressionType"] == "NONE"
-    code = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="q/code/")
+    spec = described["AlgorithmSpecification"]
+    assert spec["TrainingImage"] == request["AlgorithmSpecification"]["TrainingImage"]
+    channels = {c["ChannelName"]: c for c in described["InputDataConfig"]}
+    for channel in request["InputDataConfig"]:
+        assert channels.pop(channel["ChannelName"]) == channel
+    assert set(channels) == {"sm_drivers"}  # the SDK's driver, which runs our launcher
+    s3 = boto3.client("s3")
+    drivers = channels["sm_drivers"]["DataSource"]["S3DataSource"]["S3Uri"]
+    assert drivers.startswith(f"s3://{s3_bucket}/q/code/{job.name}/input/sm_drivers")
+    bucket, key = drivers[5:].split("/", 1)
+    script = s3.get_object(Bucket=bucket, Key=key.rstrip("/") + "/sm_train.sh")["Body"].read()
+    assert b"python3 entrypoints/launch.py analyze" in script
+    code = s3.list_objects_v2(Bucket=s3_bucket, Prefix="q/code/")
     assert any(o["Key"].endswith("entrypoints/launch.py") for o in code["Contents"])
     assert TrainingJob.attach(job.name).status == "Completed"
     with pytest.raises(SpectrumError, match="cannot describe job nope"):
@@ -67,7 +91,7 @@ def test_submit_and_describe(config, s3_bucket):
 
 def test_wait_streams_logs_and_surfaces_failures(config):
     request = prepare_analysis(config.analysis, dry_run=False, local=False)
-    job = submit(request)
+    job = submit(request, launch_options(config.analysis))
     put_logs(job.name, ["loading weights", "step=1 train_loss=1.0"])
     seen: list[str] = []
     assert job.wait(logs=True, poll_s=0.01, echo=seen.append)["TrainingJobStatus"] == "Completed"
@@ -90,13 +114,13 @@ def test_stop_sends_the_request_and_reports_refusals(config):
         stub.add_response("stop_training_job", {}, {"TrainingJobName": "job-1"})
         TrainingJob("job-1", sagemaker=client).stop()
         stub.assert_no_pending_responses()
-    job = submit(prepare_analysis(config.analysis, dry_run=False, local=False))
+    job = submit(prepare_analysis(config.analysis, dry_run=False, local=False), OPTIONS)
     with pytest.raises(SpectrumError, match="cannot stop job"):  # moto has no StopTrainingJob
         job.stop()
 
 
 def test_outputs_layer_file_and_score_table_from_s3(config, s3_bucket):
-    job = submit(prepare_analysis(config.analysis, dry_run=False, local=False))
+    job = submit(prepare_analysis(config.analysis, dry_run=False, local=False), OPTIONS)
     model_uri = job.outputs["model"]
     assert model_uri.endswith(f"/{job.name}/output/model/")
     key = model_uri.split("/", 3)[3]
@@ -132,7 +156,14 @@ def data_sets(bucket: str) -> list[str]:
 
 
 def test_pipeline_submits_both_jobs_and_reuses_a_finished_analysis(s3_bucket):
-    sets = ["--set", f"common.output_s3=s3://{s3_bucket}/p", "--no-logs", *data_sets(s3_bucket)]
+    sets = [
+        "--set",
+        f"common.output_s3=s3://{s3_bucket}/p",
+        "--set",
+        "common.validate_role=false",
+        "--no-logs",
+        *data_sets(s3_bucket),
+    ]
     first = run_cli("run", str(EXAMPLES / "qwen3-8b.yaml"), *sets)
     assert first.returncode == 0, first.stderr
     result = json.loads(first.stdout.strip().splitlines()[-1])
@@ -188,3 +219,78 @@ def test_bad_input_submits_nothing(s3_bucket, override, fragment):
     assert fragment in proc.stderr and "Traceback" not in proc.stderr
     after = boto3.client("sagemaker").list_training_jobs(MaxResults=100)["TrainingJobSummaries"]
     assert len(after) == len(before)
+
+
+def _job_count() -> int:
+    client = boto3.client("sagemaker")
+    return len(client.list_training_jobs(MaxResults=100)["TrainingJobSummaries"])
+
+
+@pytest.mark.parametrize("telemetry", [False, True])
+def test_sdk_telemetry_is_off_unless_asked_for(config, monkeypatch, telemetry):
+    from sagemaker.core.telemetry import telemetry_logging
+
+    sent: list[int] = []
+    monkeypatch.setattr(
+        telemetry_logging, "_send_telemetry_request", lambda status, *a, **k: sent.append(status)
+    )
+    request = prepare_analysis(config.analysis, dry_run=False, local=False)
+    submit(request, LaunchOptions(validate_role=False, telemetry=telemetry))
+    assert bool(sent) is telemetry
+
+
+def test_sdk_role_check_failure_is_one_clear_message(config):
+    before = _job_count()
+    request = prepare_analysis(config.analysis, dry_run=False, local=False)
+    with pytest.raises(SpectrumError, match=r"could not set up job .*validate_role: false"):
+        submit(request, LaunchOptions(validate_role=True))  # moto cannot simulate IAM policies
+    assert _job_count() == before
+
+
+def test_a_request_the_sdk_changed_is_not_sent(config, monkeypatch):
+    from spectrum_sm.aws import sdk
+
+    real = sdk.model_trainer
+
+    def tampered(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.hyperparameters = {**trainer.hyperparameters, "top_percent": "99"}
+        return trainer
+
+    monkeypatch.setattr(sdk, "model_trainer", tampered)
+    before = _job_count()
+    request = prepare_analysis(config.analysis, dry_run=False, local=False)
+    with pytest.raises(SpectrumError, match=r"HyperParameters.top_percent: prepared '30'"):
+        submit(request, OPTIONS)
+    assert _job_count() == before
+
+
+def test_cli_run_without_the_sdk_says_how_to_install_it(s3_bucket, tmp_path):
+    """The SDK is imported only when needed; without it the error names the install command."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'sagemaker' or name.startswith('sagemaker.'):\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    proc = run_cli(
+        "run",
+        str(EXAMPLES / "qwen3-8b.yaml"),
+        "--dry-run",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode == 1
+    assert "pip install 'spectrum-sm[sagemaker]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    with_image = run_cli(
+        "run",
+        str(EXAMPLES / "qwen3-8b.yaml"),
+        "--dry-run",
+        "--set",
+        "common.image_uri=123456789012.dkr.ecr.us-east-1.amazonaws.com/mine:1",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert with_image.returncode == 0, with_image.stderr

@@ -35,29 +35,6 @@ GPUS = {
     "ml.p5.48xlarge": 8,
     "ml.p5e.48xlarge": 8,
 }
-DEFAULT_IMAGE_TAG = (
-    "huggingface-pytorch-training:2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04"
-)
-# The DLC registry account is 763104351884 except in these opt-in regions.
-DLC_ACCOUNTS = {
-    "af-south-1": "626614931356",
-    "ap-east-1": "871362719292",
-    "ap-northeast-3": "364406365360",
-    "ap-southeast-3": "907027046896",
-    "cn-north-1": "727897471807",
-    "cn-northwest-1": "727897471807",
-    "eu-south-1": "692866216735",
-    "il-central-1": "780543022126",
-    "me-central-1": "914824155844",
-    "me-south-1": "217643126080",
-}
-
-
-def default_image(region: str) -> str:
-    """The Hugging Face PyTorch training image for ``region`` (override with ``image_uri``)."""
-    account = DLC_ACCOUNTS.get(region, "763104351884")
-    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return f"{account}.dkr.ecr.{region}.{suffix}/{DEFAULT_IMAGE_TAG}"
 
 
 def training_instance_types() -> list[str]:
@@ -84,7 +61,9 @@ class JobConfig:
     instance_count: int = field(default=1, metadata={"help": "instances (multi-node training)"})
     volume_size_gb: int = field(default=200, metadata={"help": "EBS volume per instance"})
     max_runtime_s: int = field(default=24 * 3600, metadata={"help": "stop after this long"})
-    image_uri: str = field(default="", metadata={"help": "training image (default: HF DLC)"})
+    image_uri: str = field(
+        default="", metadata={"help": "training image (default: official HF/PyTorch image)"}
+    )
     base_job_name: str = field(default="spectrum", metadata={"help": "job name prefix"})
     environment: dict[str, str] = field(default_factory=dict, metadata={"help": "env vars"})
     tags: dict[str, str] = field(default_factory=dict, metadata={"help": "resource tags"})
@@ -94,6 +73,13 @@ class JobConfig:
     output_kms_key: str = field(default="", metadata={"help": "KMS key for outputs"})
     network_isolation: bool = field(default=False, metadata={"help": "no network in the job"})
     encrypt_inter_container: bool = field(default=False, metadata={"help": "between nodes"})
+    validate_role: bool = field(
+        default=True,
+        metadata={"help": "SDK: check the role's permissions with IAM before launching"},
+    )
+    telemetry: bool = field(
+        default=False, metadata={"help": "SDK: let the SageMaker SDK send usage telemetry"}
+    )
 
     def problems(self, need_role: bool) -> list[str]:
         p: list[str] = []

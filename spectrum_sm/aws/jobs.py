@@ -1,7 +1,7 @@
-"""Submitting requests to SageMaker and following the jobs: a small job handle over boto3.
+"""Following SageMaker jobs: a small job handle over boto3 (describe, wait with logs, stop).
 
-The request sent is exactly the one built and validated (what ``--dry-run`` prints). boto3 loads
-only when a job is submitted or attached, and follows the usual configuration (region, profile,
+Jobs are sent by :func:`submit` through the SageMaker SDK v3 (:mod:`.sdk`). boto3 loads only when
+a job is submitted or attached, and follows the usual configuration (region, profile,
 ``AWS_ENDPOINT_URL``).
 """
 
@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import SpectrumError
-from .requests import validate_request
 from .s3 import describe_client_error, s3_client, split_s3_uri
 
 log = logging.getLogger(__name__)
@@ -194,16 +193,11 @@ class TrainingJob:
         return json.loads(text)
 
 
-def submit(request: dict[str, Any], sagemaker=None) -> TrainingJob:
-    """Validate, then send a CreateTrainingJob request; returns the job handle."""
-    validate_request(request)
-    client = sagemaker or _client("sagemaker")
-    try:
-        client.create_training_job(**request)
-    except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-        raise SpectrumError(
-            f"SageMaker refused job {request['TrainingJobName']}: {code}: {exc}"
-        ) from exc
-    log.info("submitted %s", request["TrainingJobName"])
-    return TrainingJob(request["TrainingJobName"], sagemaker=client)
+def submit(request: dict[str, Any], options=None, boto_session=None) -> TrainingJob:
+    """Validate, then send a CreateTrainingJob request through the SageMaker SDK v3.
+
+    ``options`` (:class:`spectrum_sm.aws.sdk.LaunchOptions`) sets role validation and telemetry.
+    """
+    from .sdk import launch
+
+    return launch(request, options, boto_session)

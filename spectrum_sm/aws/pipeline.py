@@ -1,4 +1,4 @@
-"""Analysis then training: stage inputs in S3, build both requests, run them (locally for now).
+"""Analysis then training: stage inputs in S3, build both requests, run them here or on SageMaker.
 
 ``dry_run`` builds and validates the requests and touches nothing (no credentials needed). Local
 paths in a config (model folder, data) are uploaded to ``<output_s3>/inputs/<job>/<channel>/``
@@ -183,25 +183,38 @@ def record_analysis(config: AnalysisConfig, job: str, layer_dir: str) -> None:
         raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
 
 
+def launch_options(config) -> Any:
+    """How the SageMaker SDK is driven for this job (role validation, telemetry)."""
+    from .sdk import LaunchOptions
+
+    return LaunchOptions(validate_role=config.validate_role, telemetry=config.telemetry)
+
+
 def execute(
     request: dict[str, Any],
     *,
     local: bool,
+    options: Any = None,
     workdir: str | Path = "spectrum-sm-jobs",
     wait: bool = True,
     logs: bool = True,
-) -> str:
-    """Run a prepared request here (local) or on SageMaker; returns the model's S3 prefix."""
+) -> dict[str, str]:
+    """Run a prepared request here (local) or on SageMaker (through the SDK v3).
+
+    Returns the job's name (on SageMaker, the SDK's: the prepared name with its own time) and the
+    S3 prefix of its model folder.
+    """
     if local:
         from .local import run_local
 
-        return run_local(request, workdir).model_s3
+        job = run_local(request, workdir)
+        return {"job": job.name, "model_s3": job.model_s3}
     from .jobs import submit
 
-    handle = submit(request)
+    handle = submit(request, options)
     if wait:
         handle.wait(logs=logs)
-    return handle.outputs["model"]
+    return {"job": handle.name, "model_s3": handle.outputs["model"]}
 
 
 def launch_analysis(
@@ -220,10 +233,9 @@ def launch_analysis(
         )
         return {"job": reused["job"], "layer_dir": reused["layer_dir"], "reused": True}
     request = prepare_analysis(config, dry_run=False, local=local)
-    name = request["TrainingJobName"]
-    layer_dir = execute(request, local=local, workdir=workdir, logs=logs)
-    record_analysis(config, name, layer_dir)
-    return {"job": name, "layer_dir": layer_dir, "reused": False}
+    ran = execute(request, local=local, options=launch_options(config), workdir=workdir, logs=logs)
+    record_analysis(config, ran["job"], ran["model_s3"])
+    return {"job": ran["job"], "layer_dir": ran["model_s3"], "reused": False}
 
 
 def launch_training(
@@ -237,8 +249,25 @@ def launch_training(
 ) -> dict[str, Any]:
     """Run the training job on a layer file in S3; returns its name and model location."""
     request = prepare_training(config, spectrum_uri=spectrum_uri, dry_run=False, local=local)
-    model_s3 = execute(request, local=local, workdir=workdir, wait=wait, logs=logs)
-    return {"job": request["TrainingJobName"], "model_s3": model_s3}
+    ran = execute(
+        request,
+        local=local,
+        options=launch_options(config),
+        workdir=workdir,
+        wait=wait,
+        logs=logs,
+    )
+    return {"job": ran["job"], "model_s3": ran["model_s3"]}
+
+
+def _point_at_layer_file(training: dict[str, Any], layer_dir: str) -> None:
+    """The analysis ran under another name than planned (the SDK's time): follow it."""
+    from .requests import validate_request
+
+    for channel in training["InputDataConfig"]:
+        if channel["ChannelName"] == "spectrum":
+            channel["DataSource"]["S3DataSource"]["S3Uri"] = layer_dir
+    validate_request(training)
 
 
 def run_pipeline(
@@ -279,15 +308,32 @@ def run_pipeline(
         config.training, spectrum_uri=spectrum_uri, dry_run=False, local=local
     )
     if analysis is not None:
-        execute(analysis, local=local, workdir=workdir, logs=logs)
+        ran = execute(
+            analysis,
+            local=local,
+            options=launch_options(config.analysis),
+            workdir=workdir,
+            logs=logs,
+        )
+        analysis_name = ran["job"]
+        if ran["model_s3"] != spectrum_uri:
+            spectrum_uri = ran["model_s3"]
+            _point_at_layer_file(training, spectrum_uri)
         record_analysis(config.analysis, analysis_name, spectrum_uri)
-    model_s3 = execute(training, local=local, workdir=workdir, wait=wait, logs=logs)
+    trained = execute(
+        training,
+        local=local,
+        options=launch_options(config.training),
+        workdir=workdir,
+        wait=wait,
+        logs=logs,
+    )
     result = {
         "analysis_job": analysis_name,
         "analysis_reused": bool(reused),
         "layer_file_s3": spectrum_uri,
-        "training_job": training["TrainingJobName"],
-        "model_s3": model_s3,
+        "training_job": trained["job"],
+        "model_s3": trained["model_s3"],
     }
     if local:
         result["workdir"] = str(Path(workdir).resolve())

@@ -21,9 +21,9 @@ from .config import (
     AnalysisConfig,
     JobConfig,
     TrainingConfig,
-    default_image,
     validate,
 )
+from .images import default_image
 
 LAUNCHER = "/opt/ml/input/data/code/entrypoints/launch.py"
 CODE_CHANNEL = "code"
@@ -31,11 +31,15 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def job_name(base: str, kind: str) -> str:
-    """``<base>-<kind>-<UTC time>-<random>``: unique per launch, even within one second."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d%H%M%S")
+    """``<base>-<kind>-<random>-<YYYYmmddHHMMSS>``: unique per launch, even within one second.
+
+    The SageMaker SDK names a job ``<base_job_name>-<local time to the second>``; everything before
+    the time is ours (see :func:`spectrum_sm.aws.sdk.sdk_base_name`), the random part included.
+    """
+    stamp = _dt.datetime.now().strftime("%Y%m%d%H%M%S")
     suffix = secrets.token_hex(3)
     room = 63 - len(kind) - len(stamp) - len(suffix) - 3
-    return f"{base[:room].rstrip('-')}-{kind}-{stamp}-{suffix}"
+    return f"{base[:room].rstrip('-')}-{kind}-{suffix}-{stamp}"
 
 
 def _s3_channel(name: str, uri: str) -> dict[str, Any]:
@@ -55,12 +59,14 @@ def _s3_channel(name: str, uri: str) -> dict[str, Any]:
 def _common(
     config: JobConfig, name: str, output_path: str, code_uri: str, entry: str
 ) -> dict[str, Any]:
+    job = "analysis" if entry == "analyze" else "training"
+    image = config.image_uri or default_image(config.region, config.instance_type, job=job)
     request: dict[str, Any] = {
         "TrainingJobName": name,
         # Local mode needs no role; a placeholder keeps the request well-formed.
         "RoleArn": config.role or LOCAL_ROLE,
         "AlgorithmSpecification": {
-            "TrainingImage": config.image_uri or default_image(config.region),
+            "TrainingImage": image,
             "TrainingInputMode": "File",
             "ContainerEntrypoint": ["python3", LAUNCHER],
             "ContainerArguments": [entry],
