@@ -18,7 +18,7 @@ from test_jobs import EXAMPLES
 
 from spectrum_sm.aws.config import load_pipeline
 from spectrum_sm.aws.jobs import JobFailed, JobTimeout, TrainingJob, submit
-from spectrum_sm.aws.pipeline import launch_options, prepare_analysis
+from spectrum_sm.aws.pipeline import launch_options, prepare_analysis, prepare_training
 from spectrum_sm.aws.sdk import LaunchOptions, sdk_base_name
 from spectrum_sm.core.errors import SpectrumError
 
@@ -294,3 +294,52 @@ def test_cli_run_without_the_sdk_says_how_to_install_it(s3_bucket, tmp_path):
         env={"PYTHONPATH": str(tmp_path)},
     )
     assert with_image.returncode == 0, with_image.stderr
+
+
+def test_training_job_options_reach_the_service_through_the_sdk(s3_bucket):
+    """Spot, VPC, KMS, isolation, encryption, tags, metrics and TensorBoard: the hook refuses to
+    send unless every prepared field arrives unchanged, and moto stores what it received."""
+    data_sets(s3_bucket)
+    key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    config = load_pipeline(
+        EXAMPLES / "qwen3-8b.yaml",
+        [
+            f"common.output_s3=s3://{s3_bucket}/t",
+            "common.validate_role=false",
+            f"training.train_data=s3://{s3_bucket}/data/train/",
+            f"training.validation_data=s3://{s3_bucket}/data/validation/",
+            "training.subnets=[subnet-0abc1234]",
+            "training.security_group_ids=[sg-0abc1234]",
+            f"training.volume_kms_key={key}",
+            f"training.output_kms_key={key}",
+            "training.encrypt_inter_container=true",
+            "training.instance_count=2",
+        ],
+    )
+    request = prepare_training(
+        config.training, spectrum_uri=f"s3://{s3_bucket}/layers/", dry_run=False, local=False
+    )
+    sent: dict = {}
+    session = boto3.Session()
+    session.events.register(
+        "before-parameter-build.sagemaker.CreateTrainingJob", lambda params, **_: sent.update(params)
+    )
+    job = submit(request, launch_options(config.training), boto_session=session)
+    assert sent["TrainingJobName"] == job.name
+    for field in ("TensorBoardOutputConfig", "Tags", "HyperParameters", "CheckpointConfig"):
+        assert sent[field] == request[field], field
+    # moto answers DescribeTrainingJob with canned metric definitions: check what was sent.
+    metrics = sent["AlgorithmSpecification"]["MetricDefinitions"]
+    assert metrics == request["AlgorithmSpecification"]["MetricDefinitions"]
+    described = job.describe()
+    assert described["EnableManagedSpotTraining"] is True
+    assert described["StoppingCondition"] == request["StoppingCondition"]
+    assert described["CheckpointConfig"] == request["CheckpointConfig"]
+    assert described["VpcConfig"] == request["VpcConfig"]
+    assert described["ResourceConfig"] == request["ResourceConfig"]
+    assert described["ResourceConfig"]["VolumeKmsKeyId"] == key
+    assert described["OutputDataConfig"]["KmsKeyId"] == key
+    assert described["EnableInterContainerTrafficEncryption"] is True
+    assert described["HyperParameters"] == request["HyperParameters"]
+    channels = {c["ChannelName"] for c in described["InputDataConfig"]}
+    assert channels == {"code", "train", "validation", "spectrum", "sm_drivers"}
