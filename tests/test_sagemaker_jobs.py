@@ -26,6 +26,11 @@ pytestmark = pytest.mark.integration
 OPTIONS = LaunchOptions(validate_role=False)
 
 
+def _job_count() -> int:
+    pages = boto3.client("sagemaker").get_paginator("list_training_jobs").paginate()
+    return sum(len(page["TrainingJobSummaries"]) for page in pages)
+
+
 def set_job_status(name: str, status: str, reason: str = "") -> None:
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.sagemaker.models import sagemaker_backends
@@ -204,7 +209,7 @@ def test_pipeline_submits_both_jobs_and_reuses_a_finished_analysis(s3_bucket):
     ],
 )
 def test_bad_input_submits_nothing(s3_bucket, override, fragment):
-    before = boto3.client("sagemaker").list_training_jobs(MaxResults=100)["TrainingJobSummaries"]
+    before = _job_count()
     proc = run_cli(
         "run",
         str(EXAMPLES / "qwen3-8b.yaml"),
@@ -217,13 +222,7 @@ def test_bad_input_submits_nothing(s3_bucket, override, fragment):
     )
     assert proc.returncode == 1, proc.stdout
     assert fragment in proc.stderr and "Traceback" not in proc.stderr
-    after = boto3.client("sagemaker").list_training_jobs(MaxResults=100)["TrainingJobSummaries"]
-    assert len(after) == len(before)
-
-
-def _job_count() -> int:
-    client = boto3.client("sagemaker")
-    return len(client.list_training_jobs(MaxResults=100)["TrainingJobSummaries"])
+    assert _job_count() == before
 
 
 @pytest.mark.parametrize("telemetry", [False, True])
@@ -322,7 +321,8 @@ def test_training_job_options_reach_the_service_through_the_sdk(s3_bucket):
     sent: dict = {}
     session = boto3.Session()
     session.events.register(
-        "before-parameter-build.sagemaker.CreateTrainingJob", lambda params, **_: sent.update(params)
+        "before-parameter-build.sagemaker.CreateTrainingJob",
+        lambda params, **_: sent.update(params),
     )
     job = submit(request, launch_options(config.training), boto_session=session)
     assert sent["TrainingJobName"] == job.name
