@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,29 @@ def main(argv: list[str]) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     cmd = command(argv[0], root)
     print("launch: " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
+    code = run_forwarding_signals(cmd, env)
+    failure = root / "output" / "failure"
+    if code != 0 and failure.parent.is_dir() and not failure.is_file():
+        # The script died before writing its own reason (killed, out of memory, ...).
+        failure.write_text(f"{SCRIPTS[argv[0]].name} exited with code {code}; see the job's log")
+    return code
+
+
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``cmd``, passing SIGTERM and SIGINT on: SageMaker's stop and spot notice is a SIGTERM
+    to the container's first process, and train.py answers it with a checkpoint (exit 143)."""
+    child = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
 
 
 if __name__ == "__main__":

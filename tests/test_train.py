@@ -267,6 +267,35 @@ def test_sigterm_saves_a_checkpoint_and_exits(setup, tmp_path):
     assert len(saved) == 1 and int(saved[0].split("-")[1]) >= 3
 
 
+def test_the_launcher_passes_sigterm_on(setup, tmp_path):
+    """A stop reaches the container's first process; launch.py must hand it to train.py."""
+    root = tmp_path / "ml"
+    (root / "input" / "config").mkdir(parents=True)
+    (root / "output").mkdir()
+    args = base_args(
+        setup, tmp_path, "--checkpoint_dir", str(tmp_path / "ck"), "--max_steps", "400"
+    )
+    hyperparameters = dict(zip(args[::2], args[1::2], strict=True))
+    (root / "input" / "config" / "hyperparameters.json").write_text(
+        json.dumps({k.removeprefix("--"): v for k, v in hyperparameters.items()})
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, str(ROOT / "entrypoints" / "launch.py"), "train"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SM_OPT_ML": str(root)},
+    )
+    for line in launcher.stdout:
+        if "step=3 " in line:
+            launcher.send_signal(signal.SIGTERM)
+            break
+    rest = launcher.stdout.read()
+    assert launcher.wait(timeout=120) == 143, rest
+    assert "SIGTERM" in rest
+    assert any(p.name.startswith("checkpoint-") for p in (tmp_path / "ck").iterdir())
+
+
 def test_two_processes_with_gloo(setup, tmp_path):
     launcher = [
         sys.executable,

@@ -61,7 +61,8 @@ def entry_command(request: dict[str, Any]) -> str:
     """The command our ContainerEntrypoint runs, relative to the code channel."""
     spec = request["AlgorithmSpecification"]
     script = os.path.relpath(LAUNCHER, f"/opt/ml/input/data/{CODE_CHANNEL}")
-    return " ".join(["python3", script, *spec.get("ContainerArguments", [])])
+    # exec: the launcher replaces the driver's shell, so a stop's SIGTERM can reach it.
+    return " ".join(["exec", "python3", script, *spec.get("ContainerArguments", [])])
 
 
 def sagemaker_session(request: dict[str, Any], options: LaunchOptions, boto_session=None):
