@@ -24,6 +24,7 @@ from .requests import (
     build_analysis_request,
     build_training_request,
     job_name,
+    validate_request,
 )
 from .s3 import describe_client_error, s3_client, split_s3_uri
 
@@ -171,6 +172,9 @@ def find_reusable_analysis(config: AnalysisConfig) -> dict[str, str] | None:
         return None
     if not any(o["Key"].endswith("percent.yaml") for o in listing.get("Contents", [])):
         return None
+    log.info(
+        "reusing analysis %s (same model and settings): %s", record["job"], record["layer_dir"]
+    )
     return record
 
 
@@ -192,14 +196,15 @@ def launch_options(config) -> Any:
 
 def execute(
     request: dict[str, Any],
+    config: AnalysisConfig | TrainingConfig,
     *,
     local: bool,
-    options: Any = None,
     workdir: str | Path = "spectrum-sm-jobs",
     wait: bool = True,
     logs: bool = True,
 ) -> dict[str, str]:
-    """Run a prepared request here (local) or on SageMaker (through the SDK v3).
+    """Run a prepared request here (local) or on SageMaker (through the SDK v3, driven by the
+    job's ``config``: role validation, telemetry).
 
     Returns the job's name (on SageMaker, the SDK's: the prepared name with its own time) and the
     S3 prefix of its model folder.
@@ -211,7 +216,7 @@ def execute(
         return {"job": job.name, "model_s3": job.model_s3}
     from .jobs import submit
 
-    handle = submit(request, options)
+    handle = submit(request, launch_options(config))
     if wait:
         handle.wait(logs=logs)
     return {"job": handle.name, "model_s3": handle.outputs["model"]}
@@ -228,12 +233,9 @@ def launch_analysis(
     """Run (or reuse) the analysis job; returns its name and the S3 prefix of the layer file."""
     reused = find_reusable_analysis(config) if reuse else None
     if reused:
-        log.info(
-            "reusing analysis %s (same model and settings): %s", reused["job"], reused["layer_dir"]
-        )
         return {"job": reused["job"], "layer_dir": reused["layer_dir"], "reused": True}
     request = prepare_analysis(config, dry_run=False, local=local)
-    ran = execute(request, local=local, options=launch_options(config), workdir=workdir, logs=logs)
+    ran = execute(request, config, local=local, workdir=workdir, logs=logs)
     record_analysis(config, ran["job"], ran["model_s3"])
     return {"job": ran["job"], "layer_dir": ran["model_s3"], "reused": False}
 
@@ -249,21 +251,12 @@ def launch_training(
 ) -> dict[str, Any]:
     """Run the training job on a layer file in S3; returns its name and model location."""
     request = prepare_training(config, spectrum_uri=spectrum_uri, dry_run=False, local=local)
-    ran = execute(
-        request,
-        local=local,
-        options=launch_options(config),
-        workdir=workdir,
-        wait=wait,
-        logs=logs,
-    )
+    ran = execute(request, config, local=local, workdir=workdir, wait=wait, logs=logs)
     return {"job": ran["job"], "model_s3": ran["model_s3"]}
 
 
 def _point_at_layer_file(training: dict[str, Any], layer_dir: str) -> None:
     """The analysis ran under another name than planned (the SDK's time): follow it."""
-    from .requests import validate_request
-
     for channel in training["InputDataConfig"]:
         if channel["ChannelName"] == "spectrum":
             channel["DataSource"]["S3DataSource"]["S3Uri"] = layer_dir
@@ -296,9 +289,6 @@ def run_pipeline(
     reused = find_reusable_analysis(config.analysis) if config.reuse_analysis else None
     analysis = None
     if reused:
-        log.info(
-            "reusing analysis %s (same model and settings): %s", reused["job"], reused["layer_dir"]
-        )
         analysis_name, spectrum_uri = reused["job"], reused["layer_dir"]
     else:
         analysis = prepare_analysis(config.analysis, dry_run=False, local=local)
@@ -308,26 +298,13 @@ def run_pipeline(
         config.training, spectrum_uri=spectrum_uri, dry_run=False, local=local
     )
     if analysis is not None:
-        ran = execute(
-            analysis,
-            local=local,
-            options=launch_options(config.analysis),
-            workdir=workdir,
-            logs=logs,
-        )
+        ran = execute(analysis, config.analysis, local=local, workdir=workdir, logs=logs)
         analysis_name = ran["job"]
         if ran["model_s3"] != spectrum_uri:
             spectrum_uri = ran["model_s3"]
             _point_at_layer_file(training, spectrum_uri)
         record_analysis(config.analysis, analysis_name, spectrum_uri)
-    trained = execute(
-        training,
-        local=local,
-        options=launch_options(config.training),
-        workdir=workdir,
-        wait=wait,
-        logs=logs,
-    )
+    trained = execute(training, config.training, local=local, workdir=workdir, wait=wait, logs=logs)
     result = {
         "analysis_job": analysis_name,
         "analysis_reused": bool(reused),

@@ -197,15 +197,17 @@ def model_trainer(request: dict[str, Any], session, *, validate_role: bool = Tru
     return trainer
 
 
-def differences(prepared: dict[str, Any], sent: dict[str, Any]) -> list[str]:
-    """How the request the SDK is about to send departs from the prepared one."""
-    problems = []
+def differences(prepared: dict[str, Any], sent: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """How the request the SDK is about to send departs from the prepared one: the changes that
+    forbid sending it, and the fields the SDK added."""
+    problems: list[str] = []
+    added: list[str] = []
     base = sdk_base_name(prepared["TrainingJobName"])
     if not sent.get("TrainingJobName", "").startswith(base + "-"):
         problems.append(
             f"TrainingJobName {sent.get('TrainingJobName')!r} does not start with {base!r}"
         )
-    _compare(prepared, sent, "request", problems)
+    _compare(prepared, sent, "request", problems, added)
     ours = {c["ChannelName"]: c for c in prepared["InputDataConfig"]}
     theirs = {c["ChannelName"]: c for c in sent.get("InputDataConfig", [])}
     for name, channel in ours.items():
@@ -213,11 +215,12 @@ def differences(prepared: dict[str, Any], sent: dict[str, Any]) -> list[str]:
             problems.append(f"channel {name!r}: prepared {channel}, sending {theirs.get(name)}")
     for name in sorted(set(theirs) - set(ours) - SDK_CHANNELS):
         problems.append(f"channel {name!r} was not prepared")
-    return problems
+    return problems, added
 
 
-def _compare(prepared: Any, sent: Any, where: str, problems: list[str]) -> None:
+def _compare(prepared: Any, sent: Any, where: str, problems: list[str], added: list[str]) -> None:
     if isinstance(prepared, dict) and isinstance(sent, dict):
+        added += [f"{where}.{k}" for k in sent if k not in prepared and k not in SDK_OWNED]
         for key, value in prepared.items():
             if key in SDK_OWNED:
                 continue
@@ -226,19 +229,9 @@ def _compare(prepared: Any, sent: Any, where: str, problems: list[str]) -> None:
                     continue
                 problems.append(f"{where}.{key}: prepared {value!r}, not sent")
             else:
-                _compare(value, sent[key], f"{where}.{key}", problems)
+                _compare(value, sent[key], f"{where}.{key}", problems, added)
     elif prepared != sent:
         problems.append(f"{where}: prepared {prepared!r}, sending {sent!r}")
-
-
-def _added(prepared: Any, sent: Any, where: str = "request") -> list[str]:
-    if not (isinstance(prepared, dict) and isinstance(sent, dict)):
-        return []
-    found = [f"{where}.{k}" for k in sent if k not in prepared and k not in SDK_OWNED]
-    for key in prepared:
-        if key in sent and key not in SDK_OWNED:
-            found += _added(prepared[key], sent[key], f"{where}.{key}")
-    return found
 
 
 def launch(request: dict[str, Any], options: LaunchOptions | None = None, boto_session=None):
@@ -251,14 +244,13 @@ def launch(request: dict[str, Any], options: LaunchOptions | None = None, boto_s
     sent: dict[str, Any] = {}
 
     def check(params: dict[str, Any], **_: Any) -> None:
-        problems = differences(request, params)
+        problems, added = differences(request, params)
         if problems:
             raise SpectrumError(
                 "the SageMaker SDK would send a different request than the one prepared: "
                 + "; ".join(problems[:10])
             )
         validate_request(params)
-        added = _added(request, params)
         if added:
             log.info("the SageMaker SDK adds %s", ", ".join(added))
         sent.update(params)
