@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exclude", type=_globs, default=[])
     parser.add_argument("--embeddings", type=_bool, default=True)
     parser.add_argument("--exact", type=_bool, default=False)
+    parser.add_argument("--precision", default="certified", choices=["certified", "float64"])
+    parser.add_argument("--certify_percents", type=_globs, default=[])
+    parser.add_argument("--towers", type=_globs, default=["language"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output_dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
     args = parser.parse_args(argv)
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             exclude=args.exclude,
             embeddings=args.embeddings,
             exact=args.exact,
+            precision=args.precision,
+            certify_percents=[float(p) for p in args.certify_percents],
+            towers=args.towers,
             device=args.device,
             name=args.model_name,
             revision=args.revision,

@@ -47,11 +47,14 @@ def resolve_precision(precision: str) -> str:
     return "fp32"
 
 
-def load_model(args, dtype_name: str):
-    """The base model; for QLoRA, 4-bit weights (needs CUDA and bitsandbytes)."""
+def load_model(args, dtype_name: str, config):
+    """The base model; for QLoRA, 4-bit weights (needs CUDA and bitsandbytes). Vision-language
+    models load with their image-text class (AutoModelForCausalLM refuses their configs) and
+    train on text."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
+
+    from spectrum_sm.core.names import model_class_for
 
     dtype = getattr(torch, dtype_name)
     # transformers 5 renamed torch_dtype to dtype.
@@ -75,7 +78,7 @@ def load_model(args, dtype_name: str):
             bnb_4bit_compute_dtype=dtype,
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+        return model_class_for(config).from_pretrained(args.model_name_or_path, **kwargs)
     except OSError as exc:
         raise SpectrumError(f"cannot load model {args.model_name_or_path!r}: {exc}") from exc
 
@@ -288,6 +291,7 @@ def train(args) -> int:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
+    from spectrum_sm.core.freeze import region_weight_decay
     from spectrum_sm.training import metrics
     from spectrum_sm.training.checkpoints import (
         TrainingState,
@@ -368,7 +372,7 @@ def train(args) -> int:
     stored = transformers.AutoConfig.from_pretrained(
         args.model_name_or_path, trust_remote_code=args.trust_remote_code
     )
-    model = load_model(args, base_dtype_name)
+    model = load_model(args, base_dtype_name, stored)
     save_dtype = checkpoint_dtype(stored, getattr(torch, base_dtype_name))
     model, freeze_report, layer_file = select_trainable(model, args)
     if args.method in ("spectrum", "full"):
@@ -380,7 +384,23 @@ def train(args) -> int:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    # Partly trained parameters (fused expert slices) get no decay from the optimizer: it would
+    # shrink their frozen elements too. Their trained slices are decayed by hand below, and their
+    # frozen elements see zero gradients and zero optimizer state, so they never change.
+    partial = getattr(freeze_report, "partial", {}) or {}
+    if partial and sharded:
+        raise SpectrumError(
+            "layer files with parameter slices (fused MoE experts) train with DDP only so far; "
+            "use torchrun without an FSDP or DeepSpeed config"
+        )
+    partial_ids = {id(p) for n, p in model.named_parameters() if n in partial}
+    groups = [
+        {"params": [p for p in trainable if id(p) not in partial_ids]},
+        {"params": [p for p in trainable if id(p) in partial_ids], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = cosine_with_warmup(optimizer, warmup, total_steps)
     # The scheduler stays outside prepare(): accelerate would step it once per process.
@@ -422,6 +442,12 @@ def train(args) -> int:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    if partial and args.weight_decay:
+                        region_weight_decay(
+                            accelerator.unwrap_model(model),
+                            partial,
+                            1.0 - scheduler.get_last_lr()[0] * args.weight_decay,
+                        )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             running_loss += float(loss.detach())

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from .core import selection as sel
 from .core.atomic import ensure_output_dir, write_files_atomically
-from .core.checkpoint import ShardSource, open_source
+from .core.errors import SpectrumError
 from .core.scanner import DEFAULT_CHUNK_MB, ScanResult, scan_source
+from .core.weights import ShardSource, open_source
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ def scan(
     exclude: Iterable[str] | None = None,
     embeddings: bool = True,
     exact: bool = False,
+    precision: str = "certified",
+    certify_percents: Iterable[float] = (),
+    towers: Iterable[str] | str = ("language",),
     device: str = "auto",
     name: str = "",
     revision: str | None = None,
@@ -31,15 +35,23 @@ def scan(
     chunk_mb: int = DEFAULT_CHUNK_MB,
     show_progress: bool = True,
 ) -> ScanResult:
-    """Score every weight of a safetensors checkpoint and pick the top ``top_percent`` per type.
+    """Score every weight of a checkpoint and pick the top ``top_percent`` per type.
 
     Args:
-        model: a local folder or ``.safetensors`` file, an ``s3://`` prefix, or a Hub model id.
+        model: a local folder or ``.safetensors`` / ``.bin`` file, an ``s3://`` prefix, or a Hub
+            model id.
         top_percent: share of each module type to keep trainable, in (0, 100].
         output_dir: where to write the reference's files and our manifest (atomically).
         include / exclude: glob patterns on module types (``self_attn.*``, ``mlp.down_proj``).
-        embeddings: write the two embedding entries first in the layer file (the reference does).
-        exact: use float32 ``svdvals`` like the reference instead of the float64 Gram method.
+        embeddings: write the model's output-head and input-embedding entries first in the layer
+            file (the reference does, with Llama's names).
+        exact: use float32 ``svdvals`` like the reference instead of the Gram method.
+        precision: ``certified`` (float32 with error bounds; weights near a selection boundary
+            recomputed in float64, so the selection equals the float64 method's) or ``float64``.
+        certify_percents: more percents whose selections must equal the float64 method's (for
+            ``select`` at those percents later); ``top_percent`` always is.
+        towers: ``language`` (default), ``vision``, ``audio``, ``projector`` or ``all``: which
+            parts of a multimodal model to scan; types never mix towers.
         device: ``auto``, ``cpu`` or ``cuda``.
         name: model name for the output file names (default: Hub id or folder name).
         revision: Hub revision (branch, tag or commit).
@@ -54,6 +66,9 @@ def scan(
             exclude=exclude,
             embeddings=embeddings,
             exact=exact,
+            precision=precision,
+            certify_percents=certify_percents,
+            towers=towers,
             device=device,
             chunk_mb=chunk_mb,
             output_dir=output_dir,
@@ -85,16 +100,80 @@ def select(
 ) -> Path:
     """Write the layer file for another percent from an existing results JSON, without a rescan.
 
-    Works with our results and with the reference repository's ``model_snr_results/`` files.
-    Returns the path of the layer file.
+    Works with our results and with either layout of the reference repository's
+    ``model_snr_results/`` files. When our scan manifest lies beside the results, its entries
+    (the model's own embedding names, fused expert slices) are used, and a selection that its
+    float32 bounds leave open is refused rather than guessed. Returns the layer file's path.
     """
     top_percent = sel.check_percent(top_percent)
     table = sel.load_results(results)
     chosen = sel.select_layers(table, top_percent, include, exclude)
     slug = sel.model_slug(name) if name else sel.slug_from_results_path(results)
+    manifest = _manifest_beside(Path(results), table)
+    text_options: dict = {}
+    if manifest is not None:
+        _check_certified(manifest, table, top_percent, include, exclude, Path(results))
+        tensors = manifest["tensors"]
+        text_options = {
+            "embedding_entries": manifest.get("embedding_entries"),
+            "entries": {m: t["entry"] for m, t in tensors.items() if "entry" in t},
+        }
     out = ensure_output_dir(output_dir if output_dir is not None else Path(results).parent)
     file_name = sel.layer_file_name(slug, top_percent)
-    write_files_atomically(out, {file_name: sel.layer_file_text(chosen, embeddings)})
+    text = sel.layer_file_text(chosen, embeddings, **text_options)
+    write_files_atomically(out, {file_name: text})
     kept = sum(len(v) for v in chosen.values())
     log.info("selected %d of %d modules at %s%%", kept, len(table), top_percent)
     return out / file_name
+
+
+def _manifest_beside(results: Path, table: dict) -> dict | None:
+    """Our scan manifest for these results (same folder, same modules), if there is one."""
+    import json
+
+    slug = sel.slug_from_results_path(results)
+    path = results.parent / sel.manifest_file_name(slug)
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        tensors = manifest["tensors"]
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable scan manifest, ignored", path)
+        return None
+    if set(tensors) != set(table):
+        log.warning("%s: describes other modules than %s, ignored", path.name, results.name)
+        return None
+    return manifest
+
+
+def _check_certified(manifest, table, percent, include, exclude, results: Path) -> None:
+    from .core.scanner import TensorScore, uncertain_weights
+
+    tensors = manifest["tensors"]
+    if not any("bounds" in t and t.get("precision") == "float32" for t in tensors.values()):
+        return
+    kept = set(sel.filter_types(sel.types_in_order(table), include, exclude))
+    scores = {
+        m: TensorScore(
+            m,
+            t["type"],
+            float(table[m]["snr"]),
+            (),
+            "",
+            0.0,
+            precision=t.get("precision", "float64"),
+            bounds=tuple(t["bounds"]) if "bounds" in t else (table[m]["snr"],) * 2,
+        )
+        for m, t in tensors.items()
+        if table[m]["type"] in kept
+    }
+    doubtful = uncertain_weights(scores, [percent])
+    if doubtful:
+        certified = ", ".join(str(p) for p in manifest.get("certified_percents", [])) or "none"
+        raise SpectrumError(
+            f"at {percent}% the float32 scores of {', '.join(doubtful[:3])} are within their "
+            f"error bounds of the selection boundary, so this selection could differ from the "
+            f"float64 method's (certified percents of this scan: {certified}); rescan with "
+            f"--top-percent {percent} or --precision float64"
+        )

@@ -47,7 +47,8 @@ def _add_type_filters(parser: argparse.ArgumentParser) -> None:
         "--no-embeddings",
         dest="embeddings",
         action="store_false",
-        help="do not write the ^lm_head.weight$ and ^model.embed_tokens.weight$ entries",
+        help="do not write the output-head and input-embedding entries "
+        "(^lm_head.weight$ and ^model.embed_tokens.weight$ on Llama-style models)",
     )
 
 
@@ -94,7 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--exact",
         action="store_true",
-        help="float32 svdvals like the reference instead of the float64 Gram method",
+        help="float32 svdvals like the reference instead of the Gram method",
+    )
+    scan.add_argument(
+        "--precision",
+        default="certified",
+        choices=["certified", "float64"],
+        help="certified (default): float32 with error bounds, weights near a selection boundary "
+        "recomputed in float64, so the selection equals float64's; float64: all in float64",
+    )
+    scan.add_argument(
+        "--certify-percents",
+        type=lambda text: [_percent(p) for p in text.split(",") if p.strip()],
+        default=[],
+        metavar="P,P",
+        help="more percents whose selections must equal float64's (for select later)",
+    )
+    scan.add_argument(
+        "--towers",
+        default="language",
+        metavar="T,T",
+        help="multimodal models: language (default), vision, audio, projector, or all",
     )
     scan.add_argument("--name", default="", help="model name for file names (default: from MODEL)")
     scan.add_argument("--revision", default=None, help="Hub branch, tag or commit")
@@ -317,6 +338,9 @@ def _run_scan(args: argparse.Namespace) -> int:
         exclude=_globs(args.exclude),
         embeddings=args.embeddings,
         exact=args.exact,
+        precision=args.precision,
+        certify_percents=args.certify_percents,
+        towers=_globs([args.towers]),
         device=args.device,
         name=args.name,
         revision=args.revision,
@@ -328,6 +352,7 @@ def _run_scan(args: argparse.Namespace) -> int:
     summary = {
         "model": result.model_name,
         "weights_scanned": len(result.scores),
+        "recomputed_in_float64": len(result.recomputed),
         "selected": sum(len(v) for v in chosen.values()),
         "seconds": round(result.seconds, 2),
         "files": {k: str(p) for k, p in result.files.items()},

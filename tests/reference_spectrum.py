@@ -29,9 +29,12 @@ def reference_snr(weight: torch.Tensor) -> float:
     n, m = w.shape[-2:]
     beta = n / m if n < m else m / n
     threshold = sigma * math.sqrt((1 + math.sqrt(beta)) ** 2)
-    signal = s[s > threshold].sum()
-    noise = s[s <= threshold].sum() if bool((s <= threshold).any()) else torch.tensor(1.0)
-    return float((signal / noise) / max_sv)
+    signal_mask = s > threshold
+    noise_mask = ~signal_mask
+    signal = s[signal_mask].sum() if signal_mask.any() else torch.tensor(0.0)
+    noise = s[noise_mask].sum() if noise_mask.any() else torch.tensor(1.0)
+    snr = signal / noise if noise != 0 else float("inf")
+    return float(snr / max_sv)
 
 
 def reference_scan(model_dir: str) -> dict[str, dict]:

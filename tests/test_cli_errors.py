@@ -43,7 +43,7 @@ def test_folder_without_safetensors(tmp_path):
     (tmp_path / "empty" / "config.json").write_text("{}")
     out = tmp_path / "out"
     proc = run_cli("scan", str(tmp_path / "empty"), "--output-dir", str(out))
-    assert_clean_failure(proc, "no safetensors weights found")
+    assert_clean_failure(proc, "no weights found", "pytorch_model.bin")
     assert_no_outputs(out)
 
 
@@ -138,8 +138,13 @@ def test_hub_model_offline_fails_clearly(tmp_path):
     ("content", "fragment"),
     [
         ("not json", "not a valid JSON"),
-        ('{"a": {"x": 1}}', "is not of the form"),
-        ('{"mlp.down_proj": {"model.layers.0.mlp.down_proj": 0.5}}', "_sorted.json"),
+        ('{"m": {"snr": 1}}', "is not of the form"),
+        ('{"m": {"snr": "high", "type": "t"}}', "is not a number"),
+        ('{"mlp.down_proj": {"model.layers.0.mlp.down_proj": "x"}}', "is not a number"),
+        ('{"mlp.down_proj": [0.5]}', "is not of the form"),
+        ('{"t": {"a": 1}, "u": 5}', "does not map modules to scores"),
+        ('{"m": {"snr": 1' + "0" * 400 + ', "type": "t"}}', "too large"),
+        ("\ufeff[]", "expected a non-empty object"),
     ],
 )
 def test_select_rejects_bad_results(tmp_path, content, fragment):

@@ -9,8 +9,8 @@ import torch
 from factories import run_cli
 
 import spectrum_sm
-from spectrum_sm.core.checkpoint import read_header
 from spectrum_sm.core.errors import SpectrumError
+from spectrum_sm.core.weights import read_header
 
 pytestmark = pytest.mark.integration
 

@@ -40,13 +40,19 @@ def test_same_selection_and_scores_as_reference_loop(tmp_path, seed):
         assert nonempty(ours.selection(percent)) == nonempty(reference_select(ref, percent))
 
 
-def test_exact_mode_matches_gram_mode(tiny_model):
-    gram = spectrum_sm.scan(tiny_model, 50, show_progress=False)
+def test_exact_and_float64_modes_match_the_certified_default(tiny_model):
+    certified = spectrum_sm.scan(tiny_model, 50, show_progress=False)
     exact = spectrum_sm.scan(tiny_model, 50, exact=True, show_progress=False)
-    assert exact.method == "svdvals-float32" and gram.method == "gram-float64-eigvalsh"
-    assert gram.selection() == exact.selection()
-    for module, score in gram.scores.items():
+    float64 = spectrum_sm.scan(tiny_model, 50, precision="float64", show_progress=False)
+    assert exact.method == "svdvals-float32"
+    assert certified.method == "gram-float32-certified"
+    assert float64.method == "gram-float64-eigvalsh"
+    assert certified.selection() == exact.selection() == float64.selection()
+    for module, score in certified.scores.items():
         assert score.snr == pytest.approx(exact.scores[module].snr, rel=1e-4)
+        # The float64 method's score lies inside every certified interval.
+        low, high = score.bounds
+        assert low <= float64.scores[module].snr <= high
 
 
 def test_sharded_and_single_file_give_identical_scores(tmp_path):
@@ -93,7 +99,7 @@ def test_output_files_follow_the_reference_formats(tiny_model, tmp_path):
         tiny_model, 30, output_dir=out, name="Org/tiny_qwen3", show_progress=False
     )
     slug = "Org-tiny-qwen3"
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert sorted(p.name for p in out.iterdir()) == sorted(  # no lock file or temporaries
         [
             f"snr_results_{slug}.json",
             f"snr_results_{slug}_sorted.json",
@@ -127,7 +133,8 @@ def test_manifest_records_provenance_and_per_tensor_details(tiny_model, tmp_path
     result = spectrum_sm.scan(tiny_model, 25, output_dir=tmp_path, show_progress=False)
     manifest = json.loads(result.files["manifest"].read_text())
     assert manifest["spectrum_sm_version"] == spectrum_sm.__version__
-    assert manifest["method"] == "gram-float64-eigvalsh"
+    assert manifest["method"] == "gram-float32-certified"
+    assert manifest["certified_percents"] == [25]
     assert manifest["device"] == "cpu"
     assert manifest["top_percent"] == 25
     assert manifest["model"]["model_type"] == "qwen3"
@@ -137,6 +144,11 @@ def test_manifest_records_provenance_and_per_tensor_details(tiny_model, tmp_path
     q = manifest["tensors"]["model.layers.0.self_attn.q_proj"]
     assert q["shape"] == [64, 64] and q["dtype"] == "BF16" and q["seconds"] >= 0
     assert q["type"] == "self_attn.q_proj"
+    # Small weights go straight to float64 (exact point bounds); big ones carry an interval.
+    assert q["precision"] == "float64" and q["bounds"] == [q["snr"], q["snr"]]
+    embed = manifest["tensors"]["model.embed_tokens"]
+    assert embed["precision"] in ("float32", "float64")
+    assert embed["bounds"][0] <= embed["snr"] <= embed["bounds"][1]
     assert manifest["tied_embeddings"] is False
 
 

@@ -74,8 +74,13 @@ def test_one_dimensional_weight_scores_like_reference():
     assert snr_from_singular_values(s, 1, 48) == pytest.approx(reference_snr(w), rel=1e-6)
 
 
-def test_all_zero_weight_scores_zero_not_nan():
-    assert snr_from_singular_values(torch.zeros(5), 5, 8) == 0.0
+def test_all_zero_weight_scores_infinity_like_the_reference():
+    """Noise values summing to zero: the reference's ``float('inf')``, ranked first."""
+    assert snr_from_singular_values(torch.zeros(5), 5, 8) == math.inf
+    assert reference_snr(torch.zeros(5, 8)) == math.inf
+    # Exactly zero noise values next to signal: +inf as well (the reference's float32 SVD
+    # of a rank-one matrix leaves ~1e-6 there instead, hence a large finite score).
+    assert snr_from_singular_values(torch.tensor([21.0, 0.0, 0.0, 0.0, 0.0]), 5, 8) == math.inf
 
 
 def test_non_finite_weight_is_rejected():

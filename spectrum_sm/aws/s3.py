@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.checkpoint import header_length, parse_header
 from ..core.errors import SpectrumError
+from ..core.weights import header_length, parse_header
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,6 @@ class S3Source:
             "files": [
                 {"name": n, "size": self._sizes[n], "etag": self._etags.get(n, "")}
                 for n in sorted(self._sizes)
-                if n.endswith((".safetensors", ".json"))
+                if n.endswith((".safetensors", ".bin", ".json"))
             ],
         }

@@ -25,27 +25,68 @@ def ensure_output_dir(path: str | os.PathLike[str]) -> Path:
     return out
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; restore it at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def output_lock(directory: Path, *, wait: bool = True):
+    """Lock ``directory`` itself (``flock`` on the folder, so no lock file is left in it): one
+    writer at a time, so two scans into one folder never leave a mixed set of files. With
+    ``wait=False`` a busy folder is an error at once. Not re-entrant within a process."""
+    import fcntl
+
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:
+        raise SpectrumError(
+            f"cannot lock output directory {str(directory)!r}: {exc.strerror}"
+        ) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise SpectrumError(
+                f"another scan is writing into {str(directory)!r}; wait for it or choose another "
+                "--output-dir"
+            ) from None
+        yield Path(directory)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_files_atomically(directory: Path, files: Mapping[str, str]) -> list[Path]:
     """Write every ``name -> text`` into ``directory``, all or nothing.
 
     Each file is written to a temporary name in the same directory, flushed, then renamed, so a
-    crash leaves either the old file or the complete new one. Temporaries are removed on failure.
+    crash leaves either the old file or the complete new one. Temporaries are removed on failure
+    (a full disk included); files get the usual permissions (0666 less the umask).
     """
     staged: list[tuple[str, Path]] = []
+    mode = 0o666 & ~_umask()
     try:
         for name, text in files.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            staged.append((name, Path(tmp)))
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
-            staged.append((name, Path(tmp)))
+            os.chmod(tmp, mode)
         written = []
         for name, tmp in staged:
             target = directory / name
             os.replace(tmp, target)
             written.append(target)
         return written
+    except OSError as exc:
+        raise SpectrumError(
+            f"cannot write {', '.join(files)} into {str(directory)!r}: "
+            f"{exc.strerror or exc}; nothing was written"
+        ) from exc
     finally:
         for _, tmp in staged:
             with contextlib.suppress(FileNotFoundError):

@@ -2,9 +2,17 @@
 
 Pattern semantics follow axolotl's ``unfrozen_parameters`` so the same file works in both:
 each entry is a regular expression in which a ``.`` is a literal dot (except in ``.+``), matched at
-the start of the parameter name. We are stricter in two ways: an entry that matches no parameter is
-an error naming it and the closest real names, and a plain module name must end at a name
-boundary (``model.layers.1`` matches ``model.layers.1.*``, never ``model.layers.10.*``).
+the start of the parameter name, optionally followed by a slice of the parameter's first dimension
+(``^name$[7]``, ``[0:32]``; axolotl's syntax). We add ``[7, 0:32]``: rows ``0:32`` of dimension 1
+inside expert 7 of a fused 3-D expert parameter (the gate half of ``gate_up_proj``).
+
+We are stricter than axolotl: an entry that matches no parameter is an error naming it and the
+closest real names, and a plain module name must end at a name boundary (``model.layers.1``
+matches ``model.layers.1.*``, never ``model.layers.10.*``). An entry in the checkpoint's naming
+(``model.layers.0.block_sparse_moe.experts.3.w1``, as the reference's published Mixtral results
+have it) is translated to the loaded model's parameter and slice by transformers' own mapping.
+A sliced parameter trains only its slices: the other elements get no gradient, and the caller
+keeps them out of weight decay (:attr:`FreezeReport.partial`), so they do not change at all.
 """
 
 from __future__ import annotations
@@ -63,10 +71,32 @@ def read_layer_file(path: str | Path) -> list[str]:
     return entries
 
 
+_SLICE = re.compile(r"^(?P<pattern>.+?)\[(?P<spec>[0-9]*(?::[0-9]*)?(?:, *[0-9]*:[0-9]*)?)\]$")
+
+
+def split_slice(entry: str) -> tuple[str, tuple[slice, ...] | None]:
+    """``"^w$[7, 0:32]"`` -> ``("^w$", (slice(7, 8), slice(0, 32)))``; no slice -> ``None``."""
+    match = _SLICE.match(entry)
+    if match is None:
+        return entry, None
+    parts = [p.strip() for p in match.group("spec").split(",")]
+    index = []
+    for part in parts:
+        if ":" in part:
+            start, stop = part.split(":")
+            index.append(slice(int(start) if start else 0, int(stop) if stop else None))
+        elif part:
+            index.append(slice(int(part), int(part) + 1))
+        else:
+            raise SpectrumError(f"layer file entry {entry!r}: empty slice")
+    return match.group("pattern"), tuple(index)
+
+
 def compile_entry(entry: str, name_prefix: str | None = None) -> re.Pattern[str]:
-    """Turn one layer-file entry into the regular expression matched against parameter names."""
+    """Turn one layer-file entry (without its slice) into the regular expression matched
+    against parameter names."""
     body = entry[1:] if entry.startswith("^") else entry
-    if name_prefix and body.startswith("model."):
+    if name_prefix and body.startswith("model.") and not body.startswith(name_prefix):
         body = name_prefix + body[len("model.") :]
     anchored_end = body.endswith("$")
     if anchored_end:
@@ -84,12 +114,16 @@ def compile_entry(entry: str, name_prefix: str | None = None) -> re.Pattern[str]
 
 @dataclass
 class FreezeReport:
-    """What :func:`freeze_except` did."""
+    """What :func:`freeze_except` did. ``partial`` maps a parameter that trains only in parts
+    to those parts (index tuples); ``translated`` maps checkpoint-named entries to the entries
+    they became."""
 
     trainable: list[str]
     trainable_params: int
     all_params: int
     tied: list[str] = field(default_factory=list)
+    partial: dict[str, list[tuple[slice, ...]]] = field(default_factory=dict)
+    translated: dict[str, str] = field(default_factory=dict)
 
     @property
     def trainable_percent(self) -> float:
@@ -106,45 +140,140 @@ class FreezeReport:
 def freeze_except(
     model: torch.nn.Module, entries: Sequence[str] | str | Path, *, name_prefix: str | None = None
 ) -> FreezeReport:
-    """Set ``requires_grad`` so exactly the parameters matching ``entries`` train.
+    """Set ``requires_grad`` so exactly the parameters (or slices) matching ``entries`` train.
 
     ``entries`` is a list of layer-file entries or the path of a layer file. ``name_prefix``
-    rewrites a leading ``model.`` in every entry (``"model.language_model."`` for multimodal
-    checkpoints whose text model is nested). Raises :class:`SpectrumError` naming every entry that
-    matches nothing.
+    rewrites a leading ``model.`` in every entry that does not already carry it (rarely needed:
+    checkpoint names are translated to the loaded model's). Raises :class:`SpectrumError`
+    naming every entry that matches nothing.
     """
     if isinstance(entries, (str, Path)):
         entries = read_layer_file(entries)
-    patterns = [(entry, compile_entry(entry, name_prefix)) for entry in entries]
     # Aliases too: a tied lm_head.weight appears only with remove_duplicate=False.
     named = list(model.named_parameters(remove_duplicate=False))
     canonical = {id(p): n for n, p in model.named_parameters()}
-    matched_ids: set[int] = set()
-    unmatched = []
-    tied = []
-    for entry, pattern in patterns:
+    translate = None
+    whole: set[int] = set()
+    parts: dict[int, list[tuple[slice, ...]]] = {}
+    unmatched, tied, translated = [], [], {}
+    for entry in entries:
+        body, index = split_slice(entry)
+        pattern = compile_entry(body, name_prefix)
         hits = [(n, p) for n, p in named if pattern.match(n)]
+        if not hits and index is None and _is_literal(body):
+            translate = translate or _translator(model)
+            target = translate(body.strip("^$") + ".weight")
+            if target is not None:
+                translated[entry] = target.entry()
+                body, index = split_slice(target.entry())
+                hits = [(n, p) for n, p in named if compile_entry(body).match(n)]
         if not hits:
             unmatched.append(entry)
         for name, param in hits:
-            matched_ids.add(id(param))
+            if index is None:
+                whole.add(id(param))
+            else:
+                _check_index(entry, name, param, index)
+                parts.setdefault(id(param), []).append(index)
             if canonical[id(param)] != name:
                 tied.append(f"{name} is tied to {canonical[id(param)]}")
     if unmatched:
         raise SpectrumError(_unmatched_message(unmatched, [n for n, _ in named], name_prefix))
+    for ident in whole:
+        parts.pop(ident, None)  # a whole-parameter entry wins over its slices
+    trainable_ids = whole | set(parts)
     for _, param in named:
-        param.requires_grad_(id(param) in matched_ids)
+        param.requires_grad_(id(param) in trainable_ids)
     unique = {id(p): p for _, p in named}
+    partial = {}
+    for ident, regions in parts.items():
+        param = unique[ident]
+        param.register_hook(_keep_regions(tuple(regions)))
+        partial[canonical[ident]] = regions
     report = FreezeReport(
-        trainable=[n for n, p in model.named_parameters() if id(p) in matched_ids],
-        trainable_params=sum(p.numel() for i, p in unique.items() if i in matched_ids),
+        trainable=[n for n, p in model.named_parameters() if id(p) in trainable_ids],
+        trainable_params=sum(unique[i].numel() for i in whole)
+        + sum(_region_size(unique[i], r) for i, r in parts.items()),
         all_params=sum(p.numel() for p in unique.values()),
         tied=sorted(set(tied)),
+        partial=partial,
+        translated=translated,
     )
     for note in report.tied:
         log.warning("%s: unfreezing it trains the shared weight (input and output embedding)", note)
+    if translated:
+        first = next(iter(translated.items()))
+        log.info(
+            "%d layer-file entries use the checkpoint's names and were translated to the loaded "
+            "model's, e.g. %s -> %s",
+            len(translated),
+            *first,
+        )
     log.info("%s", report.summary())
     return report
+
+
+def _is_literal(body: str) -> bool:
+    return re.fullmatch(r"\^?[A-Za-z0-9_.]+\$?", body) is not None
+
+
+def _translator(model):
+    from .names import translator
+
+    return translator(model)
+
+
+def _check_index(entry: str, name: str, param, index: tuple[slice, ...]) -> None:
+    for dim, part in enumerate(index):
+        size = param.shape[dim] if dim < param.ndim else 0
+        stop = size if part.stop is None else part.stop
+        if dim >= param.ndim or part.start >= stop or stop > size:
+            raise SpectrumError(
+                f"layer file entry {entry!r}: slice out of range for {name} of shape "
+                f"{list(param.shape)}"
+            )
+
+
+def _region_size(param, regions) -> int:
+    """Elements in the union of ``regions`` (slices of the leading dimensions), counted on a
+    mask of those dimensions only, never of the whole parameter."""
+    import math
+
+    import torch
+
+    depth = max(len(r) for r in regions)
+    mask = torch.zeros(param.shape[:depth], dtype=torch.bool)
+    for region in regions:
+        mask[region] = True
+    return int(mask.sum()) * math.prod(param.shape[depth:])
+
+
+def _keep_regions(regions: tuple[tuple[slice, ...], ...]):
+    """A gradient hook that keeps ``regions`` and zeroes the rest (a new tensor: the hook may
+    not change the gradient in place)."""
+
+    def hook(grad):
+        kept = grad.new_zeros(grad.shape)
+        for region in regions:
+            kept[region] = grad[region]
+        return kept
+
+    return hook
+
+
+def region_weight_decay(model: torch.nn.Module, partial: dict, factor: float) -> None:
+    """Decoupled weight decay (``p *= factor``) on the trained regions of partly trained
+    parameters only; the optimizer gives them no decay of its own."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, regions in partial.items():
+            param = params.get(name)
+            if param is None:  # a wrapper renamed it (DDP's "module." prefix)
+                param = next(p for n, p in params.items() if n.endswith("." + name))
+            for region in regions:
+                param.data[region] *= factor
 
 
 def _unmatched_message(unmatched: Iterable[str], names: list[str], prefix: str | None) -> str:

@@ -1,9 +1,16 @@
 """The streaming Spectrum scan: read tensors shard by shard, score each, write the reference files.
 
 A fetch thread brings shards in (downloading the next one while this one is scored); a pool of
-workers, one per core, each reads one weight in chunks along its long side with plain positioned
-reads, builds its float64 Gram matrix and takes the eigenvalues. Memory follows the chunk size
-and the number of workers, not the model size.
+workers, one per core, each reads one weight in chunks along its long side, builds its Gram
+matrix and takes the eigenvalues. Memory follows the chunk size and the number of workers, not
+the model size.
+
+Precision (``precision="certified"``, the default): the Gram matrix and its eigenvalues are
+computed in float32, each score with an interval that holds the float64 method's score (see
+:func:`spectrum_sm.core.snr.float32_eigenvalue_bound`). Once every weight is scored, the weights
+whose interval could move them across their type's selection boundary are recomputed in float64,
+until the selection provably equals the float64 method's. ``precision="float64"`` computes
+everything in float64; ``exact=True`` uses float32 ``svdvals`` like the reference.
 """
 
 from __future__ import annotations
@@ -20,67 +27,51 @@ from pathlib import Path
 from typing import Any
 
 from . import selection as sel
-from .atomic import ensure_output_dir, write_files_atomically
-from .checkpoint import (
-    DTYPE_BYTES,
-    FLOAT_DTYPES,
-    ShardSource,
-    TensorInfo,
-    read_config,
-    read_header,
-    read_header_and_offset,
-    shard_files,
-    tensors_from_header,
-)
+from .atomic import ensure_output_dir, output_lock, write_files_atomically
 from .errors import SpectrumError
+from .names import TOWERS, ModelNames, model_names
 from .progress import Progress
 from .snr import (
     GramAccumulator,
     as_matrix_shape,
+    float32_eigenvalue_bound,
     module_type,
     natural_key,
     singular_values_exact,
+    snr_bounds,
     snr_from_singular_values,
+)
+from .weights import (
+    FLOAT_DTYPES,
+    FP8_DTYPES,
+    ShardSource,
+    TensorInfo,
+    is_safetensors,
+    open_shard,
+    read_config,
+    read_header,
+    shard_files,
+    tensors_from_header,
 )
 
 log = logging.getLogger(__name__)
 
-EMBED_SUFFIXES = (
-    "embed_tokens.weight",
-    "wte.weight",
-    "word_embeddings.weight",
-    "embed_in.weight",
-    "tok_embeddings.weight",
-)
-LM_HEAD = "lm_head.weight"
 DEFAULT_CHUNK_MB = 64
-
-
-def _torch_dtypes() -> dict[str, Any]:
-    import torch
-
-    return {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "F8_E4M3": torch.float8_e4m3fn,
-        "F8_E5M2": torch.float8_e5m2,
-    }
-
-
-class _TorchDtypes(dict):
-    def __missing__(self, key: str) -> Any:
-        self.update(_torch_dtypes())
-        return self[key]
-
-
-TORCH_DTYPES: dict[str, Any] = _TorchDtypes()
+PRECISIONS = ("certified", "float64")
+#: Weights whose short side is at most this are computed in float64 straight away: their
+#: eigenvalues cost next to nothing, and 1-D norms all score alike (1.0), so they tie.
+FLOAT64_BELOW = 128
+#: Quantization methods whose weights cannot be scored from the checkpoint as stored.
+_PACKED_QUANTIZATION = {"gptq", "awq", "bitsandbytes", "mxfp4", "hqq", "aqlm", "eetq", "quanto"}
 
 
 @dataclass
 class TensorScore:
-    """The score of one weight and what it cost."""
+    """The score of one weight and what it cost.
+
+    ``bounds`` holds the float64 method's score (a point for ``precision == "float64"``);
+    ``error`` is the absolute bound on each Gram eigenvalue behind it.
+    """
 
     module: str
     type: str
@@ -88,6 +79,12 @@ class TensorScore:
     shape: tuple[int, ...]
     dtype: str
     seconds: float
+    precision: str = "float64"
+    bounds: tuple[float, float] | None = None
+    error: float = 0.0
+    tower: str = "language"
+    stored: str = ""
+    entry: str = ""
 
 
 @dataclass
@@ -109,17 +106,31 @@ class ScanResult:
     seconds: float
     skipped: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
+    towers: list[str] = field(default_factory=lambda: ["language"])
+    embedding_entries: list[str] = field(default_factory=lambda: list(sel.EMBEDDING_ENTRIES))
+    names_source: str = "checkpoint names"
+    certified_percents: list[float] = field(default_factory=list)
+    recomputed: list[str] = field(default_factory=list)
 
     def snr_table(self) -> dict[str, dict[str, Any]]:
         """``{module: {"snr": float, "type": str}}`` in model order (the reference's JSON)."""
         return {m: {"snr": s.snr, "type": s.type} for m, s in self.scores.items()}
+
+    def entries(self) -> dict[str, str]:
+        """Module -> layer-file entry, where they differ (fused expert slices)."""
+        return {m: s.entry for m, s in self.scores.items() if s.entry and s.entry != m}
 
     def selection(self, percent: float | None = None) -> dict[str, list[str]]:
         """Per type, the modules to train at ``percent`` (default: the scan's percent)."""
         return sel.select_layers(self.snr_table(), percent or self.top_percent)
 
     def layer_file_text(self, percent: float | None = None) -> str:
-        return sel.layer_file_text(self.selection(percent), self.embeddings)
+        return sel.layer_file_text(
+            self.selection(percent),
+            self.embeddings,
+            embedding_entries=self.embedding_entries,
+            entries=self.entries(),
+        )
 
     def manifest(self) -> dict[str, Any]:
         import torch
@@ -141,27 +152,24 @@ class ScanResult:
             "method": self.method,
             "device": self.device,
             "top_percent": self.top_percent,
+            "certified_percents": self.certified_percents,
             "include": self.include,
             "exclude": self.exclude,
+            "towers": self.towers,
             "embeddings": self.embeddings,
+            "embedding_entries": self.embedding_entries,
             "tied_embeddings": self.tied_embeddings,
+            "names": self.names_source,
             "skipped": self.skipped,
+            "recomputed_in_float64": self.recomputed,
             "seconds": round(self.seconds, 3),
-            "tensors": {
-                m: {
-                    "snr": s.snr,
-                    "type": s.type,
-                    "shape": list(s.shape),
-                    "dtype": s.dtype,
-                    "seconds": round(s.seconds, 4),
-                }
-                for m, s in self.scores.items()
-            },
+            "tensors": {m: _tensor_record(s) for m, s in self.scores.items()},
             "files": {k: p.name for k, p in self.files.items()},
         }
 
-    def write(self, output_dir: str | Path) -> dict[str, Path]:
-        """Write the reference's three files and our manifest, atomically."""
+    def write(self, output_dir: str | Path, *, lock: bool = True) -> dict[str, Path]:
+        """Write the reference's three files and our manifest, atomically, as one set
+        (``lock=False`` when the caller already holds the folder's lock)."""
         out = ensure_output_dir(output_dir)
         names = {
             "results": sel.results_file_name(self.slug),
@@ -177,8 +185,33 @@ class ScanResult:
             names["layers"]: self.layer_file_text(),
             names["manifest"]: json.dumps(self.manifest(), indent=2) + "\n",
         }
-        write_files_atomically(out, texts)
+        if lock:
+            with output_lock(out):
+                write_files_atomically(out, texts)
+        else:
+            write_files_atomically(out, texts)
         return self.files
+
+
+def _tensor_record(score: TensorScore) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "snr": score.snr,
+        "type": score.type,
+        "shape": list(score.shape),
+        "dtype": score.dtype,
+        "seconds": round(score.seconds, 4),
+        "precision": score.precision,
+    }
+    if score.bounds is not None:
+        record["bounds"] = list(score.bounds)
+        record["eigenvalue_error"] = score.error
+    if score.tower != "language":
+        record["tower"] = score.tower
+    if score.stored and score.stored != f"{score.module}.weight":
+        record["stored"] = score.stored
+    if score.entry and score.entry != score.module:
+        record["entry"] = score.entry
+    return record
 
 
 def resolve_device(device: str) -> str:
@@ -195,74 +228,143 @@ def resolve_device(device: str) -> str:
 
 
 @dataclass
+class _Weight:
+    """One weight to score: where it is stored and how to read it."""
+
+    info: TensorInfo
+    module: str
+    type: str
+    tower: str
+    entry: str
+    scale: TensorInfo | None = None  # the dequantization scale of an FP8 or integer weight
+    block: tuple[int, int] | None = None  # its block shape, when the scale is per block
+
+
+@dataclass
 class _Plan:
-    tensors: list[TensorInfo]
-    tied: bool
+    weights: list[_Weight]
+    names: ModelNames
     skipped: list[str]
 
 
+def _check_quantization(config: dict[str, Any] | None) -> None:
+    quant = (config or {}).get("quantization_config") or {}
+    method = str(quant.get("quant_method", "")).lower()
+    if method in _PACKED_QUANTIZATION or quant.get("load_in_4bit") or quant.get("load_in_8bit"):
+        raise SpectrumError(
+            f"the checkpoint is quantized with {method or 'bitsandbytes'}: its weights are packed "
+            "integers, and Spectrum's scores need the real weights; scan the unquantized model "
+            "(the scores apply to any of its quantized copies)"
+        )
+
+
 def _plan(
-    source: ShardSource,
-    shards: list[str],
+    infos: list[TensorInfo],
+    config: dict[str, Any] | None,
+    *,
     include: list[str],
     exclude: list[str],
-    config: dict[str, Any] | None,
-    headers: dict[str, dict[str, Any]],
+    towers: list[str],
+    location: str,
 ) -> _Plan:
-    """Choose the weights to score from the shard headers."""
-    everything: list[TensorInfo] = []
-    for shard in shards:
-        everything += tensors_from_header(headers[shard], shard)
-    embedding = _input_embedding(everything, config)
-    has_lm_head = any(t.name == LM_HEAD or t.name.endswith("." + LM_HEAD) for t in everything)
-    # Tied checkpoints store the shared matrix once, as the input embedding.
-    tied = embedding is not None and (
-        not has_lm_head or bool((config or {}).get("tie_word_embeddings", False))
-    )
-    skipped = []
-    weights = []
-    for info in everything:
+    """Choose the weights to score, with their loaded-model names, towers and types."""
+    _check_quantization(config)
+    by_name = {t.name: t for t in infos}
+    names = model_names(config, {t.name: t.shape for t in infos})
+    for note in names.notes:
+        log.info("%s", note)
+    head_param = names.output_head
+    skipped, weights, refused = [], [], []
+    left_out: dict[str, int] = {}
+    for info in infos:
         if not info.name.endswith(".weight"):
+            continue  # biases, buffers and the scales of quantized weights
+        stored_module = info.name[: -len(".weight")]
+        target = names.target(info.name)
+        if names.tied and target.param == head_param != names.input_embedding:
+            skipped.append(f"{stored_module}: tied to the input embedding, scored once")
             continue
-        module = info.name[: -len(".weight")]
-        if tied and (info.name == LM_HEAD or info.name.endswith("." + LM_HEAD)):
-            skipped.append(f"{module}: tied to the input embedding, scored once")
-            continue
-        if info.dtype not in FLOAT_DTYPES:
-            skipped.append(f"{module}: {info.dtype} is not a floating-point weight")
+        tower = names.tower(info.name)
+        if tower not in towers:
+            left_out[tower] = left_out.get(tower, 0) + 1
             continue
         if len(info.shape) not in (1, 2) or info.numel == 0:
-            skipped.append(f"{module}: shape {list(info.shape)} is not a 1-D or 2-D weight")
+            skipped.append(f"{stored_module}: shape {list(info.shape)} is not a 1-D or 2-D weight")
             continue
-        weights.append(info)
-    types = list(dict.fromkeys(module_type(t.name[: -len(".weight")]) for t in weights))
-    if not types:
-        raise SpectrumError(f"{source.location}: no floating-point 1-D or 2-D weights to scan")
-    kept = set(sel.filter_types(types, include, exclude))
-    weights = [t for t in weights if module_type(t.name[: -len(".weight")]) in kept]
-    if tied:
-        log.info(
-            "lm_head is tied to %s (tie_word_embeddings): it is scored once, as the embedding",
-            embedding.removesuffix(".weight"),
+        scale = block = None
+        if info.dtype not in FLOAT_DTYPES or info.dtype in FP8_DTYPES:
+            scale, block = _scale_of(info, by_name, _block_size(config))
+            if scale is None:
+                refused.append(f"{info.name} ({info.dtype})")
+                continue
+        module = names.module(info.name)
+        kind = module_type(module)
+        weights.append(
+            _Weight(
+                info,
+                module,
+                kind if tower == "language" else f"{tower}:{kind}",
+                tower,
+                target.entry(),
+                scale,
+                block,
+            )
         )
+    if refused:
+        raise SpectrumError(
+            f"{len(refused)} weights are stored as integers or 8-bit floats without a scale "
+            f"this scan can apply, e.g. {', '.join(refused[:3])}; raw quantized values would give "
+            "wrong scores. Scan the unquantized model, or --exclude their types"
+        )
+    for tower, count in sorted(left_out.items()):
+        log.info(
+            "left out %d %s weights (scanning towers: %s; --towers all includes them)",
+            count,
+            tower,
+            ", ".join(towers),
+        )
+    types = list(dict.fromkeys(w.type for w in weights))
+    if not types:
+        raise SpectrumError(f"{location}: no 1-D or 2-D weights to scan in towers {towers}")
+    kept = set(sel.filter_types(types, include, exclude))
+    weights = [w for w in weights if w.type in kept]
+    if names.tied:
+        log.info("the output head is tied to the input embedding: it is scored once")
     for reason in skipped:
         log.info("skipped %s", reason)
-    return _Plan(weights, tied, skipped)
+    return _Plan(weights, names, skipped)
 
 
-def _input_embedding(tensors: list[TensorInfo], config: dict[str, Any] | None) -> str | None:
-    """The input embedding's tensor name: by its usual names, else the one 2-D weight whose
-    first dimension is the vocabulary size."""
-    named = sorted(t.name for t in tensors if t.name.endswith(EMBED_SUFFIXES))
-    if named:
-        return named[0]
-    vocab = (config or {}).get("vocab_size")
-    by_shape = [
-        t.name
-        for t in tensors
-        if len(t.shape) == 2 and t.shape[0] == vocab and not t.name.endswith(LM_HEAD)
-    ]
-    return by_shape[0] if len(by_shape) == 1 else None
+def _block_size(config: dict[str, Any] | None) -> tuple[int, int] | None:
+    block = ((config or {}).get("quantization_config") or {}).get("weight_block_size")
+    if isinstance(block, (list, tuple)) and len(block) == 2:
+        return int(block[0]), int(block[1])
+    return None
+
+
+def _scale_of(
+    info: TensorInfo, by_name: dict[str, TensorInfo], block: tuple[int, int] | None
+) -> tuple[TensorInfo | None, tuple[int, int] | None]:
+    """The dequantization scale stored beside a quantized weight, when its shape is one we
+    apply: per tensor, per output row, or per block (DeepSeek / Qwen FP8: ``weight_scale_inv``
+    of 128 x 128 blocks, the block size from ``quantization_config.weight_block_size`` or else
+    dividing the weight exactly)."""
+    base = info.name[: -len(".weight")]
+    for suffix in (".weight_scale_inv", ".weight_scale"):
+        scale = by_name.get(base + suffix)
+        if scale is None or scale.shard != info.shard or len(info.shape) != 2:
+            continue
+        n, m = info.shape
+        if scale.numel == 1 or scale.shape in ((n,), (n, 1)):
+            return scale, None
+        if len(scale.shape) != 2:
+            continue
+        rows, cols = scale.shape
+        if block is None and n % rows == 0 and m % cols == 0:
+            block = (n // rows, m // cols)
+        if block is not None and (-(-n // block[0]), -(-m // block[1])) == (rows, cols):
+            return scale, block
+    return None, None
 
 
 def _cost(info: TensorInfo) -> float:
@@ -275,46 +377,51 @@ class _Stopped(Exception):
     """Raised inside a worker when another worker has failed."""
 
 
-def _read_rows(handle, offset: int, rows: int, m: int, row_bytes: int, dtype, info: TensorInfo):
-    # Plain positioned reads, not mmap: mapped pages would count towards the process's memory
-    # and grow with the model, while reads stay bounded by the chunk size.
+def _dequantize(rows, weight: _Weight, start: int, scale):
+    """Rows ``start:start+len(rows)`` of a weight as float32, scaled back when quantized."""
     import torch
 
-    buffer = bytearray(rows * row_bytes)
-    handle.seek(offset)
-    if handle.readinto(buffer) != len(buffer):
-        raise SpectrumError(f"{info.shard}: tensor {info.name!r} is cut short (file truncated?)")
-    return torch.frombuffer(buffer, dtype=dtype).view(rows, m)
+    values = rows.to(torch.float32)
+    if scale is None:
+        return values
+    if scale.numel() == 1:
+        return values * scale.reshape(())
+    if scale.ndim == 1 or scale.shape[1] == 1:
+        return values * scale.reshape(-1, 1)[start : start + values.shape[0]]
+    m = weight.info.shape[1]
+    block_n, block_m = weight.block
+    row_index = torch.arange(start, start + values.shape[0]) // block_n
+    col_scale = scale[row_index].repeat_interleave(block_m, dim=1)[:, :m]
+    return values * col_scale
 
 
-def _chunks(handle, offset: int, info: TensorInfo, chunk_elements: int, whole: bool):
-    """The weight as ``(k, short)`` blocks along its long side (or whole, for exact mode)."""
+def _chunks(reader, weight: _Weight, scale, chunk_elements: int, whole: bool):
+    """The weight as ``(k, short)`` float32 blocks along its long side (or whole)."""
+    info = weight.info
     n, m = as_matrix_shape(info.shape)
-    dtype = TORCH_DTYPES[info.dtype]
-    row_bytes = m * DTYPE_BYTES[info.dtype]
     if whole or n < m:
         # Wide weights are read whole (at most the largest tensor) and cut into transposed
         # column blocks.
-        weight = _read_rows(handle, offset, n, m, row_bytes, dtype, info)
+        matrix = _dequantize(reader.rows(info, 0, n), weight, 0, scale)
         if whole:
-            yield weight
+            yield matrix
             return
         step = max(1, chunk_elements // n)
         for start in range(0, m, step):
-            yield weight[:, start : start + step].T
+            yield matrix[:, start : start + step].T
         return
     step = max(1, chunk_elements // m)
     for start in range(0, n, step):
         rows = min(step, n - start)
-        yield _read_rows(handle, offset + start * row_bytes, rows, m, row_bytes, dtype, info)
+        yield _dequantize(reader.rows(info, start, rows), weight, start, scale)
 
 
 def _score_tensor(
-    path: Path,
-    offset: int,
-    info: TensorInfo,
+    shard,
+    weight: _Weight,
     *,
     device: str,
+    precision: str,
     exact: bool,
     chunk_elements: int,
     stop: threading.Event,
@@ -323,12 +430,20 @@ def _score_tensor(
     import torch
 
     started = time.perf_counter()
-    module = info.name[: -len(".weight")]
+    info = weight.info
     n, m = as_matrix_shape(info.shape)
-    with torch.no_grad(), open(path, "rb", buffering=0) as handle:
-        acc = None if exact else GramAccumulator(min(n, m), device=device)
+    short, long = min(n, m), max(n, m)
+    float32 = precision == "certified" and short > FLOAT64_BELOW and not exact
+    bounds, error = None, 0.0
+    with torch.no_grad(), shard.reader() as reader:
+        scale = None
+        if weight.scale is not None:
+            scale = reader.rows(weight.scale, 0, max(1, weight.scale.shape[0])).to(torch.float32)
+            scale = scale.reshape(weight.scale.shape) if weight.scale.shape else scale.reshape(())
+        dtype = torch.float32 if float32 else torch.float64
+        acc = None if exact else GramAccumulator(short, device=device, dtype=dtype)
         whole = None
-        for chunk in _chunks(handle, offset, info, chunk_elements, exact):
+        for chunk in _chunks(reader, weight, scale, chunk_elements, exact):
             if stop.is_set():
                 raise _Stopped
             if acc is None:
@@ -336,14 +451,31 @@ def _score_tensor(
             else:
                 acc.add(chunk)
         try:
-            values = (
-                singular_values_exact(whole.to(device)) if acc is None else acc.singular_values()
-            )
-            score = snr_from_singular_values(values, n, m)
+            if acc is None:
+                score = snr_from_singular_values(singular_values_exact(whole.to(device)), n, m)
+            elif float32:
+                eigenvalues, shifted_norm = acc.shifted_eigenvalues()
+                error = float32_eigenvalue_bound(float(eigenvalues[0]), shifted_norm, short, long)
+                score = snr_from_singular_values(eigenvalues.clamp_min(0.0).sqrt(), n, m)
+                bounds = snr_bounds(eigenvalues, error, n, m)
+            else:
+                score = snr_from_singular_values(acc.singular_values(), n, m)
+                bounds = (score, score)
         except (ValueError, RuntimeError) as exc:  # torch.linalg errors are RuntimeErrors
             raise SpectrumError(f"{info.shard}: tensor {info.name!r}: {exc}") from exc
     return TensorScore(
-        module, module_type(module), score, info.shape, info.dtype, time.perf_counter() - started
+        weight.module,
+        weight.type,
+        score,
+        info.shape,
+        info.dtype,
+        time.perf_counter() - started,
+        precision="svdvals-float32" if exact else "float32" if float32 else "float64",
+        bounds=bounds,
+        error=error,
+        tower=weight.tower,
+        stored=info.name,
+        entry=weight.entry,
     )
 
 
@@ -357,20 +489,25 @@ def _worker_count(device: str) -> int:
 
 def _run_pipeline(
     source: ShardSource,
-    plan: _Plan,
+    weights: list[_Weight],
     *,
     device: str,
+    precision: str,
     exact: bool,
     chunk_elements: int,
     progress: Progress,
+    opened: dict[str, Any] | None = None,
 ) -> dict[str, TensorScore]:
     """Fetch shards one ahead, score their weights on a pool of workers, release shards."""
     import torch
 
-    by_shard: dict[str, list[TensorInfo]] = {}
-    for info in plan.tensors:
-        by_shard.setdefault(info.shard, []).append(info)
+    by_shard: dict[str, list[_Weight]] = {}
+    for weight in weights:
+        by_shard.setdefault(weight.info.shard, []).append(weight)
     shards = list(by_shard)
+    if not shards:
+        return {}
+    opened = opened if opened is not None else {}
     workers = _worker_count(device)
     threads_before = torch.get_num_threads()
     stop = threading.Event()
@@ -379,38 +516,45 @@ def _run_pipeline(
     pool = ThreadPoolExecutor(workers, thread_name_prefix="spectrum-worker")
     if workers > 1:
         torch.set_num_threads(1)
+
+    def fetch_and_open(shard: str):
+        if shard in opened:
+            return opened[shard]
+        return open_shard(source.fetch(shard), f"{source.location}/{shard}")
+
     try:
-        fetches: dict[str, Future] = {shards[0]: fetcher.submit(source.fetch, shards[0])}
-        in_flight: list[tuple[str, dict[Future, TensorInfo]]] = []
+        fetches: dict[str, Future] = {shards[0]: fetcher.submit(fetch_and_open, shards[0])}
+        in_flight: list[tuple[str, Any, dict[Future, _Weight]]] = []
         for index, shard in enumerate(shards):
-            path = fetches.pop(shard).result()
+            handle = fetches.pop(shard).result()
             if index + 1 < len(shards):
                 nxt = shards[index + 1]
-                fetches[nxt] = fetcher.submit(source.fetch, nxt)
-            header, data_start = read_header_and_offset(path, f"{source.location}/{shard}")
+                fetches[nxt] = fetcher.submit(fetch_and_open, nxt)
             # Largest first, so the pool does not end on one big weight with idle cores.
-            tasks = sorted(by_shard[shard], key=_cost, reverse=True)
+            tasks = sorted(by_shard[shard], key=lambda w: _cost(w.info), reverse=True)
             futures = {
                 pool.submit(
                     _score_tensor,
-                    path,
-                    data_start + header[t.name]["data_offsets"][0],
-                    t,
+                    handle,
+                    w,
                     device=device,
+                    precision=precision,
                     exact=exact,
                     chunk_elements=chunk_elements,
                     stop=stop,
-                ): t
-                for t in tasks
+                ): w
+                for w in tasks
             }
-            in_flight.append((shard, futures))
+            in_flight.append((shard, handle, futures))
             while len(in_flight) > 1 or (in_flight and index == len(shards) - 1):
-                done_shard, done = in_flight.pop(0)
+                done_shard, done_handle, done = in_flight.pop(0)
                 for future in as_completed(done):
                     score = future.result()
                     scores[score.module] = score
-                    progress.update(_cost(done[future]), score.module)
-                source.release(done_shard)
+                    progress.update(_cost(done[future].info), score.module)
+                if done_shard not in opened:
+                    done_handle.close()
+                    source.release(done_shard)
     except BaseException:
         stop.set()
         raise
@@ -421,6 +565,55 @@ def _run_pipeline(
     return scores
 
 
+def uncertain_weights(scores: dict[str, TensorScore], percents: Iterable[float]) -> list[str]:
+    """Weights whose score interval could move them across a selection boundary at one of
+    ``percents``: recomputing these in float64 makes the selections the float64 method's.
+
+    The top ``k`` of a type (by score, stable) is certain when every selected weight's lower
+    bound is above every other weight's upper bound; two float64 scores compare exactly.
+    """
+    table = {m: {"snr": s.snr, "type": s.type} for m, s in scores.items()}
+    doubtful: dict[str, None] = {}
+    for percent in percents:
+        for layer_type, chosen in sel.select_layers(table, percent).items():
+            members = [m for m, s in scores.items() if s.type == layer_type]
+            if not chosen or len(chosen) == len(members):
+                continue
+            picked = set(chosen)
+            rest = [m for m in members if m not in picked]
+            for i in chosen:
+                for j in rest:
+                    a, b = scores[i], scores[j]
+                    if a.precision == b.precision == "float64":
+                        continue
+                    if not a.bounds[0] > b.bounds[1]:
+                        for m in (i, j):
+                            if scores[m].precision != "float64":
+                                doubtful[m] = None
+    return list(doubtful)
+
+
+def _read_headers(source: ShardSource, shards: list[str]) -> tuple[list[TensorInfo], dict]:
+    """Every tensor of the checkpoint, from the safetensors headers (remote ones by ranged
+    reads); ``.bin`` shards have no header and are opened (memory-mapped) here."""
+    infos: list[TensorInfo] = []
+    opened: dict[str, Any] = {}
+    remote_header = getattr(source, "read_header", None)
+    for shard in shards:
+        if is_safetensors(shard):
+            header = (
+                remote_header(shard)
+                if remote_header is not None
+                else read_header(source.fetch(shard), f"{source.location}/{shard}")
+            )
+            infos += tensors_from_header(header, shard)
+        else:
+            handle = open_shard(source.fetch(shard), f"{source.location}/{shard}")
+            opened[shard] = handle
+            infos += handle.tensors
+    return infos, opened
+
+
 def scan_source(
     source: ShardSource,
     top_percent: float = 50,
@@ -429,6 +622,9 @@ def scan_source(
     exclude: Iterable[str] | None = None,
     embeddings: bool = True,
     exact: bool = False,
+    precision: str = "certified",
+    certify_percents: Iterable[float] = (),
+    towers: Iterable[str] = ("language",),
     device: str = "auto",
     chunk_mb: int = DEFAULT_CHUNK_MB,
     output_dir: str | Path | None = None,
@@ -438,50 +634,128 @@ def scan_source(
 
     started = time.perf_counter()
     top_percent = sel.check_percent(top_percent)
+    percents = sorted({top_percent, *(sel.check_percent(p) for p in certify_percents)})
     include, exclude = list(include or []), list(exclude or [])
-    if output_dir is not None:
-        ensure_output_dir(output_dir)  # fail before an hour of work, not after
-    device = resolve_device(device)
+    towers = _check_towers(towers)
+    if precision not in PRECISIONS:
+        raise SpectrumError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if chunk_mb <= 0:
         raise SpectrumError(f"chunk size must be positive, got {chunk_mb} MB")
+    lock = None
+    if output_dir is not None:
+        # Fail before an hour of work, not after; and keep a second scan out of this folder.
+        lock = output_lock(ensure_output_dir(output_dir), wait=False)
+        lock.__enter__()
+    try:
+        device = resolve_device(device)
+        result = _scan(
+            source,
+            top_percent,
+            percents,
+            include=include,
+            exclude=exclude,
+            embeddings=embeddings,
+            exact=exact,
+            precision=precision,
+            towers=towers,
+            device=device,
+            chunk_mb=chunk_mb,
+            show_progress=show_progress,
+        )
+        result.seconds = time.perf_counter() - started
+        if output_dir is not None:
+            result.write(output_dir, lock=False)
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+    log.info("scanned %d weights in %.1f s", len(result.scores), result.seconds)
+    return result
 
+
+def _check_towers(towers: Iterable[str]) -> list[str]:
+    chosen = [t.strip() for t in ([towers] if isinstance(towers, str) else towers) if t.strip()]
+    if "all" in chosen:
+        return list(TOWERS)
+    unknown = [t for t in chosen if t not in TOWERS]
+    if unknown or not chosen:
+        got = ", ".join(chosen) or "none"
+        raise SpectrumError(f"towers must be 'all' or some of {', '.join(TOWERS)}, got {got}")
+    return chosen
+
+
+def _scan(
+    source: ShardSource,
+    top_percent: float,
+    percents: list[float],
+    *,
+    include: list[str],
+    exclude: list[str],
+    embeddings: bool,
+    exact: bool,
+    precision: str,
+    towers: list[str],
+    device: str,
+    chunk_mb: int,
+    show_progress: bool,
+) -> ScanResult:
     shards = shard_files(source)
     config = read_config(source)
-    headers: dict[str, dict[str, Any]] = {}
-    for shard in shards:
-        # Local shards are validated up front; remote ones again when they arrive.
-        remote_header = getattr(source, "read_header", None)
-        if remote_header is not None:
-            headers[shard] = remote_header(shard)
-        else:
-            headers[shard] = read_header(source.fetch(shard), f"{source.location}/{shard}")
-    plan = _plan(source, shards, include, exclude, config, headers)
-    method = "svdvals-float32" if exact else "gram-float64-eigvalsh"
-    log.info(
-        "scanning %d weights of %s (%d shard%s) on %s with %s",
-        len(plan.tensors),
-        source.location,
-        len(shards),
-        "" if len(shards) == 1 else "s",
-        device,
-        method,
-    )
-    progress = Progress(
-        sum(_cost(t) for t in plan.tensors), len(plan.tensors), "SNR scan", show_progress
-    )
+    infos, opened = _read_headers(source, shards)
     try:
-        scores = _run_pipeline(
-            source,
-            plan,
-            device=device,
-            exact=exact,
-            chunk_elements=chunk_mb * 1024 * 1024 // 8,
-            progress=progress,
+        plan = _plan(
+            infos,
+            config,
+            include=include,
+            exclude=exclude,
+            towers=towers,
+            location=source.location,
         )
+        if exact:
+            method = "svdvals-float32"
+        elif precision == "certified":
+            method = "gram-float32-certified"
+        else:
+            method = "gram-float64-eigvalsh"
+        log.info(
+            "scanning %d weights of %s (%d shard%s) on %s with %s",
+            len(plan.weights),
+            source.location,
+            len(shards),
+            "" if len(shards) == 1 else "s",
+            device,
+            method,
+        )
+        chunk_elements = chunk_mb * 1024 * 1024 // 8
+        pause_hashing = getattr(source, "pause_hashing", None)
+        if pause_hashing is not None:
+            pause_hashing()
+        progress = Progress(
+            sum(_cost(w.info) for w in plan.weights), len(plan.weights), "SNR scan", show_progress
+        )
+        try:
+            scores = _run_pipeline(
+                source,
+                plan.weights,
+                device=device,
+                precision=precision,
+                exact=exact,
+                chunk_elements=chunk_elements,
+                progress=progress,
+                opened=opened,
+            )
+        finally:
+            progress.close()
+        recomputed = []
+        if precision == "certified" and not exact:
+            recomputed = _certify(
+                source, plan, scores, percents, device, chunk_elements, opened, show_progress
+            )
+        provenance = source.provenance()
     finally:
-        progress.close()
+        for handle in opened.values():
+            handle.close()
     ordered = {m: scores[m] for m in sorted(scores, key=natural_key)}
-    result = ScanResult(
+    return ScanResult(
         model_name=source.name,
         slug=sel.model_slug(source.name),
         scores=ordered,
@@ -491,13 +765,69 @@ def scan_source(
         include=include,
         exclude=exclude,
         embeddings=embeddings,
-        tied_embeddings=plan.tied,
-        provenance=source.provenance(),
+        tied_embeddings=plan.names.tied,
+        provenance=provenance,
         config=config,
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
         skipped=plan.skipped,
+        towers=towers,
+        embedding_entries=plan.names.embedding_entries(),
+        names_source=plan.names.source,
+        certified_percents=percents if not exact and precision == "certified" else [],
+        recomputed=recomputed,
     )
-    if output_dir is not None:
-        result.write(output_dir)
-    log.info("scanned %d weights in %.1f s", len(ordered), result.seconds)
-    return result
+
+
+def _certify(
+    source: ShardSource,
+    plan: _Plan,
+    scores: dict[str, TensorScore],
+    percents: list[float],
+    device: str,
+    chunk_elements: int,
+    opened: dict[str, Any],
+    show_progress: bool,
+) -> list[str]:
+    """Recompute in float64 every weight whose bound leaves its selection open, until none
+    does (each round only narrows intervals, so this ends)."""
+    by_module = {w.module: w for w in plan.weights}
+    recomputed: list[str] = []
+    while doubtful := uncertain_weights(scores, percents):
+        weights = [by_module[m] for m in doubtful]
+        log.info(
+            "recomputing %d weight%s in float64: their float32 bounds overlap a selection "
+            "boundary (%s)",
+            len(weights),
+            "" if len(weights) == 1 else "s",
+            ", ".join(doubtful[:3]) + (", ..." if len(doubtful) > 3 else ""),
+        )
+        progress = Progress(
+            sum(_cost(w.info) for w in weights), len(weights), "float64 recheck", show_progress
+        )
+        try:
+            again = _run_pipeline(
+                source,
+                weights,
+                device=device,
+                precision="float64",
+                exact=False,
+                chunk_elements=chunk_elements,
+                progress=progress,
+                opened=opened,
+            )
+        finally:
+            progress.close()
+        for module, score in again.items():
+            low, high = scores[module].bounds
+            if not low <= score.snr <= high:  # the error model failed: say so, loudly
+                log.warning(
+                    "%s: float64 score %r outside its float32 bounds [%r, %r]",
+                    module,
+                    score.snr,
+                    low,
+                    high,
+                )
+            score.seconds += scores[module].seconds
+            scores[module] = score
+        recomputed += doubtful
+    return recomputed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -11,7 +12,10 @@ from typing import Any
 
 from .errors import SpectrumError
 
-#: The two embedding entries the reference always writes first.
+log = logging.getLogger(__name__)
+
+#: The two embedding entries the reference always writes first (Llama-style names; the scan
+#: writes the names of the model at hand, see :meth:`spectrum_sm.core.names.ModelNames`).
 EMBEDDING_ENTRIES = ("^lm_head.weight$", "^model.embed_tokens.weight$")
 RESULTS_PREFIX = "snr_results_"
 
@@ -120,47 +124,94 @@ def sorted_results(scores: Scores) -> dict[str, dict[str, float]]:
     }
 
 
-def layer_file_text(selection: Mapping[str, list[str]], embeddings: bool = True) -> str:
-    """The reference's layer YAML (also what axolotl's ``unfrozen_parameters`` reads)."""
+def layer_file_text(
+    selection: Mapping[str, list[str]],
+    embeddings: bool = True,
+    *,
+    embedding_entries: Iterable[str] | None = None,
+    entries: Mapping[str, str] | None = None,
+) -> str:
+    """The reference's layer YAML (also what axolotl's ``unfrozen_parameters`` reads).
+
+    ``embedding_entries`` replaces the reference's two fixed strings with the model's own
+    names; ``entries`` maps a module to its entry where the two differ (a fused expert slice).
+    """
     lines = ["unfrozen_parameters:"]
     if embeddings:
-        lines += [f"- {entry}" for entry in EMBEDDING_ENTRIES]
+        chosen = EMBEDDING_ENTRIES if embedding_entries is None else tuple(embedding_entries)
+        lines += [f"- {entry}" for entry in chosen]
+    entries = entries or {}
     for layer_type, modules in selection.items():
         lines.append(f"# {layer_type} layers")
-        lines += [f"- {module}" for module in modules]
+        lines += [f"- {entries.get(module, module)}" for module in modules]
     return "\n".join(lines) + "\n"
 
 
 def results_json_text(scores: Scores) -> str:
+    """Our results JSON; ``Infinity`` and ``NaN`` are written as the reference's files have them."""
     data = {m: {"snr": float(i["snr"]), "type": i["type"]} for m, i in scores.items()}
     return json.dumps(data, indent=4) + "\n"
 
 
+def _score(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpectrumError(f"{where}: the score {value!r} is not a number")
+    try:
+        score = float(value)
+    except OverflowError:
+        raise SpectrumError(f"{where}: the score {str(value)[:20]}... is too large") from None
+    return score
+
+
 def load_results(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a results JSON (ours or one from the reference's ``model_snr_results/``)."""
+    """Read a results JSON: ours, or either layout of the reference's ``model_snr_results/``.
+
+    ``{module: {"snr": x, "type": t}}`` is the reference's results file; ``{type: {module: x}}``
+    is its ``_sorted.json`` layout (the layout of its published Llama-3.1-8B-Instruct and
+    Llama-3.1-Storm-8B results). Both come back as the first, in file order.
+    """
     path = Path(path)
     if not path.is_file():
         raise SpectrumError(f"results file {str(path)!r} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SpectrumError(f"{path}: not a valid JSON file ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # e.g. an integer too long to parse
+        raise SpectrumError(f"{path}: unreadable JSON ({str(exc).splitlines()[0]})") from exc
     if not isinstance(data, dict) or not data:
         raise SpectrumError(f"{path}: expected a non-empty object of module -> {{snr, type}}")
-    for module, info in data.items():
-        if (
-            not isinstance(info, dict)
-            or not isinstance(info.get("type"), str)
-            or not isinstance(info.get("snr"), (int, float))
-            or isinstance(info.get("snr"), bool)
-        ):
-            hint = ""
-            if isinstance(info, dict) and all(isinstance(v, (int, float)) for v in info.values()):
-                hint = " (this looks like a _sorted.json; pass the unsorted results file)"
-            raise SpectrumError(
-                f"{path}: entry {module!r} is not of the form {{'snr': number, 'type': str}}{hint}"
-            )
-    return data
+    first = next(iter(data.values()))
+    if isinstance(first, dict) and "snr" not in first and "type" not in first:
+        table = _from_sorted_layout(data, path)
+    else:
+        table = {}
+        for module, info in data.items():
+            if not isinstance(info, dict) or not isinstance(info.get("type"), str):
+                raise SpectrumError(
+                    f"{path}: entry {module!r} is not of the form {{'snr': number, 'type': str}}"
+                )
+            table[module] = {
+                "snr": _score(info.get("snr"), f"{path}: {module}"),
+                "type": info["type"],
+            }
+    if all(math.isnan(i["snr"]) for i in table.values()):
+        log.warning("%s: every score is NaN; the selection follows file order", path)
+    return table
+
+
+def _from_sorted_layout(data: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    for layer_type, modules in data.items():
+        if not isinstance(modules, dict):
+            raise SpectrumError(f"{path}: type {layer_type!r} does not map modules to scores")
+        for module, value in modules.items():
+            if module in table:
+                raise SpectrumError(f"{path}: module {module!r} appears under two types")
+            table[module] = {"snr": _score(value, f"{path}: {module}"), "type": layer_type}
+    if not table:
+        raise SpectrumError(f"{path}: no scores in the file")
+    return table
 
 
 def slug_from_results_path(path: str | Path) -> str:

@@ -1,17 +1,21 @@
-"""Finding and streaming the tensors of a safetensors checkpoint, without building the model.
+"""Finding and streaming the tensors of a checkpoint, without building the model.
 
 A *source* hands out shard files one at a time (a local folder, the Hugging Face Hub, or S3 from
-the jobs layer); :func:`read_header` validates each shard before anything is computed, so a
-truncated or corrupt file fails fast with its name in the message.
+the jobs layer); :func:`read_header` validates each safetensors shard before anything is
+computed, so a truncated or corrupt file fails fast with its name in the message. Legacy
+``pytorch_model*.bin`` shards are opened with ``torch.load(mmap=True, weights_only=True)``: memory
+mapped, and unable to run code from the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +27,13 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+BIN_SINGLE_FILE = "pytorch_model.bin"
 # The header of a safetensors file is bounded (100 MB in the reference implementation).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+#: 8-bit floats: stored with a scale, never meaningful on their own.
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
 DTYPE_BYTES = {
     "F64": 8,
     "F32": 4,
@@ -157,31 +165,48 @@ def tensors_from_header(header: dict[str, Any], shard: str) -> list[TensorInfo]:
 
 
 def shard_files(source: ShardSource) -> list[str]:
-    """The shard files of a checkpoint, from its index when it has one."""
+    """The shard files of a checkpoint, from its index when it has one.
+
+    safetensors first; a folder with only ``pytorch_model*.bin`` files (many older Hub models)
+    gives those.
+    """
     files = source.list_files()
-    if INDEX_FILE in files:
-        index_path = source.fetch(INDEX_FILE)
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SpectrumError(f"{source.location}: unreadable {INDEX_FILE} ({exc})") from exc
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if s not in files]
-        if missing:
-            raise SpectrumError(
-                f"{source.location}: {INDEX_FILE} names shards that are missing: "
-                + ", ".join(missing)
-            )
-        return shards
-    if SINGLE_FILE in files:
-        return [SINGLE_FILE]
-    shards = sorted(f for f in files if f.endswith(".safetensors") and "/" not in f)
-    if not shards:
+    for index_file, single, suffix in (
+        (INDEX_FILE, SINGLE_FILE, ".safetensors"),
+        (BIN_INDEX_FILE, BIN_SINGLE_FILE, ".bin"),
+    ):
+        if index_file in files:
+            return _indexed_shards(source, index_file, files)
+        if single in files:
+            return [single]
+        shards = sorted(f for f in files if f.endswith(suffix) and "/" not in f)
+        if suffix == ".bin":
+            shards = [f for f in shards if f.startswith("pytorch_model")]
+        if shards:
+            return shards
+    raise SpectrumError(
+        f"{source.location}: no weights found (expected {SINGLE_FILE}, {INDEX_FILE}, "
+        f"{BIN_SINGLE_FILE} or {BIN_INDEX_FILE})"
+    )
+
+
+def _indexed_shards(source: ShardSource, index_file: str, files: list[str]) -> list[str]:
+    index_path = source.fetch(index_file)
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SpectrumError(f"{source.location}: unreadable {index_file} ({exc})") from exc
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if s not in files]
+    if missing:
         raise SpectrumError(
-            f"{source.location}: no safetensors weights found "
-            f"(expected {SINGLE_FILE} or {INDEX_FILE})"
+            f"{source.location}: {index_file} names shards that are missing: " + ", ".join(missing)
         )
     return shards
+
+
+def is_safetensors(filename: str) -> bool:
+    return filename.endswith(".safetensors")
 
 
 def read_config(source: ShardSource) -> dict[str, Any] | None:
@@ -203,6 +228,60 @@ def sha256_file(path: Path, block: int = 8 * 1024 * 1024) -> str:
     return digest.hexdigest()
 
 
+class BackgroundHasher:
+    """sha256 of files on one background thread while the process is otherwise single-threaded
+    (importing torch, reading headers), paused before the BLAS workers start: a busy extra
+    thread stalls them far more than hashing costs. :meth:`finish` hashes the rest, one file per
+    core (hashlib releases the GIL)."""
+
+    BLOCK = 8 * 1024 * 1024
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = list(paths)
+        self._done: dict[Path, str] = {}
+        self._partial: tuple[Path, Any, int] | None = None
+        self._pause = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spectrum-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for path in self._paths:
+            digest, offset = hashlib.sha256(), 0
+            try:
+                with open(path, "rb") as handle:
+                    while chunk := handle.read(self.BLOCK):
+                        digest.update(chunk)
+                        offset += len(chunk)
+                        if self._pause.is_set():
+                            self._partial = (path, digest, offset)
+                            return
+            except OSError:
+                return  # finish() hashes it again and reports the error
+            self._done[path] = digest.hexdigest()
+            if self._pause.is_set():
+                return
+
+    def pause(self) -> None:
+        self._pause.set()
+        self._thread.join()
+
+    def finish(self) -> dict[Path, str]:
+        self.pause()
+        if self._partial is not None:
+            path, digest, offset = self._partial
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                while chunk := handle.read(self.BLOCK):
+                    digest.update(chunk)
+            self._done[path] = digest.hexdigest()
+            self._partial = None
+        rest = [p for p in self._paths if p not in self._done]
+        if rest:
+            with ThreadPoolExecutor(max(1, min(len(rest), os.cpu_count() or 1))) as pool:
+                self._done.update(zip(rest, pool.map(sha256_file, rest), strict=True))
+        return dict(self._done)
+
+
 @dataclass
 class LocalSource:
     """A checkpoint folder on this machine (or a single ``.safetensors`` file)."""
@@ -216,11 +295,23 @@ class LocalSource:
         if not self.path.exists():
             raise SpectrumError(f"model path {str(self.path)!r} does not exist")
         self._single = self.path.is_file()
-        if self._single and self.path.suffix != ".safetensors":
-            raise SpectrumError(f"{str(self.path)!r} is not a .safetensors file or a folder")
+        if self._single and self.path.suffix not in (".safetensors", ".bin"):
+            raise SpectrumError(
+                f"{str(self.path)!r} is not a .safetensors or .bin file or a folder"
+            )
         if not self.name:
             self.name = (self.path.parent if self._single else self.path).resolve().name
         self.location = str(self.path)
+        self._hasher = BackgroundHasher(self._hashed_paths()) if self.hash_files else None
+
+    def _hashed_paths(self) -> list[Path]:
+        names = [n for n in self.list_files() if n.endswith((".safetensors", ".bin", ".json"))]
+        return [self.fetch(n) for n in names]
+
+    def pause_hashing(self) -> None:
+        """Called before the BLAS workers start (see :class:`BackgroundHasher`)."""
+        if self._hasher is not None:
+            self._hasher.pause()
 
     def list_files(self) -> list[str]:
         if self._single:
@@ -234,19 +325,12 @@ class LocalSource:
         """Local files stay where they are."""
 
     def provenance(self) -> dict[str, Any]:
-        # Hashing runs after the scan, not beside it (a busy extra thread stalls the BLAS
-        # workers far more than hashing costs), one file per core (hashlib drops the GIL).
-        names = [n for n in self.list_files() if n.endswith((".safetensors", ".json"))]
-        paths = [self.fetch(n) for n in names]
-        hashes: list[str | None] = [None] * len(paths)
-        if self.hash_files:
-            with ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1))) as pool:
-                hashes = list(pool.map(sha256_file, paths))
+        hashes = self._hasher.finish() if self._hasher is not None else {}
         files = []
-        for name, path, digest in zip(names, paths, hashes, strict=True):
-            entry: dict[str, Any] = {"name": name, "size": path.stat().st_size}
-            if digest is not None:
-                entry["sha256"] = digest
+        for path in self._hashed_paths():
+            entry: dict[str, Any] = {"name": path.name, "size": path.stat().st_size}
+            if path in hashes:
+                entry["sha256"] = hashes[path]
             files.append(entry)
         return {"kind": "local", "path": str(self.path.resolve()), "files": files}
 
@@ -350,3 +434,131 @@ def open_source(
     if path.exists() or not looks_like_hub_id(text):
         return LocalSource(path, name=name, hash_files=hash_files)
     return HubSource(text, revision=revision, name=name)
+
+
+# -- Opened shards: the tensors they hold and reads of their rows --------------------------------
+
+_TORCH_TO_SAFETENSORS = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a safetensors dtype name (``BF16`` -> ``torch.bfloat16``)."""
+    import torch
+
+    for torch_name, st_name in _TORCH_TO_SAFETENSORS.items():
+        if st_name == name:
+            return getattr(torch, torch_name)
+    raise SpectrumError(f"unsupported tensor dtype {name}")
+
+
+class SafetensorsShard:
+    """A validated safetensors file; each :meth:`reader` has its own file handle.
+
+    Reads are plain positioned reads, not mmap: mapped pages count towards the process's memory
+    and grow with the model, while reads stay bounded by the chunk size.
+    """
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.path, self.label = path, label
+        self.header, self.data_start = read_header_and_offset(path, label)
+        self.tensors = tensors_from_header(self.header, path.name)
+
+    @contextlib.contextmanager
+    def reader(self):
+        with open(self.path, "rb", buffering=0) as handle:
+            yield _SafetensorsReader(self, handle)
+
+    def close(self) -> None:
+        """Nothing is held open between reads."""
+
+
+class _SafetensorsReader:
+    def __init__(self, shard: SafetensorsShard, handle) -> None:
+        self.shard, self.handle = shard, handle
+
+    def rows(self, info: TensorInfo, start: int, count: int):
+        import torch
+
+        m = info.shape[-1] if info.shape else 1
+        row_bytes = m * DTYPE_BYTES[info.dtype]
+        offset = self.shard.data_start + self.shard.header[info.name]["data_offsets"][0]
+        buffer = bytearray(count * row_bytes)
+        self.handle.seek(offset + start * row_bytes)
+        if self.handle.readinto(buffer) != len(buffer):
+            raise SpectrumError(
+                f"{self.shard.label}: tensor {info.name!r} is cut short (file truncated?)"
+            )
+        if not buffer:
+            return torch.empty(0, m, dtype=torch_dtype(info.dtype))
+        return torch.frombuffer(buffer, dtype=torch_dtype(info.dtype)).view(count, m)
+
+
+class TorchBinShard:
+    """A ``pytorch_model*.bin`` shard, loaded with ``weights_only=True`` (no code runs) and
+    memory-mapped where the file allows it (the zip format of torch >= 1.6)."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        import pickle
+
+        import torch
+
+        self.path, self.label = path, label
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                log.info("%s: legacy (non-zip) format, loaded without mmap", label)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SpectrumError(
+                f"{label}: cannot be loaded safely (torch.load weights_only=True): {first}; "
+                "convert the checkpoint to safetensors"
+            ) from exc
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise SpectrumError(f"{label}: not a state dict of named tensors")
+        self._state = state
+        self.tensors = []
+        for name, tensor in state.items():
+            dtype = _TORCH_TO_SAFETENSORS.get(str(tensor.dtype).removeprefix("torch."))
+            if dtype is None:
+                raise SpectrumError(
+                    f"{label}: tensor {name!r} has unsupported dtype {tensor.dtype}"
+                )
+            self.tensors.append(TensorInfo(name, path.name, dtype, tuple(tensor.shape)))
+
+    @contextlib.contextmanager
+    def reader(self):
+        yield self
+
+    def rows(self, info: TensorInfo, start: int, count: int):
+        tensor = self._state[info.name]
+        matrix = tensor.reshape(1, -1) if tensor.ndim == 1 else tensor.reshape(tensor.shape[0], -1)
+        return matrix[start : start + count]
+
+    def close(self) -> None:
+        self._state = {}
+
+
+def open_shard(path: Path, label: str):
+    """An opened shard of either format."""
+    if is_safetensors(path.name):
+        return SafetensorsShard(path, label)
+    return TorchBinShard(path, label)
