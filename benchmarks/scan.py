@@ -4,7 +4,8 @@
     python benchmarks/scan.py --qwen3-8b-layer     # Qwen3-8B shapes, extrapolated to 36 layers
 
 Run it alone: MKL's SVD slows 10-50x beside another busy process. It prints wall time and peak
-RSS of both runs and the ratios, and checks that both selected the same layers.
+RSS of the runs and the ratios, how many weights the certified scan rechecked in float64, and
+checks that the certified scan, the float64 scan and the reference selected the same layers.
 """
 
 from __future__ import annotations
@@ -71,14 +72,8 @@ def build_model(path: Path, size: str) -> Path:
     return path
 
 
-def whole_model(args: argparse.Namespace) -> None:
-    work = Path(args.workdir)
-    model = build_model(work / f"qwen3-{args.size}", args.size)
-    index = json.loads((model / "model.safetensors.index.json").read_text())
-    params = index["metadata"]["total_size"] / 2  # bytes of bf16
-    print(f"model: {model} ({params / 1e9:.3f}B parameters)")
-    out = work / "ours"
-    ours_cmd = [
+def _ours(model: Path, out: Path, percent: float, *extra: str) -> tuple[float, float, dict]:
+    cmd = [
         sys.executable,
         "-m",
         "spectrum_sm.cli",
@@ -86,11 +81,22 @@ def whole_model(args: argparse.Namespace) -> None:
         "scan",
         str(model),
         "--top-percent",
-        str(args.percent),
+        str(percent),
         "--output-dir",
         str(out),
         "--json",
+        *extra,
     ]
+    wall, rss, summary = run_with_rss(cmd)
+    return wall, rss, json.loads(summary.strip().splitlines()[-1])
+
+
+def whole_model(args: argparse.Namespace) -> None:
+    work = Path(args.workdir)
+    model = build_model(work / f"qwen3-{args.size}", args.size)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    params = index["metadata"]["total_size"] / 2  # bytes of bf16
+    print(f"model: {model} ({params / 1e9:.3f}B parameters)")
     ref_sel = work / "reference_selection.json"
     ref_cmd = [
         sys.executable,
@@ -99,23 +105,33 @@ def whole_model(args: argparse.Namespace) -> None:
             tests=str(ROOT / "tests"), model=str(model), percent=args.percent, out=str(ref_sel)
         ),
     ]
-    ours_wall, ours_rss, summary = run_with_rss(ours_cmd)
+    ours_wall, ours_rss, summary = _ours(model, work / "ours", args.percent)
+    f64_wall, f64_rss, f64_summary = _ours(
+        model, work / "ours-float64", args.percent, "--precision", "float64"
+    )
     ref_wall, ref_rss, _ = run_with_rss(ref_cmd)
-    layer_file = json.loads(summary.strip().splitlines()[-1])["files"]["results"]
     from spectrum_sm.core.selection import load_results, select_layers
 
-    ours = select_layers(load_results(layer_file), args.percent)
-    ref = json.loads(ref_sel.read_text())
-    same = {k: sorted(v) for k, v in ours.items() if v} == {
-        k: sorted(v) for k, v in ref.items() if v
-    }
-    print(f"{'':24}{'wall s':>10}{'peak RSS GiB':>14}")
-    print(f"{'spectrum-sm scan':24}{ours_wall:10.1f}{ours_rss:14.2f}")
-    print(f"{'reference-style loop':24}{ref_wall:10.1f}{ref_rss:14.2f}")
+    def selection(result_summary):
+        chosen = select_layers(load_results(result_summary["files"]["results"]), args.percent)
+        return {k: sorted(v) for k, v in chosen.items() if v}
+
+    ours, f64 = selection(summary), selection(f64_summary)
+    ref = {k: sorted(v) for k, v in json.loads(ref_sel.read_text()).items() if v}
+    print(f"{'':28}{'wall s':>10}{'peak RSS GiB':>14}")
+    print(f"{'spectrum-sm scan':28}{ours_wall:10.1f}{ours_rss:14.2f}")
+    print(f"{'spectrum-sm scan, float64':28}{f64_wall:10.1f}{f64_rss:14.2f}")
+    print(f"{'reference-style loop':28}{ref_wall:10.1f}{ref_rss:14.2f}")
     print(
-        f"speed-up: {ref_wall / ours_wall:.2f}x   memory ratio (ours/ref): {ours_rss / ref_rss:.2f}"
+        f"speed-up: {ref_wall / ours_wall:.2f}x (float64 scan: {ref_wall / f64_wall:.2f}x)   "
+        f"memory ratio (ours/ref): {ours_rss / ref_rss:.2f}"
     )
-    print(f"same selection at {args.percent}%: {same}")
+    print(
+        f"rechecked in float64: {summary['recomputed_in_float64']} of "
+        f"{summary['weights_scanned']} weights"
+    )
+    same = ours == f64 == ref
+    print(f"same selection at {args.percent}% (certified, float64, reference): {same}")
     if not same:
         sys.exit(1)
 
@@ -171,7 +187,7 @@ def qwen3_8b_layer(args: argparse.Namespace) -> None:
         del tensors
 
     def ours(include: str) -> tuple[float, float, float]:
-        out = work / f"out-{include.replace('*', '').replace(',', '-')}"
+        out = work / f"out-{args.precision}-{include.replace('*', '').replace(',', '-')}"
         cmd = [
             sys.executable,
             "-m",
@@ -186,21 +202,27 @@ def qwen3_8b_layer(args: argparse.Namespace) -> None:
             "--no-hash",
             "--device",
             args.device,
+            "--precision",
+            args.precision,
             "--include",
             include,
         ]
         wall, rss, _ = run_with_rss(cmd)
         manifest = json.loads((out / "scan_manifest_qwen3-8b-layers.json").read_text())
+        rechecked.extend(manifest["recomputed_in_float64"])
         return wall, manifest["seconds"], rss
+
+    rechecked: list[str] = []
 
     wall_l, scan_l, rss_l = ours("self_attn.*_proj,mlp.*")
     _, scan_e, rss_e = ours("lm_head,model.embed_tokens")
     overhead = wall_l - scan_l
     ours_total = 36 / layers * scan_l + scan_e + overhead
     print(
-        f"ours ({args.device}): {layers} layers {scan_l:.1f} s ({scan_l / layers:.1f} s/layer), "
-        f"embeddings {scan_e:.1f} s, process overhead {overhead:.1f} s, "
-        f"peak RSS {max(rss_l, rss_e):.2f} GiB"
+        f"ours ({args.device}, {args.precision}): {layers} layers {scan_l:.1f} s "
+        f"({scan_l / layers:.1f} s/layer), embeddings {scan_e:.1f} s, process overhead "
+        f"{overhead:.1f} s, peak RSS {max(rss_l, rss_e):.2f} GiB, "
+        f"{len(rechecked)} of {layers * 7 + 2} weights rechecked in float64"
     )
     print(f"ours, whole Qwen3-8B (36 layers + embeddings): {ours_total / 60:.1f} min")
     if args.skip_reference:
@@ -228,6 +250,7 @@ def main() -> None:
     parser.add_argument("--percent", type=float, default=30)
     parser.add_argument("--qwen3-8b-layer", action="store_true")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="certified", choices=["certified", "float64"])
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
     if args.qwen3_8b_layer:

@@ -139,6 +139,16 @@ class AnalysisConfig(JobConfig):
     exclude: list[str] = field(default_factory=list, metadata={"help": "type globs to skip"})
     embeddings: bool = field(default=True, metadata={"help": "write the embedding entries"})
     exact: bool = field(default=False, metadata={"help": "float32 svdvals (reference)"})
+    precision: str = field(
+        default="certified", metadata={"help": "certified (float32 + float64 rechecks) or float64"}
+    )
+    towers: list[str] = field(
+        default_factory=lambda: ["language"],
+        metadata={"help": "multimodal models: language, vision, audio, projector or all"},
+    )
+    certify_percents: list[float] = field(
+        default_factory=list, metadata={"help": "more percents whose selections are certified"}
+    )
     max_runtime_s: int = field(default=4 * 3600, metadata={"help": "stop after this long"})
 
     def problems(self, need_role: bool) -> list[str]:
@@ -150,6 +160,22 @@ class AnalysisConfig(JobConfig):
             f"top_percent must be in (0, 100], got {self.top_percent}",
         )
         _check(p, self.instance_count == 1, "the analysis runs on one instance")
+        _check(
+            p,
+            self.precision in ("certified", "float64"),
+            f"precision must be certified or float64, got {self.precision!r}",
+        )
+        _check(
+            p,
+            bool(self.towers)
+            and all(t in ("language", "vision", "audio", "projector", "all") for t in self.towers),
+            f"towers must be some of language, vision, audio, projector, all; got {self.towers}",
+        )
+        _check(
+            p,
+            all(0 < float(x) <= 100 for x in self.certify_percents),
+            f"certify_percents must be in (0, 100], got {self.certify_percents}",
+        )
         return p
 
 

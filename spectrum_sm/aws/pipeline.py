@@ -151,7 +151,18 @@ def analysis_key(config: AnalysisConfig) -> str:
     """Same model, revision and settings -> same key: the analysis can be reused."""
     fields = {
         k: getattr(config, k)
-        for k in ("model", "revision", "top_percent", "include", "exclude", "embeddings", "exact")
+        for k in (
+            "model",
+            "revision",
+            "top_percent",
+            "include",
+            "exclude",
+            "embeddings",
+            "exact",
+            "precision",
+            "towers",
+            "certify_percents",
+        )
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -135,10 +135,14 @@ def build_analysis_request(
         "top_percent": config.top_percent,
         "embeddings": config.embeddings,
         "exact": config.exact,
+        "precision": config.precision,
+        "towers": config.towers,
         "model_name": config.model.rstrip("/").rsplit("/", 1)[-1]
         if config.model.startswith("s3://")
         else config.model,
     }
+    if config.certify_percents:
+        hps["certify_percents"] = config.certify_percents
     if config.include:
         hps["include"] = config.include
     if config.exclude:

@@ -15,6 +15,7 @@ everything in float64; ``exact=True`` uses float32 ``svdvals`` like the referenc
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -61,6 +62,10 @@ PRECISIONS = ("certified", "float64")
 #: Weights whose short side is at most this are computed in float64 straight away: their
 #: eigenvalues cost next to nothing, and 1-D norms all score alike (1.0), so they tie.
 FLOAT64_BELOW = 128
+#: From this short side on, the float32 Gram matrix is solved in float64: the float32
+#: eigensolver saves only ~25% there (1.3x at 4096, against 1.7x at 1024), while its error
+#: bound, which grows with n, would send most weights to a float64 recheck.
+FLOAT64_EIGEN_FROM = 2048
 #: Quantization methods whose weights cannot be scored from the checkpoint as stored.
 _PACKED_QUANTIZATION = {"gptq", "awq", "bitsandbytes", "mxfp4", "hqq", "aqlm", "eetq", "quanto"}
 
@@ -470,13 +475,43 @@ def _score_tensor(
         info.shape,
         info.dtype,
         time.perf_counter() - started,
-        precision="svdvals-float32" if exact else "float32" if float32 else "float64",
+        precision=_precision_label(exact, float32, short),
         bounds=bounds,
         error=error,
         tower=weight.tower,
         stored=info.name,
         entry=weight.entry,
     )
+
+
+@contextlib.contextmanager
+def _bf16_exact_matmul(enabled: bool):
+    """Let float32 matrix products of bf16-stored weights run on bf16 units (AMX, tensor
+    cores). Their inputs are bf16 values, so nothing is rounded on the way in, and products
+    accumulate in float32 as before; measured 2-4x faster for the Gram on CPUs with AMX.
+    Any other input dtype keeps IEEE float32 (float16 or dequantized values would be rounded)."""
+    import torch
+
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    before = getattr(mkldnn, "fp32_precision", None)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        if mkldnn is not None and before is not None:
+            mkldnn.fp32_precision = "bf16" if enabled else "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = enabled  # tf32 holds bf16 values exactly too
+        yield
+    finally:
+        if mkldnn is not None and before is not None:
+            mkldnn.fp32_precision = before
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _precision_label(exact: bool, float32: bool, short: int) -> str:
+    if exact:
+        return "svdvals-float32"
+    if not float32:
+        return "float64"
+    return "float32-gram" if short >= FLOAT64_EIGEN_FROM else "float32"
 
 
 def _worker_count(device: str) -> int:
@@ -516,6 +551,12 @@ def _run_pipeline(
     pool = ThreadPoolExecutor(workers, thread_name_prefix="spectrum-worker")
     if workers > 1:
         torch.set_num_threads(1)
+    bf16_only = (
+        all(w.info.dtype == "BF16" and w.scale is None for w in weights)
+        and precision == "certified"
+    )
+    matmul_mode = _bf16_exact_matmul(bf16_only)
+    matmul_mode.__enter__()
 
     def fetch_and_open(shard: str):
         if shard in opened:
@@ -562,6 +603,7 @@ def _run_pipeline(
         pool.shutdown(wait=True, cancel_futures=True)
         fetcher.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads_before)
+        matmul_mode.__exit__(None, None, None)
     return scores
 
 

@@ -131,26 +131,28 @@ def snr_bounds(eigenvalues: torch.Tensor, error: float, n: int, m: int) -> tuple
     return min(lows), max(highs)
 
 
-def float32_eigenvalue_bound(largest: float, shifted_norm: float, short: int, long: int) -> float:
+def float32_eigenvalue_bound(
+    largest: float, shifted_norm: float | None, short: int, long: int
+) -> float:
     """Absolute error bound on each eigenvalue of a ``short x short`` Gram matrix of ``long``
-    terms, built in float32 and solved in float32 after shifting by its mean eigenvalue.
+    terms built in float32; solved in float32 after shifting by its mean eigenvalue (pass the
+    shifted matrix's norm), or in float64 (``shifted_norm=None``).
 
     The model: the eigensolver is normwise backward stable on the shifted matrix ``G - mu I``
     (LAPACK Users' Guide, section 4.7: ``p(n) u |G - mu I|``), taken with ``p(n) = n / 2``; the
     float32 Gram product adds ``2 sqrt(long) u |G|``; and the float64 method we certify against
     is itself within ``8 n u64 |G|``. Weyl's inequality turns a backward error into the same
     bound on every eigenvalue. The largest errors measured (Gaussian, heavy-tailed, graded,
-    column-scaled, low-rank and outlier spectra, n = 64..4096) were ``0.13 n u |G - mu I|`` and
-    ``0.15 sqrt(long) u |G|``: a margin of about 4 and 13. It is a model with a margin, not a
-    proof: a proof-grade bound (``gamma_long * |A|^T |A|`` for the product) is ``n sqrt(long)``
-    times looser and would certify nothing.
+    column-scaled, low-rank and outlier spectra, n = 64..4096, MKL on CPU, with and without bf16
+    units) were ``0.13 n u |G - mu I|`` and ``0.15 sqrt(long) u |G|``: margins of about 4 and 13.
+    It is a model with a margin, not a proof: a proof-grade bound (``gamma_long |A|^T |A|`` for
+    the product) is ``n sqrt(long)`` times looser and would certify nothing.
     """
     largest = max(largest, 0.0)
-    return (
-        0.5 * short * UNIT_ROUNDOFF_32 * max(shifted_norm, 0.0)
-        + 2.0 * math.sqrt(long) * UNIT_ROUNDOFF_32 * largest
-        + 8.0 * short * 2.0**-53 * largest
-    )
+    bound = 2.0 * math.sqrt(long) * UNIT_ROUNDOFF_32 * largest + 8.0 * short * 2.0**-53 * largest
+    if shifted_norm is not None:
+        bound += 0.5 * short * UNIT_ROUNDOFF_32 * max(shifted_norm, 0.0)
+    return bound
 
 
 def singular_values_exact(weight: torch.Tensor) -> torch.Tensor:
@@ -221,6 +223,15 @@ class GramAccumulator:
         self._check_finite()
         eig = torch.linalg.eigvalsh(self.gram.to(torch.float64), UPLO="L")
         return torch.flip(eig.clamp_min_(0.0).sqrt_(), dims=(0,))
+
+    def eigenvalues(self) -> torch.Tensor:
+        """Eigenvalues (descending, float64, on the CPU) of the Gram matrix promoted to
+        float64: no float32 eigensolver error, only the Gram's own rounding."""
+        import torch
+
+        self._check_finite()
+        eig = torch.linalg.eigvalsh(self.gram.to(torch.float64), UPLO="L").to("cpu")
+        return torch.flip(eig, dims=(0,))
 
     def shifted_eigenvalues(self) -> tuple[torch.Tensor, float]:
         """Eigenvalues (descending, float64, on the CPU) of the Gram matrix solved in its own
