@@ -56,6 +56,45 @@ def _configs():
             bos_token_id=0,
             eos_token_id=2,
         ),
+        "qwen3-vl": lambda: T.Qwen3VLConfig(
+            text_config=dict(
+                **TEXT,
+                head_dim=16,
+                rope_scaling={
+                    "rope_type": "default",
+                    "mrope_section": [2, 3, 3],
+                    "mrope_interleaved": True,
+                },
+            ),
+            vision_config=dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                deepstack_visual_indexes=[1],
+            ),
+        ),
+        "llama3.2-vision": lambda: T.MllamaConfig(
+            text_config=dict(
+                **{**TEXT, "vocab_size": VOCAB + 8},  # Mllama adds image tokens after the vocab
+                cross_attention_layers=[1],
+                pad_token_id=0,
+                bos_token_id=0,
+                eos_token_id=2,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_global_layers=1,
+                attention_heads=2,
+                image_size=28,
+                patch_size=14,
+                vision_output_dim=64,
+                intermediate_layers_indices=[0],
+            ),
+        ),
         "gemma3-vl": lambda: T.Gemma3Config(
             text_config=dict(**TEXT, head_dim=16),
             vision_config=dict(
@@ -75,7 +114,7 @@ def _configs():
 
 
 FAMILIES = list(_configs())
-MULTIMODAL = {"qwen2.5-vl", "gemma3-vl"}
+MULTIMODAL = {"qwen2.5-vl", "qwen3-vl", "llama3.2-vision", "gemma3-vl"}
 MOE = {"qwen3-moe", "mixtral"}
 
 
