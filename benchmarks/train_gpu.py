@@ -17,18 +17,13 @@ import gc
 import json
 import time
 
-QWEN3_8B = dict(
-    vocab_size=151936,
-    hidden_size=4096,
-    intermediate_size=12288,
-    num_hidden_layers=36,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    rope_theta=1_000_000,
-    tie_word_embeddings=False,
-)
+from spectrum_sm.plan import KNOWN_CONFIGS
+
+QWEN3_8B = {
+    k: v
+    for k, v in KNOWN_CONFIGS["Qwen/Qwen3-8B"].items()
+    if k not in ("model_type", "architectures")
+}
 TYPES = [
     "self_attn.q_proj",
     "self_attn.k_proj",

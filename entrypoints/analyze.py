@@ -5,7 +5,8 @@ from the container contract:
 
 * the model comes from ``--model_name_or_path`` (a Hub id: the token comes from ``HF_TOKEN`` in the
   environment) or else from the ``model`` channel (``SM_CHANNEL_MODEL``);
-* results go to ``--output_dir``, default ``SM_MODEL_DIR`` (``/opt/ml/model``), which the job
+* results go to ``--output_dir``, default ``SM_MODEL_DIR`` (``/opt/ml/model`` in a job,
+  ``model_snr_results`` by hand), which the job
   uploads to S3 uncompressed.
 
 On failure the reason goes to ``/opt/ml/output/failure`` (when that folder exists) so SageMaker
@@ -49,6 +50,14 @@ class _Parser(argparse.ArgumentParser):
         raise SpectrumError(f"invalid arguments: {message}")
 
 
+def _default_output_dir() -> str:
+    from spectrum_sm.core.container import in_container
+
+    if os.environ.get("SM_MODEL_DIR"):
+        return os.environ["SM_MODEL_DIR"]
+    return "/opt/ml/model" if in_container() else "model_snr_results"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _Parser(description="Spectrum SNR scan (analysis job)", allow_abbrev=False)
     parser.add_argument(
@@ -67,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--certify_percents", type=_globs, default=[])
     parser.add_argument("--towers", type=_globs, default=["language"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--output_dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    # /opt/ml/model only inside a job: a hand run must not create /opt/ml on a workstation.
+    parser.add_argument("--output_dir", default=_default_output_dir())
     args = parser.parse_args(argv)
     if not args.model_name_or_path:
         parser.error("no model: pass --model_name_or_path or provide a 'model' channel")

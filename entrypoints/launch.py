@@ -10,6 +10,7 @@ folder laid out like /opt/ml. Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,26 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {"analyze": HERE / "analyze.py", "train": HERE / "train.py"}
+# What the SageMaker SDK's own torchrun driver sets for these instance types
+# (sagemaker.train.container_drivers: SM_EFA_NCCL_INSTANCES, SM_EFA_RDMA_INSTANCES).
+EFA_INSTANCES = {
+    "ml.g4dn.8xlarge",
+    "ml.g4dn.12xlarge",
+    "ml.g5.48xlarge",
+    "ml.p3dn.24xlarge",
+    "ml.p4d.24xlarge",
+    "ml.p4de.24xlarge",
+    "ml.p5.48xlarge",
+    "ml.p5e.48xlarge",
+    "ml.trn1.32xlarge",
+}
+EFA_RDMA_INSTANCES = {
+    "ml.p4d.24xlarge",
+    "ml.p4de.24xlarge",
+    "ml.p5.48xlarge",
+    "ml.p5e.48xlarge",
+    "ml.trn1.32xlarge",
+}
 
 
 def _read_json(path: Path, default):
@@ -30,7 +51,7 @@ def container_environment(root: Path) -> dict[str, str]:
     config = root / "input" / "config"
     resources = _read_json(config / "resourceconfig.json", {})
     channels = _read_json(config / "inputdataconfig.json", {})
-    hosts = resources.get("hosts") or ["algo-1"]
+    hosts = sorted(resources.get("hosts") or ["algo-1"])
     env = {
         "SM_MODEL_DIR": str(root / "model"),
         "SM_OUTPUT_DIR": str(root / "output"),
@@ -42,11 +63,25 @@ def container_environment(root: Path) -> dict[str, str]:
         "SM_CURRENT_HOST": resources.get("current_host", hosts[0]),
         "SM_CHANNELS": json.dumps(sorted(channels)),
     }
+    env.update(network_environment(resources))
     for name in channels:
         env[f"SM_CHANNEL_{name.upper().replace('-', '_').replace('.', '_')}"] = str(
             root / "input" / "data" / name
         )
     return env
+
+
+def network_environment(resources: dict) -> dict[str, str]:
+    """NCCL over the job's interface, and EFA where the instance type has it (as the SDK's
+    torchrun driver does); values already in the environment win."""
+    env = {"NCCL_SOCKET_IFNAME": resources.get("network_interface_name", "eth0")}
+    instance = resources.get("current_instance_type", "")
+    if instance in EFA_INSTANCES:
+        env["FI_PROVIDER"] = "efa"
+    if instance in EFA_RDMA_INSTANCES:
+        env["FI_EFA_USE_DEVICE_RDMA"] = "1"
+        env["RDMAV_FORK_SAFE"] = "1"
+    return {k: v for k, v in env.items() if k not in os.environ}
 
 
 def command(kind: str, root: Path) -> list[str]:
@@ -56,12 +91,17 @@ def command(kind: str, root: Path) -> list[str]:
         args += [f"--{key}", str(value)]
     script = str(SCRIPTS[kind])
     resources = _read_json(root / "input" / "config" / "resourceconfig.json", {})
-    hosts = resources.get("hosts") or ["algo-1"]
+    # Every host must agree on the ranks: the same sorted list everywhere, as the SDK does.
+    hosts = sorted(resources.get("hosts") or ["algo-1"])
     per_host = int(os.environ.get("SPECTRUM_SM_NPROC_PER_HOST", "1"))
     if kind == "train" and (per_host > 1 or len(hosts) > 1):
         current = resources.get("current_host", hosts[0])
-        # One host (local mode included) needs no name resolution for the rendezvous.
-        master = hosts[0] if len(hosts) > 1 else "127.0.0.1"
+        # One host needs no name resolution for the rendezvous; local mode's hosts all live
+        # on this machine (SPECTRUM_SM_MASTER_ADDR).
+        master = os.environ.get("SPECTRUM_SM_MASTER_ADDR") or (
+            hosts[0] if len(hosts) > 1 else "127.0.0.1"
+        )
+        port = os.environ.get("SPECTRUM_SM_MASTER_PORT", "29500")
         return [
             sys.executable,
             "-m",
@@ -70,7 +110,7 @@ def command(kind: str, root: Path) -> list[str]:
             f"--node_rank={hosts.index(current)}",
             f"--nproc_per_node={per_host}",
             f"--master_addr={master}",
-            "--master_port=29500",
+            f"--master_port={port}",
             script,
             *args,
         ]
@@ -99,13 +139,32 @@ def main(argv: list[str]) -> int:
     return code
 
 
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(p) for p in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
 def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
     """Run ``cmd``, passing SIGTERM and SIGINT on: SageMaker's stop and spot notice is a SIGTERM
-    to the container's first process, and train.py answers it with a checkpoint (exit 143)."""
+    to the container's first process, and train.py answers it with a checkpoint (exit 143).
+
+    Under torchrun the signal goes to the workers themselves, not to torchrun: torchrun would
+    pass it on but kill the workers 30 s later, mid-save; SageMaker allows 120 s."""
     child = subprocess.Popen(cmd, env=env)
+    stopped = []
 
     def forward(signum, _frame):
-        child.send_signal(signum)
+        stopped.append(signum)
+        workers = _children(child.pid) if "torch.distributed.run" in cmd else []
+        for pid in workers or [child.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -113,6 +172,8 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if stopped and code != 0:
+        return 128 + stopped[0]  # torchrun reports its stopped workers as a failure
     return 128 - code if code < 0 else code
 
 

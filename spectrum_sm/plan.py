@@ -37,10 +37,30 @@ INSTANCES = {
 #: (plus one layer's worth recomputed at a time).
 ACT_HIDDEN, ACT_INTERMEDIATE = 18, 4
 CUDA_OVERHEAD_GIB = 1.0
+#: config.json of models the examples use, so a dry run plans without reaching the Hub.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen3-8B": {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1_000_000,
+        "tie_word_embeddings": False,
+    },
+}
 
 
 def load_config(model: str) -> dict[str, Any]:
-    """``config.json`` of a local folder (or the file itself) or a Hub id."""
+    """``config.json`` of a local folder (or the file itself), an ``s3://`` prefix or a Hub id
+    (a few known models' configs ship with the planner, for offline dry runs)."""
+    if model.startswith("s3://"):
+        return _s3_config(model)
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
@@ -52,11 +72,26 @@ def load_config(model: str) -> dict[str, Any]:
 
             path = Path(hf_hub_download(model, "config.json"))
         except Exception as exc:
+            if model in KNOWN_CONFIGS:
+                return dict(KNOWN_CONFIGS[model])
             raise SpectrumError(f"cannot get config.json of {model!r} from the Hub: {exc}") from exc
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SpectrumError(f"{path}: unreadable config.json ({exc})") from exc
+
+
+def _s3_config(uri: str) -> dict[str, Any]:
+    from .aws.s3 import describe_client_error, s3_client, split_s3_uri
+
+    bucket, key = split_s3_uri(uri.rstrip("/") + "/config.json")
+    try:
+        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return json.loads(body)
+    except ValueError as exc:
+        raise SpectrumError(f"s3://{bucket}/{key}: unreadable config.json ({exc})") from exc
+    except Exception as exc:
+        raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
 
 
 def meta_model(config: dict[str, Any]):
@@ -266,3 +301,50 @@ def plan(
             f"at most 90% of GPU memory; prices are approximate us-east-1 on-demand."
         ),
     }
+
+
+def plan_distribution(
+    config: dict[str, Any],
+    *,
+    method: str,
+    percent: float,
+    gpus: int,
+    gpu_gib: float,
+    precision: str = "bf16",
+    seq: int = 2048,
+    batch: int = 1,
+    checkpointing: bool = True,
+) -> dict[str, Any]:
+    """ddp when a full copy of the training state fits one GPU, else fsdp when the sharded one
+    does; ``fits`` says whether either does, with the planner's per-GPU numbers."""
+    meta, cfg = meta_model(config)
+    counts = count_parameters(meta, percent)
+    trainable = {
+        "spectrum": counts.trainable_params,
+        "full": counts.full_params,
+        "lora": counts.lora_params,
+        "qlora": counts.lora_params,
+    }[method]
+    common = dict(precision=precision, seq=seq, batch=batch, checkpointing=checkpointing)
+    estimate_method = "lora" if method == "qlora" else method
+    ddp = estimate_memory(cfg, counts.total_params, trainable, estimate_method, gpus=gpus, **common)
+    fsdp = estimate_memory(
+        cfg, counts.total_params, trainable, estimate_method, gpus=gpus, sharded=gpus > 1, **common
+    )
+    limit = 0.9 * gpu_gib
+    numbers = {"ddp_gib": round(ddp.total_gib, 1), "fsdp_gib": round(fsdp.total_gib, 1)}
+    if ddp.total_gib <= limit or method in ("lora", "qlora"):
+        choice, fits = "ddp", ddp.total_gib <= limit
+    else:
+        choice, fits = "fsdp", fsdp.total_gib <= limit
+    reason = (
+        f"per GPU: ddp {numbers['ddp_gib']} GiB, fsdp over {gpus} GPUs {numbers['fsdp_gib']} GiB, "
+        f"limit {limit:.1f} GiB (90% of {gpu_gib} GiB)"
+    )
+    return {"distribution": choice, "fits": fits, "reason": reason, **numbers}
+
+
+def instance_gpus(instance_type: str) -> tuple[int, float] | None:
+    """(GPUs, GiB per GPU) of a known instance type."""
+    known = INSTANCES.get(instance_type)
+    return (known[0], known[1]) if known else None

@@ -194,6 +194,19 @@ class TrainingConfig(JobConfig):
         default_factory=dict, metadata={"help": "train.py arguments, e.g. max_steps: 500"}
     )
     processes_per_host: int = field(default=0, metadata={"help": "0: one per GPU"})
+    distribution: str = field(
+        default="auto",
+        metadata={"help": "auto (the planner's choice) | ddp | fsdp (FSDP2 sharding)"},
+    )
+    top_percent: float = field(
+        default=30, metadata={"help": "the layer file's percent, for the memory planner"}
+    )
+    force: bool = field(
+        default=False, metadata={"help": "send a job the memory planner says will not fit"}
+    )
+    resume_from: str = field(
+        default="", metadata={"help": "s3:// checkpoints of another run to continue on purpose"}
+    )
     spot: bool = field(default=False, metadata={"help": "managed spot training"})
     max_wait_s: int = field(default=0, metadata={"help": "spot: total wait (0: 2x runtime)"})
     checkpoint_s3: str = field(default="", metadata={"help": "spot checkpoints (default: auto)"})
@@ -210,7 +223,14 @@ class TrainingConfig(JobConfig):
             f"method must be spectrum, full, lora or qlora, got {self.method!r}",
         )
         _check(p, self.processes_per_host >= 0, "processes_per_host must be >= 0")
+        _check(
+            p,
+            self.distribution in ("auto", "ddp", "fsdp"),
+            f"distribution must be auto, ddp or fsdp, got {self.distribution!r}",
+        )
         for key in (
+            "distribution",
+            "resume_from",
             "model_name_or_path",
             "spectrum_config",
             "train_data",
@@ -230,7 +250,7 @@ class TrainingConfig(JobConfig):
                 self.max_wait_s == 0 or self.max_wait_s >= self.max_runtime_s,
                 "max_wait_s must be at least max_runtime_s for spot training",
             )
-        for uri in (self.checkpoint_s3,):
+        for uri in (self.checkpoint_s3, self.resume_from):
             if uri:
                 _check(p, bool(S3_URI.match(uri)), f"not an s3:// URI: {uri!r}")
         return p

@@ -24,6 +24,7 @@ from .requests import (
     build_analysis_request,
     build_training_request,
     job_name,
+    resolve_distribution,
     validate_request,
 )
 from .s3 import describe_client_error, s3_client, split_s3_uri
@@ -112,6 +113,8 @@ def prepare_training(
     config: TrainingConfig, *, spectrum_uri: str | None, dry_run: bool, local: bool
 ) -> dict[str, Any]:
     name = job_name(config.base_job_name, "train")
+    # The planner reads config.json where the user put the model, before any upload.
+    planned = resolve_distribution(config)
     fields = {
         "model": config.model,
         "train": config.train_data,
@@ -127,7 +130,7 @@ def prepare_training(
         validation_data=inputs["validation"],
         spectrum_config=spectrum_uri or inputs.get("spectrum", ""),
     )
-    request = build_training_request(staged, name=name, need_role=not local)
+    request = build_training_request(staged, name=name, need_role=not local, distribution=planned)
     if local:
         # This machine, not the instance type's GPU count, sets the local process count.
         request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.processes_per_host or 1)
@@ -274,6 +277,11 @@ def _point_at_layer_file(training: dict[str, Any], layer_dir: str) -> None:
     validate_request(training)
 
 
+def _with_percent(config: PipelineConfig) -> TrainingConfig:
+    """The training config, told the analysis's percent (the memory planner counts it)."""
+    return dataclasses.replace(config.training, top_percent=config.analysis.top_percent)
+
+
 def run_pipeline(
     config: PipelineConfig,
     *,
@@ -294,7 +302,7 @@ def run_pipeline(
         analysis = prepare_analysis(config.analysis, dry_run=True, local=local)
         spectrum_uri = analysis_output_uri(config.analysis, analysis["TrainingJobName"])
         training = prepare_training(
-            config.training, spectrum_uri=spectrum_uri, dry_run=True, local=local
+            _with_percent(config), spectrum_uri=spectrum_uri, dry_run=True, local=local
         )
         return {"analysis": analysis, "training": training}
     reused = find_reusable_analysis(config.analysis) if config.reuse_analysis else None
@@ -306,7 +314,7 @@ def run_pipeline(
         analysis_name = analysis["TrainingJobName"]
         spectrum_uri = analysis_output_uri(config.analysis, analysis_name)
     training = prepare_training(
-        config.training, spectrum_uri=spectrum_uri, dry_run=False, local=local
+        _with_percent(config), spectrum_uri=spectrum_uri, dry_run=False, local=local
     )
     if analysis is not None:
         ran = execute(analysis, config.analysis, local=local, workdir=workdir, logs=logs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import secrets
@@ -24,6 +25,8 @@ from .config import (
     validate,
 )
 from .images import default_image
+
+log = logging.getLogger(__name__)
 
 LAUNCHER = "/opt/ml/input/data/code/entrypoints/launch.py"
 CODE_CHANNEL = "code"
@@ -159,6 +162,54 @@ def build_analysis_request(
     return request
 
 
+def checkpoint_uri(config: TrainingConfig, name: str) -> str:
+    return f"{config.output_s3.rstrip('/')}/checkpoints/{name}/"
+
+
+def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
+    """The distribution the job will use, with the memory planner's numbers; a configuration
+    the planner says will not fit is refused (``force: true`` sends it anyway)."""
+    from ..plan import instance_gpus, plan_distribution
+
+    gpus_host = config.gpus_per_host()
+    total = gpus_host * config.instance_count
+    known = instance_gpus(config.instance_type)
+    hps = config.hyperparameters
+    if known is None:
+        choice = config.distribution if config.distribution != "auto" else "ddp"
+        return {"distribution": choice, "reason": f"no GPU table entry for {config.instance_type}"}
+    try:
+        from ..plan import load_config
+
+        plan = plan_distribution(
+            load_config(config.model),
+            method=config.method,
+            percent=config.top_percent,
+            gpus=total,
+            gpu_gib=known[1],
+            precision=str(hps.get("precision", "bf16")).replace("auto", "bf16"),
+            seq=int(hps.get("max_seq_length", 2048)),
+            batch=int(hps.get("per_device_train_batch_size", 1)),
+            checkpointing=str(hps.get("gradient_checkpointing", False)).lower() == "true",
+        )
+    except SpectrumError as exc:
+        choice = config.distribution if config.distribution != "auto" else "fsdp"
+        log.warning("memory planner unavailable (%s); distribution %s", exc, choice)
+        return {"distribution": "ddp" if total == 1 else choice, "reason": str(exc)}
+    chosen = plan["distribution"] if config.distribution == "auto" else config.distribution
+    needed = plan[f"{chosen}_gib"]
+    fits = needed <= 0.9 * known[1]
+    if not fits and not config.force:
+        raise SpectrumError(
+            f"{config.method} on {config.instance_type} x{config.instance_count} with "
+            f"distribution {chosen} needs ~{needed} GiB per GPU, more than 90% of its "
+            f"{known[1]} GiB ({plan['reason']}); use distribution fsdp, a larger instance, a "
+            "smaller batch or gradient_checkpointing, or set force: true"
+        )
+    log.info("training distribution %s: %s", chosen, plan["reason"])
+    return {**plan, "distribution": chosen, "fits": fits}
+
+
 def _check_isolation(config: JobConfig, hps: dict[str, Any]) -> None:
     if config.network_isolation and "model_name_or_path" in hps:
         raise SpectrumError(
@@ -174,11 +225,13 @@ def build_training_request(
     name: str | None = None,
     code_uri: str | None = None,
     need_role: bool = True,
+    distribution: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The training job's CreateTrainingJob request (validated).
 
     ``spectrum_uri`` is the S3 prefix holding the layer file (the analysis job's output); the
-    layer list itself never travels as a hyperparameter.
+    layer list itself never travels as a hyperparameter. ``distribution`` is
+    :func:`resolve_distribution`'s answer when the caller planned already.
     """
     validate(config, need_role=need_role)
     name = name or job_name(config.base_job_name, "train")
@@ -205,6 +258,10 @@ def build_training_request(
                     f"{uri!r} (spectrum_sm.aws.pipeline uploads local paths first)"
                 )
             request["InputDataConfig"].append(_s3_channel(channel, uri))
+    hps["distribution"] = (distribution or resolve_distribution(config))["distribution"]
+    if config.resume_from:
+        request["InputDataConfig"].append(_s3_channel("resume", config.resume_from))
+        hps["resume_from"] = "/opt/ml/input/data/resume"
     _check_isolation(config, hps)
     request["HyperParameters"] = {k: _hp(v) for k, v in hps.items()}
     request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.gpus_per_host())
@@ -219,9 +276,11 @@ def build_training_request(
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = (
             config.max_wait_s or 2 * config.max_runtime_s
         )
+    if config.spot or int(config.hyperparameters.get("save_steps", 0) or 0) > 0:
+        # One prefix per run: SageMaker restores it into the job (a spot restart resumes), and
+        # no other run ever finds it. Continuing another run is explicit (resume_from).
         request["CheckpointConfig"] = {
-            "S3Uri": config.checkpoint_s3
-            or f"{config.output_s3.rstrip('/')}/checkpoints/{config.base_job_name}/",
+            "S3Uri": config.checkpoint_s3 or checkpoint_uri(config, name),
             "LocalPath": "/opt/ml/checkpoints",
         }
     validate_request(request)

@@ -27,7 +27,16 @@ def env_path(name: str) -> str | None:
     return value or None
 
 
+def in_container() -> bool:
+    """Whether this process runs inside a training job (ours or SageMaker's launcher sets
+    ``SM_CURRENT_HOST``; SageMaker sets ``TRAINING_JOB_NAME``), not by hand on a workstation
+    where an ``/opt/ml`` folder may exist for other reasons."""
+    return bool(os.environ.get("SM_CURRENT_HOST") or os.environ.get("TRAINING_JOB_NAME"))
+
+
 def default_checkpoint_dir() -> str | None:
-    """``/opt/ml/checkpoints`` inside a SageMaker job (synced to S3 for spot training)."""
-    path = os.environ.get("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints")
-    return path if Path(path).is_dir() or Path("/opt/ml").is_dir() else None
+    """``/opt/ml/checkpoints`` inside a SageMaker job (synced to S3 for spot training); no
+    default outside one."""
+    if not in_container():
+        return None
+    return os.environ.get("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,9 @@ from ..core.errors import SpectrumError
 
 METHODS = ("spectrum", "full", "lora", "qlora")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DISTRIBUTIONS = ("auto", "ddp", "fsdp", "zero3")
+#: Shorter windows leave a chat row hardly any assistant token to learn from.
+MIN_SEQ_LENGTH = 16
 
 
 @dataclass
@@ -49,7 +53,15 @@ class TrainArgs:
         default_factory=lambda: env_path("SM_TENSORBOARD_DIR") or "",
         metadata={"help": "write TensorBoard scalars here (default: the job's tensorboard dir)"},
     )
+    resume_from: str = field(
+        default="",
+        metadata={"help": "continue another run from its checkpoint folder (on purpose)"},
+    )
     method: str = field(default="spectrum", metadata={"help": "spectrum | full | lora | qlora"})
+    distribution: str = field(
+        default="auto",
+        metadata={"help": "ddp | fsdp (FSDP2) | zero3 | auto (the planner's choice for the GPU)"},
+    )
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: use epochs"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps < 0"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: never)"})
@@ -90,27 +102,77 @@ class TrainArgs:
             problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
+        if self.distribution not in DISTRIBUTIONS:
+            problems.append(f"distribution must be one of {', '.join(DISTRIBUTIONS)}")
         if not self.model_name_or_path:
             problems.append("no model: pass --model_name_or_path or provide a 'model' channel")
         if not self.train_data:
             problems.append("no training data: pass --train_data or provide a 'train' channel")
         if self.method == "spectrum" and not self.spectrum_config:
             problems.append("method spectrum needs --spectrum_config or a 'spectrum' channel")
+        problems += self._range_problems()
+        if problems:
+            raise SpectrumError("; ".join(problems))
+
+    def _range_problems(self) -> list[str]:
+        """Values that would train nothing or train wrongly (exit 0 with a broken model)."""
+        problems = []
+        for name in (
+            "learning_rate",
+            "weight_decay",
+            "warmup_ratio",
+            "max_grad_norm",
+            "num_train_epochs",
+            "lora_dropout",
+        ):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
+        if problems:
+            return problems
+        checks = [
+            (
+                0 < self.learning_rate <= 1,
+                f"learning_rate must be in (0, 1], got {self.learning_rate}",
+            ),
+            (
+                0 <= self.weight_decay < 1,
+                f"weight_decay must be in [0, 1), got {self.weight_decay}",
+            ),
+            (
+                0 <= self.warmup_ratio < 1,
+                f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}",
+            ),
+            (
+                self.max_grad_norm > 0,
+                f"max_grad_norm must be positive, got {self.max_grad_norm} (a negative norm "
+                "flips the gradient)",
+            ),
+            (
+                self.max_seq_length >= MIN_SEQ_LENGTH,
+                f"max_seq_length must be at least {MIN_SEQ_LENGTH}, got {self.max_seq_length}: "
+                "shorter windows leave (almost) no token to learn from",
+            ),
+            (self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}"),
+            (self.save_total_limit >= 1, "save_total_limit must be at least 1"),
+            (self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}"),
+            (self.lora_r >= 1, f"lora_r must be at least 1, got {self.lora_r}"),
+            (
+                0 <= self.lora_dropout < 1,
+                f"lora_dropout must be in [0, 1), got {self.lora_dropout}",
+            ),
+        ]
+        problems = [message for ok, message in checks if not ok]
         for name in (
             "per_device_train_batch_size",
             "per_device_eval_batch_size",
             "gradient_accumulation_steps",
-            "max_seq_length",
             "logging_steps",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
             problems.append("nothing to train: set max_steps > 0 or num_train_epochs > 0")
-        if self.learning_rate <= 0:
-            problems.append("learning_rate must be positive")
-        if problems:
-            raise SpectrumError("; ".join(problems))
+        return problems
 
 
 def _bool(text: str) -> bool:

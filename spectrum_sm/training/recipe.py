@@ -1,0 +1,839 @@
+"""The training recipe: data, model and freezing, optimizer, loop, finish, in that order.
+
+``entrypoints/train.py`` parses the arguments and calls :func:`run`; everything else is here, as
+plain steps in the spirit of torchtune's recipes and accelerate's examples. What is ours is what
+the libraries lack: frozen weights kept in their stored dtype with float32 masters only for the
+trainable ones, exact slice freezing, trainable-only checkpoints that load safely and verify,
+run fingerprints, and guards that stop a run instead of letting it save NaN weights.
+
+Distribution (``--distribution``): ``ddp`` (one full copy per process, accelerate's DDP), ``fsdp``
+(FSDP2: ``fully_shard`` on every decoder layer and the root; per-parameter sharding, so frozen
+weights cost no gradient or optimizer memory; applied here rather than through accelerate's
+plugin, which refuses CPUs), or ``auto`` (the planner's choice for this GPU). The loss is the
+token mean over the whole global batch (every process and accumulation step), so N processes and
+one process with N times the batch train the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import SpectrumError
+
+log = logging.getLogger("spectrum_sm.train")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (StopTrainingJob, spot interruption); carries the step reached."""
+
+
+@dataclass
+class Dist:
+    """This process's place in the job, and the few collective operations the recipe needs."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: Any
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    def barrier(self) -> None:
+        import torch.distributed as td
+
+        if self.world_size > 1:
+            td.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as td
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            td.all_reduce(tensor)
+        return tensor.tolist()
+
+    def all_agree(self, flag: bool) -> bool:
+        """True when ``flag`` is true on every process."""
+        return self.sum([0.0 if flag else 1.0])[0] == 0.0
+
+
+class Terminate:
+    """SIGTERM (spot interruption, StopTrainingJob) asks for a checkpoint and a clean exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def resolve_precision(precision: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+class Recipe:
+    """One training run. :meth:`run` calls the steps in order."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.started = time.perf_counter()
+
+    # -- runtime ---------------------------------------------------------------------------
+
+    def setup_runtime(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        args = self.args
+        self.precision = resolve_precision(args.precision)
+        tracker = "tensorboard" if args.tensorboard_dir and _has_tensorboard() else None
+        self.accelerator = Accelerator(
+            mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision],
+            # Without a GPU, accelerate only goes multi-process (gloo) when told it runs on CPU.
+            cpu=not torch.cuda.is_available(),
+            log_with=tracker,
+            project_dir=args.tensorboard_dir or None,
+        )
+        acc = self.accelerator
+        self.dist = Dist(acc.process_index, acc.num_processes, acc.local_process_index, acc.device)
+        if not self.dist.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        set_seed(args.seed)
+        self.distribution = self._choose_distribution()
+        if self.distribution == "fsdp" and self.precision == "fp16":
+            raise SpectrumError("fsdp trains in bf16 or fp32; fp16 needs a gradient scaler (ddp)")
+        if tracker:
+            acc.init_trackers("")
+        self._check_paths()
+
+    def _choose_distribution(self) -> str:
+        requested = self.args.distribution
+        if requested == "zero3":
+            raise SpectrumError(
+                "distribution zero3 runs through accelerate launch with "
+                "entrypoints/accelerate/zero3.yaml and DeepSpeed, not through train.py's own "
+                "loop; use fsdp, which shards the same state"
+            )
+        if requested != "auto":
+            return requested
+        if self.dist.world_size == 1:
+            return "ddp"
+        return auto_distribution(self.args, self.dist)
+
+    def _check_paths(self) -> None:
+        args = self.args
+        model = Path(str(args.model_name_or_path))
+        out = Path(args.output_dir).resolve()
+        if model.is_dir():
+            base = model.resolve()
+            if out == base or base in out.parents:
+                raise SpectrumError(
+                    f"output_dir {args.output_dir!r} is the base model's folder (or inside it): "
+                    "saving would overwrite the model being trained; choose another output_dir"
+                )
+
+    # -- data ------------------------------------------------------------------------------
+
+    def setup_data(self) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .data import build_examples, load_rows
+
+        args = self.args
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                args.model_name_or_path, trust_remote_code=args.trust_remote_code
+            )
+            self.config = AutoConfig.from_pretrained(
+                args.model_name_or_path, trust_remote_code=args.trust_remote_code
+            )
+        except OSError as exc:
+            raise SpectrumError(f"cannot load {args.model_name_or_path!r}: {exc}") from exc
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.pad_id = self.tokenizer.pad_token_id
+        vocab = _vocab_size(self.config)
+        if vocab is not None and len(self.tokenizer) > vocab:
+            raise SpectrumError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but the model's embedding has "
+                f"{vocab} rows: token ids past {vocab - 1} would fail; use the model's own "
+                "tokenizer"
+            )
+        self.train_examples = build_examples(
+            load_rows(args.train_data),
+            self.tokenizer,
+            args.max_seq_length,
+            assistant_only=args.assistant_only_loss,
+            packing=args.packing,
+        )
+        self.eval_examples = (
+            build_examples(
+                load_rows(args.validation_data),
+                self.tokenizer,
+                args.max_seq_length,
+                assistant_only=args.assistant_only_loss,
+            )
+            if args.validation_data
+            else []
+        )
+        per_epoch = self.micro_batches_per_epoch()
+        if per_epoch == 0:
+            raise SpectrumError(
+                f"not enough data for one optimizer step: {len(self.train_examples)} examples "
+                f"< batch {args.per_device_train_batch_size} x {self.dist.world_size} processes "
+                f"x {args.gradient_accumulation_steps} accumulation steps"
+            )
+        self.steps_per_epoch = per_epoch // args.gradient_accumulation_steps
+        self.total_steps = (
+            args.max_steps
+            if args.max_steps > 0
+            else math.ceil(args.num_train_epochs * self.steps_per_epoch)
+        )
+
+    def micro_batches_per_epoch(self) -> int:
+        args = self.args
+        per_global = args.per_device_train_batch_size * self.dist.world_size
+        accumulation = args.gradient_accumulation_steps
+        return len(self.train_examples) // per_global // accumulation * accumulation
+
+    def micro_batches(self, epoch: int, start: int):
+        """This process's micro-batches of one epoch, from ``start``, in a seeded order.
+
+        The order depends only on the seed and the epoch, so a resumed run sees exactly the
+        batches the interrupted one would have; a global batch is the same set of examples
+        whatever the number of processes. A trailing partial accumulation group is dropped.
+        """
+        import torch
+
+        from .data import collate
+
+        args = self.args
+        order = torch.randperm(
+            len(self.train_examples), generator=torch.Generator().manual_seed(args.seed + epoch)
+        )
+        size = args.per_device_train_batch_size
+        per_global = size * self.dist.world_size
+        for index in range(start, self.micro_batches_per_epoch()):
+            first = index * per_global + self.dist.rank * size
+            chosen = order[first : first + size].tolist()
+            yield index, collate([self.train_examples[i] for i in chosen], self.pad_id)
+
+    # -- model -----------------------------------------------------------------------------
+
+    def setup_model(self) -> None:
+        import torch
+
+        args = self.args
+        self.sharded = self.distribution == "fsdp"
+        base = "fp32" if self.precision == "fp32" else self.precision
+        model = load_model(args, DTYPES[base], self.config)
+        self.save_dtype = checkpoint_dtype(self.config, getattr(torch, DTYPES[base]))
+        model, self.freeze_report, self.layer_file = select_trainable(model, args)
+        self.partial = getattr(self.freeze_report, "partial", {}) or {}
+        if self.partial and self.sharded:
+            raise SpectrumError(
+                "layer files with parameter slices (fused MoE experts) train with ddp only so "
+                "far; set distribution ddp"
+            )
+        if args.method in ("lora", "qlora") and self.sharded:
+            raise SpectrumError(f"method {args.method} trains with ddp; set distribution ddp")
+        # Frozen weights stay in the dtype they were loaded in; trainable ones get float32
+        # master copies (autocast or FSDP's mixed precision casts the compute).
+        if args.method in ("spectrum", "full"):
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.requires_grad and param.dtype != torch.float32:
+                        param.data = param.data.float()
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            model.config.use_cache = False
+        if self.sharded:
+            self.model = shard_model(model, self.dist, self.precision)
+        else:
+            self.model = self.accelerator.prepare_model(model)
+        self.model.train()
+        log.info(
+            "distribution %s over %d process(es), precision %s",
+            self.distribution,
+            self.dist.world_size,
+            self.precision,
+        )
+
+    @property
+    def unwrapped(self):
+        return self.model if self.sharded else self.accelerator.unwrap_model(self.model)
+
+    # -- optimizer -------------------------------------------------------------------------
+
+    def setup_optimizer(self) -> None:
+        import torch
+        from transformers import get_cosine_schedule_with_warmup
+
+        args = self.args
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = trainable
+        # Partly trained parameters (fused expert slices) get no decay from the optimizer: it
+        # would shrink their frozen elements too. Their slices are decayed by hand, and their
+        # frozen elements see zero gradients and zero optimizer state, so they never change.
+        partial_ids = {id(p) for n, p in self.unwrapped.named_parameters() if n in self.partial}
+        groups = [
+            {"params": [p for p in trainable if id(p) not in partial_ids]},
+            {"params": [p for p in trainable if id(p) in partial_ids], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+        )
+        if not self.sharded:
+            # accelerate's wrapper unscales fp16 gradients; it steps on every call here because
+            # the loop does its own accumulation.
+            self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+        warmup = int(args.warmup_ratio * self.total_steps)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+
+    # -- resume ----------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        from .state import TrainingState, find_resumable, load_checkpoint, run_fingerprint
+
+        args = self.args
+        self.fingerprint = run_fingerprint(args, self.dist.world_size)
+        self.state = TrainingState(
+            trainable=self.freeze_report.trainable,
+            fingerprint=self.fingerprint,
+            world_size=self.dist.world_size,
+        )
+        self.resumed_from = None
+        source, explicit = args.checkpoint_dir, False
+        if args.resume_from:
+            # Continue another run on purpose: its checkpoints, this run's own from then on.
+            own = find_resumable(args.checkpoint_dir, self.dist, self.fingerprint, explicit=False)
+            source, explicit = (args.checkpoint_dir, False) if own else (args.resume_from, True)
+            if not own and not Path(args.resume_from).is_dir():
+                raise SpectrumError(f"resume_from {args.resume_from!r} is not a folder")
+        found = find_resumable(source, self.dist, self.fingerprint, explicit=explicit)
+        if found is None:
+            if explicit:
+                raise SpectrumError(f"resume_from {args.resume_from!r} holds no usable checkpoint")
+            return
+        self.state = load_checkpoint(
+            found, self.unwrapped, self.optimizer, self.scheduler, self.dist, self.sharded
+        )
+        self.state.fingerprint = self.fingerprint
+        self.resumed_from = self.state.step
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def train(self) -> None:
+
+        from . import metrics
+
+        args, dist, state = self.args, self.dist, self.state
+        terminate = Terminate()
+        self.model.train()
+        log.info(
+            "training %d steps (%d per epoch), %d examples",
+            self.total_steps,
+            self.steps_per_epoch,
+            len(self.train_examples),
+        )
+        self.last_loss, self.eval_loss = float("nan"), None
+        window_tokens, window_start = 0, time.perf_counter()
+        window_loss, window_steps = 0.0, 0
+        self.step_seconds: list[float] = []
+        last_step_end = time.perf_counter()
+        accumulation = args.gradient_accumulation_steps
+        while state.step < self.total_steps:
+            batches = self.micro_batches(state.epoch, state.micro_batch)
+            for group in _groups(batches, accumulation):
+                step_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+                loss_sum, tokens = self._step(group)
+                state.micro_batch = group[-1][0] + 1
+                state.tokens_seen += tokens
+                window_tokens += tokens
+                self.scheduler.step()
+                state.step += 1
+                now = time.perf_counter()
+                self.step_seconds.append(now - last_step_end)
+                last_step_end = now
+                window_loss += loss_sum
+                window_steps += 1
+                if state.step % args.logging_steps == 0 or state.step == self.total_steps:
+                    self.last_loss = window_loss / window_steps
+                    rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                    log.info(
+                        "%s",
+                        metrics.train_line(
+                            state.step,
+                            self.last_loss,
+                            step_lr,
+                            self.grad_norm,
+                            rate,
+                            metrics.peak_memory_bytes() / 1024**3,
+                        ),
+                    )
+                    self._log_scalars(
+                        state.step,
+                        {
+                            "train/loss": self.last_loss,
+                            "train/learning_rate": step_lr,
+                            "train/grad_norm": self.grad_norm,
+                            "train/tokens_per_sec": rate,
+                        },
+                    )
+                    window_loss, window_steps = 0.0, 0
+                    window_tokens, window_start = 0, time.perf_counter()
+                if self.eval_examples and args.eval_steps and state.step % args.eval_steps == 0:
+                    self._evaluate()
+                stop = not dist.all_agree(not terminate.requested)
+                if args.checkpoint_dir and (
+                    stop or (args.save_steps and state.step % args.save_steps == 0)
+                ):
+                    self.save_checkpoint()
+                if stop:
+                    raise Stopped(state.step)
+                if state.step >= self.total_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.micro_batch = 0
+
+    def _step(self, group) -> tuple[float, int]:
+        """One optimizer step over an accumulation group; returns (mean loss, tokens)."""
+        import torch
+
+        args, dist = self.args, self.dist
+        local_items = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in group)
+        local_tokens = sum(int(b["attention_mask"].sum()) for _, b in group)
+        global_items, global_tokens = dist.sum([float(local_items), float(local_tokens)])
+        if global_items == 0:
+            raise SpectrumError(
+                f"a global batch at step {self.state.step + 1} has no token with loss; check "
+                "max_seq_length and the data"
+            )
+        # Each process's loss is scaled so that averaging gradients over processes gives the
+        # token mean over the whole global batch.
+        items = torch.tensor(global_items / dist.world_size, device=dist.device)
+        loss_total = 0.0
+        for position, (_, batch) in enumerate(group):
+            last = position == len(group) - 1
+            batch = {k: v.to(dist.device) for k, v in batch.items()}
+            with self._sync(last), self.accelerator.autocast():
+                loss = self.model(**batch, num_items_in_batch=items).loss
+                self.accelerator.backward(loss)
+            loss_total += float(loss.detach())
+        (mean_loss,) = dist.sum([loss_total / dist.world_size])
+        grad_norm = self._clip()
+        if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+            raise SpectrumError(
+                f"the training diverged at step {self.state.step + 1}: loss {mean_loss}, "
+                f"gradient norm {grad_norm} (learning rate {self.scheduler.get_last_lr()[0]:g}); "
+                "nothing was saved. Lower learning_rate or max_grad_norm"
+            )
+        if self.partial and args.weight_decay:
+            from ..core.freeze import region_weight_decay
+
+            region_weight_decay(
+                self.unwrapped,
+                self.partial,
+                1.0 - self.scheduler.get_last_lr()[0] * args.weight_decay,
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_norm = grad_norm
+        return mean_loss, int(global_tokens)
+
+    def _sync(self, last: bool):
+        """Gradient synchronisation only on an accumulation group's last micro-batch."""
+        import contextlib
+
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if last or self.dist.world_size == 1:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def _clip(self) -> float:
+        import torch
+
+        if not self.sharded:  # accelerate unscales fp16 gradients first
+            return float(self.accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
+        full = getattr(norm, "full_tensor", None)
+        return float(full() if full is not None else norm)
+
+    def _evaluate(self) -> None:
+        from . import metrics
+
+        self.eval_loss = evaluate(self, self.eval_examples)
+        log.info("%s", metrics.eval_line(self.state.step, self.eval_loss))
+        self._log_scalars(self.state.step, {"eval/loss": self.eval_loss})
+
+    def _log_scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.accelerator.trackers:
+            self.accelerator.log(values, step=step)
+
+    def save_checkpoint(self) -> None:
+        from .state import save_checkpoint
+
+        save_checkpoint(
+            self.args.checkpoint_dir,
+            self.state,
+            self.unwrapped,
+            self.optimizer,
+            self.scheduler,
+            self.dist,
+            self.args.save_total_limit,
+            self.sharded,
+        )
+
+    # -- finish ----------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        from . import metrics
+
+        args, state = self.args, self.state
+        if self.eval_examples:
+            self._evaluate()
+        seconds = time.perf_counter() - self.started
+        report = self.freeze_report
+        result = {
+            "method": args.method,
+            "distribution": self.distribution,
+            "layer_file": self.layer_file,
+            "trainable_params": report.trainable_params,
+            "all_params": report.all_params,
+            "trainable_percent": round(report.trainable_percent, 4),
+            "tied": report.tied,
+            "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
+            "steps": state.step,
+            "epochs_started": state.epoch + 1,
+            "resumed_from_step": self.resumed_from,
+            "final_train_loss": self.last_loss,
+            "final_eval_loss": self.eval_loss,
+            "tokens_seen": state.tokens_seen,
+            "tokens_per_sec": round(state.tokens_seen / seconds, 2),
+            # The first two steps include warm-up (allocations, autotuning); the median skips them.
+            "median_step_seconds": statistics.median(
+                self.step_seconds[2:] or self.step_seconds or [0.0]
+            ),
+            "peak_memory_bytes": metrics.peak_memory_bytes(),
+            "precision": self.precision,
+            "processes": self.dist.world_size,
+            "seconds": round(seconds, 2),
+        }
+        self.dist.barrier()
+        full_state = gathered_state(self.model) if self.sharded else None
+        if self.dist.is_main:
+            save_model(
+                self.unwrapped,
+                self.tokenizer,
+                Path(args.output_dir),
+                self.save_dtype,
+                args.method,
+                result,
+                full_state,
+            )
+            log.info("model saved to %s", args.output_dir)
+            print(json.dumps(result))
+        self.dist.barrier()
+        self.accelerator.end_training()  # closes the trackers, and the process group too
+        return result
+
+
+def _groups(batches, accumulation: int):
+    """Micro-batches in accumulation groups (a resumed epoch starts at a group boundary)."""
+    group = []
+    for item in batches:
+        group.append(item)
+        if len(group) == accumulation:
+            yield group
+            group = []
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        log.warning("tensorboard is not installed: no TensorBoard output")
+        return False
+    return True
+
+
+def _vocab_size(config) -> int | None:
+    text = getattr(config, "get_text_config", None)
+    cfg = text() if text is not None else config
+    return getattr(cfg, "vocab_size", None)
+
+
+def auto_distribution(args, dist) -> str:
+    """ddp when a full copy of the training state fits one GPU (the planner's estimate), else
+    fsdp. On CPU (tests, local runs) ddp."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "ddp"
+    from ..plan import load_config, plan_distribution
+
+    gib = torch.cuda.get_device_properties(dist.device).total_memory / 1024**3
+    choice = plan_distribution(
+        load_config(str(args.model_name_or_path)),
+        method=args.method,
+        percent=30,
+        gpus=dist.world_size,
+        gpu_gib=gib,
+        precision=resolve_precision(args.precision),
+        seq=args.max_seq_length,
+        batch=args.per_device_train_batch_size,
+        checkpointing=args.gradient_checkpointing,
+    )
+    log.info("distribution auto: %s (%s)", choice["distribution"], choice["reason"])
+    return choice["distribution"]
+
+
+def load_model(args, dtype_name: str, config):
+    """The base model; for QLoRA, 4-bit weights (needs CUDA and bitsandbytes). Vision-language
+    models load with their image-text class (AutoModelForCausalLM refuses their configs) and
+    train on text."""
+    import torch
+    import transformers
+
+    from ..core.names import model_class_for
+
+    dtype = getattr(torch, dtype_name)
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    kwargs = {key: dtype, "trust_remote_code": args.trust_remote_code}
+    if args.method == "qlora":
+        if not torch.cuda.is_available():
+            raise SpectrumError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels)")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise SpectrumError(
+                "method qlora needs bitsandbytes: pip install bitsandbytes"
+            ) from exc
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    try:
+        return model_class_for(config).from_pretrained(args.model_name_or_path, **kwargs)
+    except OSError as exc:
+        raise SpectrumError(f"cannot load model {args.model_name_or_path!r}: {exc}") from exc
+
+
+def checkpoint_dtype(config, fallback):
+    """The dtype the base checkpoint was stored in, so the output is saved the same way."""
+    import torch
+
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else fallback
+
+
+def select_trainable(model, args):
+    """Freeze per method; returns (model, freeze report, layer file path or None)."""
+    from ..core.freeze import FreezeReport, freeze_except, read_layer_file
+
+    if args.method == "spectrum":
+        entries = read_layer_file(args.spectrum_config)
+        report = freeze_except(model, entries, name_prefix=args.name_prefix or None)
+        return model, report, str(args.spectrum_config)
+    if args.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        if args.method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=args.gradient_checkpointing
+            )
+        targets = args.lora_target_modules
+        config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=targets if targets == "all-linear" else targets.split(","),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    unique = {id(p): p for p in model.parameters()}
+    report = FreezeReport(
+        trainable=[n for n, p in model.named_parameters() if p.requires_grad],
+        trainable_params=sum(p.numel() for p in unique.values() if p.requires_grad),
+        all_params=sum(p.numel() for p in unique.values()),
+    )
+    log.info("%s", report.summary())
+    return model, report, None
+
+
+def shard_model(model, dist, precision: str):
+    """FSDP2: ``fully_shard`` each decoder layer, then the root. Parameters are sharded one by
+    one (no flat buffers), so frozen and trainable weights of one layer, in different dtypes,
+    shard side by side and the frozen ones get no gradient or optimizer state."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (dist.world_size,))
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16" and device_type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise SpectrumError(f"fsdp: no decoder layers found in {type(model).__name__}")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def gathered_state(model) -> dict[str, Any]:
+    """The full state dict of a sharded model, gathered on every process (to the CPU)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def evaluate(recipe: Recipe, examples) -> float:
+    """Token-weighted mean loss over the validation set, shared across processes."""
+    import torch
+
+    from .data import collate
+
+    args, dist, model = recipe.args, recipe.dist, recipe.model
+    model.eval()
+    mine = examples[dist.rank :: dist.world_size]
+    rounds = math.ceil(len(examples) / dist.world_size / args.per_device_eval_batch_size)
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for index in range(rounds):
+            chunk = mine[index * args.per_device_eval_batch_size :][
+                : args.per_device_eval_batch_size
+            ]
+            # FSDP needs every process in every forward: an empty share runs a dummy batch.
+            batch = collate(chunk or examples[:1], recipe.pad_id)
+            batch = {k: v.to(dist.device) for k, v in batch.items()}
+            with recipe.accelerator.autocast():
+                loss = model(**batch).loss
+            tokens = int((batch["labels"][:, 1:] != -100).sum()) if chunk else 0
+            total += float(loss) * tokens
+            count += tokens
+    total, count = dist.sum([total, count])
+    model.train()
+    return total / count if count > 0 else float("nan")
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    import torch
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return sum(
+        value.numel() * value.element_size()
+        for state in inner.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
+
+
+def save_model(
+    model, tokenizer, output_dir: Path, save_dtype, method: str, report: dict, state_dict=None
+) -> None:
+    """A Hugging Face model folder, written beside and then moved into ``output_dir``.
+
+    ``state_dict`` carries the gathered weights of a sharded (FSDP) model.
+    """
+    import torch
+
+    if state_dict is not None:
+        state_dict = {
+            k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()
+        }
+    elif method in ("lora", "qlora"):
+        model = model.merge_and_unload() if method == "lora" else model
+    else:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.is_floating_point() and param.dtype != save_dtype:
+                    param.data = param.data.to(save_dtype)  # saved as the checkpoint was stored
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / ".tmp-model"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, state_dict=state_dict, max_shard_size="5GB")
+    tokenizer.save_pretrained(staging)
+    (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for item in staging.iterdir():
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
+
+
+def run(args) -> int:
+    """The whole recipe; returns the process's exit code (143 after a SIGTERM stop)."""
+    from ..core.container import write_failure
+
+    recipe = Recipe(args)
+    recipe.setup_runtime()
+    recipe.setup_data()  # a bad row fails before minutes of model loading
+    recipe.setup_model()
+    recipe.setup_optimizer()
+    recipe.resume()
+    try:
+        recipe.train()
+    except Stopped as stop:
+        step = stop.args[0]
+        where = (
+            f"a checkpoint was saved to {args.checkpoint_dir}; run the same command to resume"
+            if args.checkpoint_dir
+            else "no checkpoint folder was set, so nothing was saved"
+        )
+        log.warning("SIGTERM: stopped at step %d; %s", step, where)
+        write_failure(f"stopped by SIGTERM at step {step}; {where}")
+        recipe.accelerator.end_training()
+        return 143
+    recipe.finish()
+    return 0

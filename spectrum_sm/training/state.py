@@ -1,0 +1,408 @@
+"""Resumable training state: checkpoints that load safely, verify, and belong to one run.
+
+A checkpoint ``checkpoint-<step>/`` holds, per rank, ``rank-<r>.safetensors`` (its trainable
+weights: all of them on rank 0 under DDP, its own shards under FSDP; its optimizer state; its RNG
+states) and ``rank-<r>.json`` (the non-tensor parts and the size and sha256 of the rank's
+safetensors file), plus ``state.json`` from rank 0 (step, data position, run fingerprint,
+scheduler). Nothing in it is pickled: loading a checkpoint cannot run code.
+
+Each host's first process creates the folder on its host (SageMaker syncs every host's
+``/opt/ml/checkpoints`` to one S3 prefix and restores the union to every host); every rank writes
+its own files in parallel into ``.tmp-checkpoint-<step>``, which is renamed once all are done. On
+resume every rank checks its own files against their recorded sizes and hashes; the ranks agree
+on the newest checkpoint that verifies everywhere, and fall back to the previous one, saying so.
+A checkpoint whose fingerprint (model, layer file, data, method and the hyperparameters that
+change results) differs from this run's is refused with the difference named, unless the run
+asks for it explicitly (``--resume_from``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import SpectrumError
+
+log = logging.getLogger(__name__)
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrainingState:
+    """Where the run is: optimizer steps done and the next micro-batch of the current epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0
+    tokens_seen: int = 0
+    trainable: list[str] | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+
+# -- run fingerprint -------------------------------------------------------------------------
+
+#: Hyperparameters that change what a run computes (not where it writes or how often it logs).
+RESULT_HYPERPARAMETERS = (
+    "method",
+    "learning_rate",
+    "weight_decay",
+    "warmup_ratio",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_seq_length",
+    "max_steps",
+    "num_train_epochs",
+    "precision",
+    "packing",
+    "assistant_only_loss",
+    "seed",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+)
+
+
+def file_digest(path: Path, block: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_digest(path: str | Path | None) -> str | None:
+    """sha256 over a file's or folder's files (names and contents), hidden files left out."""
+    if not path:
+        return None
+    root = Path(path)
+    if not root.exists():
+        return None
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        rel = file.name if root.is_file() else file.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        digest.update(rel.encode() + b"\0" + file_digest(file).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def model_identity(model: str) -> str:
+    """A local model folder by its config and weight index; a Hub id by its name."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / name).is_file():
+            digest.update(name.encode() + (path / name).read_bytes())
+    for shard in sorted(path.glob("*.safetensors")):
+        digest.update(shard.name.encode() + str(shard.stat().st_size).encode())
+    return digest.hexdigest()
+
+
+def run_fingerprint(args, world_size: int) -> dict[str, Any]:
+    """What makes two runs the same run: resuming a checkpoint is only right between these."""
+    return {
+        "model": model_identity(str(args.model_name_or_path)),
+        "layer_file": folder_digest(args.spectrum_config) if args.method == "spectrum" else None,
+        "train_data": folder_digest(args.train_data),
+        "processes": world_size,
+        **{name: getattr(args, name) for name in RESULT_HYPERPARAMETERS},
+    }
+
+
+def fingerprint_difference(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+
+
+# -- RNG states without pickle ---------------------------------------------------------------
+
+
+def _rng_tensors_and_json() -> tuple[dict[str, Any], dict[str, Any]]:
+    import numpy
+    import torch
+
+    version, internal, gauss = random.getstate()
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{index}"] = state
+    kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(numpy.asarray(keys, dtype=numpy.int64))
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, meta
+
+
+def _restore_rng(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    import numpy
+    import torch
+
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng/cuda/"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    keys = tensors["rng/numpy"].numpy().astype(numpy.uint32)
+    numpy.random.set_state((kind, keys, pos, has_gauss, cached))
+
+
+# -- the pieces of model and optimizer this rank owns ----------------------------------------
+
+
+def _local(tensor):
+    """A DTensor's local shard (FSDP2), or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+def _trainable(model) -> list[tuple[str, Any]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _optimizer_payload(optimizer, params: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Optimizer state as tensors keyed ``optim/<param index>/<name>`` and JSON for the rest."""
+    index_of = {id(p): i for i, p in enumerate(params)}
+    tensors, scalars = {}, {}
+    for param, state in optimizer.state.items():
+        index = index_of.get(id(param))
+        if index is None:
+            continue
+        for key, value in state.items():
+            if hasattr(value, "dtype"):
+                tensors[f"optim/{index}/{key}"] = _local(value).detach().cpu().contiguous()
+            else:
+                scalars[f"{index}/{key}"] = value
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return tensors, {"optimizer_scalars": scalars, "param_groups": groups}
+
+
+def _restore_optimizer(optimizer, params, tensors, meta) -> None:
+    import torch
+
+    by_index = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/", 2)
+            by_index.setdefault(int(index), {})[name] = value
+    for key, value in meta["optimizer_scalars"].items():
+        index, name = key.split("/", 1)
+        by_index.setdefault(int(index), {})[name] = value
+    for index, values in by_index.items():
+        param = params[index]
+        state = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(_local(param).device)
+                if hasattr(param, "device_mesh") and value.ndim > 0:
+                    from torch.distributed.tensor import DTensor
+
+                    value = DTensor.from_local(
+                        value, param.device_mesh, param.placements, run_check=False
+                    )
+            state[name] = value
+        optimizer.state[param] = state
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"], strict=True):
+        for key, value in saved.items():
+            group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+
+
+# -- save ------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    directory: str | Path,
+    state: TrainingState,
+    model,
+    optimizer,
+    scheduler,
+    dist,
+    keep: int,
+    sharded: bool,
+) -> Path:
+    """Write this rank's part of checkpoint ``state.step`` (every rank calls it)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    final = directory / f"checkpoint-{state.step:08d}"
+    tmp = directory / f".tmp-checkpoint-{state.step:08d}"
+    if dist.is_local_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    trainable = _trainable(model)
+    tensors, meta = _rng_tensors_and_json()
+    if sharded or dist.rank == 0:
+        for name, param in trainable:
+            tensors[f"param/{name}"] = _local(param).detach().cpu().contiguous()
+    opt_tensors, opt_meta = _optimizer_payload(optimizer, [p for _, p in trainable])
+    if sharded or dist.rank == 0:
+        tensors.update(opt_tensors)
+        meta.update(opt_meta)
+    stem = f"rank-{dist.rank:05d}"
+    save_file(tensors, str(tmp / f"{stem}.safetensors"))
+    meta["files"] = {
+        f"{stem}.safetensors": {
+            "size": (tmp / f"{stem}.safetensors").stat().st_size,
+            "sha256": file_digest(tmp / f"{stem}.safetensors"),
+        }
+    }
+    if dist.rank == 0:
+        state.scheduler = {k: v for k, v in scheduler.state_dict().items() if _jsonable(v)}
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    # The rank's JSON last: its presence marks the rank's part complete.
+    (tmp / f"{stem}.json").write_text(json.dumps(meta))
+    dist.barrier()
+    if dist.is_local_main:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _prune(directory, keep)
+        log.info("saved checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _prune(directory: Path, keep: int) -> None:
+    complete = sorted(
+        (int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name))
+    )
+    for _, path in complete[: max(0, len(complete) - max(1, keep))]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- find, verify, load ----------------------------------------------------------------------
+
+
+def checkpoints(directory: str | Path | None) -> list[Path]:
+    """Complete-looking checkpoints, newest first."""
+    if not directory or not Path(directory).is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(directory).iterdir()
+        if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _verify_rank(path: Path, rank: int) -> str | None:
+    """Why this rank's part of ``path`` is unusable, or None."""
+    stem = f"rank-{rank:05d}"
+    try:
+        meta = json.loads((path / f"{stem}.json").read_text())
+        for name, record in meta["files"].items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != record["size"]:
+                return f"{name} has {file.stat().st_size} bytes, {record['size']} were written"
+            if file_digest(file) != record["sha256"]:
+                return f"{name} does not match its sha256"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{stem}.json is unreadable ({exc})"
+    return None
+
+
+def find_resumable(directory, dist, fingerprint: dict[str, Any], *, explicit: bool) -> Path | None:
+    """The newest checkpoint in ``directory`` that verifies on every rank and belongs to this
+    run (any run when ``explicit``: ``--resume_from``). All ranks return the same answer."""
+    for path in checkpoints(directory):
+        try:
+            saved = TrainingState(**json.loads((path / STATE_FILE).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            reason = f"state.json unreadable ({exc})"
+            saved = None
+        else:
+            reason = None
+        if saved is not None and saved.world_size != dist.world_size:
+            raise SpectrumError(
+                f"checkpoint {path} was written by {saved.world_size} processes, this run has "
+                f"{dist.world_size}; resume with the same number of processes"
+            )
+        if saved is not None and not explicit:
+            difference = fingerprint_difference(saved.fingerprint, fingerprint)
+            if difference:
+                raise SpectrumError(
+                    f"checkpoint {path} belongs to another run ({'; '.join(difference)}); use "
+                    "another checkpoint folder, or --resume_from to continue that run on purpose"
+                )
+        reason = reason or _verify_rank(path, dist.rank)
+        if dist.all_agree(reason is None):
+            return path
+        log.warning(
+            "checkpoint %s is damaged (%s on rank %d or another); falling back to the previous one",
+            path.name,
+            reason or "a file",
+            dist.rank,
+        )
+    return None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, dist, sharded: bool) -> TrainingState:
+    """Restore what :func:`save_checkpoint` wrote; the run then continues bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = TrainingState(**json.loads((path / STATE_FILE).read_text()))
+    trainable = _trainable(model)
+    if state.trainable is not None and sorted(state.trainable) != sorted(n for n, _ in trainable):
+        raise SpectrumError(
+            f"checkpoint {path} trained other parameters than this run; use another "
+            "checkpoint folder"
+        )
+    own = load_file(str(path / f"rank-{dist.rank:05d}.safetensors"))
+    meta = json.loads((path / f"rank-{dist.rank:05d}.json").read_text())
+    source, source_meta = (own, meta) if sharded else _rank_zero(path, dist, own, meta)
+    with torch.no_grad():
+        for name, param in trainable:
+            _local(param).copy_(source[f"param/{name}"])
+    _restore_optimizer(optimizer, [p for _, p in trainable], source, source_meta)
+    scheduler.load_state_dict({**scheduler.state_dict(), **state.scheduler})
+    if "rng/torch" not in own:
+        raise SpectrumError(f"checkpoint {path}: rank {dist.rank} has no RNG state")
+    _restore_rng(own, meta)
+    log.info("resumed from %s (step %d)", path, state.step)
+    return state
+
+
+def _rank_zero(path: Path, dist, own, meta):
+    from safetensors.torch import load_file
+
+    if dist.rank == 0:
+        return own, meta
+    return (
+        load_file(str(path / "rank-00000.safetensors")),
+        json.loads((path / "rank-00000.json").read_text()),
+    )
