@@ -21,11 +21,12 @@ from pathlib import Path
 # The job's code folder ships spectrum_sm next to entrypoints/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spectrum_sm.core.container import write_failure
+from spectrum_sm.core.container import die_with_parent, write_failure
 from spectrum_sm.core.errors import SpectrumError
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout
     )

@@ -40,3 +40,25 @@ def default_checkpoint_dir() -> str | None:
     if not in_container():
         return None
     return os.environ.get("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints")
+
+
+def die_with_parent() -> None:
+    """Under torchrun, end this worker when torchrun ends, however it ends.
+
+    torchrun starts every worker in a session of its own, so a ``kill -9`` of torchrun's process
+    group (or of torchrun alone) would leave the workers training on, orphaned, and a restarted
+    run would race them. Linux's parent-death signal closes that gap; elsewhere nothing happens.
+    """
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() == 1:  # torchrun died before the line above took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    except (OSError, AttributeError) as exc:
+        log.debug("no parent-death signal: %s", exc)
