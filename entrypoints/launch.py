@@ -139,6 +139,16 @@ def main(argv: list[str]) -> int:
     return code
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the child ends with this launcher (a local job killed with -9)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _children(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc)."""
     found = []
@@ -156,7 +166,7 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
 
     Under torchrun the signal goes to the workers themselves, not to torchrun: torchrun would
     pass it on but kill the workers 30 s later, mid-save; SageMaker allows 120 s."""
-    child = subprocess.Popen(cmd, env=env)
+    child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
     stopped = []
 
     def forward(signum, _frame):

@@ -258,6 +258,36 @@ def test_dry_run_needs_no_credentials(tmp_path):
         validate_request(request)
 
 
+def test_training_distribution_is_planned_and_a_misfit_refused():
+    """The flagship example: Spectrum-30% of Qwen3-8B on 8 x A100 40 GB needs FSDP."""
+
+    def dry(*sets):
+        return run_cli(
+            "run",
+            str(EXAMPLES / "qwen3-8b.yaml"),
+            "--dry-run",
+            *[x for s in sets for x in ("--set", s)],
+            env={"HF_HUB_OFFLINE": "1"},
+        )
+
+    proc = dry()
+    assert proc.returncode == 0, proc.stderr
+    training = json.loads(proc.stdout)["training"]
+    assert training["HyperParameters"]["distribution"] == "fsdp"
+    assert "fsdp over 8 GPUs 17.1 GiB" in proc.stderr
+    # One checkpoint prefix per run: no other run can resume from it by accident.
+    assert training["CheckpointConfig"]["S3Uri"].endswith(f"/{training['TrainingJobName']}/")
+    refused = dry("training.distribution=ddp")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "needs ~66.7 GiB per GPU" in refused.stderr and "force: true" in refused.stderr
+    assert refused.stdout == ""
+    forced = dry("training.distribution=ddp", "training.force=true")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["training"]["HyperParameters"]["distribution"] == "ddp"
+    small = dry("training.instance_type=ml.g5.2xlarge")
+    assert small.returncode == 1 and "more than 90% of its 24 GiB" in small.stderr
+
+
 @pytest.mark.integration
 def test_local_pipeline_against_moto(moto_server, tmp_path):
     import boto3
