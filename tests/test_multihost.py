@@ -80,9 +80,8 @@ def test_two_hosts_train_and_resume_from_s3_synced_checkpoints(moto_server, tmp_
         while True:
             keys = set(_keys(s3, bucket, "mh/ck/"))
             started = {k.split("/")[2] for k in keys if k.endswith("state.json")}
-            files = ("state.json",) + tuple(
-                f"rank-0000{r}.{ext}" for r in (0, 1) for ext in ("json", "safetensors")
-            )
+            files = ["state.json"]
+            files += [f"rank-0000{r}.{ext}" for r in (0, 1) for ext in ("json", "safetensors")]
             if any(all(f"mh/ck/{c}/{f}" in keys for f in files) for c in started):
                 break
             assert first.poll() is None, "the first job ended before a checkpoint reached S3"

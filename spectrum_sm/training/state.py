@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError
+from ..core.weights import sha256_file as file_digest
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -72,14 +73,6 @@ RESULT_HYPERPARAMETERS = (
     "lora_dropout",
     "lora_target_modules",
 )
-
-
-def file_digest(path: Path, block: int = 8 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def folder_digest(path: str | Path | None) -> str | None:
