@@ -21,6 +21,7 @@ from test_train import (
     base_args,
     changed_tensors,
     free_port,
+    job_root,
     model_tensors,
     run_train,
 )
@@ -279,9 +280,6 @@ def test_sigterm_without_a_checkpoint_folder_says_nothing_was_saved(setup, tmp_p
 
 def test_sigterm_reaches_every_worker_under_torchrun(setup, tmp_path):
     """A stop reaches launch.py only; both ranks must save their shard before exiting."""
-    root = tmp_path / "ml"
-    (root / "input" / "config").mkdir(parents=True)
-    (root / "output").mkdir()
     ck = tmp_path / "ck"
     args = base_args(
         setup,
@@ -295,10 +293,7 @@ def test_sigterm_reaches_every_worker_under_torchrun(setup, tmp_path):
         "--distribution",
         "fsdp",
     )
-    hyperparameters = dict(zip(args[::2], args[1::2], strict=True))
-    (root / "input" / "config" / "hyperparameters.json").write_text(
-        json.dumps({k.removeprefix("--"): v for k, v in hyperparameters.items()})
-    )
+    root = job_root(tmp_path / "ml", args)
     launcher = subprocess.Popen(
         [sys.executable, str(ROOT / "entrypoints" / "launch.py"), "train"],
         stdout=subprocess.PIPE,

@@ -267,18 +267,23 @@ def test_sigterm_saves_a_checkpoint_and_exits(setup, tmp_path):
     assert len(saved) == 1 and int(saved[0].split("-")[1]) >= 3
 
 
-def test_the_launcher_passes_sigterm_on(setup, tmp_path):
-    """A stop reaches the container's first process; launch.py must hand it to train.py."""
-    root = tmp_path / "ml"
+def job_root(root: Path, args: list[str]) -> Path:
+    """A folder laid out like /opt/ml whose hyperparameters.json holds ``args``."""
     (root / "input" / "config").mkdir(parents=True)
     (root / "output").mkdir()
-    args = base_args(
-        setup, tmp_path, "--checkpoint_dir", str(tmp_path / "ck"), "--max_steps", "400"
-    )
     hyperparameters = dict(zip(args[::2], args[1::2], strict=True))
     (root / "input" / "config" / "hyperparameters.json").write_text(
         json.dumps({k.removeprefix("--"): v for k, v in hyperparameters.items()})
     )
+    return root
+
+
+def test_the_launcher_passes_sigterm_on(setup, tmp_path):
+    """A stop reaches the container's first process; launch.py must hand it to train.py."""
+    args = base_args(
+        setup, tmp_path, "--checkpoint_dir", str(tmp_path / "ck"), "--max_steps", "400"
+    )
+    root = job_root(tmp_path / "ml", args)
     launcher = subprocess.Popen(
         [sys.executable, str(ROOT / "entrypoints" / "launch.py"), "train"],
         stdout=subprocess.PIPE,
