@@ -796,6 +796,9 @@ def _scan(
     finally:
         for handle in opened.values():
             handle.close()
+        pause_hashing = getattr(source, "pause_hashing", None)
+        if pause_hashing is not None:
+            pause_hashing()  # a failed scan must not leave a hashing thread behind
     ordered = {m: scores[m] for m in sorted(scores, key=natural_key)}
     return ScanResult(
         model_name=source.name,
