@@ -34,7 +34,7 @@ def _config(tmp_path, paths, layer_file, bucket, distribution):
             "distribution": distribution,
             "checkpoint_s3": f"s3://{bucket}/mh/ck/",
             "hyperparameters": {
-                "max_steps": 40,
+                "max_steps": 120,
                 "save_steps": 4,
                 "per_device_train_batch_size": 2,
                 "max_seq_length": 64,
@@ -109,6 +109,6 @@ def test_two_hosts_train_and_resume_from_s3_synced_checkpoints(moto_server, tmp_
         s3.get_object(Bucket=bucket, Key=key + "training_report.json")["Body"].read()
     )
     assert report["processes"] == 2 and report["distribution"] == distribution
-    assert report["steps"] == 40 and 0 < report["resumed_from_step"] < 40
+    assert report["steps"] == 120 and 0 < report["resumed_from_step"] < 120
     hosts = sorted(p.name for p in (tmp_path / "jobs-2" / result["job"]).iterdir())
     assert hosts == ["algo-1", "algo-2"]
