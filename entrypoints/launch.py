@@ -140,7 +140,8 @@ def main(argv: list[str]) -> int:
 
 
 def _die_with_parent() -> None:
-    """preexec_fn: the child ends with this launcher (a local job killed with -9)."""
+    """preexec_fn: the child ends with this launcher (a local job killed with -9). The same as
+    spectrum_sm.core.container.kill_with_parent: this launcher uses the standard library only."""
     try:
         import ctypes
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.container import kill_with_parent
 from ..core.errors import SpectrumError
 from .jobs import JobFailed
 from .s3 import describe_client_error, s3_client, split_s3_uri
@@ -182,16 +183,6 @@ class _CheckpointSync:
                 self._seen[path] = (stat.st_size, stat.st_mtime)
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: a local job's processes end when the CLI that started them does."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def run_local(
     request: dict[str, Any], workdir: str | Path, *, stream_logs: bool = True
 ) -> LocalJob:
@@ -242,7 +233,7 @@ def run_local(
                 text=True,
                 env=env,
                 cwd=roots[host],
-                preexec_fn=_die_with_parent,
+                preexec_fn=kill_with_parent,
             )
         codes = _follow(procs, roots, name, tail, stream_logs)
     finally:

@@ -42,6 +42,19 @@ def default_checkpoint_dir() -> str | None:
     return os.environ.get("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints")
 
 
+def kill_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``); usable as
+    a ``preexec_fn``. Elsewhere nothing happens."""
+    try:
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError) as exc:
+        log.debug("no parent-death signal: %s", exc)
+
+
 def die_with_parent() -> None:
     """Under torchrun, end this worker when torchrun ends, however it ends.
 
@@ -51,14 +64,8 @@ def die_with_parent() -> None:
     """
     if not os.environ.get("TORCHELASTIC_RUN_ID"):
         return
-    try:
-        import ctypes
+    kill_with_parent()
+    if os.getppid() == 1:  # torchrun died before the signal was armed
         import signal
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() == 1:  # torchrun died before the line above took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-    except (OSError, AttributeError) as exc:
-        log.debug("no parent-death signal: %s", exc)
+        os.kill(os.getpid(), signal.SIGKILL)
