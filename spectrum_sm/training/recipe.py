@@ -74,6 +74,15 @@ class Dist:
         """True when ``flag`` is true on every process."""
         return self.sum([0.0 if flag else 1.0])[0] == 0.0
 
+    def from_main(self, compute):
+        """``compute()`` run on the main process only, its (JSON-like) result given to all."""
+        import torch.distributed as td
+
+        value = [compute() if self.is_main else None]
+        if self.world_size > 1:
+            td.broadcast_object_list(value, src=0)
+        return value[0]
+
 
 class Terminate:
     """SIGTERM (spot interruption, StopTrainingJob) asks for a checkpoint and a clean exit."""
@@ -326,7 +335,8 @@ class Recipe:
         from .state import TrainingState, find_resumable, load_checkpoint, run_fingerprint
 
         args = self.args
-        self.fingerprint = run_fingerprint(args, self.dist.world_size)
+        # Hashing the data once, not once per process (8 ranks reading a big dataset 8 times).
+        self.fingerprint = self.dist.from_main(lambda: run_fingerprint(args, self.dist.world_size))
         self.state = TrainingState(
             trainable=self.freeze_report.trainable,
             fingerprint=self.fingerprint,
