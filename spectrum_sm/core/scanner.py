@@ -279,6 +279,7 @@ def _plan(
     for note in names.notes:
         log.info("%s", note)
     head_param = names.output_head
+    block_size = _block_size(config)
     skipped, weights, refused = [], [], []
     left_out: dict[str, int] = {}
     for info in infos:
@@ -298,7 +299,7 @@ def _plan(
             continue
         scale = block = None
         if info.dtype not in FLOAT_DTYPES or info.dtype in FP8_DTYPES:
-            scale, block = _scale_of(info, by_name, _block_size(config))
+            scale, block = _scale_of(info, by_name, block_size)
             if scale is None:
                 refused.append(f"{info.name} ({info.dtype})")
                 continue
