@@ -24,6 +24,7 @@ from test_train import (
     job_root,
     model_tensors,
     run_train,
+    signal_at,
 )
 from test_train import setup as setup
 
@@ -184,10 +185,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(setup, tmp_p
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    for line in child.stdout:
-        if "saved checkpoint" in line and "00000008" in line:
-            child.send_signal(signal.SIGKILL)
-            break
+    signal_at(child, "saved checkpoint", "00000008", sig=signal.SIGKILL)
     child.wait()
     newest = ck / "checkpoint-00000008"
     shard = newest / "rank-00000.safetensors"
@@ -267,10 +265,7 @@ def test_sigterm_without_a_checkpoint_folder_says_nothing_was_saved(setup, tmp_p
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "SM_OUTPUT_FAILURE": str(failure)},
     )
-    for line in child.stdout:
-        if "step=2 " in line:
-            child.send_signal(signal.SIGTERM)
-            break
+    signal_at(child, "step=2 ")
     rest = child.stdout.read()
     assert child.wait(timeout=120) == 143, rest
     assert "nothing was saved" in rest
@@ -309,10 +304,7 @@ def test_sigterm_reaches_every_worker_under_torchrun(setup, tmp_path):
         start_new_session=True,
     )
     try:
-        for line in launcher.stdout:
-            if "step=3 " in line:
-                launcher.send_signal(signal.SIGTERM)
-                break
+        signal_at(launcher, "step=3 ")
         rest = launcher.stdout.read()
         assert launcher.wait(timeout=180) == 143, rest
     finally:

@@ -256,15 +256,20 @@ def test_sigterm_saves_a_checkpoint_and_exits(setup, tmp_path):
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    for line in child.stdout:
-        if "step=3 " in line:
-            child.send_signal(signal.SIGTERM)
-            break
+    signal_at(child, "step=3 ")
     rest = child.stdout.read()
     assert child.wait(timeout=120) == 143, rest
     assert "SIGTERM" in rest
     saved = [p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")]
     assert len(saved) == 1 and int(saved[0].split("-")[1]) >= 3
+
+
+def signal_at(proc, *fragments: str, sig=signal.SIGTERM) -> None:
+    """Read ``proc``'s output until a line holds every fragment, then send it ``sig``."""
+    for line in proc.stdout:
+        if all(f in line for f in fragments):
+            proc.send_signal(sig)
+            return
 
 
 def job_root(root: Path, args: list[str]) -> Path:
@@ -291,10 +296,7 @@ def test_the_launcher_passes_sigterm_on(setup, tmp_path):
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "SM_OPT_ML": str(root)},
     )
-    for line in launcher.stdout:
-        if "step=3 " in line:
-            launcher.send_signal(signal.SIGTERM)
-            break
+    signal_at(launcher, "step=3 ")
     rest = launcher.stdout.read()
     assert launcher.wait(timeout=120) == 143, rest
     assert "SIGTERM" in rest
