@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--certify_percents", type=_globs, default=[])
     parser.add_argument("--towers", type=_globs, default=["language"])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--reuse_key", default="", help="the client's reuse key (the manifest)")
     # /opt/ml/model only inside a job: a hand run must not create /opt/ml on a workstation.
     parser.add_argument("--output_dir", default=_default_output_dir())
     args = parser.parse_args(argv)
@@ -111,8 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # anything else still becomes the job's FailureReason
         traceback.print_exc()
         return fail(f"{type(exc).__name__}: {exc}")
+    if args.reuse_key:
+        _record_reuse_key(result.files["manifest"], args.reuse_key)
     print(json.dumps({k: str(v) for k, v in result.files.items()}))
     return 0
+
+
+def _record_reuse_key(manifest: Path, key: str) -> None:
+    """The manifest names the key (model content, settings, scanner) the client reuses it by."""
+    from spectrum_sm.core.atomic import write_files_atomically
+
+    data = json.loads(manifest.read_text())
+    data["reuse_key"] = key
+    write_files_atomically(manifest.parent, {manifest.name: json.dumps(data, indent=2) + "\n"})
 
 
 def fail(reason: str) -> int:

@@ -5,7 +5,9 @@ writes /opt/ml/input/config/{hyperparameters,resourceconfig,inputdataconfig}.jso
 channel under /opt/ml/input/data/<name>; this script exports the usual ``SM_*`` variables, passes
 hyperparameters as ``--name value``, and starts the script (under torchrun when the job has
 several GPUs or instances). The local runner uses the same script with ``SM_OPT_ML`` pointing at a
-folder laid out like /opt/ml. Standard library only.
+folder laid out like /opt/ml. Standard library only, except boto3 (in every training image) when
+the job names secrets: ``SPECTRUM_SM_SECRET_<VAR>=<Secrets Manager ARN>`` is read here with the
+job's role and given to the script as ``<VAR>``; the value is never in the request or a log.
 """
 
 from __future__ import annotations
@@ -40,6 +42,44 @@ EFA_RDMA_INSTANCES = {
     "ml.p5e.48xlarge",
     "ml.trn1.32xlarge",
 }
+
+
+SECRET_PREFIX = "SPECTRUM_SM_SECRET_"
+
+
+def secret_environment(environ: dict[str, str]) -> dict[str, str]:
+    """``<VAR>: <secret value>`` for every ``SPECTRUM_SM_SECRET_<VAR>`` ARN, read with the job's
+    role. A JSON secret holding ``<VAR>`` gives that field; any other secret is used whole."""
+    wanted = {k[len(SECRET_PREFIX) :]: v for k, v in environ.items() if k.startswith(SECRET_PREFIX)}
+    if not wanted:
+        return {}
+    import boto3
+
+    values = {}
+    for name, arn in sorted(wanted.items()):
+        try:
+            client = boto3.client("secretsmanager", region_name=arn.split(":")[3])
+            text = client.get_secret_value(SecretId=arn)["SecretString"]
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+            raise RuntimeError(
+                f"cannot read secret {arn} for {name} ({code}): the job's role needs "
+                "secretsmanager:GetSecretValue on it (and kms:Decrypt on its key)"
+            ) from None
+        with contextlib.suppress(ValueError, TypeError):
+            data = json.loads(text)
+            if isinstance(data, dict) and isinstance(data.get(name), str):
+                text = data[name]
+        values[name] = text
+    return values
+
+
+def cache_environment(root: Path, environ: dict[str, str]) -> dict[str, str]:
+    """Hub downloads go to the job's volume (large), not the image's home on the small root
+    disk; every rank shares one cache, whose file locks let one process download each file."""
+    if "HF_HOME" in environ:
+        return {}
+    return {"HF_HOME": str(root / "input" / "data" / ".cache" / "huggingface")}
 
 
 def _read_json(path: Path, default):
@@ -127,6 +167,15 @@ def main(argv: list[str]) -> int:
             failure.write_text(reason)
         return 2
     env = {**os.environ, **container_environment(root)}
+    env.update(cache_environment(root, env))
+    try:
+        env.update(secret_environment(env))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        failure = root / "output" / "failure"
+        if failure.parent.is_dir():
+            failure.write_text(str(exc))
+        return 1
     # The code channel ships spectrum_sm next to entrypoints/.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     cmd = command(argv[0], root)

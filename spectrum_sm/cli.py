@@ -197,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="SageMaker: do not stream CloudWatch logs while waiting",
         )
+    policy = commands.add_parser(
+        "iam-policy",
+        help="print the least-privilege IAM policies a config needs",
+        description="Print, for CONFIG's buckets, prefixes, keys and secrets, the policy the "
+        "jobs' role needs and the one the launching user needs (JSON).",
+    )
+    policy.add_argument("config", help="pipeline YAML (sections: common, analysis, training)")
+    policy.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     report = commands.add_parser(
         "report",
         help="heatmap and table of SNR scores with the selected layers marked",
@@ -384,6 +392,14 @@ def _run_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_iam_policy(args: argparse.Namespace) -> int:
+    from .aws.config import load_pipeline
+    from .aws.iam import policies
+
+    print(json.dumps(policies(load_pipeline(args.config, args.set)), indent=2))
+    return 0
+
+
 def _run_jobs(args: argparse.Namespace) -> int:
     from .aws import pipeline
     from .aws.config import load_pipeline
@@ -416,8 +432,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
         job = run_local(request, args.workdir)
         print(json.dumps({"job": job.name, "status": job.status, "model_s3": job.model_s3}))
         return 0
-    job_config = config.analysis if args.command == "analyze" else config.training
-    handle = submit(request, pipeline.launch_options(job_config))
+    handle = submit(request)
     status = handle.wait(logs=logs)["TrainingJobStatus"] if wait else "Submitted"
     print(json.dumps({"job": handle.name, "status": status, **handle.outputs}))
     return 0
@@ -429,6 +444,7 @@ COMMANDS = {
     "report": _run_report,
     "scan": _run_scan,
     "select": _run_select,
+    "iam-policy": _run_iam_policy,
     "analyze": _run_jobs,
     "train": _run_jobs,
     "run": _run_jobs,

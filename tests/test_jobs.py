@@ -4,6 +4,7 @@ against a real moto server over HTTP."""
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from spectrum_sm.aws.requests import (
     build_training_request,
     validate_request,
 )
-from spectrum_sm.aws.sdk import sdk_base_name
 from spectrum_sm.core.errors import SpectrumError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def analysis(**kw):
 
 def training(**kw):
     return TrainingConfig(
-        **{**COMMON, "model": "Qwen/Qwen3-8B", "train_data": "s3://b/train/", **kw}
+        **{**COMMON, "model": "Qwen/Qwen3-8B", "train_data": "s3://bkt/train/", **kw}
     )
 
 
@@ -51,7 +51,7 @@ def test_requests_carry_what_the_jobs_need():
     channels = {
         c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in t["InputDataConfig"]
     }
-    assert channels["spectrum"] == layer_uri and channels["train"] == "s3://b/train/"
+    assert channels["spectrum"] == layer_uri and channels["train"] == "s3://bkt/train/"
     # The layer list travels through S3, never as a hyperparameter.
     assert "spectrum_config" not in t["HyperParameters"]
     assert not any("model.layers" in v for v in t["HyperParameters"].values())
@@ -75,10 +75,8 @@ def test_job_names_are_unique_within_one_second():
     names = {build_analysis_request(analysis())["TrainingJobName"] for _ in range(20)}
     assert len(names) == 20
     assert all(len(n) <= 63 for n in names)
-    # The SDK appends its own -<YYYYmmddHHMMSS> to the base; the random part stays in the base.
-    bases = {sdk_base_name(n) for n in names}
-    assert len(bases) == 20
-    assert all(len(n) - len(sdk_base_name(n)) == 15 for n in names)
+    # <base>-analysis-<random>-<YYYYmmddHHMMSS>: sent as it is, no SDK renaming.
+    assert all(re.fullmatch(r"spectrum-analysis-[0-9a-f]{6}-\d{14}", n) for n in names)
     long = build_analysis_request(analysis(base_job_name="x" * 41))["TrainingJobName"]
     assert len(long) <= 63
 
@@ -103,10 +101,10 @@ def test_images_come_from_the_sdk_image_uris():
         _image(cpu) == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.9-cpu-py312"
     )
     with pytest.raises(SpectrumError, match=r"no Hugging Face training image for ml\.c5\.9xlarge"):
-        build_training_request(training(instance_type="ml.c5.9xlarge"), spectrum_uri="s3://b/l/")
+        build_training_request(training(instance_type="ml.c5.9xlarge"), spectrum_uri="s3://bkt/l/")
     mine = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mine:1"
     cpu_training = build_training_request(
-        training(instance_type="ml.c5.9xlarge", image_uri=mine), spectrum_uri="s3://b/l/"
+        training(instance_type="ml.c5.9xlarge", image_uri=mine), spectrum_uri="s3://bkt/l/"
     )
     assert _image(cpu_training) == mine
 
@@ -133,7 +131,7 @@ def test_config_validation(make, fragment):
         if isinstance(config, AnalysisConfig):
             build_analysis_request(config)
         else:
-            build_training_request(config, spectrum_uri="s3://b/layers/")
+            build_training_request(config, spectrum_uri="s3://bkt/layers/")
 
 
 @pytest.mark.parametrize(
@@ -178,8 +176,44 @@ def test_unknown_config_keys_and_overrides(tmp_path):
     with pytest.raises(SpectrumError, match="not of the form"):
         load_pipeline(EXAMPLES / "qwen3-8b.yaml", ["training.spot"])
     (tmp_path / "top.yaml").write_text("analysys: {}\n")
-    with pytest.raises(SpectrumError, match=r"unknown key.*analysys"):
+    with pytest.raises(SpectrumError, match=r"unknown key.*analysys.*did you mean 'analysis'"):
         load_pipeline(tmp_path / "top.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("trainig.spot=false", "no section 'trainig' (did you mean 'training'?)"),
+        ("training.spott=false", "training has no setting 'spott' (did you mean 'spot'?)"),
+        ("common=5", "common is a section; use --set common.KEY=VALUE"),
+        ("common.method=full", "'method' is not a setting both jobs have"),
+        ("training.hyperparameters=[", "the value is not valid YAML"),
+        ("training.spot.x=1", "training.spot has no sub-keys"),
+        ("reuse_analysis=\"false\"", "reuse_analysis must be true or false, got 'false'"),
+        ("training.hyperparameters.learning_rat=1e-5", "no argument 'learning_rat' (did you mean 'learning_rate'?)"),
+        ("training.hyperparameters.epochs=3", "train.py has no argument 'epochs'"),
+        ("training.hyperparameters.max_steps=abc", "argument --max_steps: invalid int value: 'abc'"),
+        ("training.hyperparameters.max_steps=100.0", "argument --max_steps: invalid int value: '100.0'"),
+        ("training.hyperparameters.learning_rate=5", "learning_rate must be in (0, 1]"),
+        ("training.hyperparameters.gradient_checkpointing=maybe", "expected true or false"),
+        ("common.output_s3=s3://My_Bucket/x", "S3 refuses the bucket name 'My_Bucket'"),
+        ("common.output_s3=s3://my..bucket/x", "no '..'"),
+        ("common.output_s3=s3://192.168.1.1/x", "not an IP address"),
+        ("common.region=cn-north-1", "is in partition 'aws', but region 'cn-north-1' is in 'aws-cn'"),
+        ("training.environment.WANDB_API_KEY=abc", "environment.WANDB_API_KEY looks like a credential"),
+        ("common.environment.HF_TOKEN=hf_" + "a" * 34, "environment.HF_TOKEN looks like a credential"),
+        ("training.hyperparameters.note=hf_" + "a" * 34, "hyperparameters.note looks like a credential"),
+        ("training.secret_environment.HF_TOKEN=hf_" + "a" * 34, "must be a Secrets Manager secret ARN"),
+    ],
+)  # fmt: skip
+def test_bad_overrides_fail_the_dry_run_naming_the_key(override, fragment):
+    from factories import run_cli
+
+    proc = run_cli("run", str(EXAMPLES / "qwen3-8b.yaml"), "--dry-run", "--set", override)
+    assert proc.returncode == 1, proc.stdout
+    assert fragment in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "hf_" + "a" * 34 not in proc.stderr + proc.stdout
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -203,13 +237,16 @@ def test_every_example_config_is_valid(example, tmp_path):
         validate_request(request)
 
 
+SHELL_TOKEN = "hf_" + "Q" * 34
+
+
 def test_dry_run_needs_no_credentials(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
         AWS_CONFIG_FILE=str(tmp_path / "none"),
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
         AWS_EC2_METADATA_DISABLED="true",
-        HF_TOKEN="hf_secret",
+        HF_TOKEN=SHELL_TOKEN,
         PYTHONPATH=str(tmp_path),
     )
     # No network either: any connection attempt in the subprocess fails the run.
@@ -252,8 +289,9 @@ def test_dry_run_needs_no_credentials(tmp_path):
             "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04"
         )
     assert data["training"]["EnableManagedSpotTraining"] is True
-    assert data["analysis"]["Environment"]["HF_TOKEN"] == "***"
-    assert "hf_secret" not in proc.stdout
+    # The launching shell's token never travels (a job reads one from Secrets Manager).
+    assert all("HF_TOKEN" not in r["Environment"] for r in data.values())
+    assert SHELL_TOKEN not in proc.stdout + proc.stderr
     for request in data.values():
         validate_request(request)
 
@@ -382,7 +420,7 @@ def test_local_job_failures_surface_the_reason(moto_server, tmp_path):
     )
     assert missing.returncode == 1 and "no such S3 object or prefix" in missing.stderr
     assert not (tmp_path / "jobs").exists()  # rejected before any job ran
-    failing = run_cli(
+    refused = run_cli(
         "run",
         str(EXAMPLES / "local-tiny.yaml"),
         *base,
@@ -393,8 +431,21 @@ def test_local_job_failures_surface_the_reason(moto_server, tmp_path):
         "--set",
         "training.hyperparameters.num_train_epochs=0",
     )
+    # train.py's own checks, run on the client: refused before any upload or job.
+    assert refused.returncode == 1 and "nothing to train" in refused.stderr
+    assert not (tmp_path / "jobs").exists()
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=bucket)
+    broken = tmp_path / "broken.jsonl"  # only the job can read the data: it fails there
+    broken.write_text('{"messages": "not a list"}\n')
+    failing = run_cli(
+        "run",
+        str(EXAMPLES / "local-tiny.yaml"),
+        *base,
+        "--set",
+        f"training.train_data={broken}",
+    )
     assert failing.returncode == 1
-    assert "failed: nothing to train" in failing.stderr
+    assert "failed: data row 0: 'messages' must be a non-empty list" in failing.stderr
     assert "Traceback" not in failing.stderr.split("last log lines")[0]
 
 
@@ -456,3 +507,21 @@ def test_single_job_commands_dry_run():
     assert channels["spectrum"]["DataSource"]["S3DataSource"]["S3Uri"].endswith("/layers/")
     missing = run_cli("train", str(EXAMPLES / "qwen3-8b.yaml"), "--dry-run")
     assert missing.returncode == 1 and "layer file's S3 location" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "sent"),
+    [("ml.p3.16xlarge", True), ("ml.m5.xlarge", True), ("ml.g5.2xlarge", False),
+     ("ml.p4d.24xlarge", False), ("ml.p5.48xlarge", False), ("ml.g4dn.xlarge", False),
+     ("ml.r5d.large", False)],
+)  # fmt: skip
+def test_volume_key_only_where_the_instance_has_an_ebs_volume(instance_type, sent):
+    key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    request = build_analysis_request(
+        analysis(
+            instance_type=instance_type,
+            volume_kms_key=key,
+            image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/mine:1",
+        )
+    )
+    assert ("VolumeKmsKeyId" in request["ResourceConfig"]) is sent

@@ -7,6 +7,7 @@ job to another state by editing moto's backend, which lives in this process with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 
@@ -18,12 +19,10 @@ from test_jobs import EXAMPLES
 
 from spectrum_sm.aws.config import load_pipeline
 from spectrum_sm.aws.jobs import JobFailed, JobTimeout, TrainingJob, submit
-from spectrum_sm.aws.pipeline import launch_options, prepare_analysis, prepare_training
-from spectrum_sm.aws.sdk import LaunchOptions, sdk_base_name
+from spectrum_sm.aws.pipeline import prepare_analysis, prepare_training
 from spectrum_sm.core.errors import SpectrumError
 
 pytestmark = pytest.mark.integration
-OPTIONS = LaunchOptions(validate_role=False)
 
 
 def _job_count() -> int:
@@ -55,48 +54,62 @@ def put_logs(name: str, lines: list[str]) -> None:
 
 @pytest.fixture
 def config(s3_bucket):
-    # moto has no IAM policy simulation, which the SDK's role check needs.
-    return load_pipeline(
-        EXAMPLES / "qwen3-8b.yaml",
-        [f"common.output_s3=s3://{s3_bucket}/q", "common.validate_role=false"],
-    )
+    return load_pipeline(EXAMPLES / "qwen3-8b.yaml", [f"common.output_s3=s3://{s3_bucket}/q"])
 
 
-def test_submit_sends_the_prepared_request_through_model_trainer(config, s3_bucket):
+def test_submit_sends_the_prepared_request_exactly(config, s3_bucket):
     request = prepare_analysis(config.analysis, dry_run=False, local=False)
-    job = submit(request, launch_options(config.analysis))
-    # The SDK names the job <base_job_name>-<time>; the base (with its random part) is ours.
-    assert job.name.startswith(sdk_base_name(request["TrainingJobName"]) + "-")
+    sent: dict = {}
+    session = boto3.Session()
+    session.events.register(
+        "before-parameter-build.sagemaker.CreateTrainingJob",
+        lambda params, **_: sent.update(json.loads(json.dumps(params))),
+    )
+    job = submit(request, boto_session=session)
+    # One representation: the name and every field leave as prepared (and as the dry run
+    # prints them); no driver channel, no renamed job.
+    assert sent == request
+    assert job.name == request["TrainingJobName"]
     described = job.describe()
-    assert described["TrainingJobName"] == job.name
     for key in ("RoleArn", "HyperParameters", "ResourceConfig", "StoppingCondition"):
         assert described[key] == request[key], key
-    assert (
-        described["OutputDataConfig"]["S3OutputPath"] == request["OutputDataConfig"]["S3OutputPath"]
-    )
-    assert described["OutputDataConfig"]["CompressionType"] == "NONE"
+    assert described["OutputDataConfig"] == request["OutputDataConfig"]
+    assert described["InputDataConfig"] == request["InputDataConfig"]
     spec = described["AlgorithmSpecification"]
     assert spec["TrainingImage"] == request["AlgorithmSpecification"]["TrainingImage"]
-    channels = {c["ChannelName"]: c for c in described["InputDataConfig"]}
-    for channel in request["InputDataConfig"]:
-        assert channels.pop(channel["ChannelName"]) == channel
-    assert set(channels) == {"sm_drivers"}  # the SDK's driver, which runs our launcher
-    s3 = boto3.client("s3")
-    drivers = channels["sm_drivers"]["DataSource"]["S3DataSource"]["S3Uri"]
-    assert drivers.startswith(f"s3://{s3_bucket}/q/code/{job.name}/input/sm_drivers")
-    bucket, key = drivers[5:].split("/", 1)
-    script = s3.get_object(Bucket=bucket, Key=key.rstrip("/") + "/sm_train.sh")["Body"].read()
-    assert b"python3 entrypoints/launch.py analyze" in script
-    code = s3.list_objects_v2(Bucket=s3_bucket, Prefix="q/code/")
+    code = boto3.client("s3").list_objects_v2(
+        Bucket=s3_bucket, Prefix=f"q/code/{request['TrainingJobName']}/"
+    )
     assert any(o["Key"].endswith("entrypoints/launch.py") for o in code["Contents"])
     assert TrainingJob.attach(job.name).status == "Completed"
     with pytest.raises(SpectrumError, match="cannot describe job nope"):
         TrainingJob.attach("nope")
 
 
+def test_a_job_the_sdk_would_change_is_not_sent(config, monkeypatch):
+    """The resource layer may fill fields from SageMaker config defaults (its
+    ``get_updated_kwargs_with_configured_attributes``; in SDK 3 its schema rejects such files, so
+    the defaults are simulated here): a job that would differ from the dry run is not sent."""
+    from sagemaker.core import resources
+    from sagemaker.core.shapes import VpcConfig
+
+    def with_defaults(schema, name, **kwargs):
+        kwargs["vpc_config"] = VpcConfig(security_group_ids=["sg-0abc1234"], subnets=["subnet-1"])
+        return kwargs
+
+    monkeypatch.setattr(
+        resources.Base, "get_updated_kwargs_with_configured_attributes", staticmethod(with_defaults)
+    )
+    before = _job_count()
+    request = prepare_analysis(config.analysis, dry_run=False, local=False)
+    with pytest.raises(SpectrumError, match=r"not sent: the SageMaker SDK would change VpcConfig"):
+        submit(request)
+    assert _job_count() == before
+
+
 def test_wait_streams_logs_and_surfaces_failures(config):
     request = prepare_analysis(config.analysis, dry_run=False, local=False)
-    job = submit(request, launch_options(config.analysis))
+    job = submit(request)
     put_logs(job.name, ["loading weights", "step=1 train_loss=1.0"])
     seen: list[str] = []
     assert job.wait(logs=True, poll_s=0.01, echo=seen.append)["TrainingJobStatus"] == "Completed"
@@ -119,13 +132,13 @@ def test_stop_sends_the_request_and_reports_refusals(config):
         stub.add_response("stop_training_job", {}, {"TrainingJobName": "job-1"})
         TrainingJob("job-1", sagemaker=client).stop()
         stub.assert_no_pending_responses()
-    job = submit(prepare_analysis(config.analysis, dry_run=False, local=False), OPTIONS)
+    job = submit(prepare_analysis(config.analysis, dry_run=False, local=False))
     with pytest.raises(SpectrumError, match="cannot stop job"):  # moto has no StopTrainingJob
         job.stop()
 
 
 def test_outputs_layer_file_and_score_table_from_s3(config, s3_bucket):
-    job = submit(prepare_analysis(config.analysis, dry_run=False, local=False), OPTIONS)
+    job = submit(prepare_analysis(config.analysis, dry_run=False, local=False))
     model_uri = job.outputs["model"]
     assert model_uri.endswith(f"/{job.name}/output/model/")
     key = model_uri.split("/", 3)[3]
@@ -160,19 +173,35 @@ def data_sets(bucket: str) -> list[str]:
     ]
 
 
-def test_pipeline_submits_both_jobs_and_reuses_a_finished_analysis(s3_bucket):
+def test_pipeline_submits_both_jobs_and_reuses_an_analysis_of_the_same_bytes(s3_bucket, tiny_model):
+    """Reuse is keyed by what the analysis read (here S3 sizes and ETags) and its settings, not
+    by the model's path: new bytes under the same prefix are scanned again."""
+    from spectrum_sm.aws.local import upload_folder
+
+    model = f"s3://{s3_bucket}/models/tiny/"
+    upload_folder(tiny_model, model)
     sets = [
         "--set",
         f"common.output_s3=s3://{s3_bucket}/p",
         "--set",
-        "common.validate_role=false",
+        f"analysis.model={model}",
+        "--set",
+        f"training.model={model}",
         "--no-logs",
         *data_sets(s3_bucket),
     ]
-    first = run_cli("run", str(EXAMPLES / "qwen3-8b.yaml"), *sets)
-    assert first.returncode == 0, first.stderr
-    result = json.loads(first.stdout.strip().splitlines()[-1])
+
+    def run(*extra: str) -> dict:
+        proc = run_cli("run", str(EXAMPLES / "qwen3-8b.yaml"), *sets, *extra)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    result = run()
     assert result["analysis_reused"] is False
+    analysis = boto3.client("sagemaker").describe_training_job(
+        TrainingJobName=result["analysis_job"]
+    )
+    key = analysis["HyperParameters"]["reuse_key"]  # the job's manifest records it
     training = boto3.client("sagemaker").describe_training_job(
         TrainingJobName=result["training_job"]
     )
@@ -182,21 +211,29 @@ def test_pipeline_submits_both_jobs_and_reuses_a_finished_analysis(s3_bucket):
     }
     assert channels["spectrum"] == result["layer_file_s3"]
     # What the real service would have left behind: the layer file at the analysis output.
-    key = result["layer_file_s3"].split("/", 3)[3]
+    layer_key = result["layer_file_s3"].split("/", 3)[3]
     boto3.client("s3").put_object(
         Bucket=s3_bucket,
-        Key=key + "snr_unfrozenparameters_30percent.yaml",
+        Key=layer_key + "snr_unfrozenparameters_30percent.yaml",
         Body=b"unfrozen_parameters: []\n",
     )
-    second = run_cli("run", str(EXAMPLES / "qwen3-8b.yaml"), *sets)
-    assert second.returncode == 0, second.stderr
-    again = json.loads(second.stdout.strip().splitlines()[-1])
+    again = run()
     assert again["analysis_reused"] is True and again["layer_file_s3"] == result["layer_file_s3"]
     assert again["analysis_job"] == result["analysis_job"]
-    changed = run_cli(
-        "run", str(EXAMPLES / "qwen3-8b.yaml"), *sets, "--set", "analysis.top_percent=25"
+    assert run("--set", "analysis.top_percent=25")["analysis_reused"] is False
+    # Other weights under the same prefix: a new analysis, under a new key.
+    shard = sorted(p for p in tiny_model.iterdir() if p.suffix == ".safetensors")[0]
+    boto3.client("s3").put_object(
+        Bucket=s3_bucket,
+        Key=f"models/tiny/{shard.name}",
+        Body=shard.read_bytes()[:-8] + b"\x00" * 8,
     )
-    assert json.loads(changed.stdout.strip().splitlines()[-1])["analysis_reused"] is False
+    changed = run()
+    assert changed["analysis_reused"] is False
+    rescan = boto3.client("sagemaker").describe_training_job(
+        TrainingJobName=changed["analysis_job"]
+    )
+    assert rescan["HyperParameters"]["reuse_key"] != key
 
 
 @pytest.mark.parametrize(
@@ -225,43 +262,39 @@ def test_bad_input_submits_nothing(s3_bucket, override, fragment):
     assert _job_count() == before
 
 
-@pytest.mark.parametrize("telemetry", [False, True])
-def test_sdk_telemetry_is_off_unless_asked_for(config, monkeypatch, telemetry):
-    from sagemaker.core.telemetry import telemetry_logging
-
-    sent: list[int] = []
-    monkeypatch.setattr(
-        telemetry_logging, "_send_telemetry_request", lambda status, *a, **k: sent.append(status)
+def test_validate_role_asks_iam_for_the_role_and_its_trust(config, s3_bucket):
+    iam = boto3.client("iam")
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": "sagemaker.amazonaws.com"},
+                "Action": "sts:AssumeRole",
+            }
+        ],
+    }
+    good = iam.create_role(RoleName="sm-good", AssumeRolePolicyDocument=json.dumps(trust))
+    trust["Statement"][0]["Principal"]["Service"] = "ec2.amazonaws.com"
+    bad = iam.create_role(RoleName="sm-ec2", AssumeRolePolicyDocument=json.dumps(trust))
+    checked = dataclasses.replace(config.analysis, validate_role=True)
+    request = prepare_analysis(
+        dataclasses.replace(checked, role=good["Role"]["Arn"]), dry_run=False, local=False
     )
-    request = prepare_analysis(config.analysis, dry_run=False, local=False)
-    submit(request, LaunchOptions(validate_role=False, telemetry=telemetry))
-    assert bool(sent) is telemetry
+    assert request["RoleArn"] == good["Role"]["Arn"]
+    for role, fragment in (
+        (bad["Role"]["Arn"], "does not trust sagemaker.amazonaws.com"),
+        ("arn:aws:iam::123456789012:role/missing", "cannot read role .*NoSuchEntity"),
+    ):
+        before = _objects(s3_bucket)
+        with pytest.raises(SpectrumError, match=fragment):
+            prepare_analysis(dataclasses.replace(checked, role=role), dry_run=False, local=False)
+        assert _objects(s3_bucket) == before  # refused before any upload
 
 
-def test_sdk_role_check_failure_is_one_clear_message(config):
-    before = _job_count()
-    request = prepare_analysis(config.analysis, dry_run=False, local=False)
-    with pytest.raises(SpectrumError, match=r"could not set up job .*validate_role: false"):
-        submit(request, LaunchOptions(validate_role=True))  # moto cannot simulate IAM policies
-    assert _job_count() == before
-
-
-def test_a_request_the_sdk_changed_is_not_sent(config, monkeypatch):
-    from spectrum_sm.aws import sdk
-
-    real = sdk.model_trainer
-
-    def tampered(*args, **kwargs):
-        trainer = real(*args, **kwargs)
-        trainer.hyperparameters = {**trainer.hyperparameters, "top_percent": "99"}
-        return trainer
-
-    monkeypatch.setattr(sdk, "model_trainer", tampered)
-    before = _job_count()
-    request = prepare_analysis(config.analysis, dry_run=False, local=False)
-    with pytest.raises(SpectrumError, match=r"HyperParameters.top_percent: prepared '30'"):
-        submit(request, OPTIONS)
-    assert _job_count() == before
+def _objects(bucket: str) -> list[str]:
+    listing = boto3.client("s3").list_objects_v2(Bucket=bucket)
+    return sorted(o["Key"] for o in listing.get("Contents", []))
 
 
 def test_cli_run_without_the_sdk_says_how_to_install_it(s3_bucket, tmp_path):
@@ -296,15 +329,14 @@ def test_cli_run_without_the_sdk_says_how_to_install_it(s3_bucket, tmp_path):
 
 
 def test_training_job_options_reach_the_service_through_the_sdk(s3_bucket):
-    """Spot, VPC, KMS, isolation, encryption, tags, metrics and TensorBoard: the hook refuses to
-    send unless every prepared field arrives unchanged, and moto stores what it received."""
+    """Spot, VPC, KMS, isolation, encryption, tags, metrics and TensorBoard reach the service as
+    prepared, and moto stores what it received."""
     data_sets(s3_bucket)
     key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
     config = load_pipeline(
         EXAMPLES / "qwen3-8b.yaml",
         [
             f"common.output_s3=s3://{s3_bucket}/t",
-            "common.validate_role=false",
             f"training.train_data=s3://{s3_bucket}/data/train/",
             f"training.validation_data=s3://{s3_bucket}/data/validation/",
             "training.subnets=[subnet-0abc1234]",
@@ -324,8 +356,8 @@ def test_training_job_options_reach_the_service_through_the_sdk(s3_bucket):
         "before-parameter-build.sagemaker.CreateTrainingJob",
         lambda params, **_: sent.update(params),
     )
-    job = submit(request, launch_options(config.training), boto_session=session)
-    assert sent["TrainingJobName"] == job.name
+    job = submit(request, boto_session=session)
+    assert sent == request
     for field in ("TensorBoardOutputConfig", "Tags", "HyperParameters", "CheckpointConfig"):
         assert sent[field] == request[field], field
     # moto answers DescribeTrainingJob with canned metric definitions: check what was sent.
@@ -337,9 +369,10 @@ def test_training_job_options_reach_the_service_through_the_sdk(s3_bucket):
     assert described["CheckpointConfig"] == request["CheckpointConfig"]
     assert described["VpcConfig"] == request["VpcConfig"]
     assert described["ResourceConfig"] == request["ResourceConfig"]
-    assert described["ResourceConfig"]["VolumeKmsKeyId"] == key
+    # ml.p4d.24xlarge has local NVMe storage: CreateTrainingJob refuses a volume key there.
+    assert "VolumeKmsKeyId" not in described["ResourceConfig"]
     assert described["OutputDataConfig"]["KmsKeyId"] == key
     assert described["EnableInterContainerTrafficEncryption"] is True
     assert described["HyperParameters"] == request["HyperParameters"]
     channels = {c["ChannelName"] for c in described["InputDataConfig"]}
-    assert channels == {"code", "train", "validation", "spectrum", "sm_drivers"}
+    assert channels == {"code", "train", "validation", "spectrum"}

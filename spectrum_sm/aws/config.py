@@ -17,7 +17,18 @@ import yaml
 from ..core.errors import SpectrumError
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@\-/]{1,512}$")
-S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
+S3_URI = re.compile(r"^s3://[^/]+(/.*)?$")
+SECRET_ARN = re.compile(r"^arn:aws[a-z\-]*:secretsmanager:[a-z0-9\-]+:\d{12}:secret:.+$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,511}$")
+#: Values that are credentials whatever their key is called (Hub, AWS, GitHub, OpenAI, Slack).
+SECRET_VALUE = re.compile(
+    r"(hf_[A-Za-z0-9]{30,}|\b(AKIA|ASIA)[A-Z0-9]{16}\b|gh[pousr]_[A-Za-z0-9]{30,}"
+    r"|sk-[A-Za-z0-9_\-]{20,}|xox[abpsr]-[A-Za-z0-9\-]{10,})"
+)
+#: Names under which a value is a credential (HF_TOKEN, WANDB_API_KEY, DB_PASSWORD, ...).
+SECRET_NAME = re.compile(
+    r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE
+)
 LOCAL_ROLE = "arn:aws:iam::000000000000:role/spectrum-sm-local"
 JOB_BASE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,40}$")
 #: GPUs per instance for the types this project recommends (others: set processes_per_host).
@@ -45,9 +56,80 @@ def training_instance_types() -> list[str]:
     return list(model.shape_for("TrainingInstanceType").enum)
 
 
+def hyperparameter_string(value: Any) -> str:
+    """How a hyperparameter travels: a string (booleans lowercase, lists comma-joined)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
 def _check(problems: list[str], ok: bool, message: str) -> None:
     if not ok:
         problems.append(message)
+
+
+def partition(region: str) -> str:
+    """The AWS partition a region belongs to (``aws``, ``aws-cn``, ``aws-us-gov``, ...)."""
+    for prefix, name in (
+        ("cn-", "aws-cn"),
+        ("us-gov-", "aws-us-gov"),
+        ("us-isob-", "aws-iso-b"),
+        ("us-iso-", "aws-iso"),
+        ("eu-isoe-", "aws-iso-e"),
+        ("us-isof-", "aws-iso-f"),
+    ):
+        if region.startswith(prefix):
+            return name
+    return "aws"
+
+
+def bucket_problem(uri: str) -> str | None:
+    """Why S3 would reject the bucket of ``uri`` (its naming rules), or None."""
+    if not uri.startswith("s3://"):
+        return f"not an s3://bucket/prefix URI: {uri!r}"
+    bucket = uri[5:].split("/", 1)[0]
+    rules = [
+        (3 <= len(bucket) <= 63, "3 to 63 characters"),
+        (re.fullmatch(r"[a-z0-9.\-]+", bucket) is not None, "lowercase letters, digits, . and -"),
+        (re.fullmatch(r"[a-z0-9].*[a-z0-9]", bucket) is not None, "starts and ends alphanumeric"),
+        (".." not in bucket and ".-" not in bucket and "-." not in bucket, "no '..', '.-', '-.'"),
+        (re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket) is None, "not an IP address"),
+        (
+            not bucket.startswith(("xn--", "sthree-", "amzn-s3-demo-"))
+            and not bucket.endswith(("-s3alias", "--ol-s3", ".mrap", "--x-s3")),
+            "no reserved prefix or suffix",
+        ),
+    ]
+    broken = [rule for ok, rule in rules if not ok]
+    if broken:
+        return f"{uri!r}: S3 refuses the bucket name {bucket!r} ({'; '.join(broken)})"
+    return None
+
+
+def secret_problems(where: str, values: dict[str, Any]) -> list[str]:
+    """Credentials written in a config: they would show in DescribeTrainingJob, the console and
+    the config copy written next to the outputs, so they are refused, named by key only."""
+    problems = []
+    for key, value in values.items():
+        if SECRET_NAME.search(str(key)) or SECRET_VALUE.search(str(value)):
+            problems.append(
+                f"{where}.{key} looks like a credential; never put one in a config (SageMaker "
+                "shows environment and hyperparameters to anyone who can describe the job): "
+                "store it in AWS Secrets Manager and name it in secret_environment "
+                f"({key}: arn:aws:secretsmanager:...), which the job reads with its role"
+            )
+    return problems
+
+
+def _arn_partition_problem(what: str, arn: str, region: str) -> str | None:
+    if arn.startswith("arn:") and arn.split(":")[1] != partition(region):
+        return (
+            f"{what} {arn!r} is in partition {arn.split(':')[1]!r}, but region {region!r} is "
+            f"in {partition(region)!r}"
+        )
+    return None
 
 
 @dataclass
@@ -65,20 +147,33 @@ class JobConfig:
         default="", metadata={"help": "training image (default: official HF/PyTorch image)"}
     )
     base_job_name: str = field(default="spectrum", metadata={"help": "job name prefix"})
-    environment: dict[str, str] = field(default_factory=dict, metadata={"help": "env vars"})
+    environment: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "env vars (no credentials: secret_environment)"}
+    )
+    secret_environment: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "env var -> Secrets Manager secret ARN, read inside the job with its role "
+            "(e.g. HF_TOKEN for a gated Hub model)"
+        },
+    )
     tags: dict[str, str] = field(default_factory=dict, metadata={"help": "resource tags"})
     subnets: list[str] = field(default_factory=list, metadata={"help": "VPC subnets"})
     security_group_ids: list[str] = field(default_factory=list, metadata={"help": "VPC SGs"})
-    volume_kms_key: str = field(default="", metadata={"help": "KMS key for the volume"})
-    output_kms_key: str = field(default="", metadata={"help": "KMS key for outputs"})
+    volume_kms_key: str = field(
+        default="", metadata={"help": "KMS key for the EBS volume (ignored on NVMe instances)"}
+    )
+    output_kms_key: str = field(
+        default="", metadata={"help": "KMS key for outputs and our uploads (SSE-KMS)"}
+    )
     network_isolation: bool = field(default=False, metadata={"help": "no network in the job"})
     encrypt_inter_container: bool = field(default=False, metadata={"help": "between nodes"})
     validate_role: bool = field(
-        default=True,
-        metadata={"help": "SDK: check the role's permissions with IAM before launching"},
-    )
-    telemetry: bool = field(
-        default=False, metadata={"help": "SDK: let the SageMaker SDK send usage telemetry"}
+        default=False,
+        metadata={
+            "help": "check with IAM (GetRole) that the role exists and trusts SageMaker before "
+            "launching; needs iam:GetRole"
+        },
     )
 
     def problems(self, need_role: bool) -> list[str]:
@@ -101,6 +196,9 @@ class JobConfig:
                 bool(S3_URI.match(self.output_s3)),
                 f"output_s3 must be an s3://bucket/prefix URI, got {self.output_s3!r}",
             )
+        if self.output_s3.startswith("s3://"):
+            problem = bucket_problem(self.output_s3)
+            _check(p, problem is None, f"output_s3 {problem}")
         _check(
             p,
             self.instance_type in training_instance_types(),
@@ -120,11 +218,27 @@ class JobConfig:
             f"base_job_name must be letters, digits and hyphens (at most 41), "
             f"got {self.base_job_name!r}",
         )
-        _check(
-            p,
-            bool(re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", self.region)),
-            f"region looks wrong: {self.region!r}",
-        )
+        region_ok = bool(re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", self.region))
+        _check(p, region_ok, f"region looks wrong: {self.region!r}")
+        if region_ok:
+            for what, arn in (
+                ("role", self.role),
+                ("volume_kms_key", self.volume_kms_key),
+                ("output_kms_key", self.output_kms_key),
+                *((f"secret_environment.{k}", v) for k, v in self.secret_environment.items()),
+            ):
+                problem = _arn_partition_problem(what, arn, self.region)
+                _check(p, problem is None, str(problem))
+        for key, arn in self.secret_environment.items():
+            _check(p, bool(ENV_NAME.match(key)), f"secret_environment: {key!r} is no env name")
+            _check(
+                p,
+                bool(SECRET_ARN.match(str(arn))),
+                f"secret_environment.{key} must be a Secrets Manager secret ARN "
+                f"(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME), got {str(arn)[:20]!r}...",
+            )
+        p += secret_problems("environment", self.environment)
+        p += secret_problems("tags", self.tags)
         return p
 
 
@@ -160,6 +274,8 @@ class AnalysisConfig(JobConfig):
             f"top_percent must be in (0, 100], got {self.top_percent}",
         )
         _check(p, self.instance_count == 1, "the analysis runs on one instance")
+        if self.model.startswith("s3://"):
+            _check(p, bucket_problem(self.model) is None, f"model {bucket_problem(self.model)}")
         _check(
             p,
             self.precision in ("certified", "float64"),
@@ -252,7 +368,26 @@ class TrainingConfig(JobConfig):
             )
         for uri in (self.checkpoint_s3, self.resume_from):
             if uri:
-                _check(p, bool(S3_URI.match(uri)), f"not an s3:// URI: {uri!r}")
+                _check(p, bucket_problem(uri) is None, str(bucket_problem(uri)))
+        for name, uri in (
+            ("model", self.model),
+            ("train_data", self.train_data),
+            ("validation_data", self.validation_data),
+            ("spectrum_config", self.spectrum_config),
+        ):
+            if uri.startswith("s3://"):
+                _check(p, bucket_problem(uri) is None, f"{name} {bucket_problem(uri)}")
+        p += secret_problems("hyperparameters", self.hyperparameters)
+        if not any("set by the job itself" in problem for problem in p):
+            from ..training.args import check_hyperparameters
+
+            try:  # train.py's own parser: names, types and ranges, before anything is uploaded
+                check_hyperparameters(
+                    {k: hyperparameter_string(v) for k, v in self.hyperparameters.items()},
+                    "hyperparameters",
+                )
+            except SpectrumError as exc:
+                p.append(str(exc))
         return p
 
     def gpus_per_host(self) -> int:
@@ -285,6 +420,7 @@ _TYPES = {
     "dict[str, str]": (dict,),
     "dict[str, Any]": (dict,),
 }
+#: A setting left empty (``key:`` or ``--set key=``) keeps its default.
 
 
 def _from_dict(cls, data: dict[str, Any], where: str):
@@ -312,8 +448,30 @@ def _from_dict(cls, data: dict[str, Any], where: str):
     return cls(**values)
 
 
+TOP_LEVEL = ("common", "analysis", "training", "reuse_analysis")
+#: Fields that hold a mapping: ``--set training.hyperparameters.max_steps=5`` goes one deeper.
+MAPPINGS = ("hyperparameters", "environment", "secret_environment", "tags")
+
+
+def section_fields(section: str) -> set[str]:
+    """The keys a section accepts (``common``: those both jobs have)."""
+    analysis = {f.name for f in dataclasses.fields(AnalysisConfig)}
+    training = {f.name for f in dataclasses.fields(TrainingConfig)}
+    return {"common": analysis & training, "analysis": analysis, "training": training}[section]
+
+
+def _close(word: str, choices) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a pipeline YAML (common, analysis, training) plus ``section.key=value`` overrides."""
+    """Read a pipeline YAML (common, analysis, training) plus ``section.key=value`` overrides.
+
+    Unknown sections and keys (in the file or in an override) are errors naming the nearest
+    known one; booleans must be true or false, not strings."""
     path = Path(path)
     if not path.is_file():
         raise SpectrumError(f"config file {str(path)!r} does not exist")
@@ -323,35 +481,93 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raise SpectrumError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise SpectrumError(f"{path}: expected a mapping at the top")
-    unknown = sorted(set(data) - {"common", "analysis", "training", "reuse_analysis"})
+    unknown = sorted(set(data) - set(TOP_LEVEL))
     if unknown:
         raise SpectrumError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; "
+            f"{path}: unknown key(s) {', '.join(unknown)}{_close(unknown[0], TOP_LEVEL)}; "
             "known: common, analysis, training, reuse_analysis"
         )
     for override in overrides or []:
         _apply_override(data, override)
     common = data.get("common") or {}
+    if not isinstance(common, dict):
+        raise SpectrumError(f"{path}: common must be a mapping of settings")
+    stray = sorted(set(common) - section_fields("common"))
+    if stray:
+        raise SpectrumError(
+            f"{path}: common: {stray[0]!r} is not a setting both jobs have"
+            f"{_close(stray[0], section_fields('common'))}; put it under analysis or training"
+        )
     analysis = _from_dict(
         AnalysisConfig, {**common, **(data.get("analysis") or {})}, f"{path}: analysis"
     )
     training = _from_dict(
         TrainingConfig, {**common, **(data.get("training") or {})}, f"{path}: training"
     )
-    return PipelineConfig(analysis, training, bool(data.get("reuse_analysis", True)))
+    reuse = data.get("reuse_analysis", True)
+    if not isinstance(reuse, bool):
+        raise SpectrumError(f"{path}: reuse_analysis must be true or false, got {reuse!r}")
+    return PipelineConfig(analysis, training, reuse)
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
+    """``section.key=value`` (or ``section.mapping.key=value``), checked against the schema."""
     key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise SpectrumError(f"override {override!r} is not of the form section.key=value")
-    parts = key.split(".")
-    target = data
-    for part in parts[:-1]:
-        target = target.setdefault(part, {})
-        if not isinstance(target, dict):
-            raise SpectrumError(f"override {override!r}: {part!r} is not a section")
-    target[parts[-1]] = yaml.safe_load(raw)
+    parts = key.strip().split(".")
+    if not sep or not key or not all(parts):
+        raise SpectrumError(f"--set {override!r} is not of the form section.key=value")
+    section = parts[0]
+    if section not in TOP_LEVEL:
+        raise SpectrumError(
+            f"--set {override!r}: no section {section!r}{_close(section, TOP_LEVEL)}; "
+            "sections: common, analysis, training (and reuse_analysis)"
+        )
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise SpectrumError(f"--set {override!r}: the value is not valid YAML ({problem})") from exc
+    if section == "reuse_analysis":
+        if len(parts) != 1:
+            raise SpectrumError(f"--set {override!r}: reuse_analysis has no keys")
+        data[section] = value
+        return
+    if len(parts) == 1:
+        raise SpectrumError(
+            f"--set {override!r}: {section} is a section; use --set {section}.KEY=VALUE"
+        )
+    known = section_fields(section)
+    if parts[1] not in known:
+        if section == "common" and parts[1] in section_fields("training") | section_fields(
+            "analysis"
+        ):
+            raise SpectrumError(
+                f"--set {override!r}: {parts[1]!r} is not a setting both jobs have; "
+                "put it under analysis or training"
+            )
+        raise SpectrumError(
+            f"--set {override!r}: {section} has no setting {parts[1]!r}{_close(parts[1], known)}"
+        )
+    if len(parts) > 2 and (parts[1] not in MAPPINGS or len(parts) > 3):
+        raise SpectrumError(
+            f"--set {override!r}: {section}.{parts[1]} has no sub-keys"
+            if parts[1] not in MAPPINGS
+            else f"--set {override!r}: {section}.{parts[1]} takes one sub-key"
+        )
+    target = data.get(section)
+    if target is None:
+        target = data[section] = {}
+    if not isinstance(target, dict):
+        raise SpectrumError(f"--set {override!r}: {section} is not a mapping in the file")
+    if len(parts) == 3:
+        mapping = target.get(parts[1])
+        if mapping is None:
+            mapping = target[parts[1]] = {}
+        if not isinstance(mapping, dict):
+            raise SpectrumError(f"--set {override!r}: {section}.{parts[1]} is not a mapping")
+        mapping[parts[2]] = value
+    else:
+        target[parts[1]] = value
 
 
 def to_yaml(config) -> str:

@@ -1,7 +1,9 @@
 """Following SageMaker jobs: a small job handle over boto3 (describe, wait with logs, stop).
 
-Jobs are sent by :func:`submit` through the SageMaker SDK v3 (:mod:`.sdk`). boto3 loads only when
-a job is submitted or attached, and follows the usual configuration (region, profile,
+Jobs are sent by :func:`submit` through the SageMaker SDK v3 (:mod:`.sdk`). Following stays
+ours: the SDK's ``TrainingJob.wait`` draws a live panel (not for pipes or notebooks' logs),
+treats Stopped as success and gives no log tail on failure. boto3 loads only when a job is
+submitted or attached, and follows the usual configuration (region, profile,
 ``AWS_ENDPOINT_URL``).
 """
 
@@ -193,11 +195,9 @@ class TrainingJob:
         return json.loads(text)
 
 
-def submit(request: dict[str, Any], options=None, boto_session=None) -> TrainingJob:
-    """Validate, then send a CreateTrainingJob request through the SageMaker SDK v3.
-
-    ``options`` (:class:`spectrum_sm.aws.sdk.LaunchOptions`) sets role validation and telemetry.
-    """
+def submit(request: dict[str, Any], boto_session=None) -> TrainingJob:
+    """Validate, then send a CreateTrainingJob request, exactly as prepared, through the
+    SageMaker SDK v3's typed resource layer (see :mod:`.sdk`)."""
     from .sdk import launch
 
-    return launch(request, options, boto_session)
+    return launch(request, boto_session)

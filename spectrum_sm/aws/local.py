@@ -72,8 +72,9 @@ def download_prefix(uri: str, target: Path) -> int:
     return count
 
 
-def upload_folder(folder: Path, uri: str) -> list[str]:
-    """Upload every file below ``folder`` under the S3 prefix ``uri``."""
+def upload_folder(folder: Path, uri: str, *, extra_args: dict[str, str] | None = None) -> list[str]:
+    """Upload every file below ``folder`` (hidden ones left out) under the S3 prefix ``uri``;
+    ``extra_args`` go with each object (e.g. SSE-KMS)."""
     bucket, key = split_s3_uri(uri)
     key = key.rstrip("/") + "/" if key else ""
     client = s3_client()
@@ -83,7 +84,7 @@ def upload_folder(folder: Path, uri: str) -> list[str]:
             if any(part.startswith(".") for part in path.relative_to(folder).parts):
                 continue
             object_key = key + path.relative_to(folder).as_posix()
-            client.upload_file(str(path), bucket, object_key)
+            client.upload_file(str(path), bucket, object_key, ExtraArgs=extra_args or None)
             keys.append(f"s3://{bucket}/{object_key}")
     except Exception as exc:
         raise describe_client_error(exc, uri) from exc
@@ -191,6 +192,9 @@ def run_local(
     base = Path(workdir).resolve() / name
     if base.exists():
         raise SpectrumError(f"local job folder {base} already exists (job names are unique)")
+    base.mkdir(parents=True)
+    # What DescribeTrainingJob would answer: the request as run.
+    (base / "job.json").write_text(json.dumps(request, indent=2) + "\n")
     count = request["ResourceConfig"]["InstanceCount"]
     hosts = [f"algo-{i + 1}" for i in range(count)]
     roots = {h: base if count == 1 else base / h for h in hosts}
@@ -213,7 +217,7 @@ def run_local(
     try:
         for host in hosts:
             env = {
-                **os.environ,
+                **_job_environment(roots[host]),
                 **request.get("Environment", {}),
                 "SM_OPT_ML": str(roots[host]),
                 "SM_TRAINING_JOB_NAME": name,
@@ -250,12 +254,31 @@ def run_local(
         failure = roots[host] / "output" / "failure"
         reason = failure.read_text() if failure.is_file() else f"exit status {codes[host]}"
         raise JobFailed(name, "Failed", reason, list(tail))
-    upload_folder(first / "model", model_s3)
+    # As the service does: outputs encrypted with the job's output key, when it has one.
+    kms = request["OutputDataConfig"].get("KmsKeyId", "")
+    extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms} if kms else None
+    upload_folder(first / "model", model_s3, extra_args=extra)
     tensorboard = request.get("TensorBoardOutputConfig")
     if tensorboard and (first / "output" / "tensorboard").is_dir():
-        upload_folder(first / "output" / "tensorboard", tensorboard["S3OutputPath"])
+        upload_folder(
+            first / "output" / "tensorboard", tensorboard["S3OutputPath"], extra_args=extra
+        )
     log.info("local job %s completed; model at %s", name, model_s3)
     return LocalJob(name, "Completed", first, model_s3, "", list(tail))
+
+
+#: A job on SageMaker never sees the launching user's Hub token; locally it does not either
+#: (nor their saved login), so a gated model fails here exactly as it would there:
+#: secret_environment is the way in both places.
+SHELL_ONLY = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def _job_environment(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SHELL_ONLY}
+    env["HF_TOKEN_PATH"] = str(root / "no-hf-login")
+    # This machine's Hub cache, not a fresh one per job (launch.py's default in a container).
+    env.setdefault("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    return env
 
 
 def _follow(procs, roots, name: str, tail: deque, stream_logs: bool) -> dict[str, int]:

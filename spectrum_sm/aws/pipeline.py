@@ -1,8 +1,13 @@
-"""Analysis then training: stage inputs in S3, build both requests, run them here or on SageMaker.
+"""Analysis then training: validate everything, then stage inputs in S3, then run the jobs.
 
-``dry_run`` builds and validates the requests and touches nothing (no credentials needed). Local
-paths in a config (model folder, data) are uploaded to ``<output_s3>/inputs/<job>/<channel>/``
-first, so the requests only ever hold S3 URIs, locally and remotely alike.
+The order is the point: every check that can run on this machine (configs, train.py's own
+argument parser, requests against the service model, S3 inputs that must exist, the role when
+asked) runs before the first byte is uploaded, so a refused config leaves nothing in S3. Local
+paths (model folder, data) are uploaded under ``<output_s3>/inputs/`` only then; a local model
+is staged once per content (``inputs/model-<sha256>/``), not once per job.
+
+``dry_run`` builds and validates the requests and touches nothing (no credentials needed); what
+it prints is exactly what is sent, job names and prefixes included.
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError
-from .config import AnalysisConfig, PipelineConfig, TrainingConfig, to_yaml
+from .config import AnalysisConfig, JobConfig, PipelineConfig, TrainingConfig, to_yaml, validate
 from .requests import (
     analysis_output_uri,
     analysis_prefix,
@@ -25,24 +32,153 @@ from .requests import (
     build_training_request,
     job_name,
     resolve_distribution,
-    validate_request,
 )
 from .s3 import describe_client_error, s3_client, split_s3_uri
 
 log = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 CODE_PARTS = ("spectrum_sm", "entrypoints")
+#: Bumped whenever scores or selections may change for the same weights: old analyses are then
+#: not reused.
+SCANNER_VERSION = 2
+HUB_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
-def _staged_uri(config, name: str, channel: str) -> str:
+@dataclass
+class PreparedJob:
+    """A validated request and what must be uploaded before it is sent."""
+
+    request: dict[str, Any]
+    config: AnalysisConfig | TrainingConfig  # as sent: local paths replaced by S3 URIs
+    uploads: dict[str, Path] = field(default_factory=dict)  # S3 prefix -> local file or folder
+    markers: dict[str, str] = field(default_factory=dict)  # S3 URI -> body, after the uploads
+
+    @property
+    def code_uri(self) -> str:
+        return self.request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"]
+
+
+# --- what the model is: the content behind a path, for reuse and staging --------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _local_files(path: Path) -> list[tuple[str, Path]]:
+    if path.is_file():
+        return [(path.name, path)]
+    return [
+        (p.relative_to(path).as_posix(), p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
+
+
+_LOCAL_FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
+
+
+def _local_fingerprint(path: Path) -> dict[str, Any]:
+    """sha256 per file; remembered in this process while no file's size or mtime changes."""
+    files = _local_files(path)
+    stamp = (str(path.resolve()), *((r, p.stat().st_size, p.stat().st_mtime_ns) for r, p in files))
+    if stamp not in _LOCAL_FINGERPRINTS:
+        _LOCAL_FINGERPRINTS[stamp] = {
+            "kind": "local",
+            "files": [[rel, p.stat().st_size, _sha256(p)] for rel, p in files],
+        }
+    return _LOCAL_FINGERPRINTS[stamp]
+
+
+def model_fingerprint(model: str, revision: str = "") -> dict[str, Any] | None:
+    """What identifies the model's bytes: sha256 of local files, S3 sizes and ETags, or the Hub
+    commit sha. ``None`` when the Hub cannot be asked (then nothing is reused)."""
+    if model.startswith("s3://"):
+        bucket, key = split_s3_uri(model)
+        prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+        files = []
+        try:
+            pages = (
+                s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            )
+            for page in pages:
+                files += [
+                    [o["Key"][len(prefix) :], o["Size"], o.get("ETag", "").strip('"')]
+                    for o in page.get("Contents", [])
+                ]
+        except Exception as exc:
+            raise describe_client_error(exc, model) from exc
+        return {"kind": "s3", "files": sorted(files)}
+    path = Path(model).expanduser()
+    if path.exists():
+        return _local_fingerprint(path)
+    if HUB_SHA.match(revision):
+        return {"kind": "hub", "id": model, "sha": revision}
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().model_info(model, revision=revision or None).sha
+    except Exception as exc:  # offline, gated without a login, no such repo
+        log.warning(
+            "cannot ask the Hub which commit %s%s is (%s: %s); its analysis is not reused",
+            model,
+            f"@{revision}" if revision else "",
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200] if str(exc) else "",
+        )
+        return None
+    return {"kind": "hub", "id": model, "sha": sha}
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+ANALYSIS_SETTINGS = (
+    "top_percent",
+    "include",
+    "exclude",
+    "embeddings",
+    "exact",
+    "precision",
+    "towers",
+    "certify_percents",
+)
+
+
+def analysis_key(config: AnalysisConfig, fingerprint: dict[str, Any] | None = None) -> str | None:
+    """Same bytes, settings and scanner -> same key. ``None``: the model's content is unknown."""
+    fingerprint = (
+        fingerprint if fingerprint is not None else model_fingerprint(config.model, config.revision)
+    )
+    if fingerprint is None:
+        return None
+    settings = {k: getattr(config, k) for k in ANALYSIS_SETTINGS}
+    return _digest({"model": fingerprint, "settings": settings, "scanner": SCANNER_VERSION})[:32]
+
+
+# --- planning: everything that can be checked here, before any upload ---------------------
+
+
+def _staged_uri(config: JobConfig, name: str, channel: str) -> str:
     return f"{config.output_s3.rstrip('/')}/inputs/{name}/{channel}/"
 
 
-def _resolve_inputs(config, name: str, fields: dict[str, str], dry_run: bool) -> dict[str, str]:
-    """Map each field to an S3 URI, uploading local paths (not in a dry run)."""
-    from .local import upload_folder
+def _model_uri(config: JobConfig, fingerprint: dict[str, Any]) -> str:
+    return f"{config.output_s3.rstrip('/')}/inputs/model-{_digest(fingerprint)[:16]}/"
 
-    resolved = {}
+
+def _plan_inputs(
+    config: JobConfig, name: str, fields: dict[str, str], *, dry_run: bool
+) -> tuple[dict[str, str], dict[str, Path], dict[str, str]]:
+    """Map each field to an S3 URI; local paths become planned uploads. S3 inputs must exist."""
+    resolved: dict[str, str] = {}
+    uploads: dict[str, Path] = {}
+    markers: dict[str, str] = {}
     for channel, value in fields.items():
         if not value or value.startswith("s3://"):
             if value and not dry_run:
@@ -51,23 +187,23 @@ def _resolve_inputs(config, name: str, fields: dict[str, str], dry_run: bool) ->
             continue
         path = Path(value).expanduser()
         if not path.exists():
-            if channel == "model" and "/" in value and not value.startswith((".", "/")):
+            if channel == "model" and "/" in value and not value.startswith((".", "/", "~")):
                 resolved[channel] = value  # a Hub id
                 continue
             raise SpectrumError(
                 f"{channel}: {value!r} is neither an s3:// URI nor an existing path"
             )
-        uri = _staged_uri(config, name, channel)
-        if not dry_run:
-            if path.is_file():
-                staging = Path(tempfile.mkdtemp(prefix="spectrum-stage-"))
-                shutil.copy2(path, staging / path.name)
-                upload_folder(staging, uri)
-                shutil.rmtree(staging)
-            else:
-                upload_folder(path, uri)
+        if channel == "model" and path.is_dir():
+            # Staged by content: the analysis and every training run share one copy, and a
+            # changed folder gets a new one.
+            fingerprint = model_fingerprint(str(path))
+            uri = _model_uri(config, fingerprint)
+            markers[uri.rstrip("/") + ".staged.json"] = json.dumps(fingerprint)
+        else:
+            uri = _staged_uri(config, name, channel)
+        uploads[uri] = path
         resolved[channel] = uri
-    return resolved
+    return resolved, uploads, markers
 
 
 def require_s3(uri: str) -> None:
@@ -81,37 +217,58 @@ def require_s3(uri: str) -> None:
         raise SpectrumError(f"{uri}: no such S3 object or prefix")
 
 
-def upload_code(uri: str) -> None:
-    """The job's code channel: spectrum_sm/ and entrypoints/ as plain files."""
-    from .local import upload_folder
+def check_role(role: str) -> None:
+    """``validate_role``: the role exists and SageMaker may assume it (IAM GetRole only, so a
+    least-privilege role is not refused for permissions it does not need)."""
+    import boto3
 
-    staging = Path(tempfile.mkdtemp(prefix="spectrum-code-"))
+    name = role.rsplit("/", 1)[-1]
     try:
-        for part in CODE_PARTS:
-            shutil.copytree(
-                PACKAGE_ROOT / part,
-                staging / part,
-                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-            )
-        upload_folder(staging, uri)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        document = boto3.client("iam").get_role(RoleName=name)["Role"]["AssumeRolePolicyDocument"]
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+        raise SpectrumError(
+            f"validate_role: cannot read role {role} ({code}); set validate_role: false to "
+            "skip this check"
+        ) from exc
+    if isinstance(document, str):
+        from urllib.parse import unquote
+
+        document = json.loads(unquote(document))
+    if "sagemaker.amazonaws.com" not in json.dumps(document):
+        raise SpectrumError(
+            f"validate_role: role {role} does not trust sagemaker.amazonaws.com; add it to the "
+            "role's trust policy"
+        )
 
 
-def prepare_analysis(config: AnalysisConfig, *, dry_run: bool, local: bool) -> dict[str, Any]:
+def _check_account(config: JobConfig, *, local: bool, dry_run: bool) -> None:
+    if not local and not dry_run and config.validate_role:
+        check_role(config.role)
+
+
+def plan_analysis(
+    config: AnalysisConfig, *, dry_run: bool, local: bool, reuse_key: str | None = None
+) -> PreparedJob:
+    """The analysis job, validated; nothing uploaded. ``reuse_key`` (the model content and
+    settings) travels to the job, whose manifest records it."""
+    validate(config, need_role=not local)
+    _check_account(config, local=local, dry_run=dry_run)
     name = job_name(config.base_job_name, "analysis")
-    inputs = _resolve_inputs(config, name, {"model": config.model}, dry_run)
+    inputs, uploads, markers = _plan_inputs(config, name, {"model": config.model}, dry_run=dry_run)
     staged = dataclasses.replace(config, model=inputs["model"])
-    request = build_analysis_request(staged, name=name, need_role=not local)
-    if not dry_run:
-        upload_code(request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"])
-        _write_config(staged, request)
-    return request
+    request = build_analysis_request(
+        staged, name=name, need_role=not local, reuse_key=reuse_key or ""
+    )
+    return PreparedJob(request, staged, uploads, markers)
 
 
-def prepare_training(
+def plan_training(
     config: TrainingConfig, *, spectrum_uri: str | None, dry_run: bool, local: bool
-) -> dict[str, Any]:
+) -> PreparedJob:
+    """The training job, validated (hyperparameters with train.py's parser); nothing uploaded."""
+    validate(config, need_role=not local)
+    _check_account(config, local=local, dry_run=dry_run)
     name = job_name(config.base_job_name, "train")
     # The planner reads config.json where the user put the model, before any upload.
     planned = resolve_distribution(config)
@@ -122,7 +279,7 @@ def prepare_training(
     }
     if spectrum_uri is None and config.spectrum_config:
         fields["spectrum"] = config.spectrum_config
-    inputs = _resolve_inputs(config, name, fields, dry_run)
+    inputs, uploads, markers = _plan_inputs(config, name, fields, dry_run=dry_run)
     staged = dataclasses.replace(
         config,
         model=inputs["model"],
@@ -134,95 +291,159 @@ def prepare_training(
     if local:
         # This machine, not the instance type's GPU count, sets the local process count.
         request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.processes_per_host or 1)
-    if not dry_run:
-        upload_code(request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"])
-        _write_config(staged, request)
-    return request
+    return PreparedJob(request, staged, uploads, markers)
 
 
-def _write_config(config, request: dict[str, Any]) -> None:
-    """The config travels with the job: next to its outputs in S3."""
-    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
-    bucket, key = split_s3_uri(f"{output}/{request['TrainingJobName']}/spectrum-sm-config.yaml")
+# --- staging: uploads, only after everything validated -------------------------------------
+
+
+def sse_arguments(kms_key: str) -> dict[str, str]:
+    """S3 upload arguments for SSE-KMS with the config's output key (none without one)."""
+    return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else {}
+
+
+def _exists(uri: str) -> bool:
+    bucket, key = split_s3_uri(uri)
     try:
-        s3_client().put_object(Bucket=bucket, Key=key, Body=to_yaml(config).encode())
+        s3_client().head_object(Bucket=bucket, Key=key)
     except Exception as exc:
-        raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
+        if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            return False
+        raise describe_client_error(exc, uri) from exc
+    return True
 
 
-def analysis_key(config: AnalysisConfig) -> str:
-    """Same model, revision and settings -> same key: the analysis can be reused."""
-    fields = {
-        k: getattr(config, k)
-        for k in (
-            "model",
-            "revision",
-            "top_percent",
-            "include",
-            "exclude",
-            "embeddings",
-            "exact",
-            "precision",
-            "towers",
-            "certify_percents",
+def stage(job: PreparedJob) -> None:
+    """Upload the job's inputs, its code and its config; a content-staged model only once."""
+    from .local import upload_folder
+
+    extra = sse_arguments(job.config.output_kms_key)
+    for uri, path in job.uploads.items():
+        marker = uri.rstrip("/") + ".staged.json"
+        if marker in job.markers and _exists(marker):
+            log.info("model already staged at %s (same content)", uri)
+            continue
+        if path.is_file():
+            staging = Path(tempfile.mkdtemp(prefix="spectrum-stage-"))
+            try:
+                shutil.copy2(path, staging / path.name)
+                upload_folder(staging, uri, extra_args=extra)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        else:
+            upload_folder(path, uri, extra_args=extra)
+        if marker in job.markers:
+            _put(marker, job.markers[marker], job.config)
+    upload_code(job.code_uri, extra_args=extra)
+    output = job.request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    name = job.request["TrainingJobName"]
+    _put(f"{output}/{name}/spectrum-sm-config.yaml", to_yaml(job.config), job.config)
+
+
+def _put(uri: str, body: str, config: JobConfig) -> None:
+    bucket, key = split_s3_uri(uri)
+    try:
+        s3_client().put_object(
+            Bucket=bucket, Key=key, Body=body.encode(), **sse_arguments(config.output_kms_key)
         )
-    }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+    except Exception as exc:
+        raise describe_client_error(exc, uri) from exc
 
 
-def _index_uri(config: AnalysisConfig) -> str:
-    return f"{analysis_prefix(config)}/index/{analysis_key(config)}.json"
+def upload_code(uri: str, *, extra_args: dict[str, str] | None = None) -> None:
+    """The job's code channel: spectrum_sm/ and entrypoints/ as plain files."""
+    from .local import upload_folder
+
+    staging = Path(tempfile.mkdtemp(prefix="spectrum-code-"))
+    try:
+        for part in CODE_PARTS:
+            shutil.copytree(
+                PACKAGE_ROOT / part,
+                staging / part,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+            )
+        upload_folder(staging, uri, extra_args=extra_args)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def find_reusable_analysis(config: AnalysisConfig) -> dict[str, str] | None:
-    """A finished analysis of the same model and settings whose layer file is still in S3."""
-    bucket, key = split_s3_uri(_index_uri(config))
+def prepare_analysis(config: AnalysisConfig, *, dry_run: bool, local: bool) -> dict[str, Any]:
+    """The analysis request, validated; unless ``dry_run``, its inputs and code are staged."""
+    job = plan_analysis(config, dry_run=dry_run, local=local)
+    if not dry_run:
+        stage(job)
+    return job.request
+
+
+def prepare_training(
+    config: TrainingConfig, *, spectrum_uri: str | None, dry_run: bool, local: bool
+) -> dict[str, Any]:
+    """The training request, validated; unless ``dry_run``, its inputs and code are staged."""
+    job = plan_training(config, spectrum_uri=spectrum_uri, dry_run=dry_run, local=local)
+    if not dry_run:
+        stage(job)
+    return job.request
+
+
+# --- reuse: an analysis of the same bytes and settings -------------------------------------
+
+
+def _index_uri(config: AnalysisConfig, key: str) -> str:
+    return f"{analysis_prefix(config)}/index/{key}.json"
+
+
+def find_reusable_analysis(config: AnalysisConfig, key: str | None = None) -> dict[str, str] | None:
+    """A finished analysis of the same model content and settings whose layer file is still
+    in S3. A model whose content cannot be pinned (Hub offline) is never reused."""
+    key = key or analysis_key(config)
+    if key is None:
+        return None
+    uri = _index_uri(config, key)
+    bucket, object_key = split_s3_uri(uri)
     client = s3_client()
     try:
-        record = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        layer_bucket, layer_key = split_s3_uri(record["layer_dir"])
+        record = json.loads(client.get_object(Bucket=bucket, Key=object_key)["Body"].read())
+    except Exception as exc:
+        if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            return None
+        # Access denied or a broken endpoint is not "no analysis": say so, start nothing.
+        raise describe_client_error(exc, uri) from exc
+    layer_bucket, layer_key = split_s3_uri(record["layer_dir"])
+    try:
         listing = client.list_objects_v2(Bucket=layer_bucket, Prefix=layer_key)
-    except Exception:  # no record, or it points nowhere: run the analysis
-        return None
+    except Exception as exc:
+        raise describe_client_error(exc, record["layer_dir"]) from exc
     if not any(o["Key"].endswith("percent.yaml") for o in listing.get("Contents", [])):
+        log.info("analysis %s left no layer file; running a new one", record["job"])
         return None
     log.info(
-        "reusing analysis %s (same model and settings): %s", record["job"], record["layer_dir"]
+        "reusing analysis %s (same model content and settings): %s",
+        record["job"],
+        record["layer_dir"],
     )
     return record
 
 
-def record_analysis(config: AnalysisConfig, job: str, layer_dir: str) -> None:
-    bucket, key = split_s3_uri(_index_uri(config))
-    body = json.dumps({"job": job, "layer_dir": layer_dir, "model": config.model})
-    try:
-        s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode())
-    except Exception as exc:
-        raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
+def record_analysis(config: AnalysisConfig, key: str | None, job: str, layer_dir: str) -> None:
+    """Remember a finished analysis under its content key (nothing when the key is unknown)."""
+    if key is None:
+        return
+    body = json.dumps({"job": job, "layer_dir": layer_dir, "model": config.model, "key": key})
+    _put(_index_uri(config, key), body, config)
 
 
-def launch_options(config) -> Any:
-    """How the SageMaker SDK is driven for this job (role validation, telemetry)."""
-    from .sdk import LaunchOptions
-
-    return LaunchOptions(validate_role=config.validate_role, telemetry=config.telemetry)
+# --- running -----------------------------------------------------------------------------
 
 
 def execute(
     request: dict[str, Any],
-    config: AnalysisConfig | TrainingConfig,
     *,
     local: bool,
     workdir: str | Path = "spectrum-sm-jobs",
     wait: bool = True,
     logs: bool = True,
 ) -> dict[str, str]:
-    """Run a prepared request here (local) or on SageMaker (through the SDK v3, driven by the
-    job's ``config``: role validation, telemetry).
-
-    Returns the job's name (on SageMaker, the SDK's: the prepared name with its own time) and the
-    S3 prefix of its model folder.
-    """
+    """Run a staged request here (local) or on SageMaker; returns its name and model prefix."""
     if local:
         from .local import run_local
 
@@ -230,7 +451,7 @@ def execute(
         return {"job": job.name, "model_s3": job.model_s3}
     from .jobs import submit
 
-    handle = submit(request, launch_options(config))
+    handle = submit(request)
     if wait:
         handle.wait(logs=logs)
     return {"job": handle.name, "model_s3": handle.outputs["model"]}
@@ -245,12 +466,14 @@ def launch_analysis(
     reuse: bool = True,
 ) -> dict[str, Any]:
     """Run (or reuse) the analysis job; returns its name and the S3 prefix of the layer file."""
-    reused = find_reusable_analysis(config) if reuse else None
+    key = analysis_key(config)
+    reused = find_reusable_analysis(config, key) if reuse else None
     if reused:
         return {"job": reused["job"], "layer_dir": reused["layer_dir"], "reused": True}
-    request = prepare_analysis(config, dry_run=False, local=local)
-    ran = execute(request, config, local=local, workdir=workdir, logs=logs)
-    record_analysis(config, ran["job"], ran["model_s3"])
+    job = plan_analysis(config, dry_run=False, local=local, reuse_key=key)
+    stage(job)
+    ran = execute(job.request, local=local, workdir=workdir, logs=logs)
+    record_analysis(config, key, ran["job"], ran["model_s3"])
     return {"job": ran["job"], "layer_dir": ran["model_s3"], "reused": False}
 
 
@@ -265,16 +488,8 @@ def launch_training(
 ) -> dict[str, Any]:
     """Run the training job on a layer file in S3; returns its name and model location."""
     request = prepare_training(config, spectrum_uri=spectrum_uri, dry_run=False, local=local)
-    ran = execute(request, config, local=local, workdir=workdir, wait=wait, logs=logs)
+    ran = execute(request, local=local, workdir=workdir, wait=wait, logs=logs)
     return {"job": ran["job"], "model_s3": ran["model_s3"]}
-
-
-def _point_at_layer_file(training: dict[str, Any], layer_dir: str) -> None:
-    """The analysis ran under another name than planned (the SDK's time): follow it."""
-    for channel in training["InputDataConfig"]:
-        if channel["ChannelName"] == "spectrum":
-            channel["DataSource"]["S3DataSource"]["S3Uri"] = layer_dir
-    validate_request(training)
 
 
 def _with_percent(config: PipelineConfig) -> TrainingConfig:
@@ -295,35 +510,42 @@ def run_pipeline(
 
     ``dry_run``: build and validate both requests, send nothing, return them. ``local``: run both
     here through the container contract. Otherwise submit to SageMaker (training waits when
-    ``wait``). A finished analysis of the same model and settings is reused when
-    ``config.reuse_analysis``. Both jobs are staged and validated before the first is submitted.
+    ``wait``). An analysis of the same model content and settings is reused when
+    ``config.reuse_analysis``. Both jobs are validated before anything is uploaded, and staged
+    before the first is submitted.
     """
     if dry_run:
-        analysis = prepare_analysis(config.analysis, dry_run=True, local=local)
+        try:
+            key = analysis_key(config.analysis)
+        except SpectrumError as exc:  # e.g. no credentials to list an S3 model in a dry run
+            log.warning("dry run: the reuse key is left out (%s)", exc)
+            key = None
+        analysis = plan_analysis(config.analysis, dry_run=True, local=local, reuse_key=key).request
         spectrum_uri = analysis_output_uri(config.analysis, analysis["TrainingJobName"])
-        training = prepare_training(
+        training = plan_training(
             _with_percent(config), spectrum_uri=spectrum_uri, dry_run=True, local=local
-        )
+        ).request
         return {"analysis": analysis, "training": training}
-    reused = find_reusable_analysis(config.analysis) if config.reuse_analysis else None
+    key = analysis_key(config.analysis)
+    reused = find_reusable_analysis(config.analysis, key) if config.reuse_analysis else None
     analysis = None
     if reused:
         analysis_name, spectrum_uri = reused["job"], reused["layer_dir"]
     else:
-        analysis = prepare_analysis(config.analysis, dry_run=False, local=local)
-        analysis_name = analysis["TrainingJobName"]
+        analysis = plan_analysis(config.analysis, dry_run=False, local=local, reuse_key=key)
+        analysis_name = analysis.request["TrainingJobName"]
         spectrum_uri = analysis_output_uri(config.analysis, analysis_name)
-    training = prepare_training(
+    training = plan_training(
         _with_percent(config), spectrum_uri=spectrum_uri, dry_run=False, local=local
     )
     if analysis is not None:
-        ran = execute(analysis, config.analysis, local=local, workdir=workdir, logs=logs)
-        analysis_name = ran["job"]
-        if ran["model_s3"] != spectrum_uri:
-            spectrum_uri = ran["model_s3"]
-            _point_at_layer_file(training, spectrum_uri)
-        record_analysis(config.analysis, analysis_name, spectrum_uri)
-    trained = execute(training, config.training, local=local, workdir=workdir, wait=wait, logs=logs)
+        stage(analysis)
+    stage(training)
+    if analysis is not None:
+        ran = execute(analysis.request, local=local, workdir=workdir, logs=logs)
+        record_analysis(config.analysis, key, analysis_name, spectrum_uri)
+        assert ran["model_s3"] == spectrum_uri, (ran, spectrum_uri)  # one name, end to end
+    trained = execute(training.request, local=local, workdir=workdir, wait=wait, logs=logs)
     result = {
         "analysis_job": analysis_name,
         "analysis_reused": bool(reused),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import re
 import secrets
 from typing import Any
@@ -22,6 +21,7 @@ from .config import (
     AnalysisConfig,
     JobConfig,
     TrainingConfig,
+    hyperparameter_string,
     validate,
 )
 from .images import default_image
@@ -30,7 +30,21 @@ log = logging.getLogger(__name__)
 
 LAUNCHER = "/opt/ml/input/data/code/entrypoints/launch.py"
 CODE_CHANNEL = "code"
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+#: ``SPECTRUM_SM_SECRET_<VAR>=<secret ARN>``: launch.py reads the secret with the job's role and
+#: hands it to the script as ``<VAR>``; only the ARN is ever in the request.
+SECRET_PREFIX = "SPECTRUM_SM_SECRET_"
+#: Families with local NVMe instance storage, encrypted by the instance: CreateTrainingJob
+#: refuses a VolumeKmsKeyId for them. Besides these, every family with a "d" attribute
+#: (m5d, c6id, g4dn, p3dn, p4d, p4de, ...) has instance storage.
+NVME_FAMILIES = {
+    "g5", "g6", "g6e", "gr6", "g7e", "p5", "p5e", "p5en", "p6-b200", "trn1", "trn1n", "trn2"
+}  # fmt: skip
+
+
+def has_instance_storage(instance_type: str) -> bool:
+    """True for instance types whose volume is local NVMe (no EBS, no VolumeKmsKeyId)."""
+    family = instance_type.removeprefix("ml.").split(".")[0]
+    return family in NVME_FAMILIES or re.fullmatch(r"[a-z]+\d+[a-z]*d[a-z]*", family) is not None
 
 
 def job_name(base: str, kind: str) -> str:
@@ -90,7 +104,14 @@ def _common(
     if config.output_kms_key:
         request["OutputDataConfig"]["KmsKeyId"] = config.output_kms_key
     if config.volume_kms_key:
-        request["ResourceConfig"]["VolumeKmsKeyId"] = config.volume_kms_key
+        if has_instance_storage(config.instance_type):
+            log.info(
+                "%s has local NVMe storage, encrypted by the instance itself; volume_kms_key is "
+                "not sent (CreateTrainingJob refuses it there)",
+                config.instance_type,
+            )
+        else:
+            request["ResourceConfig"]["VolumeKmsKeyId"] = config.volume_kms_key
     if config.subnets or config.security_group_ids:
         request["VpcConfig"] = {
             "Subnets": config.subnets,
@@ -98,19 +119,9 @@ def _common(
         }
     if config.tags:
         request["Tags"] = [{"Key": k, "Value": str(v)} for k, v in config.tags.items()]
-    for key in SECRET_ENV:
-        # A Hub token travels in the environment, never in hyperparameters (which are logged).
-        if os.environ.get(key) and key not in request["Environment"]:
-            request["Environment"][key] = os.environ[key]
+    for key, arn in config.secret_environment.items():
+        request["Environment"][SECRET_PREFIX + key] = arn
     return request
-
-
-def _hp(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return str(value)
 
 
 def analysis_prefix(config: AnalysisConfig) -> str:
@@ -128,8 +139,10 @@ def build_analysis_request(
     name: str | None = None,
     code_uri: str | None = None,
     need_role: bool = True,
+    reuse_key: str = "",
 ) -> dict[str, Any]:
-    """The analysis job's CreateTrainingJob request (validated)."""
+    """The analysis job's CreateTrainingJob request (validated). ``reuse_key`` (model content,
+    settings, scanner version) goes to the job's manifest."""
     validate(config, need_role=need_role)
     name = name or job_name(config.base_job_name, "analysis")
     code_uri = code_uri or f"{config.output_s3.rstrip('/')}/code/{name}/"
@@ -146,6 +159,8 @@ def build_analysis_request(
     }
     if config.certify_percents:
         hps["certify_percents"] = config.certify_percents
+    if reuse_key:
+        hps["reuse_key"] = reuse_key
     if config.include:
         hps["include"] = config.include
     if config.exclude:
@@ -157,7 +172,7 @@ def build_analysis_request(
     else:
         hps["model_name_or_path"] = config.model
     _check_isolation(config, hps)
-    request["HyperParameters"] = {k: _hp(v) for k, v in hps.items()}
+    request["HyperParameters"] = {k: hyperparameter_string(v) for k, v in hps.items()}
     validate_request(request)
     return request
 
@@ -263,7 +278,7 @@ def build_training_request(
         request["InputDataConfig"].append(_s3_channel("resume", config.resume_from))
         hps["resume_from"] = "/opt/ml/input/data/resume"
     _check_isolation(config, hps)
-    request["HyperParameters"] = {k: _hp(v) for k, v in hps.items()}
+    request["HyperParameters"] = {k: hyperparameter_string(v) for k, v in hps.items()}
     request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.gpus_per_host())
     request["AlgorithmSpecification"]["MetricDefinitions"] = METRIC_DEFINITIONS
     if config.tensorboard:
@@ -378,9 +393,15 @@ def _full_match(pattern: str, value: str) -> bool:
 
 
 def redacted(request: dict[str, Any]) -> dict[str, Any]:
-    """A copy safe to print: secrets in the environment are masked."""
+    """A copy safe to print. Configs refuse credentials, so this is a second guard only: any
+    value that still looks like one is masked."""
+    from .config import SECRET_NAME, SECRET_VALUE
+
     copy = json.loads(json.dumps(request))
-    for key in SECRET_ENV:
-        if key in copy.get("Environment", {}):
-            copy["Environment"][key] = "***"
+    for section in ("Environment", "HyperParameters"):
+        for key, value in copy.get(section, {}).items():
+            if not key.startswith(SECRET_PREFIX) and (
+                SECRET_NAME.search(key) or SECRET_VALUE.search(str(value))
+            ):
+                copy[section][key] = "***"
     return copy

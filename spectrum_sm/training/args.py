@@ -216,3 +216,30 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     namespace = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(namespace).items() if v is not None}
     return TrainArgs(**given)
+
+
+#: Set by the job itself from its channels and config, never by hyperparameters.
+JOB_SET = ("model_name_or_path", "spectrum_config", "train_data", "validation_data", "output_dir",
+           "checkpoint_dir", "tensorboard_dir")  # fmt: skip
+
+
+def check_hyperparameters(hyperparameters: dict[str, str], where: str = "hyperparameters") -> None:
+    """Parse a job's hyperparameters exactly as train.py will (names, types, ranges), on the
+    client, so a typo fails before anything is uploaded or paid for. Paths the job fills in from
+    its channels are stood in for."""
+    import difflib
+
+    known = {f.name for f in dataclasses.fields(TrainArgs)}
+    for name in hyperparameters:
+        if name not in known:
+            match = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            raise SpectrumError(f"{where}: train.py has no argument {name!r}{hint}")
+    argv = [part for name, value in hyperparameters.items() for part in (f"--{name}", value)]
+    try:
+        namespace = build_parser().parse_args(argv)
+        given = {k: v for k, v in vars(namespace).items() if v is not None}
+        stand_ins = {k: "/opt/ml/input/data/x" for k in JOB_SET if k not in given}
+        TrainArgs(**{**stand_ins, **given})
+    except SpectrumError as exc:
+        raise SpectrumError(f"{where}: {exc}") from None

@@ -1,0 +1,249 @@
+"""Least-privilege IAM policies for one pipeline config: the jobs' role and the launching user.
+
+Every resource is narrowed to what the config names: its buckets and prefixes, its image
+repository, its KMS keys, its secrets, its job names. Printed by ``spectrum-sm iam-policy``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import JobConfig, PipelineConfig, partition
+from .images import default_image
+from .requests import LOCAL_ROLE
+from .s3 import split_s3_uri
+
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+
+
+def _s3_objects(p: str, uri: str) -> str:
+    bucket, key = split_s3_uri(uri)
+    key = key.strip("/")
+    return f"arn:{p}:s3:::{bucket}/{key + '/' if key else ''}*"
+
+
+def _list_statement(p: str, uris: list[str], sid: str) -> list[dict[str, Any]]:
+    statements = []
+    by_bucket: dict[str, set[str]] = {}
+    for uri in uris:
+        bucket, key = split_s3_uri(uri)
+        key = key.strip("/")
+        by_bucket.setdefault(bucket, set()).add(f"{key}/*" if key else "*")
+        if key:
+            by_bucket[bucket].add(key)
+    for index, (bucket, prefixes) in enumerate(sorted(by_bucket.items())):
+        statements.append(
+            {
+                "Sid": f"{sid}{index}",
+                "Effect": "Allow",
+                "Action": "s3:ListBucket",
+                "Resource": f"arn:{p}:s3:::{bucket}",
+                "Condition": {"StringLike": {"s3:prefix": sorted(prefixes)}},
+            }
+        )
+    return statements
+
+
+def _account(config: JobConfig) -> str:
+    return config.role.split(":")[4] if config.role and config.role != LOCAL_ROLE else "*"
+
+
+def _image_repository(config: JobConfig, job: str) -> str:
+    """``arn:...:ecr:region:account:repository/name`` of the image the job pulls."""
+    image = config.image_uri or default_image(config.region, config.instance_type, job=job)
+    host, _, rest = image.partition("/")
+    account, region = host.split(".")[0], host.split(".")[3]
+    repository = rest.split("@")[0].rsplit(":", 1)[0]
+    return f"arn:{partition(region)}:ecr:{region}:{account}:repository/{repository}"
+
+
+def _inputs(config: PipelineConfig) -> list[str]:
+    uris = [config.analysis.model, config.training.model, config.training.train_data]
+    uris += [config.training.validation_data, config.training.spectrum_config]
+    uris += [config.training.resume_from, config.training.checkpoint_s3]
+    return sorted({u for u in uris if u.startswith("s3://")})
+
+
+def job_role_policy(config: PipelineConfig) -> dict[str, Any]:
+    """What the jobs do with their role: read inputs, write outputs, logs, metrics, the image."""
+    a, t = config.analysis, config.training
+    p = partition(t.region)
+    outputs = sorted({a.output_s3, t.output_s3})
+    region, account = t.region, _account(t)
+    statements: list[dict[str, Any]] = [
+        {
+            "Sid": "ReadInputsAndCode",
+            "Effect": "Allow",
+            "Action": "s3:GetObject",
+            "Resource": sorted({_s3_objects(p, u) for u in outputs + _inputs(config)}),
+        },
+        *_list_statement(p, outputs + _inputs(config), "ListInputs"),
+        {
+            "Sid": "WriteOutputs",
+            "Effect": "Allow",
+            "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:DeleteObject"],
+            "Resource": sorted({_s3_objects(p, u) for u in outputs}),
+        },
+        {
+            "Sid": "Logs",
+            "Effect": "Allow",
+            "Action": [
+                "logs:CreateLogGroup",
+                "logs:CreateLogStream",
+                "logs:DescribeLogStreams",
+                "logs:PutLogEvents",
+            ],
+            "Resource": f"arn:{p}:logs:{region}:{account}:log-group:{LOG_GROUP}:*",
+        },
+        {
+            "Sid": "Metrics",
+            "Effect": "Allow",
+            "Action": "cloudwatch:PutMetricData",
+            "Resource": "*",
+            "Condition": {"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}},
+        },
+        {
+            "Sid": "PullImageToken",
+            "Effect": "Allow",
+            "Action": "ecr:GetAuthorizationToken",
+            "Resource": "*",
+        },
+        {
+            "Sid": "PullImage",
+            "Effect": "Allow",
+            "Action": [
+                "ecr:BatchCheckLayerAvailability",
+                "ecr:BatchGetImage",
+                "ecr:GetDownloadUrlForLayer",
+            ],
+            "Resource": sorted(
+                {_image_repository(a, "analysis"), _image_repository(t, "training")}
+            ),
+        },
+    ]
+    keys = sorted({k for c in (a, t) for k in (c.volume_kms_key, c.output_kms_key) if k})
+    if keys:
+        statements.append(
+            {
+                "Sid": "Keys",
+                "Effect": "Allow",
+                "Action": ["kms:CreateGrant", "kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
+                "Resource": [_key_arn(k, p, region, account) for k in keys],
+            }
+        )
+    secrets = sorted({arn for c in (a, t) for arn in c.secret_environment.values()})
+    if secrets:
+        statements.append(
+            {
+                "Sid": "Secrets",
+                "Effect": "Allow",
+                "Action": "secretsmanager:GetSecretValue",
+                "Resource": secrets,
+            }
+        )
+    if a.subnets or t.subnets:
+        statements.append(
+            {
+                "Sid": "Vpc",
+                "Effect": "Allow",
+                "Action": [
+                    "ec2:CreateNetworkInterface",
+                    "ec2:CreateNetworkInterfacePermission",
+                    "ec2:DeleteNetworkInterface",
+                    "ec2:DeleteNetworkInterfacePermission",
+                    "ec2:DescribeDhcpOptions",
+                    "ec2:DescribeNetworkInterfaces",
+                    "ec2:DescribeSecurityGroups",
+                    "ec2:DescribeSubnets",
+                    "ec2:DescribeVpcs",
+                ],
+                "Resource": "*",
+            }
+        )
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def _key_arn(key: str, p: str, region: str, account: str) -> str:
+    if key.startswith("arn:"):
+        return key
+    if key.startswith("alias/"):
+        return f"arn:{p}:kms:{region}:{account}:{key}"
+    return f"arn:{p}:kms:{region}:{account}:key/{key}"
+
+
+def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
+    """What ``spectrum-sm run`` does as the user: stage inputs, send, follow and stop the jobs."""
+    a, t = config.analysis, config.training
+    p = partition(t.region)
+    region, account = t.region, _account(t)
+    outputs = sorted({a.output_s3, t.output_s3})
+    jobs = sorted(
+        {
+            f"arn:{p}:sagemaker:{region}:{account}:training-job/{c.base_job_name.lower()}-*"
+            for c in (a, t)
+        }
+    )
+    statements: list[dict[str, Any]] = [
+        {
+            "Sid": "Jobs",
+            "Effect": "Allow",
+            "Action": [
+                "sagemaker:AddTags",
+                "sagemaker:CreateTrainingJob",
+                "sagemaker:DescribeTrainingJob",
+                "sagemaker:StopTrainingJob",
+            ],
+            "Resource": jobs,
+        },
+        {
+            "Sid": "PassTheJobRole",
+            "Effect": "Allow",
+            "Action": "iam:PassRole",
+            "Resource": sorted({a.role, t.role}),
+            "Condition": {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
+        },
+        {
+            "Sid": "StageAndReadOutputs",
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:PutObject"],
+            "Resource": sorted({_s3_objects(p, u) for u in outputs}),
+        },
+        *_list_statement(p, outputs + _inputs(config), "ListStaged"),
+        {
+            "Sid": "FollowLogs",
+            "Effect": "Allow",
+            "Action": ["logs:DescribeLogStreams", "logs:GetLogEvents"],
+            "Resource": f"arn:{p}:logs:{region}:{account}:log-group:{LOG_GROUP}:*",
+        },
+    ]
+    keys = sorted({c.output_kms_key for c in (a, t) if c.output_kms_key})
+    if keys:
+        statements.append(
+            {
+                "Sid": "EncryptUploads",
+                "Effect": "Allow",
+                "Action": ["kms:Decrypt", "kms:GenerateDataKey"],
+                "Resource": [_key_arn(k, p, region, account) for k in keys],
+            }
+        )
+    if a.validate_role or t.validate_role:
+        statements.append(
+            {
+                "Sid": "ValidateRole",
+                "Effect": "Allow",
+                "Action": "iam:GetRole",
+                "Resource": sorted({a.role, t.role}),
+            }
+        )
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def policies(config: PipelineConfig) -> dict[str, Any]:
+    """Both policies, for ``spectrum-sm iam-policy``."""
+    return {
+        "job_role": job_role_policy(config),
+        "launching_user": launching_user_policy(config),
+        "note": "attach job_role to the role in 'role' (trusting sagemaker.amazonaws.com) and "
+        "launching_user to whoever runs spectrum-sm; a Hub model also needs internet access "
+        "from the job (no network_isolation, and a NAT in a VPC)",
+    }

@@ -1,0 +1,233 @@
+"""What a real account needs on the first try, checked against a moto server over HTTP: nothing
+uploaded for a refused config, no credential anywhere we write, reuse by content, SSE-KMS on our
+uploads, least-privilege policies IAM accepts, and local mode exactly as documented."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import boto3
+import pytest
+from factories import run_cli
+from test_jobs import EXAMPLES, ROOT
+
+pytestmark = pytest.mark.integration
+SHELL_TOKEN = "hf_" + "S" * 34
+SECRET_TOKEN = "hf_" + "V" * 34
+
+
+def _objects(bucket: str) -> dict[str, bytes]:
+    s3 = boto3.client("s3")
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def _bucket(name: str) -> str:
+    s3 = boto3.client("s3")
+    if name not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "training.instance_count=0",
+        "training.max_runtime_s=2500000",
+        "training.hyperparameters.lora_target_modules=" + "q" * 3000,
+        "training.hyperparameters.learning_rat=1e-5",
+        "training.hyperparameters.max_steps=100.0",
+        "training.environment.HF_TOKEN=" + SHELL_TOKEN,
+    ],
+)
+def test_a_refused_config_uploads_nothing(moto_server, s3_bucket, tmp_path, override):
+    """The model and data are local (they would be uploaded first): the refusal comes before."""
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=4)
+    proc = run_cli(
+        "run",
+        str(EXAMPLES / "qwen3-8b.yaml"),
+        "--no-logs",
+        *("--set", f"common.output_s3=s3://{s3_bucket}/r"),
+        *("--set", f"analysis.model={paths['model']}"),
+        *("--set", f"training.model={paths['model']}"),
+        *("--set", f"training.train_data={paths['train']}"),
+        *("--set", "training.validation_data="),
+        *("--set", override),
+    )
+    assert proc.returncode == 1, proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert _objects(s3_bucket) == {}
+    assert SHELL_TOKEN not in proc.stderr
+
+
+def test_our_uploads_use_the_output_key(moto_server, s3_bucket, tmp_path):
+    """A bucket policy that requires SSE-KMS accepts our code, inputs and config."""
+    from spectrum_sm.aws.config import load_pipeline
+    from spectrum_sm.aws.pipeline import prepare_analysis
+    from spectrum_sm.toy import make_toy_training_setup
+
+    key = boto3.client("kms").create_key()["KeyMetadata"]["Arn"]
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=4)
+    config = load_pipeline(
+        EXAMPLES / "qwen3-8b.yaml",
+        [
+            f"common.output_s3=s3://{s3_bucket}/k",
+            f"analysis.model={paths['model']}",
+            f"analysis.output_kms_key={key}",
+        ],
+    )
+    request = prepare_analysis(config.analysis, dry_run=False, local=False)
+    assert request["OutputDataConfig"]["KmsKeyId"] == key
+    s3 = boto3.client("s3")
+    written = list(_objects(s3_bucket))
+    assert any("/code/" in k for k in written) and any("/inputs/model-" in k for k in written)
+    assert any(k.endswith("spectrum-sm-config.yaml") for k in written)
+    for name in written:
+        head = s3.head_object(Bucket=s3_bucket, Key=name)
+        assert head["ServerSideEncryption"] == "aws:kms", name
+        assert head["SSEKMSKeyId"] == key, name
+
+
+def _launch_module():
+    spec = importlib.util.spec_from_file_location("launch", ROOT / "entrypoints" / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_container_reads_secrets_with_its_role(moto_server):
+    secrets = boto3.client("secretsmanager")
+    plain = secrets.create_secret(Name="hf-plain", SecretString=SECRET_TOKEN)["ARN"]
+    as_json = secrets.create_secret(
+        Name="hf-json", SecretString=json.dumps({"HF_TOKEN": SECRET_TOKEN, "other": "x"})
+    )["ARN"]
+    launch = _launch_module()
+    environ = {"SPECTRUM_SM_SECRET_HF_TOKEN": plain, "SPECTRUM_SM_SECRET_WANDB_API_KEY": plain}
+    assert launch.secret_environment(environ) == {
+        "HF_TOKEN": SECRET_TOKEN,
+        "WANDB_API_KEY": SECRET_TOKEN,
+    }
+    assert launch.secret_environment({"SPECTRUM_SM_SECRET_HF_TOKEN": as_json}) == {
+        "HF_TOKEN": SECRET_TOKEN
+    }
+    missing = plain.replace("hf-plain", "nope")
+    with pytest.raises(RuntimeError, match=r"cannot read secret .*ResourceNotFoundException"):
+        launch.secret_environment({"SPECTRUM_SM_SECRET_HF_TOKEN": missing})
+    assert launch.secret_environment({"PATH": "/bin"}) == {}
+
+
+def _change_weights(model: Path) -> None:
+    """Other weights under the same path (as when a folder is overwritten with a new export)."""
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(model.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+    tensors[name] = tensors[name] * 3
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_local_example_header_runs_from_any_folder_without_leaking_a_token(
+    moto_server, tmp_path
+):
+    """examples/local-tiny.yaml's header command, as written (default, relative work folder;
+    relative model and data paths), from a folder other than the repository; a Hub token in the
+    shell and one in Secrets Manager appear in no output, file or S3 object; the analysis is
+    reused while the model's bytes stay the same and rerun when they change."""
+    from spectrum_sm.toy import make_toy_training_setup
+
+    bucket = _bucket("spectrum-sm-local")
+    before = set(_objects(bucket))
+    elsewhere = tmp_path / "elsewhere"
+    make_toy_training_setup(elsewhere / "toy", layers=2, rows=16)
+    secret = boto3.client("secretsmanager").create_secret(
+        Name="hf-token-local", SecretString=SECRET_TOKEN
+    )["ARN"]
+    header = (EXAMPLES / "local-tiny.yaml").read_text().splitlines()[:2]
+    command = " ".join(line.lstrip("# ").rstrip("\\ ") for line in header).split()
+    assert command[:4] == ["spectrum-sm", "run", "examples/local-tiny.yaml", "--local"]
+    args = [a.replace("MODEL_DIR", "toy/model").replace("DATA", "toy/train.jsonl") for a in command]
+    args[2] = str(EXAMPLES / "local-tiny.yaml")  # the one path that names the repository
+    args += ["--set", f"common.secret_environment.HF_TOKEN={secret}"]
+
+    def run() -> dict:
+        proc = run_cli(*args[1:], cwd=elsewhere, env={"HF_TOKEN": SHELL_TOKEN})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for token in (SHELL_TOKEN, SECRET_TOKEN):
+            assert token not in proc.stdout + proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["analysis_reused"] is False
+    assert Path(first["workdir"]) == elsewhere / "spectrum-sm-jobs"
+    assert (elsewhere / "spectrum-sm-jobs" / first["training_job"] / "model").is_dir()
+    again = run()
+    assert again["analysis_reused"] is True
+    assert again["layer_file_s3"] == first["layer_file_s3"]
+    _change_weights(elsewhere / "toy" / "model")
+    changed = run()
+    assert changed["analysis_reused"] is False
+    assert changed["layer_file_s3"] != first["layer_file_s3"]
+
+    written = _objects(bucket)
+    staged = {k.split("/")[2] for k in written if "/inputs/model-" in k and "staged" not in k}
+    assert len(staged) == 2  # one copy per model content, not one per job
+    for key, body in written.items():
+        if key not in before:
+            for token in (SHELL_TOKEN, SECRET_TOKEN):
+                assert token.encode() not in body, key
+    for path in elsewhere.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            data = path.read_bytes()
+            for token in (SHELL_TOKEN, SECRET_TOKEN):
+                assert token.encode() not in data, path
+    training = json.loads(
+        (elsewhere / "spectrum-sm-jobs" / first["training_job"] / "job.json").read_text()
+    )
+    assert "HF_TOKEN" not in json.dumps(training["Environment"]).replace(
+        "SPECTRUM_SM_SECRET_HF_TOKEN", ""
+    )
+
+
+def test_iam_policies_are_narrow_and_valid_for_iam(moto_server, tmp_path):
+    key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    secret = "arn:aws:secretsmanager:us-east-1:123456789012:secret:hf-token-AbCdEf"
+    proc = run_cli(
+        "iam-policy",
+        str(EXAMPLES / "qwen3-8b.yaml"),
+        "--set",
+        f"common.output_kms_key={key}",
+        "--set",
+        f"training.secret_environment.HF_TOKEN={secret}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    policies = json.loads(proc.stdout)
+    iam = boto3.client("iam")
+    for name in ("job_role", "launching_user"):
+        # IAM's own validation of the document (moto implements AWS's policy grammar checks).
+        iam.create_policy(
+            PolicyName=f"spectrum-{name}-{os.getpid()}",
+            PolicyDocument=json.dumps(policies[name]),
+        )
+    role = {s["Sid"]: s for s in policies["job_role"]["Statement"]}
+    assert role["WriteOutputs"]["Resource"] == ["arn:aws:s3:::my-spectrum-bucket/qwen3-8b/*"]
+    assert role["Secrets"]["Resource"] == [secret]
+    assert role["Keys"]["Resource"] == [key]
+    assert role["PullImage"]["Resource"] == [
+        "arn:aws:ecr:us-east-1:763104351884:repository/huggingface-pytorch-training"
+    ]
+    user = {s["Sid"]: s for s in policies["launching_user"]["Statement"]}
+    assert user["Jobs"]["Resource"] == [
+        "arn:aws:sagemaker:us-east-1:123456789012:training-job/qwen3-8b-spectrum-*"
+    ]
+    assert user["PassTheJobRole"]["Condition"] == {
+        "StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}
+    }
+    assert "*" not in json.dumps(user["StageAndReadOutputs"]["Resource"]).replace("/*", "")
