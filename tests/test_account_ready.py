@@ -134,9 +134,7 @@ def _change_weights(model: Path) -> None:
     save_file(tensors, shard, metadata={"format": "pt"})
 
 
-def test_local_example_header_runs_from_any_folder_without_leaking_a_token(
-    moto_server, tmp_path
-):
+def test_local_example_header_runs_from_any_folder_without_leaking_a_token(moto_server, tmp_path):
     """examples/local-tiny.yaml's header command, as written (default, relative work folder;
     relative model and data paths), from a folder other than the repository; a Hub token in the
     shell and one in Secrets Manager appear in no output, file or S3 object; the analysis is

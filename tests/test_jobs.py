@@ -98,7 +98,8 @@ def test_images_come_from_the_sdk_image_uris():
     # The scan runs on CPU instances too, in the PyTorch CPU image.
     cpu = build_analysis_request(analysis(instance_type="ml.c5.9xlarge"))
     assert (
-        _image(cpu) == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.9-cpu-py312"
+        _image(cpu)
+        == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.9.0-cpu-py312-ubuntu22.04-sagemaker"
     )
     with pytest.raises(SpectrumError, match=r"no Hugging Face training image for ml\.c5\.9xlarge"):
         build_training_request(training(instance_type="ml.c5.9xlarge"), spectrum_uri="s3://bkt/l/")

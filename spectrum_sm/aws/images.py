@@ -18,6 +18,9 @@ from ..core.errors import SpectrumError
 TRANSFORMERS_VERSION = "5.3.0"
 PYTORCH_VERSION = "2.9.0"
 PY_VERSION = "py312"
+#: The PyTorch CPU training image's full tag (the SDK returns the floating "2.9-cpu-py312", which
+#: moves under a job between two runs): DLC release notes, pytorch-training-2.9-cpu-sagemaker.
+CPU_IMAGE_TAG = "2.9.0-cpu-py312-ubuntu22.04-sagemaker"
 INSTALL_HINT = "pip install 'spectrum-sm[sagemaker]' (the SageMaker Python SDK v3)"
 
 
@@ -55,7 +58,7 @@ def default_image(region: str, instance_type: str, *, job: str) -> str:
             ) from gpu_only
     try:
         with quiet_sdk():
-            return uris.retrieve(
+            floating = uris.retrieve(
                 framework="pytorch",
                 region=region,
                 version=PYTORCH_VERSION.rsplit(".", 1)[0],
@@ -67,6 +70,7 @@ def default_image(region: str, instance_type: str, *, job: str) -> str:
         raise SpectrumError(
             f"no PyTorch training image for {instance_type} in {region} ({exc}); set image_uri"
         ) from exc
+    return floating.rsplit(":", 1)[0] + ":" + CPU_IMAGE_TAG
 
 
 @contextlib.contextmanager

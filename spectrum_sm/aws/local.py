@@ -225,7 +225,7 @@ def run_local(
                 "SPECTRUM_SM_MASTER_PORT": str(port),
             }
             cmd = [
-                sys.executable,
+                container_python(),
                 str(roots[host] / "input" / "data" / "code" / "entrypoints" / "launch.py"),
                 *request["AlgorithmSpecification"]["ContainerArguments"],
             ]
@@ -271,6 +271,12 @@ def run_local(
 #: (nor their saved login), so a gated model fails here exactly as it would there:
 #: secret_environment is the way in both places.
 SHELL_ONLY = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def container_python() -> str:
+    """The interpreter that plays the container's: ``SPECTRUM_SM_LOCAL_PYTHON`` (e.g. an
+    environment with the training image's packages) or this one."""
+    return os.environ.get("SPECTRUM_SM_LOCAL_PYTHON") or sys.executable
 
 
 def _job_environment(root: Path) -> dict[str, str]:

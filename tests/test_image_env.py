@@ -1,0 +1,114 @@
+"""The container-side entrypoints on the training image's packages, not on ours.
+
+``scripts/image-env.sh`` (run by ``scripts/test.sh``) builds ``.venv-image`` from
+``images/huggingface-pytorch-training-gpu.txt``: transformers 5.3.0, accelerate 1.12.0, peft 0.18.1,
+datasets 4.5.0, huggingface_hub 1.10.0, numpy < 2. Local mode then plays the container with that
+interpreter (``SPECTRUM_SM_LOCAL_PYTHON``), so the analysis, Spectrum training and LoRA run as they
+would in the image, and an API our development packages have but the image lacks fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+import boto3
+import pytest
+import torch
+from factories import run_cli
+from safetensors.torch import load_file
+from test_jobs import EXAMPLES, ROOT
+
+pytestmark = pytest.mark.integration
+PINS = ROOT / "images" / "huggingface-pytorch-training-gpu.txt"
+IMAGE_PYTHON = ROOT / ".venv-image" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def image_python() -> str:
+    if IMAGE_PYTHON.exists():
+        return str(IMAGE_PYTHON)
+    if os.environ.get("SPECTRUM_SM_REQUIRE_IMAGE_ENV"):
+        pytest.fail("no .venv-image: scripts/image-env.sh did not run")
+    pytest.skip("no .venv-image (bash scripts/image-env.sh builds it)")
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in PINS.read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_\-]+)\s*(==|<)\s*([\w.]+)$", line.strip())
+        if match:
+            pins[match.group(1)] = match.group(2) + match.group(3)
+    return pins
+
+
+def test_the_environment_has_the_images_packages(image_python):
+    pins = _pins()
+    assert set(pins) == {
+        "transformers",
+        "accelerate",
+        "peft",
+        "datasets",
+        "huggingface_hub",
+        "numpy",
+    }
+    code = (
+        "import importlib.metadata as m, json;"
+        f"print(json.dumps({{n: m.version(n) for n in {sorted(pins)!r}}}))"
+    )
+    found = json.loads(subprocess.check_output([image_python, "-c", code], text=True))
+    for name, pin in pins.items():
+        if pin.startswith("=="):
+            assert found[name] == pin[2:], name
+        else:
+            assert int(found[name].split(".")[0]) < int(pin[1:]), name
+
+
+def test_analysis_spectrum_and_lora_run_on_the_images_packages(image_python, moto_server, tmp_path):
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=16)
+    bucket = "image-env-test"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    common = [
+        "--local",
+        "--workdir",
+        str(tmp_path / "jobs"),
+        *("--set", f"common.output_s3=s3://{bucket}/tiny"),
+        *("--set", f"analysis.model={paths['model']}"),
+        *("--set", f"training.model={paths['model']}"),
+        *("--set", f"training.train_data={paths['train']}"),
+    ]
+    env = {"SPECTRUM_SM_LOCAL_PYTHON": image_python}
+    proc = run_cli("run", str(EXAMPLES / "local-tiny.yaml"), *common, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    job = tmp_path / "jobs" / result["training_job"]
+    report = json.loads((job / "model" / "training_report.json").read_text())
+    layers = (tmp_path / "jobs" / result["analysis_job"] / "model").glob("*percent.yaml")
+    assert len(list(layers)) == 1
+    before = load_file(str(paths["model"] / "model.safetensors"))
+    after = load_file(str(job / "model" / "model.safetensors"))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and len(changed) < len(before)
+    assert 0 < report["trainable_params"] < report["all_params"]
+    assert f"launch: {image_python} " in proc.stderr  # the jobs ran on the image's packages
+
+    lora = run_cli(
+        "train",
+        str(EXAMPLES / "local-tiny.yaml"),
+        *common,
+        *("--set", "training.method=lora"),
+        env=env,
+    )
+    assert lora.returncode == 0, lora.stderr[-4000:]
+    name = json.loads(lora.stdout.strip().splitlines()[-1])["job"]
+    merged = tmp_path / "jobs" / name / "model"  # the adapter is merged into the weights
+    lora_report = json.loads((merged / "training_report.json").read_text())
+    assert lora_report["method"] == "lora"
+    assert 0 < lora_report["trainable_params"] < report["trainable_params"]
+    after = load_file(str(merged / "model.safetensors"))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.endswith("proj.weight") for n in changed)  # linear layers only
