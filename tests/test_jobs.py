@@ -4,8 +4,8 @@ against a real moto server over HTTP."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -98,8 +98,8 @@ def test_images_come_from_the_sdk_image_uris():
     # The scan runs on CPU instances too, in the PyTorch CPU image.
     cpu = build_analysis_request(analysis(instance_type="ml.c5.9xlarge"))
     assert (
-        _image(cpu)
-        == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.9.0-cpu-py312-ubuntu22.04-sagemaker"
+        _image(cpu) == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:"
+        "2.9.0-cpu-py312-ubuntu22.04-sagemaker"
     )
     with pytest.raises(SpectrumError, match=r"no Hugging Face training image for ml\.c5\.9xlarge"):
         build_training_request(training(instance_type="ml.c5.9xlarge"), spectrum_uri="s3://bkt/l/")
@@ -190,23 +190,47 @@ def test_unknown_config_keys_and_overrides(tmp_path):
         ("common.method=full", "'method' is not a setting both jobs have"),
         ("training.hyperparameters=[", "the value is not valid YAML"),
         ("training.spot.x=1", "training.spot has no sub-keys"),
-        ("reuse_analysis=\"false\"", "reuse_analysis must be true or false, got 'false'"),
-        ("training.hyperparameters.learning_rat=1e-5", "no argument 'learning_rat' (did you mean 'learning_rate'?)"),
+        ('reuse_analysis="false"', "reuse_analysis must be true or false, got 'false'"),
+        (
+            "training.hyperparameters.learning_rat=1e-5",
+            "no argument 'learning_rat' (did you mean 'learning_rate'?)",
+        ),
         ("training.hyperparameters.epochs=3", "train.py has no argument 'epochs'"),
-        ("training.hyperparameters.max_steps=abc", "argument --max_steps: invalid int value: 'abc'"),
-        ("training.hyperparameters.max_steps=100.0", "argument --max_steps: invalid int value: '100.0'"),
+        (
+            "training.hyperparameters.max_steps=abc",
+            "argument --max_steps: invalid int value: 'abc'",
+        ),
+        (
+            "training.hyperparameters.max_steps=100.0",
+            "argument --max_steps: invalid int value: '100.0'",
+        ),
         ("training.hyperparameters.learning_rate=5", "learning_rate must be in (0, 1]"),
         ("training.hyperparameters.gradient_checkpointing=maybe", "expected true or false"),
         ("common.output_s3=s3://My_Bucket/x", "S3 refuses the bucket name 'My_Bucket'"),
         ("common.output_s3=s3://my..bucket/x", "no '..'"),
         ("common.output_s3=s3://192.168.1.1/x", "not an IP address"),
-        ("common.region=cn-north-1", "is in partition 'aws', but region 'cn-north-1' is in 'aws-cn'"),
-        ("training.environment.WANDB_API_KEY=abc", "environment.WANDB_API_KEY looks like a credential"),
-        ("common.environment.HF_TOKEN=hf_" + "a" * 34, "environment.HF_TOKEN looks like a credential"),
-        ("training.hyperparameters.note=hf_" + "a" * 34, "hyperparameters.note looks like a credential"),
-        ("training.secret_environment.HF_TOKEN=hf_" + "a" * 34, "must be a Secrets Manager secret ARN"),
+        (
+            "common.region=cn-north-1",
+            "is in partition 'aws', but region 'cn-north-1' is in 'aws-cn'",
+        ),
+        (
+            "training.environment.WANDB_API_KEY=abc",
+            "environment.WANDB_API_KEY looks like a credential",
+        ),
+        (
+            "common.environment.HF_TOKEN=hf_" + "a" * 34,
+            "environment.HF_TOKEN looks like a credential",
+        ),
+        (
+            "training.hyperparameters.note=hf_" + "a" * 34,
+            "hyperparameters.note looks like a credential",
+        ),
+        (
+            "training.secret_environment.HF_TOKEN=hf_" + "a" * 34,
+            "must be a Secrets Manager secret ARN",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_overrides_fail_the_dry_run_naming_the_key(override, fragment):
     from factories import run_cli
 
