@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--towers", type=_globs, default=["language"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--reuse_key", default="", help="the client's reuse key (the manifest)")
+    parser.add_argument(
+        "--stage_model_s3", default="", help="copy a Hub checkpoint here for the training job"
+    )
     # /opt/ml/model only inside a job: a hand run must not create /opt/ml on a workstation.
     parser.add_argument("--output_dir", default=_default_output_dir())
     args = parser.parse_args(argv)
@@ -114,8 +117,42 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{type(exc).__name__}: {exc}")
     if args.reuse_key:
         _record_reuse_key(result.files["manifest"], args.reuse_key)
+    if args.stage_model_s3:
+        try:
+            stage_hub_model(args.model_name_or_path, args.revision, args.stage_model_s3)
+        except SpectrumError as exc:
+            return fail(str(exc))
     print(json.dumps({k: str(v) for k, v in result.files.items()}))
     return 0
+
+
+#: What a training job needs from a Hub repository besides the weights the scan already cached.
+CHECKPOINT_FILES = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def stage_hub_model(model: str, revision: str | None, uri: str) -> None:
+    """Copy the Hub checkpoint (its shards are in the cache: the scan read them) to ``uri``, then
+    write ``<uri>.staged.json`` last, so a half-copied prefix is never taken for a model."""
+    from huggingface_hub import snapshot_download
+
+    from spectrum_sm.aws.local import upload_folder
+    from spectrum_sm.aws.s3 import describe_client_error, s3_client, split_s3_uri
+
+    try:
+        folder = Path(snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_FILES))
+    except Exception as exc:
+        from spectrum_sm.core.errors import SpectrumError
+
+        raise SpectrumError(f"cannot fetch {model} to stage it in S3: {exc}") from exc
+    log.info("staging %s for training at %s", model, uri)
+    upload_folder(folder, uri)
+    marker = uri.rstrip("/") + ".staged.json"
+    bucket, key = split_s3_uri(marker)
+    body = json.dumps({"model": model, "revision": revision, "commit": folder.name})
+    try:
+        s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode())
+    except Exception as exc:
+        raise describe_client_error(exc, marker) from exc
 
 
 def _record_reuse_key(manifest: Path, key: str) -> None:

@@ -229,3 +229,71 @@ def test_iam_policies_are_narrow_and_valid_for_iam(moto_server, tmp_path):
         "StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}
     }
     assert "*" not in json.dumps(user["StageAndReadOutputs"]["Resource"]).replace("/*", "")
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_a_hub_model_is_staged_by_the_analysis_and_training_needs_no_hub(tmp_path):
+    """Dry run of the flagship example pinned to a Hub commit (no network needed): the analysis
+    job copies the checkpoint to S3, the training job reads it as its model channel and carries
+    neither a Hub id nor a token; with staging off it reads the Hub id."""
+    sets = ["--set", f"analysis.revision={COMMIT}"]
+    proc = run_cli(
+        "run",
+        str(EXAMPLES / "qwen3-8b.yaml"),
+        "--dry-run",
+        *sets,
+        env={"HF_TOKEN": SHELL_TOKEN, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    staged = "s3://my-spectrum-bucket/qwen3-8b/models/Qwen--Qwen3-8B@0123456789ab/"
+    assert data["analysis"]["HyperParameters"]["stage_model_s3"] == staged
+    assert data["analysis"]["HyperParameters"]["reuse_key"]
+    training = data["training"]
+    channels = {c["ChannelName"]: c for c in training["InputDataConfig"]}
+    assert channels["model"]["DataSource"]["S3DataSource"]["S3Uri"] == staged
+    assert "model_name_or_path" not in training["HyperParameters"]
+    assert SHELL_TOKEN not in proc.stdout and "HF_TOKEN" not in json.dumps(training)
+    off = run_cli(
+        "run",
+        str(EXAMPLES / "qwen3-8b.yaml"),
+        "--dry-run",
+        *sets,
+        "--set",
+        "analysis.stage_model=false",
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    data = json.loads(off.stdout)
+    assert "stage_model_s3" not in data["analysis"]["HyperParameters"]
+    assert data["training"]["HyperParameters"]["model_name_or_path"] == "Qwen/Qwen3-8B"
+
+
+def test_the_analysis_job_stages_a_cached_hub_checkpoint(
+    moto_server, s3_bucket, tmp_path, tiny_model
+):
+    """analyze.py's staging step on a Hub cache laid out as huggingface_hub leaves it (offline):
+    every checkpoint file lands under the prefix, and the marker is written last."""
+    import shutil
+    import subprocess
+    import sys
+
+    home = tmp_path / "hf"
+    repo = home / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / COMMIT
+    shutil.copytree(tiny_model, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    uri = f"s3://{s3_bucket}/models/org--tiny@{COMMIT[:12]}/"
+    code = (
+        "import sys; sys.path.insert(0, 'entrypoints'); import analyze;"
+        f"analyze.stage_hub_model('org/tiny', {COMMIT!r}, {uri!r})"
+    )
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
+    written = _objects(s3_bucket)
+    expected = {f"models/org--tiny@{COMMIT[:12]}/{p.name}" for p in tiny_model.iterdir()}
+    assert expected <= set(written)
+    marker = json.loads(written[f"models/org--tiny@{COMMIT[:12]}.staged.json"])
+    assert marker["commit"] == COMMIT

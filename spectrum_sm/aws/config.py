@@ -264,6 +264,14 @@ class AnalysisConfig(JobConfig):
         default_factory=list, metadata={"help": "more percents whose selections are certified"}
     )
     max_runtime_s: int = field(default=4 * 3600, metadata={"help": "stop after this long"})
+    stage_model: bool = field(
+        default=True,
+        metadata={
+            "help": "a Hub model: the analysis job (which reads every byte anyway) also copies "
+            "the checkpoint to S3, and training reads it from there (no token, no internet, one "
+            "download per instance)"
+        },
+    )
 
     def problems(self, need_role: bool) -> list[str]:
         p = super().problems(need_role)

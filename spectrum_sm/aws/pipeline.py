@@ -26,12 +26,14 @@ from typing import Any
 from ..core.errors import SpectrumError
 from .config import AnalysisConfig, JobConfig, PipelineConfig, TrainingConfig, to_yaml, validate
 from .requests import (
+    s3_channel,
     analysis_output_uri,
     analysis_prefix,
     build_analysis_request,
     build_training_request,
     job_name,
     resolve_distribution,
+    validate_request,
 )
 from .s3 import describe_client_error, s3_client, split_s3_uri
 
@@ -248,7 +250,12 @@ def _check_account(config: JobConfig, *, local: bool, dry_run: bool) -> None:
 
 
 def plan_analysis(
-    config: AnalysisConfig, *, dry_run: bool, local: bool, reuse_key: str | None = None
+    config: AnalysisConfig,
+    *,
+    dry_run: bool,
+    local: bool,
+    reuse_key: str | None = None,
+    stage_model_s3: str = "",
 ) -> PreparedJob:
     """The analysis job, validated; nothing uploaded. ``reuse_key`` (the model content and
     settings) travels to the job, whose manifest records it."""
@@ -258,7 +265,11 @@ def plan_analysis(
     inputs, uploads, markers = _plan_inputs(config, name, {"model": config.model}, dry_run=dry_run)
     staged = dataclasses.replace(config, model=inputs["model"])
     request = build_analysis_request(
-        staged, name=name, need_role=not local, reuse_key=reuse_key or ""
+        staged,
+        name=name,
+        need_role=not local,
+        reuse_key=reuse_key or "",
+        stage_model_s3=stage_model_s3,
     )
     return PreparedJob(request, staged, uploads, markers)
 
@@ -497,6 +508,32 @@ def _with_percent(config: PipelineConfig) -> TrainingConfig:
     return dataclasses.replace(config.training, top_percent=config.analysis.top_percent)
 
 
+def hub_stage_uri(config: AnalysisConfig, fingerprint: dict[str, Any] | None) -> str:
+    """Where a Hub checkpoint is staged for training: one prefix per repository commit."""
+    if not config.stage_model or not fingerprint or fingerprint.get("kind") != "hub":
+        return ""
+    repo = fingerprint["id"].replace("/", "--")
+    return f"{config.output_s3.rstrip('/')}/models/{repo}@{fingerprint['sha'][:12]}/"
+
+
+def _read_model_from(request: dict[str, Any], uri: str) -> None:
+    """The training job reads the staged checkpoint as its ``model`` channel (no Hub, no token)."""
+    request["HyperParameters"].pop("model_name_or_path", None)
+    request["InputDataConfig"].append(s3_channel("model", uri))
+    validate_request(request)
+
+
+def _fingerprint(config: AnalysisConfig, *, dry_run: bool) -> dict[str, Any] | None:
+    try:
+        return model_fingerprint(config.model, config.revision)
+    except SpectrumError as exc:
+        if not dry_run:
+            raise
+        # e.g. no credentials to list an S3 model in a dry run
+        log.warning("dry run: the reuse key is left out (%s)", exc)
+        return None
+
+
 def run_pipeline(
     config: PipelineConfig,
     *,
@@ -511,33 +548,46 @@ def run_pipeline(
     ``dry_run``: build and validate both requests, send nothing, return them. ``local``: run both
     here through the container contract. Otherwise submit to SageMaker (training waits when
     ``wait``). An analysis of the same model content and settings is reused when
-    ``config.reuse_analysis``. Both jobs are validated before anything is uploaded, and staged
-    before the first is submitted.
+    ``config.reuse_analysis``. A Hub model is staged in S3 by the analysis job (unless
+    ``analysis.stage_model`` is false) and the training job reads it from there. Both jobs are
+    validated before anything is uploaded, and staged before the first is submitted.
     """
-    if dry_run:
-        try:
-            key = analysis_key(config.analysis)
-        except SpectrumError as exc:  # e.g. no credentials to list an S3 model in a dry run
-            log.warning("dry run: the reuse key is left out (%s)", exc)
-            key = None
-        analysis = plan_analysis(config.analysis, dry_run=True, local=local, reuse_key=key).request
-        spectrum_uri = analysis_output_uri(config.analysis, analysis["TrainingJobName"])
-        training = plan_training(
-            _with_percent(config), spectrum_uri=spectrum_uri, dry_run=True, local=local
-        ).request
-        return {"analysis": analysis, "training": training}
-    key = analysis_key(config.analysis)
-    reused = find_reusable_analysis(config.analysis, key) if config.reuse_analysis else None
+    fingerprint = _fingerprint(config.analysis, dry_run=dry_run)
+    key = analysis_key(config.analysis, fingerprint) if fingerprint else None
+    stage_uri = hub_stage_uri(config.analysis, fingerprint)
+    staged_already = (
+        bool(stage_uri) and not dry_run and _exists(stage_uri.rstrip("/") + ".staged.json")
+    )
+    reused = None
+    if not dry_run and config.reuse_analysis and key:
+        reused = find_reusable_analysis(config.analysis, key)
     analysis = None
     if reused:
         analysis_name, spectrum_uri = reused["job"], reused["layer_dir"]
     else:
-        analysis = plan_analysis(config.analysis, dry_run=False, local=local, reuse_key=key)
+        analysis = plan_analysis(
+            config.analysis,
+            dry_run=dry_run,
+            local=local,
+            reuse_key=key,
+            stage_model_s3="" if staged_already else stage_uri,
+        )
         analysis_name = analysis.request["TrainingJobName"]
         spectrum_uri = analysis_output_uri(config.analysis, analysis_name)
     training = plan_training(
-        _with_percent(config), spectrum_uri=spectrum_uri, dry_run=False, local=local
+        _with_percent(config), spectrum_uri=spectrum_uri, dry_run=dry_run, local=local
     )
+    same_model = config.training.model == config.analysis.model
+    if stage_uri and same_model and (analysis is not None or staged_already):
+        _read_model_from(training.request, stage_uri)
+    elif stage_uri and same_model:
+        log.info(
+            "the reused analysis staged no checkpoint; training reads %s from the Hub",
+            config.training.model,
+        )
+    if dry_run:
+        assert analysis is not None
+        return {"analysis": analysis.request, "training": training.request}
     if analysis is not None:
         stage(analysis)
     stage(training)
@@ -553,6 +603,8 @@ def run_pipeline(
         "training_job": trained["job"],
         "model_s3": trained["model_s3"],
     }
+    if stage_uri and "model" in {c["ChannelName"] for c in training.request["InputDataConfig"]}:
+        result["staged_model_s3"] = stage_uri
     if local:
         result["workdir"] = str(Path(workdir).resolve())
     return result

@@ -59,7 +59,7 @@ def job_name(base: str, kind: str) -> str:
     return f"{base[:room].rstrip('-')}-{kind}-{suffix}-{stamp}"
 
 
-def _s3_channel(name: str, uri: str) -> dict[str, Any]:
+def s3_channel(name: str, uri: str) -> dict[str, Any]:
     return {
         "ChannelName": name,
         "DataSource": {
@@ -89,7 +89,7 @@ def _common(
             "ContainerArguments": [entry],
         },
         "HyperParameters": {},
-        "InputDataConfig": [_s3_channel(CODE_CHANNEL, code_uri)],
+        "InputDataConfig": [s3_channel(CODE_CHANNEL, code_uri)],
         "OutputDataConfig": {"S3OutputPath": output_path, "CompressionType": "NONE"},
         "ResourceConfig": {
             "InstanceType": config.instance_type,
@@ -140,9 +140,11 @@ def build_analysis_request(
     code_uri: str | None = None,
     need_role: bool = True,
     reuse_key: str = "",
+    stage_model_s3: str = "",
 ) -> dict[str, Any]:
     """The analysis job's CreateTrainingJob request (validated). ``reuse_key`` (model content,
-    settings, scanner version) goes to the job's manifest."""
+    settings, scanner version) goes to the job's manifest; ``stage_model_s3`` is where the job
+    copies a Hub checkpoint for the training job."""
     validate(config, need_role=need_role)
     name = name or job_name(config.base_job_name, "analysis")
     code_uri = code_uri or f"{config.output_s3.rstrip('/')}/code/{name}/"
@@ -161,6 +163,8 @@ def build_analysis_request(
         hps["certify_percents"] = config.certify_percents
     if reuse_key:
         hps["reuse_key"] = reuse_key
+    if stage_model_s3:
+        hps["stage_model_s3"] = stage_model_s3
     if config.include:
         hps["include"] = config.include
     if config.exclude:
@@ -168,7 +172,7 @@ def build_analysis_request(
     if config.revision:
         hps["revision"] = config.revision
     if config.model.startswith("s3://"):
-        request["InputDataConfig"].append(_s3_channel("model", config.model))
+        request["InputDataConfig"].append(s3_channel("model", config.model))
     else:
         hps["model_name_or_path"] = config.model
     _check_isolation(config, hps)
@@ -272,10 +276,10 @@ def build_training_request(
                     f"{channel} must be an s3:// URI for a SageMaker job, got "
                     f"{uri!r} (spectrum_sm.aws.pipeline uploads local paths first)"
                 )
-            request["InputDataConfig"].append(_s3_channel(channel, uri))
+            request["InputDataConfig"].append(s3_channel(channel, uri))
     hps["distribution"] = (distribution or resolve_distribution(config))["distribution"]
     if config.resume_from:
-        request["InputDataConfig"].append(_s3_channel("resume", config.resume_from))
+        request["InputDataConfig"].append(s3_channel("resume", config.resume_from))
         hps["resume_from"] = "/opt/ml/input/data/resume"
     _check_isolation(config, hps)
     request["HyperParameters"] = {k: hyperparameter_string(v) for k, v in hps.items()}
