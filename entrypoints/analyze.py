@@ -80,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--stage_model_s3", default="", help="copy a Hub checkpoint here for the training job"
     )
+    parser.add_argument("--stage_kms_key", default="", help="SSE-KMS key for the staged copy")
     # /opt/ml/model only inside a job: a hand run must not create /opt/ml on a workstation.
     parser.add_argument("--output_dir", default=_default_output_dir())
     args = parser.parse_args(argv)
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         _record_reuse_key(result.files["manifest"], args.reuse_key)
     if args.stage_model_s3:
         try:
-            stage_hub_model(args.model_name_or_path, args.revision, args.stage_model_s3)
+            stage_hub_model(
+                args.model_name_or_path, args.revision, args.stage_model_s3, args.stage_kms_key
+            )
         except SpectrumError as exc:
             return fail(str(exc))
     print(json.dumps({k: str(v) for k, v in result.files.items()}))
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 CHECKPOINT_FILES = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
-def stage_hub_model(model: str, revision: str | None, uri: str) -> None:
+def stage_hub_model(model: str, revision: str | None, uri: str, kms_key: str = "") -> None:
     """Copy the Hub checkpoint (its shards are in the cache: the scan read them) to ``uri``, then
     write ``<uri>.staged.json`` last, so a half-copied prefix is never taken for a model."""
     from huggingface_hub import snapshot_download
@@ -145,12 +148,13 @@ def stage_hub_model(model: str, revision: str | None, uri: str) -> None:
 
         raise SpectrumError(f"cannot fetch {model} to stage it in S3: {exc}") from exc
     log.info("staging %s for training at %s", model, uri)
-    upload_folder(folder, uri)
+    extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else None
+    upload_folder(folder, uri, extra_args=extra)
     marker = uri.rstrip("/") + ".staged.json"
     bucket, key = split_s3_uri(marker)
     body = json.dumps({"model": model, "revision": revision, "commit": folder.name})
     try:
-        s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode())
+        s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode(), **(extra or {}))
     except Exception as exc:
         raise describe_client_error(exc, marker) from exc
 

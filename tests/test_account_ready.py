@@ -192,6 +192,17 @@ def test_local_example_header_runs_from_any_folder_without_leaking_a_token(moto_
     assert "HF_TOKEN" not in json.dumps(training["Environment"]).replace(
         "SPECTRUM_SM_SECRET_HF_TOKEN", ""
     )
+    # The planned names and prefixes are the ones run: job name, layer-file channel, outputs.
+    assert training["TrainingJobName"] == first["training_job"]
+    channels = {
+        c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+        for c in training["InputDataConfig"]
+    }
+    assert channels["spectrum"] == first["layer_file_s3"]
+    assert first["layer_file_s3"].endswith(f"/analysis/{first['analysis_job']}/output/model/")
+    assert first["model_s3"] == (
+        training["OutputDataConfig"]["S3OutputPath"] + first["training_job"] + "/output/model/"
+    )
 
 
 def test_iam_policies_are_narrow_and_valid_for_iam(moto_server, tmp_path):

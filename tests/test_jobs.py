@@ -550,3 +550,21 @@ def test_volume_key_only_where_the_instance_has_an_ebs_volume(instance_type, sen
         )
     )
     assert ("VolumeKmsKeyId" in request["ResourceConfig"]) is sent
+
+
+def test_credentials_are_recognised_by_whole_name_parts_and_by_shape():
+    from spectrum_sm.aws.config import secret_problems
+
+    fine = {"TOKENIZERS_PARALLELISM": "false", "max_tokens": "512", "NCCL_DEBUG": "INFO"}
+    assert secret_problems("environment", fine) == []
+    for key, value in (
+        ("HF_TOKEN", "x"),
+        ("WANDB_API_KEY", "x"),
+        ("DB_PASSWORD", "x"),
+        ("NOTE", "AKIA" + "A" * 16),
+        ("NOTE", "hf_" + "b" * 34),
+        ("NOTE", "ghp_" + "c" * 36),
+    ):
+        (problem,) = secret_problems("environment", {key: value})
+        assert f"environment.{key} looks like a credential" in problem
+        assert value not in problem  # never echoed

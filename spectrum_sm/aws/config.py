@@ -25,9 +25,12 @@ SECRET_VALUE = re.compile(
     r"(hf_[A-Za-z0-9]{30,}|\b(AKIA|ASIA)[A-Z0-9]{16}\b|gh[pousr]_[A-Za-z0-9]{30,}"
     r"|sk-[A-Za-z0-9_\-]{20,}|xox[abpsr]-[A-Za-z0-9\-]{10,})"
 )
-#: Names under which a value is a credential (HF_TOKEN, WANDB_API_KEY, DB_PASSWORD, ...).
+#: Names under which a value is a credential (HF_TOKEN, WANDB_API_KEY, DB_PASSWORD, ...), as whole
+#: name parts: TOKENIZERS_PARALLELISM or max_tokens are not.
 SECRET_NAME = re.compile(
-    r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE
+    r"(?:^|[_\-.])(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|ACCESS_KEY|PRIVATE_KEY)"
+    r"(?:$|[_\-.])",
+    re.IGNORECASE,
 )
 LOCAL_ROLE = "arn:aws:iam::000000000000:role/spectrum-sm-local"
 JOB_BASE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,40}$")

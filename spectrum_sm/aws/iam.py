@@ -209,6 +209,18 @@ def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
             "Resource": sorted({_s3_objects(p, u) for u in outputs}),
         },
         *_list_statement(p, outputs + _inputs(config), "ListStaged"),
+        *(
+            [
+                {
+                    "Sid": "ReadInputs",  # config.json for the planner; ETags for reuse
+                    "Effect": "Allow",
+                    "Action": "s3:GetObject",
+                    "Resource": sorted({_s3_objects(p, u) for u in _inputs(config)}),
+                }
+            ]
+            if _inputs(config)
+            else []
+        ),
         {
             "Sid": "FollowLogs",
             "Effect": "Allow",

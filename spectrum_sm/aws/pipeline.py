@@ -26,13 +26,13 @@ from typing import Any
 from ..core.errors import SpectrumError
 from .config import AnalysisConfig, JobConfig, PipelineConfig, TrainingConfig, to_yaml, validate
 from .requests import (
-    s3_channel,
     analysis_output_uri,
     analysis_prefix,
     build_analysis_request,
     build_training_request,
     job_name,
     resolve_distribution,
+    s3_channel,
     validate_request,
 )
 from .s3 import describe_client_error, s3_client, split_s3_uri
@@ -594,7 +594,10 @@ def run_pipeline(
     if analysis is not None:
         ran = execute(analysis.request, local=local, workdir=workdir, logs=logs)
         record_analysis(config.analysis, key, analysis_name, spectrum_uri)
-        assert ran["model_s3"] == spectrum_uri, (ran, spectrum_uri)  # one name, end to end
+        if ran["model_s3"] != spectrum_uri:  # one name end to end: never train on another's
+            raise SpectrumError(
+                f"analysis {analysis_name} wrote to {ran['model_s3']}, not {spectrum_uri}"
+            )
     trained = execute(training.request, local=local, workdir=workdir, wait=wait, logs=logs)
     result = {
         "analysis_job": analysis_name,

@@ -165,6 +165,8 @@ def build_analysis_request(
         hps["reuse_key"] = reuse_key
     if stage_model_s3:
         hps["stage_model_s3"] = stage_model_s3
+        if config.output_kms_key:  # a bucket that requires SSE-KMS takes the staged copy too
+            hps["stage_kms_key"] = config.output_kms_key
     if config.include:
         hps["include"] = config.include
     if config.exclude:
