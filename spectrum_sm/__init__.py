@@ -22,6 +22,7 @@ _LAZY = {
     "run_pipeline": "spectrum_sm.aws.pipeline",
     "TrainingJob": "spectrum_sm.aws.jobs",
     "submit": "spectrum_sm.aws.jobs",
+    "check_data": "spectrum_sm.training.datacheck",
 }
 
 if TYPE_CHECKING:
@@ -33,12 +34,14 @@ if TYPE_CHECKING:
     from .core.freeze import freeze_except
     from .core.scanner import ScanResult
     from .core.selection import load_results, select_layers
+    from .training.datacheck import check_data
 
 __all__ = [
     "ScanResult",
     "SpectrumError",
     "TrainingJob",
     "__version__",
+    "check_data",
     "freeze_except",
     "load_pipeline",
     "load_results",

@@ -197,6 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="SageMaker: do not stream CloudWatch logs while waiting",
         )
+    check = commands.add_parser(
+        "data-check",
+        help="show which tokens of the training data carry loss, with row counts",
+        description="Load DATA exactly as the training job does (same loader, template, masks "
+        "and truncation) and show, per row, the text that carries loss, after the counts of "
+        "rows read, kept and dropped (by reason).",
+    )
+    check.add_argument("data", help="file, folder, save_to_disk folder, s3:// prefix or Hub id")
+    check.add_argument("--model", required=True, help="model folder or Hub id (its tokenizer)")
+    check.add_argument("--max-seq-length", type=int, default=2048, metavar="N")
+    check.add_argument("--rows", type=int, default=3, metavar="K", help="rows to show (default 3)")
+    check.add_argument("--split", default="train", help="Hub or DatasetDict split")
+    check.add_argument("--dataset-config", default="", help="a Hub dataset's config name")
+    check.add_argument("--columns", default="", help="renames, e.g. prompt=question")
+    check.add_argument("--prompt-template", default="", help="e.g. '{context}\\n{question}'")
+    check.add_argument("--completion-template", default="", help="e.g. '{answers[text][0]}'")
+    check.add_argument("--system-prompt", default="")
+    check.add_argument(
+        "--no-assistant-only-loss",
+        dest="assistant_only",
+        action="store_false",
+        help="loss on every token of chat rows",
+    )
+    check.add_argument("--json", action="store_true", help="print one JSON object")
     policy = commands.add_parser(
         "iam-policy",
         help="print the least-privilege IAM policies a config needs",
@@ -392,6 +416,51 @@ def _run_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_data_check(args: argparse.Namespace) -> int:
+    from .core.errors import SpectrumError
+    from .training.datacheck import check_data, render_row
+
+    if args.rows < 0 or args.max_seq_length < 1:
+        raise SpectrumError("--rows must be >= 0 and --max-seq-length >= 1")
+    report = check_data(
+        args.data,
+        args.model,
+        max_length=args.max_seq_length,
+        rows=args.rows,
+        split=args.split,
+        dataset_config=args.dataset_config,
+        columns=args.columns,
+        prompt_template=args.prompt_template,
+        completion_template=args.completion_template,
+        system_prompt=args.system_prompt,
+        assistant_only=args.assistant_only,
+    )
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "rendered"}))
+        if report.get("error"):
+            raise SpectrumError(report["error"])
+        return 0
+    dropped = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in report["dropped"].items())
+    print(
+        f"{report['rows_read']} rows read, {report['rows_kept']} kept"
+        + (f", dropped: {dropped}" if dropped else "")
+        + f"; {report['loss_tokens']} tokens carry loss"
+    )
+    color = sys.stdout.isatty()
+    for example, pieces in zip(report["examples"], report["rendered"], strict=True):
+        print(
+            f"\n--- row {example['row']}: {example['tokens']} tokens, "
+            f"{example['loss_tokens']} with loss"
+            + (f" (dropped: {example['drop_reason']})" if example["drop_reason"] else "")
+        )
+        print(render_row(pieces, color=color))
+    if not color:
+        print("\n(text between [[ and ]] carries loss)")
+    if report.get("error"):
+        raise SpectrumError(report["error"])
+    return 0
+
+
 def _run_iam_policy(args: argparse.Namespace) -> int:
     from .aws.config import load_pipeline
     from .aws.iam import policies
@@ -445,6 +514,7 @@ COMMANDS = {
     "scan": _run_scan,
     "select": _run_select,
     "iam-policy": _run_iam_policy,
+    "data-check": _run_data_check,
     "analyze": _run_jobs,
     "train": _run_jobs,
     "run": _run_jobs,

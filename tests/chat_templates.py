@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (chat templates are data: one Jinja statement per line)
 """Chat templates with the behaviours that break naive loss masks, written after the real ones.
 
 QWEN3 follows Qwen3's template: the reasoning of every assistant turn but those after the last

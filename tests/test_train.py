@@ -136,7 +136,7 @@ def test_assistant_only_loss_masks_the_prompt(setup):
         for t, label in zip(example.input_ids, example.labels, strict=True)
         if label != IGNORE_INDEX
     ]
-    assert tokenizer.decode(learned) == "5 plus 3 is 8.<|im_end|>\n"
+    assert tokenizer.decode(learned) == "5 plus 3 is 8.<|im_end|>"  # the marker, not the newline
     everything = tokenize_row(row, 0, tokenizer, 512, assistant_only=False)
     assert IGNORE_INDEX not in everything.labels
     pc = tokenize_row({"prompt": "Q: 2+2?", "completion": " 4"}, 1, tokenizer, 512)

@@ -35,7 +35,10 @@ class TrainArgs:
     )
     train_data: str | None = field(
         default_factory=lambda: env_path("SM_CHANNEL_TRAIN"),
-        metadata={"help": "jsonl/json/parquet file or folder (default: the 'train' channel)"},
+        metadata={
+            "help": "jsonl/json/parquet/csv/arrow file or folder, save_to_disk folder or Hub "
+            "dataset id (default: the 'train' channel)"
+        },
     )
     validation_data: str | None = field(
         default_factory=lambda: env_path("SM_CHANNEL_VALIDATION"),
@@ -79,6 +82,28 @@ class TrainArgs:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "non-reentrant"})
     packing: bool = field(default=False, metadata={"help": "concatenate examples into blocks"})
+    train_split: str = field(
+        default="train", metadata={"help": "split of a Hub dataset or a DatasetDict folder"}
+    )
+    validation_split: str = field(
+        default="validation", metadata={"help": "split of the validation data"}
+    )
+    dataset_config: str = field(default="", metadata={"help": "a Hub dataset's config name"})
+    columns: str = field(
+        default="", metadata={"help": "rename fields, e.g. prompt=question,completion=answer"}
+    )
+    prompt_template: str = field(
+        default="", metadata={"help": "format string over a row's fields, e.g. '{question}'"}
+    )
+    completion_template: str = field(
+        default="", metadata={"help": "format string for the answer, e.g. '{answers[text][0]}'"}
+    )
+    system_prompt: str = field(
+        default="", metadata={"help": "system message for rows built from templates"}
+    )
+    num_proc: int = field(
+        default=0, metadata={"help": "tokenizing processes per host (0: cores / ranks, <= 8)"}
+    )
     assistant_only_loss: bool = field(
         default=True, metadata={"help": "loss on assistant tokens only (messages rows)"}
     )
@@ -155,6 +180,11 @@ class TrainArgs:
             (self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}"),
             (self.save_total_limit >= 1, "save_total_limit must be at least 1"),
             (self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}"),
+            (self.num_proc >= 0, f"num_proc must be >= 0, got {self.num_proc}"),
+            (
+                bool(self.prompt_template) == bool(self.completion_template),
+                "prompt_template and completion_template go together",
+            ),
             (self.lora_r >= 1, f"lora_r must be at least 1, got {self.lora_r}"),
             (
                 0 <= self.lora_dropout < 1,

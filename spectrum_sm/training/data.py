@@ -1,21 +1,39 @@
-"""Training data: load rows, tokenize them with loss masks, pack, and batch.
+"""Training data through the `datasets` library: load, map to a row shape, tokenize once, count.
 
-Three row shapes are understood:
+Sources: a file or folder of jsonl / json / parquet / csv / arrow files (hidden files such as
+``.ipynb_checkpoints/`` ignored, a UTF-8 BOM accepted), a ``Dataset.save_to_disk`` folder (a
+``DatasetDict`` gives its split), or a Hub dataset id with config and split (read inside the
+job; a private one needs ``secret_environment: {HF_TOKEN: ...}``).
 
-* ``{"messages": [{"role": ..., "content": str}, ...]}``: rendered with the tokenizer's chat
-  template; by default only assistant tokens carry loss.
-* ``{"prompt": str, "completion": str}``: loss on the completion (and the end-of-sequence token).
+Row shapes:
+
+* ``{"messages": [{"role", "content", "reasoning_content"?, "tool_calls"?}, ...], "tools"?}``:
+  rendered with the tokenizer's chat template; by default only assistant output carries loss
+  (:mod:`.chat` finds it for any template);
+* ``{"prompt": str, "completion": str}``: loss on the completion and the end-of-sequence token;
 * ``{"text": str}``: loss on everything.
 
-Anything else is an error that names the row and the fields it has.
+Datasets of other shapes are mapped by configuration: ``columns`` renames (``prompt=question``),
+``prompt_template`` / ``completion_template`` are Python format strings over a row's fields
+(``"{context}\\n\\n{question}"``, ``"{answers[text][0]}"``), rendered as a chat when the tokenizer
+has a template (with ``system_prompt`` first).
+
+Every row is tokenized once, by the main process first (``num_proc`` workers), into a cached
+Arrow file that every rank memory-maps: memory per rank does not grow with the dataset. Rows
+that carry no loss are dropped and counted by reason (``no_assistant_turn``,
+``truncated_away``, ``empty``); malformed rows are errors naming the row.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,67 +41,275 @@ from ..core.errors import SpectrumError
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+#: File suffix -> the `datasets` builder that reads it.
+BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+DATA_SUFFIXES = tuple(BUILDERS)
+DISK_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+DROP_REASONS = ("empty", "no_assistant_turn", "truncated_away")
+#: Bumped when tokenization changes, so old cached Arrow files are not reused.
+FORMAT_VERSION = 1
+
+
+# --- reading ---------------------------------------------------------------------------------
 
 
 def data_files(path: str | Path) -> list[Path]:
-    """A data file, or every jsonl/json/parquet file in a folder (sorted)."""
+    """A data file, or every data file in a folder (sorted; hidden files and folders skipped)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix in BUILDERS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if files:
             return files
-        raise SpectrumError(f"{path}: no .jsonl, .json or .parquet files in this folder")
+        raise SpectrumError(
+            f"{path}: no {', '.join(DATA_SUFFIXES)} files and no save_to_disk dataset here"
+        )
     raise SpectrumError(f"data path {str(path)!r} does not exist")
 
 
-def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a data file or folder, as dicts."""
-    rows: list[dict[str, Any]] = []
-    for file in data_files(path):
-        rows += _read_file(file)
-    if not rows:
-        raise SpectrumError(f"{path}: the data holds no rows")
-    return rows
-
-
-def _read_file(file: Path) -> list[dict[str, Any]]:
+def _datasets():
     try:
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
+        import datasets
+    except ImportError as exc:
+        raise SpectrumError(f"reading training data needs the datasets library ({exc})") from exc
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
 
-            return pq.read_table(file).to_pylist()
-        text = file.read_text(encoding="utf-8")
-        if file.suffix == ".jsonl":
-            rows = []
-            for number, line in enumerate(text.splitlines(), 1):
+
+def _cache_root() -> Path:
+    root = os.environ.get("HF_DATASETS_CACHE") or (
+        Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "datasets"
+    )
+    return Path(root) / "spectrum-sm"
+
+
+def _without_bom(file: Path) -> Path:
+    """The file itself, or (for a text file starting with a UTF-8 BOM) a copy without it."""
+    if file.suffix not in (".json", ".jsonl", ".csv"):
+        return file
+    with file.open("rb") as handle:
+        if handle.read(3) != b"\xef\xbb\xbf":
+            return file
+        stat = file.stat()
+        key = hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        copy = _cache_root() / "bom" / key.hexdigest()[:16] / file.name
+        if not copy.is_file():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            partial = copy.with_suffix(copy.suffix + ".part")
+            with partial.open("wb") as out:
+                while block := handle.read(1 << 20):
+                    out.write(block)
+            partial.replace(copy)
+        return copy
+
+
+def _json_field(file: Path) -> str | None:
+    """``{"train": [...]}``-style files: the one list inside, by name."""
+    if file.suffix != ".json":
+        return None
+    with file.open("rb") as handle:
+        head = handle.read(1 << 16).lstrip(b"\xef\xbb\xbf").lstrip()
+    if not head.startswith(b"{"):
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8-sig"))
+    except ValueError:
+        return None
+    lists = [k for k, v in data.items() if isinstance(v, list)] if isinstance(data, dict) else []
+    return lists[0] if len(lists) == 1 else None
+
+
+def _first_bad_json_line(files: list[Path]) -> str:
+    for file in files:
+        if file.suffix != ".jsonl":
+            continue
+        with file.open(encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise SpectrumError(f"{file}:{number}: not valid JSON ({exc})") from exc
-            return rows
-        data = json.loads(text)
-    except SpectrumError:
-        raise
-    except ImportError as exc:
-        raise SpectrumError(f"{file}: reading parquet needs pyarrow ({exc})") from exc
-    except Exception as exc:
-        raise SpectrumError(f"{file}: cannot read ({type(exc).__name__}: {exc})") from exc
-    if isinstance(data, dict):
-        # {"data": [...]} or {"train": [...]} style files: take the single list inside.
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else [data]
-    if not isinstance(data, list):
-        raise SpectrumError(f"{file}: expected a list of rows")
-    return data
+                        json.loads(line)
+                    except ValueError as exc:
+                        return f"{file}:{number}: not valid JSON ({exc})"
+    return ""
+
+
+def is_hub_id(source: str) -> bool:
+    parts = str(source).split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not str(source).startswith((".", "/", "~"))
+        and not Path(source).suffix
+    )
+
+
+def load_split(source: str | Path, *, split: str = "train", name: str | None = None):
+    """A `datasets.Dataset` from a file, a folder, a ``save_to_disk`` folder or a Hub id."""
+    datasets = _datasets()
+    path = Path(source).expanduser()
+    if path.is_dir() and any((path / m).is_file() for m in DISK_MARKERS):
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise SpectrumError(f"{path}: cannot load this save_to_disk folder ({exc})") from exc
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise SpectrumError(
+                    f"{path}: no split {split!r} in this dataset (it has {', '.join(loaded)})"
+                )
+            loaded = loaded[split]
+        return _nonempty(loaded, path)
+    if path.exists():
+        files = data_files(path)
+        kinds = {BUILDERS[f.suffix] for f in files}
+        if len(kinds) > 1:
+            raise SpectrumError(f"{path}: mixes {', '.join(sorted(kinds))} files; use one format")
+        builder = kinds.pop()
+        readable = [_without_bom(f) for f in files]
+        options: dict[str, Any] = {}
+        if builder == "json" and (found := _json_field(readable[0])):
+            options["field"] = found
+        try:
+            loaded = datasets.load_dataset(
+                builder,
+                data_files=[str(f) for f in readable],
+                split="train",
+                cache_dir=str(_cache_root() / "sources"),
+                **options,
+            )
+        except Exception as exc:
+            reason = _first_bad_json_line(readable) or (
+                f"{path}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+            )
+            raise SpectrumError(reason) from exc
+        return _nonempty(loaded, path)
+    if is_hub_id(str(source)):
+        try:
+            loaded = datasets.load_dataset(str(source), name, split=split)
+        except Exception as exc:
+            raise SpectrumError(
+                f"cannot load dataset {source!r} (config {name!r}, split {split!r}) from the "
+                f"Hub: {type(exc).__name__}: {str(exc).splitlines()[0][:300]} (no network, a "
+                "private dataset without HF_TOKEN, or no such split)"
+            ) from exc
+        return _nonempty(loaded, source)
+    raise SpectrumError(f"data path {str(source)!r} does not exist")
+
+
+def _nonempty(dataset, where):
+    if len(dataset) == 0:
+        raise SpectrumError(f"{where}: the data holds no rows")
+    return dataset
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a data source as dicts (fields a row lacks are left out)."""
+    return [_present(row) for row in load_split(path)]
+
+
+# --- row shapes --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How rows become training examples (train.py's data arguments)."""
+
+    max_length: int = 2048
+    assistant_only: bool = True
+    columns: dict[str, str] = field(default_factory=dict)  # new name -> existing field
+    prompt_template: str = ""
+    completion_template: str = ""
+    system_prompt: str = ""
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """``"prompt=question,completion=answer"`` -> ``{"prompt": "question", ...}``."""
+    mapping = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        new, sep, old = part.partition("=")
+        if not sep or not new.strip() or not old.strip():
+            raise SpectrumError(f"columns: {part!r} is not NEW=EXISTING (e.g. prompt=question)")
+        mapping[new.strip()] = old.strip()
+    return mapping
+
+
+def _present(row: dict[str, Any]) -> dict[str, Any]:
+    """A row without the fields Arrow added as None (absent in this row, present in others)."""
+    clean = {}
+    for key, value in row.items():
+        if value is None:
+            continue
+        if key == "messages" and isinstance(value, list):
+            value = [
+                {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+                for m in value
+            ]
+        clean[key] = value
+    return clean
+
+
+def _format(template: str, row: dict[str, Any], what: str, index: int) -> str:
+    try:
+        return template.format(**row)
+    except (KeyError, IndexError, AttributeError, ValueError) as exc:
+        fields = ", ".join(sorted(row))
+        raise SpectrumError(
+            f"data row {index}: {what} {template!r} does not fit the row ({type(exc).__name__}: "
+            f"{exc}); the row has [{fields}]"
+        ) from None
+
+
+def shape_row(row: dict[str, Any], index: int, options: DataOptions, chat: bool) -> dict[str, Any]:
+    """The row in one of the three shapes, after the configured mapping."""
+    row = _present(row)
+    for new, old in options.columns.items():
+        if old not in row:
+            raise SpectrumError(
+                f"data row {index}: columns maps {new} from {old!r}, which the row lacks "
+                f"(it has [{', '.join(sorted(row))}])"
+            )
+        row[new] = row.pop(old)
+    if options.prompt_template or options.completion_template:
+        if not (options.prompt_template and options.completion_template):
+            raise SpectrumError("prompt_template and completion_template go together")
+        prompt = _format(options.prompt_template, row, "prompt_template", index)
+        completion = _format(options.completion_template, row, "completion_template", index)
+        if not chat:
+            return {"prompt": prompt, "completion": completion}
+        system = [{"role": "system", "content": options.system_prompt}] * bool(
+            options.system_prompt
+        )
+        return {
+            "messages": [
+                *system,
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": completion},
+            ]
+        }
+    return row
 
 
 def row_kind(row: Any, index: int) -> str:
     """``messages``, ``prompt_completion`` or ``text``; an error naming the row otherwise."""
     if isinstance(row, dict):
+        row = _present(row)
         if "messages" in row:
             return "messages"
         if "prompt" in row and "completion" in row:
@@ -95,14 +321,8 @@ def row_kind(row: Any, index: int) -> str:
         fields = f"a {type(row).__name__}, not an object"
     raise SpectrumError(
         f"data row {index} has fields [{fields}]; expected 'messages', 'prompt' and "
-        f"'completion', or 'text'"
+        f"'completion', or 'text' (or map them: columns, prompt_template, completion_template)"
     )
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
 
 
 def _check_text(value: Any, what: str, index: int) -> str:
@@ -114,77 +334,243 @@ def _check_text(value: Any, what: str, index: int) -> str:
     return value
 
 
-def tokenize_row(
-    row: dict[str, Any], index: int, tokenizer: Any, max_length: int, assistant_only: bool = True
-) -> Example:
-    """Token ids and labels (``-100`` where no loss is taken), truncated to ``max_length``."""
+# --- tokenizing ------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_row(
+    row: dict[str, Any], index: int, tokenizer: Any, options: DataOptions
+) -> dict[str, Any]:
+    """``input_ids``, ``labels`` (``-100``: no loss), ``loss_tokens`` and ``drop_reason`` ("" when
+    the row is kept). Malformed rows raise, naming the row."""
+    row = shape_row(row, index, options, chat=bool(getattr(tokenizer, "chat_template", None)))
     kind = row_kind(row, index)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if kind == "text":
-        ids = (
-            tokenizer(_check_text(row["text"], "'text'", index), add_special_tokens=False)[
-                "input_ids"
-            ]
-            + eos
-        )
+        text = _check_text(row["text"], "'text'", index)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos if text else []
         labels = list(ids)
     elif kind == "prompt_completion":
-        prompt = tokenizer(_check_text(row["prompt"], "'prompt'", index), add_special_tokens=False)[
-            "input_ids"
-        ]
-        completion = (
-            tokenizer(
-                _check_text(row["completion"], "'completion'", index), add_special_tokens=False
-            )["input_ids"]
-            + eos
+        prompt = _check_text(row["prompt"], "'prompt'", index)
+        completion = _check_text(row["completion"], "'completion'", index)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        completion_ids = (
+            tokenizer(completion, add_special_tokens=False)["input_ids"] + eos if completion else []
         )
-        ids = prompt + completion
-        labels = [IGNORE_INDEX] * len(prompt) + completion
+        ids = prompt_ids + completion_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     else:
-        ids, labels = _tokenize_messages(row["messages"], index, tokenizer, assistant_only)
-    ids, labels = ids[:max_length], labels[:max_length]
-    return Example(ids, labels)
+        ids, labels = _encode_messages(row, index, tokenizer, options.assistant_only)
+    learnable = sum(label != IGNORE_INDEX for label in labels)
+    ids, labels = ids[: options.max_length], labels[: options.max_length]
+    kept = sum(label != IGNORE_INDEX for label in labels)
+    if not ids:
+        reason = "empty"
+    elif learnable == 0:
+        reason = "no_assistant_turn" if kind == "messages" else "empty"
+    elif kept == 0:
+        reason = "truncated_away"
+    else:
+        reason = ""
+    return {"input_ids": ids, "labels": labels, "loss_tokens": kept, "drop_reason": reason}
 
 
-def _tokenize_messages(messages: Any, index: int, tokenizer: Any, assistant_only: bool):
-    if not isinstance(messages, list) or not messages:
-        raise SpectrumError(f"data row {index}: 'messages' must be a non-empty list")
+def _encode_messages(row: dict[str, Any], index: int, tokenizer: Any, assistant_only: bool):
+    from .chat import render_with_mask
+
+    messages = row["messages"]
+    if not isinstance(messages, list):
+        raise SpectrumError(f"data row {index}: 'messages' must be a list")
+    if not messages:
+        return [], []
     for number, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        if not isinstance(message, dict) or "role" not in message:
             raise SpectrumError(f"data row {index}: message {number} needs 'role' and 'content'")
-        _check_text(message["content"], f"message {number} content", index)
+        if "content" not in message and not message.get("tool_calls"):
+            raise SpectrumError(f"data row {index}: message {number} needs 'role' and 'content'")
+        if "content" in message:
+            _check_text(message["content"], f"message {number} content", index)
     if not getattr(tokenizer, "chat_template", None):
         raise SpectrumError("the tokenizer has no chat template; 'messages' rows need one")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    # Assistant spans by rendering prefixes: works with any template that renders a
-    # conversation as the concatenation of its turns (no {% generation %} markers needed).
-    spans = []
-    for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = (
-            tokenizer.apply_chat_template(
-                messages[:turn], tokenize=False, add_generation_prompt=True
-            )
-            if turn
-            else ""
-        )
-        upto = tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False)
-        if not full.startswith(upto) or not upto.startswith(before):
-            raise SpectrumError(
-                f"data row {index}: the chat template does not render turns as prefixes; "
-                f"cannot find the assistant tokens (pass --assistant_only_loss false)"
-            )
-        spans.append((len(before), len(upto)))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
+    try:
+        ids, mask, _ = render_with_mask(tokenizer, messages, row.get("tools"))
+    except SpectrumError as exc:
+        raise SpectrumError(
+            f"data row {index}: {exc} (or pass --assistant_only_loss false)"
+        ) from None
     if not assistant_only:
         return ids, list(ids)
-    labels = [
-        token if any(start <= a and b <= end for start, end in spans) and b > a else IGNORE_INDEX
-        for token, (a, b) in zip(ids, encoded["offset_mapping"], strict=True)
-    ]
-    return ids, labels
+    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+
+
+def tokenize_row(
+    row: dict[str, Any], index: int, tokenizer: Any, max_length: int, assistant_only: bool = True
+) -> Example:
+    """Token ids and labels of one row (no loss: all labels ``-100``), truncated."""
+    out = encode_row(row, index, tokenizer, DataOptions(max_length, assistant_only))
+    return Example(out["input_ids"], out["labels"])
+
+
+# --- preparing a split -------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """What happened to a split's rows."""
+
+    rows_read: int
+    rows_kept: int
+    dropped: dict[str, int]
+    loss_tokens: int
+
+    def line(self, split: str) -> str:
+        dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in self.dropped.items())
+        return (
+            f"{split}: {self.rows_read} rows read, {self.rows_kept} kept"
+            + (f", dropped: {dropped}" if dropped else "")
+            + f"; {self.loss_tokens} tokens carry loss"
+        )
+
+
+class TokenizedData(Sequence):
+    """Examples backed by a memory-mapped Arrow table (or a list, for small in-memory sets)."""
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        row = self.table[int(index)]
+        return Example(list(row["input_ids"]), list(row["labels"]))
+
+    def __iter__(self) -> Iterator[Example]:
+        for index in range(len(self)):
+            yield self[index]
+
+
+def _tokenizer_key(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab())
+    extra = json.dumps(
+        [tokenizer.chat_template, tokenizer.eos_token_id, type(tokenizer).__name__],
+        default=str,
+    )
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def _encode_batch(batch, indices, tokenizer, options):
+    keys = list(batch)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "loss_tokens": [], "drop_reason": []}
+    for offset, index in enumerate(indices):
+        row = {k: batch[k][offset] for k in keys}
+        encoded = encode_row(row, index, tokenizer, options)
+        for key in out:
+            out[key].append(encoded[key])
+    return out
+
+
+def prepare_split(
+    dataset,
+    tokenizer: Any,
+    options: DataOptions,
+    *,
+    split: str = "train",
+    packing: bool = False,
+    num_proc: int = 1,
+    first=None,
+    require_rows: bool = True,
+) -> tuple[TokenizedData, Counts]:
+    """Tokenize ``dataset`` once (``first``: a context manager that lets the main process go
+    first, so the others read its cached Arrow file), drop rows without loss and count them.
+
+    Raises :class:`SpectrumError` naming the cause and the setting when no row is left."""
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                dataset._fingerprint,
+                _tokenizer_key(tokenizer),
+                options.key(),
+                FORMAT_VERSION,
+                packing,
+            ]
+        ).encode()
+    ).hexdigest()[:32]
+    cache = _cache_root() / "tokenized"
+    cache.mkdir(parents=True, exist_ok=True)
+    with first() if first is not None else contextlib.nullcontext():
+        encoded = dataset.map(
+            _encode_batch,
+            fn_kwargs={"tokenizer": tokenizer, "options": options},
+            batched=True,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            num_proc=num_proc if num_proc > 1 and len(dataset) >= 1000 else None,
+            cache_file_name=str(cache / f"{key}.arrow"),
+            new_fingerprint=key,
+            desc=f"tokenizing {split}",
+        )
+    reasons = Counter(encoded["drop_reason"])
+    dropped = {r: reasons[r] for r in DROP_REASONS if reasons.get(r)}
+    kept_rows = len(encoded) - sum(dropped.values())
+    counts = Counts(len(encoded), kept_rows, dropped, int(sum(encoded["loss_tokens"])))
+    log.info("%s", counts.line(split))
+    if kept_rows == 0:
+        if not require_rows:
+            return TokenizedData([]), counts
+        raise SpectrumError(nothing_left(split, counts, options))
+    kept = encoded.filter(
+        lambda reasons: [r == "" for r in reasons],
+        input_columns=["drop_reason"],
+        batched=True,
+        cache_file_name=str(cache / f"{key}-kept.arrow"),
+        new_fingerprint=key + "-kept",
+    )
+    kept = kept.select_columns(["input_ids", "labels"])
+    if packing:
+        kept = kept.map(
+            _pack,
+            fn_kwargs={"size": options.max_length},
+            batched=True,
+            batch_size=10_000,
+            cache_file_name=str(cache / f"{key}-packed.arrow"),
+            new_fingerprint=key + "-packed",
+        )
+    return TokenizedData(kept), counts
+
+
+def _pack(batch, size: int):
+    ids = [t for row in batch["input_ids"] for t in row]
+    labels = [t for row in batch["labels"] for t in row]
+    starts = range(0, len(ids) - size + 1, size) if len(ids) >= size else [0]
+    return {
+        "input_ids": [ids[i : i + size] for i in starts],
+        "labels": [labels[i : i + size] for i in starts],
+    }
+
+
+def nothing_left(split: str, counts: Counts, options: DataOptions) -> str:
+    head = f"no {split} row has any token to learn from ({counts.line(split)})"
+    main = max(counts.dropped, key=counts.dropped.get)
+    if main == "truncated_away":
+        return (
+            f"{head}: max_seq_length {options.max_length} cuts every row before its first "
+            "trained token; raise --max_seq_length"
+        )
+    if main == "no_assistant_turn":
+        return (
+            f"{head}: the conversations have no assistant answer; add one per row, or train on "
+            "every token with --assistant_only_loss false"
+        )
+    return f"{head}: the rows are empty"
 
 
 def build_examples(
@@ -195,22 +581,21 @@ def build_examples(
     assistant_only: bool = True,
     packing: bool = False,
 ) -> list[Example]:
-    """Tokenize every row; with ``packing``, concatenate and cut into ``max_length`` blocks."""
-    examples = [
-        tokenize_row(r, i, tokenizer, max_length, assistant_only) for i, r in enumerate(rows)
-    ]
-    examples = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]
+    """In-memory rows -> examples (small sets and tests); :func:`prepare_split` for real data."""
+    options = DataOptions(max_length, assistant_only)
+    encoded = [encode_row(r, i, tokenizer, options) for i, r in enumerate(rows)]
+    examples = [Example(e["input_ids"], e["labels"]) for e in encoded if not e["drop_reason"]]
     if not examples:
-        raise SpectrumError("no row has any token to learn from (all masked or empty)")
+        reasons = Counter(e["drop_reason"] for e in encoded)
+        counts = Counts(len(rows), 0, dict(reasons), 0)
+        raise SpectrumError(nothing_left("train", counts, options))
     if not packing:
         return examples
-    ids = [t for e in examples for t in e.input_ids]
-    labels = [t for e in examples for t in e.labels]
-    blocks = [
-        Example(ids[i : i + max_length], labels[i : i + max_length])
-        for i in range(0, len(ids) - max_length + 1, max_length)
-    ]
-    return blocks or [Example(ids, labels)]
+    packed = _pack(
+        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]},
+        max_length,
+    )
+    return [Example(i, lab) for i, lab in zip(packed["input_ids"], packed["labels"], strict=True)]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:

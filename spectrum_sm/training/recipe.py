@@ -24,7 +24,7 @@ import shutil
 import signal
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,22 @@ class Dist:
     def all_agree(self, flag: bool) -> bool:
         """True when ``flag`` is true on every process."""
         return self.sum([0.0 if flag else 1.0])[0] == 0.0
+
+    def local_main_first(self, work):
+        """``work()`` on each host's main process first, then on the others (which then find its
+        cached results). An error on a main process fails every process, with its message."""
+        error: SpectrumError | None = None
+        result = None
+        if self.is_local_main:
+            try:
+                result = work()
+            except SpectrumError as exc:
+                error = exc
+        if not self.all_agree(error is None):
+            raise error or SpectrumError("another process failed to prepare the data; see its log")
+        if not self.is_local_main:
+            result = work()
+        return result
 
     def from_main(self, compute):
         """``compute()`` run on the main process only, its (JSON-like) result given to all."""
@@ -172,7 +188,7 @@ class Recipe:
     def setup_data(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .data import build_examples, load_rows
+        from .data import DataOptions, load_split, parse_columns, prepare_split
 
         args = self.args
         try:
@@ -194,23 +210,38 @@ class Recipe:
                 f"{vocab} rows: token ids past {vocab - 1} would fail; use the model's own "
                 "tokenizer"
             )
-        self.train_examples = build_examples(
-            load_rows(args.train_data),
-            self.tokenizer,
+        options = DataOptions(
             args.max_seq_length,
-            assistant_only=args.assistant_only_loss,
-            packing=args.packing,
+            args.assistant_only_loss,
+            parse_columns(args.columns),
+            args.prompt_template,
+            args.completion_template,
+            args.system_prompt,
         )
-        self.eval_examples = (
-            build_examples(
-                load_rows(args.validation_data),
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        num_proc = args.num_proc or min(8, max(1, (os.cpu_count() or 1) // local))
+
+        def prepare(source: str, split: str, packing: bool):
+            return prepare_split(
+                load_split(source, split=split, name=args.dataset_config or None),
                 self.tokenizer,
-                args.max_seq_length,
-                assistant_only=args.assistant_only_loss,
+                options,
+                split=split,
+                packing=packing,
+                num_proc=num_proc,
             )
-            if args.validation_data
-            else []
+
+        # Tokenized once per host, by its main process; every rank memory-maps the result.
+        self.train_examples, train_counts = self.dist.local_main_first(
+            lambda: prepare(args.train_data, args.train_split, args.packing)
         )
+        self.data_counts = {"train": asdict(train_counts)}
+        self.eval_examples = []
+        if args.validation_data:
+            self.eval_examples, eval_counts = self.dist.local_main_first(
+                lambda: prepare(args.validation_data, args.validation_split, False)
+            )
+            self.data_counts["validation"] = asdict(eval_counts)
         per_epoch = self.micro_batches_per_epoch()
         if per_epoch == 0:
             raise SpectrumError(
@@ -552,6 +583,7 @@ class Recipe:
             "final_train_loss": self.last_loss,
             "final_eval_loss": self.eval_loss,
             "tokens_seen": state.tokens_seen,
+            "data": self.data_counts,
             "tokens_per_sec": round(state.tokens_seen / seconds, 2),
             # The first two steps include warm-up (allocations, autotuning); the median skips them.
             "median_step_seconds": statistics.median(

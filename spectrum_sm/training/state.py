@@ -67,6 +67,12 @@ RESULT_HYPERPARAMETERS = (
     "precision",
     "packing",
     "assistant_only_loss",
+    "train_split",
+    "dataset_config",
+    "columns",
+    "prompt_template",
+    "completion_template",
+    "system_prompt",
     "seed",
     "lora_r",
     "lora_alpha",
@@ -111,7 +117,8 @@ def run_fingerprint(args, world_size: int) -> dict[str, Any]:
     return {
         "model": model_identity(str(args.model_name_or_path)),
         "layer_file": folder_digest(args.spectrum_config) if args.method == "spectrum" else None,
-        "train_data": folder_digest(args.train_data),
+        # A Hub dataset id has no local files to hash: its name stands for it.
+        "train_data": folder_digest(args.train_data) or str(args.train_data),
         "processes": world_size,
         **{name: getattr(args, name) for name in RESULT_HYPERPARAMETERS},
     }

@@ -1,0 +1,116 @@
+"""What the loss sees: the training data loaded exactly as the job loads it, row by row.
+
+Backs ``spectrum-sm data-check``: the same loader, row mapping, chat template, loss masks and
+truncation as train.py, with the counts of rows read, kept and dropped (by reason).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import SpectrumError
+from .data import (
+    IGNORE_INDEX,
+    DataOptions,
+    encode_row,
+    load_split,
+    nothing_left,
+    parse_columns,
+    prepare_split,
+)
+
+GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
+
+
+def _tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as exc:
+        raise SpectrumError(f"cannot load the tokenizer of {model!r}: {exc}") from exc
+
+
+def _pieces(tokenizer: Any, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """The row's text in runs that do or do not carry loss (decoded run by run, so multi-byte
+    characters split across tokens stay whole)."""
+    runs: list[tuple[list[int], bool]] = []
+    for token, label in zip(ids, labels, strict=True):
+        flag = label != IGNORE_INDEX
+        if runs and runs[-1][1] == flag:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], flag))
+    return [(tokenizer.decode(tokens), flag) for tokens, flag in runs]
+
+
+def render_row(pieces: list[tuple[str, bool]], *, color: bool) -> str:
+    """The text with its loss-carrying parts highlighted (green) or bracketed ``[[...]]``."""
+    opened, closed = (GREEN, RESET) if color else ("[[", "]]")
+    return "".join(f"{opened}{text}{closed}" if flag else text for text, flag in pieces)
+
+
+def check_data(
+    data: str,
+    model: str,
+    *,
+    max_length: int = 2048,
+    rows: int = 3,
+    split: str = "train",
+    dataset_config: str = "",
+    columns: str = "",
+    prompt_template: str = "",
+    completion_template: str = "",
+    system_prompt: str = "",
+    assistant_only: bool = True,
+) -> dict[str, Any]:
+    """Counts for the whole split and, for its first ``rows`` rows, the text that carries loss."""
+    tokenizer = _tokenizer(model)
+    options = DataOptions(
+        max_length,
+        assistant_only,
+        parse_columns(columns),
+        prompt_template,
+        completion_template,
+        system_prompt,
+    )
+    with tempfile.TemporaryDirectory(prefix="spectrum-data-") as scratch:
+        source = data
+        if data.startswith("s3://"):  # what the job's channel would hold
+            from ..aws.local import download_prefix
+
+            source = str(Path(scratch) / "data")
+            if download_prefix(data, Path(source)) == 0:
+                raise SpectrumError(f"{data}: no such S3 object or prefix")
+        dataset = load_split(source, split=split, name=dataset_config or None)
+        _, counts = prepare_split(dataset, tokenizer, options, split=split, require_rows=False)
+        examples, rendered = [], []
+        for index in range(min(rows, len(dataset))):
+            encoded = encode_row(dataset[index], index, tokenizer, options)
+            ids, labels = encoded["input_ids"], encoded["labels"]
+            pieces = _pieces(tokenizer, ids, labels) if ids else []
+            loss_ids = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+            examples.append(
+                {
+                    "row": index,
+                    "trained_text": tokenizer.decode(loss_ids),
+                    "trained_parts": [text for text, flag in pieces if flag],
+                    "tokens": len(ids),
+                    "loss_tokens": encoded["loss_tokens"],
+                    "drop_reason": encoded["drop_reason"],
+                }
+            )
+            rendered.append(pieces)
+    report = {
+        "rows_read": counts.rows_read,
+        "rows_kept": counts.rows_kept,
+        "dropped": counts.dropped,
+        "loss_tokens": counts.loss_tokens,
+        "examples": examples,
+        "rendered": rendered,
+    }
+    if counts.rows_kept == 0:
+        report["error"] = nothing_left(split, counts, options)
+    return report
