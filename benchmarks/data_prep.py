@@ -56,7 +56,12 @@ def worker(mode: str, data: str, tokenizer_dir: str, max_length: int, out: str) 
     else:
 
         def work():
-            return new.prepare_split(new.load_split(data), tokenizer, new.DataOptions(max_length))
+            return new.prepare_split(
+                new.load_split(data),
+                tokenizer,
+                new.DataOptions(max_length),
+                num_proc=new.default_num_proc(),  # as the recipe does
+            )
 
         if rank == 0:
             examples, _ = work()

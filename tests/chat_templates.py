@@ -119,6 +119,8 @@ SPECIALS = [
     "<s>",
     "</s>",
     "[INST]",
+    "<tool_call>",
+    "</tool_call>",
     "[/INST]",
     "<think>",
     "</think>",
@@ -130,7 +132,7 @@ def tokenizer_for(name: str, texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    template, eot = TEMPLATES[name]
+    template, eot = {**TEMPLATES, **TEMPLATES_WITH_TOOLS}[name]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -148,3 +150,19 @@ def tokenizer_for(name: str, texts: list[str]):
         pad_token="<|endoftext|>",
         chat_template=template,
     )
+
+
+#: ChatML with tool calls (as Qwen's and Hermes' templates write them) and tool results.
+CHATML_TOOLS = """
+{%- for message in messages %}
+{%- if message.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' + (message.content or '') }}
+{%- for call in message.tool_calls or [] %}{{- '<tool_call>' + call.function.name + '(' + call.function.arguments + ')</tool_call>' }}{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- else %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+TEMPLATES_WITH_TOOLS = {"chatml_tools": (CHATML_TOOLS, "<|im_end|>")}

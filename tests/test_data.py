@@ -190,3 +190,23 @@ def test_other_shapes_are_mapped_by_configuration():
         encode_row({"x": 1}, 3, tokenizer, DataOptions(64, "", {}, "{x}", "{missing}"))
     with pytest.raises(SpectrumError, match="is not NEW=EXISTING"):
         parse_columns("prompt")
+
+
+def test_tool_calls_and_results_go_through_the_template():
+    """A tool-call turn trains the call and its end-of-turn marker; the tool's result does not
+    carry loss; the final answer does."""
+    tokenizer = tokenizer_for("chatml_tools", ["add 2 3 What is 2 plus 3? It is 5."] * 20)
+    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    row = {
+        "messages": [
+            {"role": "user", "content": "What is 2 plus 3?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "5"},
+            {"role": "assistant", "content": "It is 5."},
+        ]
+    }
+    encoded = encode_row(row, 0, tokenizer, DataOptions(256))
+    assert _trained(tokenizer, encoded) == [
+        '<tool_call>add({"a": 2, "b": 3})</tool_call><|im_end|>',
+        "It is 5.<|im_end|>",
+    ]

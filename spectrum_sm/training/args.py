@@ -102,7 +102,7 @@ class TrainArgs:
         default="", metadata={"help": "system message for rows built from templates"}
     )
     num_proc: int = field(
-        default=0, metadata={"help": "tokenizing processes per host (0: cores / ranks, <= 8)"}
+        default=0, metadata={"help": "tokenizing processes per host (0: its cores, at most 8)"}
     )
     assistant_only_loss: bool = field(
         default=True, metadata={"help": "loss on assistant tokens only (messages rows)"}

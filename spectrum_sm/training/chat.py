@@ -52,6 +52,22 @@ def _end_of_turn(template: str, _key: int, tokenizer: Any) -> str:
     return a[:common].rstrip()
 
 
+def generation_prompt(tokenizer: Any) -> str:
+    """What the template writes to open an assistant turn (``<|im_start|>assistant\n``)."""
+    return _generation_prompt(tokenizer.chat_template, id(tokenizer), tokenizer)
+
+
+@lru_cache(maxsize=32)
+def _generation_prompt(template: str, _key: int, tokenizer: Any) -> str:
+    probe = [{"role": "user", "content": SENTINEL}]
+    try:
+        bare = tokenizer.apply_chat_template(probe, tokenize=False)
+        opened = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception:
+        return ""
+    return opened[len(bare) :] if opened.startswith(bare) else ""
+
+
 def _answer(message: dict[str, Any]) -> tuple[str, str]:
     """(reasoning, answer) as a template shows them: inline ``<think>...</think>`` split off."""
     content = message.get("content") or ""
@@ -62,7 +78,9 @@ def _answer(message: dict[str, Any]) -> tuple[str, str]:
     return reasoning.strip(), content.strip()
 
 
-def assistant_spans(text: str, messages: list[dict[str, Any]], eot: str) -> list[tuple[int, int]]:
+def assistant_spans(
+    text: str, messages: list[dict[str, Any]], eot: str, opening: str = ""
+) -> list[tuple[int, int]]:
     """Character spans of ``text`` (the rendered conversation) that are assistant output.
 
     Raises :class:`SpectrumError` when an assistant answer cannot be found in order (a
@@ -73,7 +91,7 @@ def assistant_spans(text: str, messages: list[dict[str, Any]], eot: str) -> list
         role = message.get("role")
         if role != "assistant":
             content = message.get("content")
-            if role == "user" and isinstance(content, str) and content.strip():
+            if role in ("user", "tool") and isinstance(content, str) and content.strip():
                 found = text.find(content.strip(), cursor)
                 if found >= 0:  # a user turn moves the cursor past itself
                     cursor = found + len(content.strip())
@@ -99,9 +117,9 @@ def assistant_spans(text: str, messages: list[dict[str, Any]], eot: str) -> list
                     thought = opening
                 start = thought
                 end = max(end, thought + len(reasoning))
-        if start < 0:  # tool calls only: from here to the end of the turn
-            start = cursor
-            end = cursor
+        if start < 0:  # tool calls only: from the turn's opening to its end
+            opened = text.find(opening, cursor) if opening else -1
+            start = end = opened + len(opening) if opened >= 0 else cursor
         if eot:
             marker = text.find(eot, end)
             # The marker closing this turn, not one several turns later.
@@ -137,7 +155,7 @@ def render_with_mask(
         ids = list(out["input_ids"])
         return ids, [bool(m) for m in out["assistant_masks"]], tokenizer.decode(ids)
     text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-    spans = assistant_spans(text, messages, end_of_turn(tokenizer))
+    spans = assistant_spans(text, messages, end_of_turn(tokenizer), generation_prompt(tokenizer))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [
         b > a and any(a < end and b > start for start, end in spans)

@@ -26,7 +26,6 @@ that carry no loss are dropped and counted by reason (``no_assistant_turn``,
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -486,11 +485,10 @@ def prepare_split(
     split: str = "train",
     packing: bool = False,
     num_proc: int = 1,
-    first=None,
     require_rows: bool = True,
 ) -> tuple[TokenizedData, Counts]:
-    """Tokenize ``dataset`` once (``first``: a context manager that lets the main process go
-    first, so the others read its cached Arrow file), drop rows without loss and count them.
+    """Tokenize ``dataset`` once into a cached Arrow file (the others processes of a host, run
+    after its main one, read that file), drop rows without loss and count them.
 
     Raises :class:`SpectrumError` naming the cause and the setting when no row is left."""
     key = hashlib.sha256(
@@ -506,18 +504,17 @@ def prepare_split(
     ).hexdigest()[:32]
     cache = _cache_root() / "tokenized"
     cache.mkdir(parents=True, exist_ok=True)
-    with first() if first is not None else contextlib.nullcontext():
-        encoded = dataset.map(
-            _encode_batch,
-            fn_kwargs={"tokenizer": tokenizer, "options": options},
-            batched=True,
-            with_indices=True,
-            remove_columns=dataset.column_names,
-            num_proc=num_proc if num_proc > 1 and len(dataset) >= 1000 else None,
-            cache_file_name=str(cache / f"{key}.arrow"),
-            new_fingerprint=key,
-            desc=f"tokenizing {split}",
-        )
+    encoded = dataset.map(
+        _encode_batch,
+        fn_kwargs={"tokenizer": tokenizer, "options": options},
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc if num_proc > 1 and len(dataset) >= 1000 else None,
+        cache_file_name=str(cache / f"{key}.arrow"),
+        new_fingerprint=key,
+        desc=f"tokenizing {split}",
+    )
     reasons = Counter(encoded["drop_reason"])
     dropped = {r: reasons[r] for r in DROP_REASONS if reasons.get(r)}
     kept_rows = len(encoded) - sum(dropped.values())
@@ -545,6 +542,11 @@ def prepare_split(
             new_fingerprint=key + "-packed",
         )
     return TokenizedData(kept), counts
+
+
+def default_num_proc() -> int:
+    """Tokenizing workers: every core of the host (its other ranks wait meanwhile), at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _pack(batch, size: int):

@@ -188,7 +188,7 @@ class Recipe:
     def setup_data(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .data import DataOptions, load_split, parse_columns, prepare_split
+        from .data import DataOptions, default_num_proc, load_split, parse_columns, prepare_split
 
         args = self.args
         try:
@@ -218,8 +218,7 @@ class Recipe:
             args.completion_template,
             args.system_prompt,
         )
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        num_proc = args.num_proc or min(8, max(1, (os.cpu_count() or 1) // local))
+        num_proc = args.num_proc or default_num_proc()
 
         def prepare(source: str, split: str, packing: bool):
             return prepare_split(
