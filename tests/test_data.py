@@ -210,3 +210,27 @@ def test_tool_calls_and_results_go_through_the_template():
         '<tool_call>add({"a": 2, "b": 3})</tool_call><|im_end|>',
         "It is 5.<|im_end|>",
     ]
+
+
+def test_a_hub_dataset_id_goes_to_load_dataset_with_its_config_and_split(monkeypatch, tmp_path):
+    """No network here: the Hub call is replaced, so this checks what we ask for (id, config,
+    split) and what we make of the answer, not the Hub itself."""
+    import datasets
+
+    calls = []
+
+    def fake(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    assert len(load_split("rajpurkar/squad", split="validation", name="plain_text")) == 3
+    assert calls == [("rajpurkar/squad", "plain_text", "validation")]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SpectrumError, match=r"cannot load dataset 'org/name' .*from the Hub"):
+        load_split("org/name")

@@ -238,7 +238,7 @@ def test_bad_overrides_fail_the_dry_run_naming_the_key(override, fragment):
     assert proc.returncode == 1, proc.stdout
     assert fragment in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "hf_" + "a" * 34 not in proc.stderr + proc.stdout
+    assert "hf_aaaa" not in proc.stderr + proc.stdout  # not even a part of a token
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -470,7 +470,7 @@ def test_local_job_failures_surface_the_reason(moto_server, tmp_path):
         f"training.train_data={broken}",
     )
     assert failing.returncode == 1
-    assert "failed: data row 0: 'messages' must be a non-empty list" in failing.stderr
+    assert "failed: data row 0: 'messages' must be a list" in failing.stderr
     assert "Traceback" not in failing.stderr.split("last log lines")[0]
 
 

@@ -238,7 +238,7 @@ class JobConfig:
                 p,
                 bool(SECRET_ARN.match(str(arn))),
                 f"secret_environment.{key} must be a Secrets Manager secret ARN "
-                f"(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME), got {str(arn)[:20]!r}...",
+                "(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME; the value is not shown)",
             )
         p += secret_problems("environment", self.environment)
         p += secret_problems("tags", self.tags)
@@ -388,8 +388,10 @@ class TrainingConfig(JobConfig):
         ):
             if uri.startswith("s3://"):
                 _check(p, bucket_problem(uri) is None, f"{name} {bucket_problem(uri)}")
-        p += secret_problems("hyperparameters", self.hyperparameters)
-        if not any("set by the job itself" in problem for problem in p):
+        secrets = secret_problems("hyperparameters", self.hyperparameters)
+        p += secrets
+        # The parser's messages quote values: not when one of them is a credential.
+        if not secrets and not any("set by the job itself" in problem for problem in p):
             from ..training.args import check_hyperparameters
 
             try:  # train.py's own parser: names, types and ranges, before anything is uploaded
