@@ -234,3 +234,13 @@ def test_a_hub_dataset_id_goes_to_load_dataset_with_its_config_and_split(monkeyp
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SpectrumError, match=r"cannot load dataset 'org/name' .*from the Hub"):
         load_split("org/name")
+
+
+def test_packing_cuts_the_kept_rows_into_full_blocks():
+    import datasets
+
+    tokenizer = tokenizer_for("chatml", ["one two three four five"] * 20)
+    data = datasets.Dataset.from_list([{"text": "one two three four five"}] * 40)
+    packed, counts = prepare_split(data, tokenizer, DataOptions(16), packing=True)
+    assert counts.rows_kept == 40 and len(packed) > 0
+    assert all(len(e.input_ids) == 16 == len(e.labels) for e in packed)

@@ -487,7 +487,7 @@ def prepare_split(
     num_proc: int = 1,
     require_rows: bool = True,
 ) -> tuple[TokenizedData, Counts]:
-    """Tokenize ``dataset`` once into a cached Arrow file (the others processes of a host, run
+    """Tokenize ``dataset`` once into a cached Arrow file (the other processes of a host, run
     after its main one, read that file), drop rows without loss and count them.
 
     Raises :class:`SpectrumError` naming the cause and the setting when no row is left."""
