@@ -3,8 +3,10 @@
 SageMaker runs it as ``python analyze.py --top_percent 30 ...``; every option also has a default
 from the container contract:
 
-* the model comes from ``--model_name_or_path`` (a Hub id: the token comes from ``HF_TOKEN`` in the
-  environment) or else from the ``model`` channel (``SM_CHANNEL_MODEL``);
+* the model comes from ``--model_name_or_path`` (a Hub id: a token, if needed, is ``HF_TOKEN``,
+  which launch.py reads from Secrets Manager when the config names it in secret_environment)
+  or else from the ``model`` channel (``SM_CHANNEL_MODEL``);
+* ``--stage_model_s3``: after the scan, the Hub checkpoint is copied there for the training job;
 * results go to ``--output_dir``, default ``SM_MODEL_DIR`` (``/opt/ml/model`` in a job,
   ``model_snr_results`` by hand), which the job
   uploads to S3 uncompressed.
