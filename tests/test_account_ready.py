@@ -308,3 +308,32 @@ def test_the_analysis_job_stages_a_cached_hub_checkpoint(
     assert expected <= set(written)
     marker = json.loads(written[f"models/org--tiny@{COMMIT[:12]}.staged.json"])
     assert marker["commit"] == COMMIT
+
+
+def test_launch_analysis_hands_the_staged_hub_model_to_training(moto_server, s3_bucket):
+    """The notebook's path (launch_analysis, then launch_training): a reused analysis of a Hub
+    commit whose checkpoint is staged returns that S3 copy as the training model."""
+    from spectrum_sm.aws.config import AnalysisConfig
+    from spectrum_sm.aws.pipeline import analysis_key, hub_stage_uri, launch_analysis
+
+    config = AnalysisConfig(
+        output_s3=f"s3://{s3_bucket}/n", model="org/tiny", revision=COMMIT, top_percent=30
+    )
+    fingerprint = {"kind": "hub", "id": "org/tiny", "sha": COMMIT}
+    key = analysis_key(config, fingerprint)
+    layer_dir = f"s3://{s3_bucket}/n/analysis/old-job/output/model/"
+    s3 = boto3.client("s3")
+    s3.put_object(
+        Bucket=s3_bucket, Key="n/analysis/old-job/output/model/x_30percent.yaml", Body=b""
+    )
+    s3.put_object(
+        Bucket=s3_bucket,
+        Key=f"n/analysis/index/{key}.json",
+        Body=json.dumps({"job": "old-job", "layer_dir": layer_dir}).encode(),
+    )
+    staged = hub_stage_uri(config, fingerprint)
+    assert staged == f"s3://{s3_bucket}/n/models/org--tiny@{COMMIT[:12]}/"
+    result = launch_analysis(config, local=True)
+    assert result["reused"] is True and "model_s3" not in result  # nothing staged yet
+    s3.put_object(Bucket=s3_bucket, Key=f"n/models/org--tiny@{COMMIT[:12]}.staged.json", Body=b"{}")
+    assert launch_analysis(config, local=True)["model_s3"] == staged

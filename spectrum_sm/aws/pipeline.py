@@ -476,16 +476,30 @@ def launch_analysis(
     logs: bool = True,
     reuse: bool = True,
 ) -> dict[str, Any]:
-    """Run (or reuse) the analysis job; returns its name and the S3 prefix of the layer file."""
-    key = analysis_key(config)
-    reused = find_reusable_analysis(config, key) if reuse else None
+    """Run (or reuse) the analysis job; returns its name, the S3 prefix of the layer file and,
+    for a Hub model staged in S3 (``stage_model``), ``model_s3``: give it to the training job
+    as its model (no Hub, no token there)."""
+    fingerprint = model_fingerprint(config.model, config.revision)
+    key = analysis_key(config, fingerprint) if fingerprint else None
+    stage_uri = hub_stage_uri(config, fingerprint)
+    staged = bool(stage_uri) and _exists(stage_uri.rstrip("/") + ".staged.json")
+    model = {"model_s3": stage_uri} if staged else {}
+    reused = find_reusable_analysis(config, key) if reuse and key else None
     if reused:
-        return {"job": reused["job"], "layer_dir": reused["layer_dir"], "reused": True}
-    job = plan_analysis(config, dry_run=False, local=local, reuse_key=key)
+        return {"job": reused["job"], "layer_dir": reused["layer_dir"], "reused": True, **model}
+    job = plan_analysis(
+        config,
+        dry_run=False,
+        local=local,
+        reuse_key=key,
+        stage_model_s3="" if staged else stage_uri,
+    )
     stage(job)
     ran = execute(job.request, local=local, workdir=workdir, logs=logs)
     record_analysis(config, key, ran["job"], ran["model_s3"])
-    return {"job": ran["job"], "layer_dir": ran["model_s3"], "reused": False}
+    if stage_uri:
+        model = {"model_s3": stage_uri}
+    return {"job": ran["job"], "layer_dir": ran["model_s3"], "reused": False, **model}
 
 
 def launch_training(
