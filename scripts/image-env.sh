@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 PINS=images/huggingface-pytorch-training-gpu.txt
 STAMP=.venv-image/pins.txt
-if [ -x .venv-image/bin/python ] && cmp -s "$PINS" "$STAMP"; then exit 0; fi
+# Rebuilt when the pins or this script change.
+WANT="$(cat "$PINS" "$0")"
+if [ -x .venv-image/bin/python ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then exit 0; fi
 rm -rf .venv-image
 "$PYTHON" -m venv .venv-image
 .venv-image/bin/python -m pip install -q --upgrade pip >/dev/null
@@ -15,4 +17,4 @@ rm -rf .venv-image
 # pyarrow 22+ needs numpy 2, so numpy<2 implies pyarrow<22 in the image as well).
 .venv-image/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv-image/bin/python -m pip install -q -r "$PINS" safetensors tokenizers pyyaml tqdm boto3 "pyarrow<22"
-cp "$PINS" "$STAMP"
+printf '%s' "$WANT" > "$STAMP"
