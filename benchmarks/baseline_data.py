@@ -216,18 +216,3 @@ def build_examples(
         for i in range(0, len(ids) - max_length + 1, max_length)
     ]
     return blocks or [Example(ids, labels)]
-
-
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
-    """Right-padded tensors: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding)."""
-    import torch
-
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        mask[row, : len(e.input_ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

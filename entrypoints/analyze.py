@@ -141,7 +141,13 @@ def stage_hub_model(model: str, revision: str | None, uri: str, kms_key: str = "
     from huggingface_hub import snapshot_download
 
     from spectrum_sm.aws.local import upload_folder
-    from spectrum_sm.aws.s3 import describe_client_error, s3_client, split_s3_uri
+    from spectrum_sm.aws.s3 import (
+        describe_client_error,
+        s3_client,
+        split_s3_uri,
+        sse_arguments,
+        staged_marker,
+    )
 
     try:
         folder = Path(snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_FILES))
@@ -150,13 +156,13 @@ def stage_hub_model(model: str, revision: str | None, uri: str, kms_key: str = "
 
         raise SpectrumError(f"cannot fetch {model} to stage it in S3: {exc}") from exc
     log.info("staging %s for training at %s", model, uri)
-    extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else None
+    extra = sse_arguments(kms_key)
     upload_folder(folder, uri, extra_args=extra)
-    marker = uri.rstrip("/") + ".staged.json"
+    marker = staged_marker(uri)
     bucket, key = split_s3_uri(marker)
     body = json.dumps({"model": model, "revision": revision, "commit": folder.name})
     try:
-        s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode(), **(extra or {}))
+        s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode(), **extra)
     except Exception as exc:
         raise describe_client_error(exc, marker) from exc
 

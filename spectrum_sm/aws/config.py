@@ -7,6 +7,7 @@ next to every output. Nothing here talks to AWS.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +54,16 @@ GPUS = {
 
 def training_instance_types() -> list[str]:
     """Every instance type CreateTrainingJob accepts, from botocore's service model (offline)."""
+    return list(_training_instance_types())
+
+
+@functools.lru_cache(maxsize=1)
+def _training_instance_types() -> tuple[str, ...]:
+    # Loading the service model costs ~0.13 s; configs are validated several times per launch.
     import botocore.session
 
     model = botocore.session.get_session().get_service_model("sagemaker")
-    return list(model.shape_for("TrainingInstanceType").enum)
+    return tuple(model.shape_for("TrainingInstanceType").enum)
 
 
 def hyperparameter_string(value: Any) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 from ..core.container import kill_with_parent
 from ..core.errors import SpectrumError
 from .jobs import JobFailed
-from .s3 import describe_client_error, s3_client, split_s3_uri
+from .s3 import describe_client_error, s3_client, split_s3_uri, sse_arguments
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +72,28 @@ def download_prefix(uri: str, target: Path) -> int:
     return count
 
 
+def visible_files(path: Path) -> list[tuple[str, Path]]:
+    """``(relative name, path)`` of a file, or of every file below a folder except hidden ones
+    (``.ipynb_checkpoints/``, ``.git/``), sorted: what is uploaded and what a fingerprint covers."""
+    if path.is_file():
+        return [(path.name, path)]
+    return [
+        (p.relative_to(path).as_posix(), p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
+
+
 def upload_folder(folder: Path, uri: str, *, extra_args: dict[str, str] | None = None) -> list[str]:
-    """Upload every file below ``folder`` (hidden ones left out) under the S3 prefix ``uri``;
+    """Upload a file, or every visible file below a folder, under the S3 prefix ``uri``;
     ``extra_args`` go with each object (e.g. SSE-KMS)."""
     bucket, key = split_s3_uri(uri)
     key = key.rstrip("/") + "/" if key else ""
     client = s3_client()
     keys = []
     try:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            if any(part.startswith(".") for part in path.relative_to(folder).parts):
-                continue
-            object_key = key + path.relative_to(folder).as_posix()
+        for rel, path in visible_files(folder):
+            object_key = key + rel
             client.upload_file(str(path), bucket, object_key, ExtraArgs=extra_args or None)
             keys.append(f"s3://{bucket}/{object_key}")
     except Exception as exc:
@@ -255,8 +265,7 @@ def run_local(
         reason = failure.read_text() if failure.is_file() else f"exit status {codes[host]}"
         raise JobFailed(name, "Failed", reason, list(tail))
     # As the service does: outputs encrypted with the job's output key, when it has one.
-    kms = request["OutputDataConfig"].get("KmsKeyId", "")
-    extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms} if kms else None
+    extra = sse_arguments(request["OutputDataConfig"].get("KmsKeyId", ""))
     upload_folder(first / "model", model_s3, extra_args=extra)
     tensorboard = request.get("TensorBoardOutputConfig")
     if tensorboard and (first / "output" / "tensorboard").is_dir():

@@ -35,7 +35,14 @@ from .requests import (
     s3_channel,
     validate_request,
 )
-from .s3 import describe_client_error, s3_client, split_s3_uri
+from .s3 import (
+    describe_client_error,
+    error_code,
+    s3_client,
+    split_s3_uri,
+    sse_arguments,
+    staged_marker,
+)
 
 log = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -63,35 +70,21 @@ class PreparedJob:
 # --- what the model is: the content behind a path, for reuse and staging --------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _local_files(path: Path) -> list[tuple[str, Path]]:
-    if path.is_file():
-        return [(path.name, path)]
-    return [
-        (p.relative_to(path).as_posix(), p)
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    ]
-
-
 _LOCAL_FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
 
 
 def _local_fingerprint(path: Path) -> dict[str, Any]:
-    """sha256 per file; remembered in this process while no file's size or mtime changes."""
-    files = _local_files(path)
+    """sha256 per file (the files an upload sends); remembered in this process while no file's
+    size or mtime changes."""
+    from ..core.weights import sha256_file
+    from .local import visible_files
+
+    files = visible_files(path)
     stamp = (str(path.resolve()), *((r, p.stat().st_size, p.stat().st_mtime_ns) for r, p in files))
     if stamp not in _LOCAL_FINGERPRINTS:
         _LOCAL_FINGERPRINTS[stamp] = {
             "kind": "local",
-            "files": [[rel, p.stat().st_size, _sha256(p)] for rel, p in files],
+            "files": [[rel, p.stat().st_size, sha256_file(p)] for rel, p in files],
         }
     return _LOCAL_FINGERPRINTS[stamp]
 
@@ -152,13 +145,8 @@ ANALYSIS_SETTINGS = (
 )
 
 
-def analysis_key(config: AnalysisConfig, fingerprint: dict[str, Any] | None = None) -> str | None:
-    """Same bytes, settings and scanner -> same key. ``None``: the model's content is unknown."""
-    fingerprint = (
-        fingerprint if fingerprint is not None else model_fingerprint(config.model, config.revision)
-    )
-    if fingerprint is None:
-        return None
+def analysis_key(config: AnalysisConfig, fingerprint: dict[str, Any]) -> str:
+    """Same bytes (:func:`model_fingerprint`), settings and scanner -> same key."""
     settings = {k: getattr(config, k) for k in ANALYSIS_SETTINGS}
     return _digest({"model": fingerprint, "settings": settings, "scanner": SCANNER_VERSION})[:32]
 
@@ -200,7 +188,7 @@ def _plan_inputs(
             # changed folder gets a new one.
             fingerprint = model_fingerprint(str(path))
             uri = _model_uri(config, fingerprint)
-            markers[uri.rstrip("/") + ".staged.json"] = json.dumps(fingerprint)
+            markers[staged_marker(uri)] = json.dumps(fingerprint)
         else:
             uri = _staged_uri(config, name, channel)
         uploads[uri] = path
@@ -228,7 +216,7 @@ def check_role(role: str) -> None:
     try:
         document = boto3.client("iam").get_role(RoleName=name)["Role"]["AssumeRolePolicyDocument"]
     except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+        code = error_code(exc) or type(exc).__name__
         raise SpectrumError(
             f"validate_role: cannot read role {role} ({code}); set validate_role: false to "
             "skip this check"
@@ -308,17 +296,12 @@ def plan_training(
 # --- staging: uploads, only after everything validated -------------------------------------
 
 
-def sse_arguments(kms_key: str) -> dict[str, str]:
-    """S3 upload arguments for SSE-KMS with the config's output key (none without one)."""
-    return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else {}
-
-
 def _exists(uri: str) -> bool:
     bucket, key = split_s3_uri(uri)
     try:
         s3_client().head_object(Bucket=bucket, Key=key)
     except Exception as exc:
-        if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+        if error_code(exc) in ("404", "NoSuchKey"):
             return False
         raise describe_client_error(exc, uri) from exc
     return True
@@ -330,19 +313,11 @@ def stage(job: PreparedJob) -> None:
 
     extra = sse_arguments(job.config.output_kms_key)
     for uri, path in job.uploads.items():
-        marker = uri.rstrip("/") + ".staged.json"
+        marker = staged_marker(uri)
         if marker in job.markers and _exists(marker):
             log.info("model already staged at %s (same content)", uri)
             continue
-        if path.is_file():
-            staging = Path(tempfile.mkdtemp(prefix="spectrum-stage-"))
-            try:
-                shutil.copy2(path, staging / path.name)
-                upload_folder(staging, uri, extra_args=extra)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        else:
-            upload_folder(path, uri, extra_args=extra)
+        upload_folder(path, uri, extra_args=extra)  # a data file lands as <uri>/<its name>
         if marker in job.markers:
             _put(marker, job.markers[marker], job.config)
     upload_code(job.code_uri, extra_args=extra)
@@ -403,19 +378,15 @@ def _index_uri(config: AnalysisConfig, key: str) -> str:
     return f"{analysis_prefix(config)}/index/{key}.json"
 
 
-def find_reusable_analysis(config: AnalysisConfig, key: str | None = None) -> dict[str, str] | None:
-    """A finished analysis of the same model content and settings whose layer file is still
-    in S3. A model whose content cannot be pinned (Hub offline) is never reused."""
-    key = key or analysis_key(config)
-    if key is None:
-        return None
+def find_reusable_analysis(config: AnalysisConfig, key: str) -> dict[str, str] | None:
+    """A finished analysis under ``key`` (:func:`analysis_key`) whose layer file is still in S3."""
     uri = _index_uri(config, key)
     bucket, object_key = split_s3_uri(uri)
     client = s3_client()
     try:
         record = json.loads(client.get_object(Bucket=bucket, Key=object_key)["Body"].read())
     except Exception as exc:
-        if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+        if error_code(exc) in ("404", "NoSuchKey"):
             return None
         # Access denied or a broken endpoint is not "no analysis": say so, start nothing.
         raise describe_client_error(exc, uri) from exc
@@ -479,10 +450,7 @@ def launch_analysis(
     """Run (or reuse) the analysis job; returns its name, the S3 prefix of the layer file and,
     for a Hub model staged in S3 (``stage_model``), ``model_s3``: give it to the training job
     as its model (no Hub, no token there)."""
-    fingerprint = model_fingerprint(config.model, config.revision)
-    key = analysis_key(config, fingerprint) if fingerprint else None
-    stage_uri = hub_stage_uri(config, fingerprint)
-    staged = bool(stage_uri) and _exists(stage_uri.rstrip("/") + ".staged.json")
+    key, stage_uri, staged = _identify(config, dry_run=False)
     model = {"model_s3": stage_uri} if staged else {}
     reused = find_reusable_analysis(config, key) if reuse and key else None
     if reused:
@@ -548,6 +516,16 @@ def _fingerprint(config: AnalysisConfig, *, dry_run: bool) -> dict[str, Any] | N
         return None
 
 
+def _identify(config: AnalysisConfig, *, dry_run: bool) -> tuple[str | None, str, bool]:
+    """The analysis's reuse key (None: the content is unknown), where its Hub checkpoint is
+    staged ("" when it is not), and whether that copy is complete already."""
+    fingerprint = _fingerprint(config, dry_run=dry_run)
+    key = analysis_key(config, fingerprint) if fingerprint else None
+    stage_uri = hub_stage_uri(config, fingerprint)
+    staged = bool(stage_uri) and not dry_run and _exists(staged_marker(stage_uri))
+    return key, stage_uri, staged
+
+
 def run_pipeline(
     config: PipelineConfig,
     *,
@@ -566,12 +544,7 @@ def run_pipeline(
     ``analysis.stage_model`` is false) and the training job reads it from there. Both jobs are
     validated before anything is uploaded, and staged before the first is submitted.
     """
-    fingerprint = _fingerprint(config.analysis, dry_run=dry_run)
-    key = analysis_key(config.analysis, fingerprint) if fingerprint else None
-    stage_uri = hub_stage_uri(config.analysis, fingerprint)
-    staged_already = (
-        bool(stage_uri) and not dry_run and _exists(stage_uri.rstrip("/") + ".staged.json")
-    )
+    key, stage_uri, staged_already = _identify(config.analysis, dry_run=dry_run)
     reused = None
     if not dry_run and config.reuse_analysis and key:
         reused = find_reusable_analysis(config.analysis, key)

@@ -36,12 +36,26 @@ def s3_client():
     return boto3.client("s3")
 
 
+def error_code(exc: Exception) -> str:
+    """The AWS error code of a botocore ``ClientError`` (``NoSuchKey``, ``403``, ...), or ""."""
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code", "") if isinstance(response, dict) else ""
+
+
+def sse_arguments(kms_key: str) -> dict[str, str]:
+    """S3 upload arguments for SSE-KMS with ``kms_key`` (none without a key)."""
+    return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else {}
+
+
+def staged_marker(uri: str) -> str:
+    """The object written after everything under the prefix ``uri``: its presence means the
+    prefix is complete (a half-copied prefix is never taken for a model)."""
+    return uri.rstrip("/") + ".staged.json"
+
+
 def describe_client_error(exc: Exception, what: str) -> SpectrumError:
     """One line for any boto3/botocore failure (missing object, credentials, endpoint)."""
-    code = ""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code", "")
+    code = error_code(exc)
     if code in {"404", "NoSuchKey", "NotFound"}:
         return SpectrumError(f"{what}: no such S3 object")
     if code == "NoSuchBucket" or "NoSuchBucket" in str(exc):

@@ -19,6 +19,7 @@ from typing import Any
 from ..core.errors import SpectrumError
 from .images import INSTALL_HINT, quiet_sdk
 from .requests import validate_request
+from .s3 import error_code
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def launch(request: dict[str, Any], boto_session=None):
     except SpectrumError:
         raise
     except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+        code = error_code(exc) or type(exc).__name__
         raise SpectrumError(f"SageMaker refused job {name}: {code}: {_first_line(exc)}") from exc
     finally:
         session.events.unregister(event, exactly_as_prepared)

@@ -32,11 +32,11 @@ def has_generation_markers(template: str | None) -> bool:
 def end_of_turn(tokenizer: Any) -> str:
     """What the template writes right after an assistant answer (``<|im_end|>``,
     ``<|eot_id|>``, ``<end_of_turn>``, ...), learned from two probe conversations."""
-    return _end_of_turn(tokenizer.chat_template, id(tokenizer), tokenizer)
+    return _end_of_turn(tokenizer.chat_template, tokenizer)
 
 
 @lru_cache(maxsize=32)
-def _end_of_turn(template: str, _key: int, tokenizer: Any) -> str:
+def _end_of_turn(template: str, tokenizer: Any) -> str:
     short = [{"role": "user", "content": "x"}, {"role": "assistant", "content": SENTINEL}]
     long = [*short, {"role": "user", "content": "y"}]
     try:
@@ -54,11 +54,11 @@ def _end_of_turn(template: str, _key: int, tokenizer: Any) -> str:
 
 def generation_prompt(tokenizer: Any) -> str:
     """What the template writes to open an assistant turn (``<|im_start|>assistant\n``)."""
-    return _generation_prompt(tokenizer.chat_template, id(tokenizer), tokenizer)
+    return _generation_prompt(tokenizer.chat_template, tokenizer)
 
 
 @lru_cache(maxsize=32)
-def _generation_prompt(template: str, _key: int, tokenizer: Any) -> str:
+def _generation_prompt(template: str, tokenizer: Any) -> str:
     probe = [{"role": "user", "content": SENTINEL}]
     try:
         bare = tokenizer.apply_chat_template(probe, tokenize=False)
