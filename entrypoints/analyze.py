@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exact", type=_bool, default=False)
     parser.add_argument("--precision", default="certified", choices=["certified", "float64"])
     parser.add_argument("--certify_percents", type=_globs, default=[])
+    parser.add_argument(
+        "--layer_percents",
+        type=_globs,
+        default=[],
+        help="more layer files from the same scan, one folder each (percent-<P>/), certified",
+    )
     parser.add_argument("--towers", type=_globs, default=["language"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--reuse_key", default="", help="the client's reuse key (the manifest)")
@@ -107,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             embeddings=args.embeddings,
             exact=args.exact,
             precision=args.precision,
-            certify_percents=[float(p) for p in args.certify_percents],
+            certify_percents=[float(p) for p in [*args.certify_percents, *args.layer_percents]],
             towers=args.towers,
             device=args.device,
             name=args.model_name,
             revision=args.revision,
         )
+        for percent in args.layer_percents:
+            write_layer_folder(result, float(percent), args)
     except SpectrumError as exc:
         return fail(str(exc))
     except Exception as exc:  # anything else still becomes the job's FailureReason
@@ -129,6 +137,23 @@ def main(argv: list[str] | None = None) -> int:
             return fail(str(exc))
     print(json.dumps({k: str(v) for k, v in result.files.items()}))
     return 0
+
+
+def write_layer_folder(result, percent: float, args: argparse.Namespace) -> Path:
+    """``<output>/percent-<P>/``: the layer file for ``percent``, selected from this scan's
+    results (certified at that percent) exactly as ``spectrum-sm select`` would."""
+    from spectrum_sm.api import select
+    from spectrum_sm.core.selection import layer_folder
+
+    results = Path(result.files["results"])
+    return select(
+        results,
+        percent,
+        output_dir=results.parent / layer_folder(percent),
+        include=args.include,
+        exclude=args.exclude,
+        embeddings=args.embeddings,
+    )
 
 
 #: What a training job needs from a Hub repository besides the weights the scan already cached.

@@ -23,6 +23,8 @@ _LAZY = {
     "TrainingJob": "spectrum_sm.aws.jobs",
     "submit": "spectrum_sm.aws.jobs",
     "check_data": "spectrum_sm.training.datacheck",
+    "compare": "spectrum_sm.comparison",
+    "collect": "spectrum_sm.comparison",
 }
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from .aws.config import load_pipeline
     from .aws.jobs import TrainingJob, submit
     from .aws.pipeline import run_pipeline
+    from .comparison import collect, compare
     from .core.errors import SpectrumError
     from .core.freeze import freeze_except
     from .core.scanner import ScanResult
@@ -42,6 +45,8 @@ __all__ = [
     "TrainingJob",
     "__version__",
     "check_data",
+    "collect",
+    "compare",
     "freeze_except",
     "load_pipeline",
     "load_results",

@@ -197,6 +197,47 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="SageMaker: do not stream CloudWatch logs while waiting",
         )
+    comparison = commands.add_parser(
+        "compare",
+        help="train Spectrum at several percents, LoRA, QLoRA and full on the same data; compare",
+        description="One training job per method after one shared analysis, everything else "
+        "equal (data, validation set, steps, batch, sequence length, seed, instance); then a "
+        "table (text, markdown, CSV) and a figure of validation loss against time and cost and "
+        "peak memory per method. --collect JOB... rebuilds them from finished jobs.",
+    )
+    comparison.add_argument(
+        "config", nargs="?", help="pipeline YAML (its training section is the common recipe)"
+    )
+    comparison.add_argument(
+        "--methods",
+        default="spectrum:30,qlora",
+        metavar="M,M",
+        help="spectrum:P (any number of percents), lora, qlora, full (default: spectrum:30,qlora)",
+    )
+    comparison.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    comparison.add_argument(
+        "--dry-run", action="store_true", help="print every request; send nothing"
+    )
+    comparison.add_argument("--local", action="store_true", help="run the jobs here, one by one")
+    comparison.add_argument("--workdir", default="spectrum-sm-jobs", help="local job folders")
+    comparison.add_argument(
+        "--no-wait", action="store_true", help="SageMaker: submit and return; --collect later"
+    )
+    comparison.add_argument("--no-logs", action="store_true", help="local: do not echo job logs")
+    comparison.add_argument(
+        "--collect", nargs="+", metavar="JOB", help="compare these finished training jobs"
+    )
+    comparison.add_argument(
+        "--output-dir", default=None, help="table and figure (default: ./spectrum-sm-compare/ID)"
+    )
+    comparison.add_argument(
+        "--prices",
+        default=None,
+        metavar="FILE",
+        help="USD per instance-hour (JSON/YAML) over the shipped, dated table",
+    )
+    comparison.add_argument("--region", default="", help="--collect: region for prices")
+    comparison.add_argument("--json", action="store_true", help="end with one JSON line")
     check = commands.add_parser(
         "data-check",
         help="show which tokens of the training data carry loss, with row counts",
@@ -461,6 +502,64 @@ def _run_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_compare(args: argparse.Namespace) -> int:
+    from .aws.requests import redacted
+    from .comparison import collect, compare
+    from .core.errors import SpectrumError
+
+    if args.collect:
+        if args.config or args.dry_run or args.set:
+            raise SpectrumError("--collect takes job names only (no CONFIG, --set or --dry-run)")
+        result = collect(
+            args.collect,
+            local=args.local,
+            workdir=args.workdir,
+            output_dir=args.output_dir,
+            prices=args.prices,
+            region=args.region,
+        )
+    else:
+        if not args.config:
+            raise SpectrumError("compare needs CONFIG (or --collect JOB...)")
+        result = compare(
+            args.config,
+            args.methods,
+            overrides=args.set,
+            local=args.local,
+            dry_run=args.dry_run,
+            workdir=args.workdir,
+            output_dir=args.output_dir,
+            prices=args.prices,
+            wait=not args.no_wait,
+            logs=not args.no_logs,
+        )
+    if args.dry_run:
+        requests = {
+            "analysis": result.analysis.get("request"),
+            "runs": {r.method.label: redacted(r.request) for r in result.runs if r.request},
+            "skipped": {r.method.label: r.reason for r in result.runs if r.status == "skipped"},
+        }
+        print(json.dumps(requests, indent=2))
+        return 0
+    if not result.files:  # submitted, not waited for
+        jobs = " ".join(r.job for r in result.runs if r.job)
+        print(f"submitted; when they end: spectrum-sm compare --collect {jobs}")
+    else:
+        if not args.quiet:
+            print(result.table("text"))
+            print(f"table: {result.files['markdown']}\nfigure: {result.files['figure']}")
+    if args.json:
+        print(json.dumps(result.summary()))
+    if result.failed:
+        raise SpectrumError(
+            f"{len(result.failed)} of {len(result.runs)} runs failed: "
+            + "; ".join(
+                f"{r.method.label}: {r.reason.splitlines()[0][:200]}" for r in result.failed
+            )
+        )
+    return 0
+
+
 def _run_iam_policy(args: argparse.Namespace) -> int:
     from .aws.config import load_pipeline
     from .aws.iam import policies
@@ -514,6 +613,7 @@ COMMANDS = {
     "scan": _run_scan,
     "select": _run_select,
     "iam-policy": _run_iam_policy,
+    "compare": _run_compare,
     "data-check": _run_data_check,
     "analyze": _run_jobs,
     "train": _run_jobs,

@@ -18,18 +18,20 @@ from .core.errors import SpectrumError
 from .core.snr import module_type
 
 GIB = 1024**3
-#: (GPUs, GiB per GPU, approximate on-demand USD/hour in us-east-1), cheapest first after sorting.
+#: (GPUs, GiB per GPU) of the instance types the planner recommends from (prices:
+#: :mod:`spectrum_sm.prices`). ml.g5.xlarge has the same A10G as ml.g5.2xlarge, with less CPU.
 INSTANCES = {
-    "ml.g5.2xlarge": (1, 24, 1.52),
-    "ml.g6e.2xlarge": (1, 48, 2.80),
-    "ml.g5.12xlarge": (4, 24, 7.09),
-    "ml.g6e.12xlarge": (4, 48, 13.12),
-    "ml.g5.48xlarge": (8, 24, 20.36),
-    "ml.g6e.48xlarge": (8, 48, 37.66),
-    "ml.p4d.24xlarge": (8, 40, 37.69),
-    "ml.p4de.24xlarge": (8, 80, 47.11),
-    "ml.p5.48xlarge": (8, 80, 113.07),
-    "ml.p5e.48xlarge": (8, 141, 120.00),
+    "ml.g5.xlarge": (1, 24),
+    "ml.g5.2xlarge": (1, 24),
+    "ml.g6e.2xlarge": (1, 48),
+    "ml.g5.12xlarge": (4, 24),
+    "ml.g6e.12xlarge": (4, 48),
+    "ml.g5.48xlarge": (8, 24),
+    "ml.g6e.48xlarge": (8, 48),
+    "ml.p4d.24xlarge": (8, 40),
+    "ml.p4de.24xlarge": (8, 80),
+    "ml.p5.48xlarge": (8, 80),
+    "ml.p5e.48xlarge": (8, 141),
 }
 #: Bytes of saved activations per token per layer, in units of the compute dtype's size:
 #: without checkpointing ~ 18 * hidden + 4 * intermediate (attention and MLP inputs, outputs
@@ -67,13 +69,15 @@ def load_config(model: str) -> dict[str, Any]:
     if not path.is_file():
         if path.exists() or model.startswith((".", "/")):
             raise SpectrumError(f"no config.json at {model!r}")
+        if model in KNOWN_CONFIGS:
+            # A published model's architecture does not change: no Hub round trip (and no
+            # retries when there is no route to it) for the models the examples use.
+            return dict(KNOWN_CONFIGS[model])
         try:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(model, "config.json"))
         except Exception as exc:
-            if model in KNOWN_CONFIGS:
-                return dict(KNOWN_CONFIGS[model])
             raise SpectrumError(f"cannot get config.json of {model!r} from the Hub: {exc}") from exc
     try:
         return json.loads(path.read_text())
@@ -241,7 +245,13 @@ def plan(
         "lora": counts.lora_params,
     }
     instances = []
-    for name, (gpus, gib, price) in sorted(INSTANCES.items(), key=lambda kv: kv[1][2]):
+    from .prices import load_prices
+
+    prices = load_prices()
+    for name, (gpus, gib) in sorted(
+        INSTANCES.items(), key=lambda kv: prices.hourly("us-east-1", kv[0]) or float("inf")
+    ):
+        price = prices.hourly("us-east-1", name)
         fits = {}
         for method, trainable in methods.items():
             est = estimate_memory(
@@ -301,7 +311,7 @@ def plan(
             f"sequence {seq} x batch {batch}, gradient checkpointing "
             f"{'on' if checkpointing else 'off'}; FSDP/ZeRO-3 sharding over an instance's GPUs "
             f"{'on' if sharded else 'off'}; {CUDA_OVERHEAD_GIB} GiB CUDA overhead; fits means "
-            f"at most 90% of GPU memory; prices are approximate us-east-1 on-demand."
+            f"at most 90% of GPU memory; prices: us-east-1 on-demand as of {prices.as_of}."
         ),
     }
 

@@ -112,9 +112,15 @@ def toy_chat_rows(count: int = 64, seed: int = 0) -> list[dict]:
 
 
 def make_toy_training_setup(
-    directory: str | Path, *, layers: int = 2, rows: int = 64, seed: int = 0
+    directory: str | Path,
+    *,
+    layers: int = 2,
+    rows: int = 64,
+    seed: int = 0,
+    validation_rows: int = 16,
 ) -> dict[str, Path]:
-    """A tiny Qwen3 with its own tokenizer and a chat data file, all in ``directory``."""
+    """A tiny Qwen3 with its own tokenizer, a chat training file and a held-out validation file
+    (other sums' rows, from another seed), all in ``directory``."""
     import json
 
     directory = Path(directory)
@@ -134,4 +140,7 @@ def make_toy_training_setup(
     )
     data_file = directory / "train.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in data))
-    return {"model": model_dir, "train": data_file}
+    held_out = toy_chat_rows(validation_rows, seed + 1)
+    validation_file = directory / "validation.jsonl"
+    validation_file.write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    return {"model": model_dir, "train": data_file, "validation": validation_file}

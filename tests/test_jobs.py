@@ -244,9 +244,12 @@ def test_bad_overrides_fail_the_dry_run_naming_the_key(override, fragment):
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_is_valid(example, tmp_path):
     from spectrum_sm.aws.pipeline import run_pipeline
+    from spectrum_sm.comparison import compare
 
     header = example.read_text().splitlines()[0]
-    assert header.startswith("# spectrum-sm run examples/" + example.name)
+    command = header.split()[2]
+    assert command in ("run", "compare")
+    assert header.startswith(f"# spectrum-sm {command} examples/{example.name}")
     overrides = []
     if "--local" in header:  # its local paths must exist for the requests to be built
         (tmp_path / "model").mkdir()
@@ -256,9 +259,18 @@ def test_every_example_config_is_valid(example, tmp_path):
             f"training.model={tmp_path / 'model'}",
             f"training.train_data={tmp_path / 'train.jsonl'}",
         ]
+        if "validation_data" in example.read_text():
+            overrides.append(f"training.validation_data={tmp_path / 'train.jsonl'}")
     config = load_pipeline(example, overrides)
-    requests = run_pipeline(config, local="--local" in header, dry_run=True)
-    for request in requests.values():
+    local = "--local" in header
+    if command == "run":
+        requests = list(run_pipeline(config, local=local, dry_run=True).values())
+    else:
+        methods = header.split("--methods ")[1].split()[0]
+        result = compare(config, methods, local=local, dry_run=True)
+        requests = [result.analysis["request"], *(r.request for r in result.runs if r.request)]
+        assert len(requests) == 1 + sum(r.status != "skipped" for r in result.runs)
+    for request in requests:
         validate_request(request)
 
 

@@ -273,6 +273,13 @@ class AnalysisConfig(JobConfig):
     certify_percents: list[float] = field(
         default_factory=list, metadata={"help": "more percents whose selections are certified"}
     )
+    layer_percents: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "more layer files from the same scan, one folder each (percent-<P>/), "
+            "certified like certify_percents (spectrum-sm compare sets them)"
+        },
+    )
     max_runtime_s: int = field(default=4 * 3600, metadata={"help": "stop after this long"})
     stage_model: bool = field(
         default=True,
@@ -309,6 +316,11 @@ class AnalysisConfig(JobConfig):
             p,
             all(0 < float(x) <= 100 for x in self.certify_percents),
             f"certify_percents must be in (0, 100], got {self.certify_percents}",
+        )
+        _check(
+            p,
+            all(isinstance(x, (int, float)) and 0 < float(x) <= 100 for x in self.layer_percents),
+            f"layer_percents must be numbers in (0, 100], got {self.layer_percents}",
         )
         return p
 

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class LocalJob:
     model_s3: str
     failure_reason: str = ""
     log_tail: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the job's processes (what TrainingTimeInSeconds counts)
 
 
 def download_prefix(uri: str, target: Path) -> int:
@@ -222,6 +224,7 @@ def run_local(
         sync.restore()
         sync.start()
     port = _free_port()
+    started = time.time()
     tail: deque[str] = deque(maxlen=40)
     procs = {}
     try:
@@ -256,6 +259,7 @@ def run_local(
                 proc.kill()
         if sync is not None:
             sync.stop()
+    ended = time.time()
     output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
     model_s3 = f"{output}/{name}/output/model/"
     failed = [h for h in hosts if codes[h] != 0]
@@ -263,6 +267,7 @@ def run_local(
         host = failed[0]
         failure = roots[host] / "output" / "failure"
         reason = failure.read_text() if failure.is_file() else f"exit status {codes[host]}"
+        _describe(base, "Failed", started, ended, reason)
         raise JobFailed(name, "Failed", reason, list(tail))
     # As the service does: outputs encrypted with the job's output key, when it has one.
     extra = sse_arguments(request["OutputDataConfig"].get("KmsKeyId", ""))
@@ -272,8 +277,30 @@ def run_local(
         upload_folder(
             first / "output" / "tensorboard", tensorboard["S3OutputPath"], extra_args=extra
         )
+    _describe(base, "Completed", started, ended)
     log.info("local job %s completed; model at %s", name, model_s3)
-    return LocalJob(name, "Completed", first, model_s3, "", list(tail))
+    return LocalJob(name, "Completed", first, model_s3, "", list(tail), round(ended - started, 3))
+
+
+def _describe(base: Path, status: str, started: float, ended: float, reason: str = "") -> None:
+    """``description.json``: the DescribeTrainingJob fields a local run can answer (status,
+    times), so a finished local job can be collected later like a SageMaker one."""
+    import datetime as dt
+
+    def iso(stamp: float) -> str:
+        return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat()
+
+    description = {
+        "TrainingJobName": base.name,
+        "TrainingJobStatus": status,
+        "TrainingStartTime": iso(started),
+        "TrainingEndTime": iso(ended),
+        "TrainingTimeInSeconds": max(1, round(ended - started)),
+        "TrainingWallSeconds": round(ended - started, 3),
+    }
+    if reason:
+        description["FailureReason"] = reason
+    (base / "description.json").write_text(json.dumps(description, indent=2) + "\n")
 
 
 #: A job on SageMaker never sees the launching user's Hub token; locally it does not either

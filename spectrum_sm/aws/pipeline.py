@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError
+from ..core.selection import layer_folder
 from .config import AnalysisConfig, JobConfig, PipelineConfig, TrainingConfig, to_yaml, validate
 from .requests import (
     analysis_output_uri,
@@ -142,28 +143,27 @@ ANALYSIS_SETTINGS = (
     "precision",
     "towers",
     "certify_percents",
+    "layer_percents",
 )
 
 
 def analysis_key(config: AnalysisConfig, fingerprint: dict[str, Any]) -> str:
     """Same bytes (:func:`model_fingerprint`), settings and scanner -> same key."""
     settings = {k: getattr(config, k) for k in ANALYSIS_SETTINGS}
+    if not config.layer_percents:  # keys written before the setting existed stay valid
+        del settings["layer_percents"]
     return _digest({"model": fingerprint, "settings": settings, "scanner": SCANNER_VERSION})[:32]
 
 
 # --- planning: everything that can be checked here, before any upload ---------------------
 
 
-def _staged_uri(config: JobConfig, name: str, channel: str) -> str:
-    return f"{config.output_s3.rstrip('/')}/inputs/{name}/{channel}/"
-
-
-def _model_uri(config: JobConfig, fingerprint: dict[str, Any]) -> str:
-    return f"{config.output_s3.rstrip('/')}/inputs/model-{_digest(fingerprint)[:16]}/"
+def _content_uri(config: JobConfig, channel: str, fingerprint: dict[str, Any]) -> str:
+    return f"{config.output_s3.rstrip('/')}/inputs/{channel}-{_digest(fingerprint)[:16]}/"
 
 
 def _plan_inputs(
-    config: JobConfig, name: str, fields: dict[str, str], *, dry_run: bool
+    config: JobConfig, fields: dict[str, str], *, dry_run: bool
 ) -> tuple[dict[str, str], dict[str, Path], dict[str, str]]:
     """Map each field to an S3 URI; local paths become planned uploads. S3 inputs must exist."""
     resolved: dict[str, str] = {}
@@ -183,14 +183,11 @@ def _plan_inputs(
             raise SpectrumError(
                 f"{channel}: {value!r} is neither an s3:// URI nor an existing path"
             )
-        if channel == "model" and path.is_dir():
-            # Staged by content: the analysis and every training run share one copy, and a
-            # changed folder gets a new one.
-            fingerprint = model_fingerprint(str(path))
-            uri = _model_uri(config, fingerprint)
-            markers[staged_marker(uri)] = json.dumps(fingerprint)
-        else:
-            uri = _staged_uri(config, name, channel)
+        # Staged by content: the analysis and every training run (of a pipeline, a comparison
+        # or a rerun) share one copy, and changed bytes get a new one.
+        fingerprint = model_fingerprint(str(path))
+        uri = _content_uri(config, channel, fingerprint)
+        markers[staged_marker(uri)] = json.dumps(fingerprint)
         uploads[uri] = path
         resolved[channel] = uri
     return resolved, uploads, markers
@@ -250,7 +247,7 @@ def plan_analysis(
     validate(config, need_role=not local)
     _check_account(config, local=local, dry_run=dry_run)
     name = job_name(config.base_job_name, "analysis")
-    inputs, uploads, markers = _plan_inputs(config, name, {"model": config.model}, dry_run=dry_run)
+    inputs, uploads, markers = _plan_inputs(config, {"model": config.model}, dry_run=dry_run)
     staged = dataclasses.replace(config, model=inputs["model"])
     request = build_analysis_request(
         staged,
@@ -263,12 +260,18 @@ def plan_analysis(
 
 
 def plan_training(
-    config: TrainingConfig, *, spectrum_uri: str | None, dry_run: bool, local: bool
+    config: TrainingConfig,
+    *,
+    spectrum_uri: str | None,
+    dry_run: bool,
+    local: bool,
+    kind: str = "train",
 ) -> PreparedJob:
-    """The training job, validated (hyperparameters with train.py's parser); nothing uploaded."""
+    """The training job, validated (hyperparameters with train.py's parser); nothing uploaded.
+    ``kind`` is the job name's middle part (``<base>-<kind>-<random>-<time>``)."""
     validate(config, need_role=not local)
     _check_account(config, local=local, dry_run=dry_run)
-    name = job_name(config.base_job_name, "train")
+    name = job_name(config.base_job_name, kind)
     # The planner reads config.json where the user put the model, before any upload.
     planned = resolve_distribution(config)
     fields = {
@@ -278,7 +281,7 @@ def plan_training(
     }
     if spectrum_uri is None and config.spectrum_config:
         fields["spectrum"] = config.spectrum_config
-    inputs, uploads, markers = _plan_inputs(config, name, fields, dry_run=dry_run)
+    inputs, uploads, markers = _plan_inputs(config, fields, dry_run=dry_run)
     staged = dataclasses.replace(
         config,
         model=inputs["model"],
@@ -308,14 +311,14 @@ def _exists(uri: str) -> bool:
 
 
 def stage(job: PreparedJob) -> None:
-    """Upload the job's inputs, its code and its config; a content-staged model only once."""
+    """Upload the job's inputs (each content once), its code and its config."""
     from .local import upload_folder
 
     extra = sse_arguments(job.config.output_kms_key)
     for uri, path in job.uploads.items():
         marker = staged_marker(uri)
         if marker in job.markers and _exists(marker):
-            log.info("model already staged at %s (same content)", uri)
+            log.info("%s already staged (same content)", uri)
             continue
         upload_folder(path, uri, extra_args=extra)  # a data file lands as <uri>/<its name>
         if marker in job.markers:
@@ -395,8 +398,16 @@ def find_reusable_analysis(config: AnalysisConfig, key: str) -> dict[str, str] |
         listing = client.list_objects_v2(Bucket=layer_bucket, Prefix=layer_key)
     except Exception as exc:
         raise describe_client_error(exc, record["layer_dir"]) from exc
-    if not any(o["Key"].endswith("percent.yaml") for o in listing.get("Contents", [])):
-        log.info("analysis %s left no layer file; running a new one", record["job"])
+    names = [o["Key"][len(layer_key) :].lstrip("/") for o in listing.get("Contents", [])]
+    folders = {n.rsplit("/", 1)[0] if "/" in n else "" for n in names if n.endswith("percent.yaml")}
+    missing = {""} | {layer_folder(p) for p in config.layer_percents}
+    missing -= folders
+    if missing:
+        log.info(
+            "analysis %s left no layer file in %s; running a new one",
+            record["job"],
+            ", ".join(sorted(m or "its output" for m in missing)),
+        )
         return None
     log.info(
         "reusing analysis %s (same model content and settings): %s",
@@ -526,6 +537,71 @@ def _identify(config: AnalysisConfig, *, dry_run: bool) -> tuple[str | None, str
     return key, stage_uri, staged
 
 
+@dataclass
+class AnalysisStep:
+    """The analysis a pipeline trains on: reused (same content and settings) or planned."""
+
+    config: AnalysisConfig
+    key: str | None  # the reuse key; None when the model's content is unknown
+    stage_uri: str  # where a Hub checkpoint is (or will be) staged; "" for none
+    staged_already: bool
+    reused: dict[str, str] | None
+    job: PreparedJob | None  # None when reused
+    name: str
+    layer_dir: str  # the S3 prefix of its layer file(s)
+
+    def train_from_staged_model(self, training: PreparedJob, model: str) -> bool:
+        """Point a training request of the same Hub model at the staged checkpoint, when there
+        is (or will be) one; returns whether it was."""
+        if not self.stage_uri or model != self.config.model:
+            return False
+        if self.job is None and not self.staged_already:
+            log.info(
+                "the reused analysis staged no checkpoint; training reads %s from the Hub", model
+            )
+            return False
+        _read_model_from(training.request, self.stage_uri)
+        return True
+
+    def stage(self) -> None:
+        if self.job is not None:
+            stage(self.job)
+
+    def run(self, *, local: bool, workdir: str | Path, logs: bool) -> None:
+        """Run the planned analysis (nothing when reused) and remember it under its key."""
+        if self.job is None:
+            return
+        ran = execute(self.job.request, local=local, workdir=workdir, logs=logs)
+        record_analysis(self.config, self.key, self.name, self.layer_dir)
+        if ran["model_s3"] != self.layer_dir:  # one name end to end: never train on another's
+            raise SpectrumError(
+                f"analysis {self.name} wrote to {ran['model_s3']}, not {self.layer_dir}"
+            )
+
+
+def plan_analysis_step(
+    config: AnalysisConfig, *, reuse: bool, dry_run: bool, local: bool
+) -> AnalysisStep:
+    """Find a reusable analysis (unless ``dry_run`` or not ``reuse``) or plan a new one."""
+    key, stage_uri, staged_already = _identify(config, dry_run=dry_run)
+    reused = find_reusable_analysis(config, key) if not dry_run and reuse and key else None
+    if reused:
+        return AnalysisStep(
+            config, key, stage_uri, staged_already, reused, None, reused["job"], reused["layer_dir"]
+        )
+    job = plan_analysis(
+        config,
+        dry_run=dry_run,
+        local=local,
+        reuse_key=key,
+        stage_model_s3="" if staged_already else stage_uri,
+    )
+    name = job.request["TrainingJobName"]
+    return AnalysisStep(
+        config, key, stage_uri, staged_already, None, job, name, analysis_output_uri(config, name)
+    )
+
+
 def run_pipeline(
     config: PipelineConfig,
     *,
@@ -544,57 +620,29 @@ def run_pipeline(
     ``analysis.stage_model`` is false) and the training job reads it from there. Both jobs are
     validated before anything is uploaded, and staged before the first is submitted.
     """
-    key, stage_uri, staged_already = _identify(config.analysis, dry_run=dry_run)
-    reused = None
-    if not dry_run and config.reuse_analysis and key:
-        reused = find_reusable_analysis(config.analysis, key)
-    analysis = None
-    if reused:
-        analysis_name, spectrum_uri = reused["job"], reused["layer_dir"]
-    else:
-        analysis = plan_analysis(
-            config.analysis,
-            dry_run=dry_run,
-            local=local,
-            reuse_key=key,
-            stage_model_s3="" if staged_already else stage_uri,
-        )
-        analysis_name = analysis.request["TrainingJobName"]
-        spectrum_uri = analysis_output_uri(config.analysis, analysis_name)
-    training = plan_training(
-        _with_percent(config), spectrum_uri=spectrum_uri, dry_run=dry_run, local=local
+    step = plan_analysis_step(
+        config.analysis, reuse=config.reuse_analysis, dry_run=dry_run, local=local
     )
-    same_model = config.training.model == config.analysis.model
-    if stage_uri and same_model and (analysis is not None or staged_already):
-        _read_model_from(training.request, stage_uri)
-    elif stage_uri and same_model:
-        log.info(
-            "the reused analysis staged no checkpoint; training reads %s from the Hub",
-            config.training.model,
-        )
+    training = plan_training(
+        _with_percent(config), spectrum_uri=step.layer_dir, dry_run=dry_run, local=local
+    )
+    staged_model = step.train_from_staged_model(training, config.training.model)
     if dry_run:
-        assert analysis is not None
-        return {"analysis": analysis.request, "training": training.request}
-    if analysis is not None:
-        stage(analysis)
+        assert step.job is not None
+        return {"analysis": step.job.request, "training": training.request}
+    step.stage()
     stage(training)
-    if analysis is not None:
-        ran = execute(analysis.request, local=local, workdir=workdir, logs=logs)
-        record_analysis(config.analysis, key, analysis_name, spectrum_uri)
-        if ran["model_s3"] != spectrum_uri:  # one name end to end: never train on another's
-            raise SpectrumError(
-                f"analysis {analysis_name} wrote to {ran['model_s3']}, not {spectrum_uri}"
-            )
+    step.run(local=local, workdir=workdir, logs=logs)
     trained = execute(training.request, local=local, workdir=workdir, wait=wait, logs=logs)
     result = {
-        "analysis_job": analysis_name,
-        "analysis_reused": bool(reused),
-        "layer_file_s3": spectrum_uri,
+        "analysis_job": step.name,
+        "analysis_reused": step.reused is not None,
+        "layer_file_s3": step.layer_dir,
         "training_job": trained["job"],
         "model_s3": trained["model_s3"],
     }
-    if stage_uri and "model" in {c["ChannelName"] for c in training.request["InputDataConfig"]}:
-        result["staged_model_s3"] = stage_uri
+    if staged_model:
+        result["staged_model_s3"] = step.stage_uri
     if local:
         result["workdir"] = str(Path(workdir).resolve())
     return result

@@ -161,6 +161,8 @@ def build_analysis_request(
     }
     if config.certify_percents:
         hps["certify_percents"] = config.certify_percents
+    if config.layer_percents:
+        hps["layer_percents"] = config.layer_percents
     if reuse_key:
         hps["reuse_key"] = reuse_key
     if stage_model_s3:
@@ -221,7 +223,7 @@ def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
     needed = plan[f"{chosen}_gib"]
     fits = needed <= 0.9 * known[1]
     if not fits and not config.force:
-        raise SpectrumError(
+        raise DoesNotFit(
             f"{config.method} on {config.instance_type} x{config.instance_count} with "
             f"distribution {chosen} needs ~{needed} GiB per GPU, more than 90% of its "
             f"{known[1]} GiB ({plan['reason']}); use distribution fsdp, a larger instance, a "
@@ -229,6 +231,10 @@ def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
         )
     log.info("training distribution %s: %s", chosen, plan["reason"])
     return {**plan, "distribution": chosen, "fits": fits}
+
+
+class DoesNotFit(SpectrumError):
+    """The memory planner says the training job cannot fit its instance."""
 
 
 def _check_isolation(config: JobConfig, hps: dict[str, Any]) -> None:

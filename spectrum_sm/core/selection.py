@@ -56,6 +56,12 @@ def layer_file_name(slug: str, percent: float) -> str:
     return f"{RESULTS_PREFIX}{slug}_unfrozenparameters_{format_percent(percent)}percent.yaml"
 
 
+def layer_folder(percent: float) -> str:
+    """The sub-folder of an analysis output holding one more percent's layer file
+    (``percent-10``): a training job's ``spectrum`` channel points at one such folder."""
+    return f"percent-{format_percent(percent)}"
+
+
 def manifest_file_name(slug: str) -> str:
     return f"scan_manifest_{slug}.json"
 

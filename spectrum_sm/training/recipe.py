@@ -406,7 +406,7 @@ class Recipe:
             self.steps_per_epoch,
             len(self.train_examples),
         )
-        self.last_loss, self.eval_loss = float("nan"), None
+        self.last_loss, self.eval_loss, self.eval_step = float("nan"), None, -1
         window_tokens, window_start = 0, time.perf_counter()
         window_loss, window_steps = 0.0, 0
         self.step_seconds: list[float] = []
@@ -536,6 +536,7 @@ class Recipe:
         from . import metrics
 
         self.eval_loss = evaluate(self, self.eval_examples)
+        self.eval_step = self.state.step
         log.info("%s", metrics.eval_line(self.state.step, self.eval_loss))
         self._log_scalars(self.state.step, {"eval/loss": self.eval_loss})
 
@@ -563,7 +564,7 @@ class Recipe:
         from . import metrics
 
         args, state = self.args, self.state
-        if self.eval_examples:
+        if self.eval_examples and self.eval_step != state.step:  # not twice at the last step
             self._evaluate()
         seconds = time.perf_counter() - self.started
         report = self.freeze_report

@@ -1,0 +1,449 @@
+"""spectrum-sm compare: methods side by side on the same data, measured from the runs' own
+outputs (training_report.json, TensorBoard files, job descriptions), priced from a dated table.
+
+The end-to-end test runs examples/compare-tiny.yaml's header command as written: an analysis and
+four real training jobs (local mode, real subprocesses) against our moto server over HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+import boto3
+import pytest
+from factories import run_cli
+from test_jobs import EXAMPLES
+from test_train import changed_tensors, model_tensors
+
+from spectrum_sm.aws.config import load_pipeline
+from spectrum_sm.comparison import (
+    Method,
+    _common_recipe,
+    compare,
+    parse_methods,
+    qlora_problem,
+    render_table,
+)
+from spectrum_sm.core.errors import SpectrumError
+from spectrum_sm.prices import AS_OF, job_cost, load_prices
+
+ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+
+
+# --- methods, prices, table ----------------------------------------------------------------
+
+
+def test_methods_parse_with_percents_and_defaults():
+    methods = parse_methods("spectrum:10, spectrum:12.5,lora,QLoRA,full", default_percent=30)
+    assert [m.label for m in methods] == ["spectrum:10", "spectrum:12.5", "lora", "qlora", "full"]
+    assert methods[1].slug == "spectrum-12p5"  # job names allow no dot
+    assert parse_methods(["spectrum", "full"], default_percent=30)[0] == Method("spectrum", 30)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("lorra", "did you mean 'lora'"),
+        ("lora:30", "only spectrum takes a percent"),
+        ("spectrum:0", "(0, 100]"),
+        ("spectrum:abc", "must be a number"),
+        ("spectrum:30,spectrum:30.0", "named twice"),
+        (" , ", "names no method"),
+    ],
+)
+def test_bad_methods_are_refused_by_name(spec, message):
+    with pytest.raises(SpectrumError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_methods(spec, default_percent=30)
+
+
+def test_shipped_prices_are_dated_and_cost_follows_billable_seconds():
+    table = load_prices()
+    assert table.as_of == AS_OF and "aws.amazon.com/sagemaker/pricing" in table.source
+    cost, basis = job_cost(table, "us-east-1", "ml.g5.xlarge", 2, 1800, billed=True)
+    assert cost == pytest.approx(1.408)  # half an hour on two instances at $1.408/h
+    assert basis.startswith("billable seconds x 2 x $1.408/h ml.g5.xlarge us-east-1")
+    cost, basis = job_cost(table, "eu-west-1", "ml.g5.xlarge", 1, 60, billed=True)
+    assert cost is None and "no price for ml.g5.xlarge in eu-west-1" in basis
+    cost, basis = job_cost(table, "us-east-1", "ml.g5.xlarge", 1, 60, billed=False)
+    assert "estimate" in basis
+
+
+def test_a_price_file_overrides_the_table(tmp_path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("ml.g5.xlarge: 1.0\n")
+    assert load_prices(flat).hourly("ap-south-1", "ml.g5.xlarge") == 1.0  # any region
+    regional = tmp_path / "regional.json"
+    regional.write_text(
+        json.dumps({"as_of": "2026-11-01", "regions": {"eu-west-1": {"ml.g5.xlarge": 1.6}}})
+    )
+    table = load_prices(regional)
+    assert table.hourly("eu-west-1", "ml.g5.xlarge") == 1.6
+    assert table.hourly("us-east-1", "ml.g5.xlarge") == 1.408  # the rest of the table stays
+    assert table.as_of == "2026-11-01"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- 1\n", "expected a mapping"),
+        ("ml.g5.xlarge: -1\n", "must be a number >= 0"),
+        ("ml.g5.xlarge: cheap\n", "must be a number >= 0"),
+        ("g5.xlarge: 1\n", "expected ml.<type>"),
+        ("regions: 3\n", "regions must map"),
+        ("a: [\n", "not valid JSON or YAML"),
+    ],
+)
+def test_bad_price_files_are_refused(tmp_path, text, message):
+    path = tmp_path / "prices.yaml"
+    path.write_text(text)
+    with pytest.raises(SpectrumError, match=re_escape(message)):
+        load_prices(path)
+    with pytest.raises(SpectrumError, match="does not exist"):
+        load_prices(tmp_path / "none.yaml")
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def _row(method, percent, **values):
+    row = dict.fromkeys(
+        [
+            "trainable_params",
+            "all_params",
+            "final_eval_loss",
+            "train_seconds",
+            "job_seconds",
+            "billable_seconds",
+            "peak_memory_bytes",
+            "tokens_per_sec",
+            "cost_usd",
+        ]
+    )
+    row.update({"method": method, "top_percent": percent, "cost_basis": "", "status": "completed"})
+    row.update(values)
+    return row
+
+
+def test_the_table_renders_as_text_markdown_and_csv():
+    rows = [
+        _row(
+            "spectrum",
+            30,
+            trainable_params=300,
+            all_params=1000,
+            final_eval_loss=1.23456,
+            peak_memory_bytes=3 * 1024**3,
+            cost_usd=0.5,
+            cost_basis="billable seconds x 1 x $1.408/h ml.g5.xlarge us-east-1 (x)",
+        ),
+        _row("qlora", None, status="skipped", reason="QLoRA needs a CUDA GPU"),
+    ]
+    table = load_prices()
+    text = render_table(rows, "text", table)
+    assert "spectrum:30" in text and "300 (30.0%)" in text and "1.2346" in text and "3.00" in text
+    assert "qlora skipped: QLoRA needs a CUDA GPU" in text
+    assert f"prices as of {AS_OF}" in text
+    markdown = render_table(rows, "markdown", table)
+    assert markdown.splitlines()[0].startswith("| method | trainable params | final eval loss")
+    assert markdown.count("\n|") == 3  # separator and two rows
+    parsed = list(csv.DictReader(io.StringIO(render_table(rows, "csv", table))))
+    assert [r["method"] for r in parsed] == ["spectrum", "qlora"]
+    assert parsed[0]["final_eval_loss"] == "1.23456" and parsed[1]["reason"]
+    with pytest.raises(SpectrumError, match="text, markdown or csv"):
+        render_table(rows, "html", table)
+
+
+# --- planning ------------------------------------------------------------------------------
+
+
+def test_the_common_recipe_needs_held_out_data_and_gets_a_validation_curve():
+    config = load_pipeline(EXAMPLES / "qwen3-8b.yaml").training
+    import dataclasses
+
+    with pytest.raises(SpectrumError, match=r"training\.validation_data"):
+        _common_recipe(dataclasses.replace(config, validation_data=""))
+    steps = dataclasses.replace(config, hyperparameters={"max_steps": 80}, tensorboard=False)
+    recipe = _common_recipe(steps)
+    assert recipe.hyperparameters == {"max_steps": 80, "eval_steps": 10} and recipe.tensorboard
+    mine = dataclasses.replace(config, hyperparameters={"max_steps": 80, "eval_steps": 5})
+    assert _common_recipe(mine).hyperparameters["eval_steps"] == 5
+
+
+def test_qlora_needs_a_gpu_where_it_runs():
+    assert qlora_problem("ml.g5.xlarge", local=False) is None
+    assert qlora_problem("ml.p4d.24xlarge", local=False) is None
+    assert "has none" in qlora_problem("ml.m5.xlarge", local=False)
+    assert "has none" in qlora_problem("ml.trn1.2xlarge", local=False)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "CUDA" in qlora_problem("ml.g5.xlarge", local=True)
+
+
+def _toy_overrides(paths) -> list[str]:
+    return [
+        f"analysis.model={paths['model']}",
+        f"training.model={paths['model']}",
+        f"training.train_data={paths['train']}",
+        f"training.validation_data={paths['validation']}",
+    ]
+
+
+def test_dry_run_builds_one_validated_request_per_method_and_uploads_nothing(
+    moto_server, s3_bucket, tmp_path
+):
+    from spectrum_sm.aws.requests import validate_request
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
+    proc = run_cli(
+        "compare",
+        str(EXAMPLES / "compare-tiny.yaml"),
+        "--methods",
+        "spectrum:25,spectrum:50,lora,full,qlora",
+        "--dry-run",
+        "--set",
+        f"common.role={ROLE}",
+        "--set",
+        f"common.output_s3=s3://{s3_bucket}/cmp",
+        *(a for o in _toy_overrides(paths) for a in ("--set", o)),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout)
+    assert set(printed["runs"]) == {"spectrum:25", "spectrum:50", "lora", "full", "qlora"}
+    assert printed["skipped"] == {}  # QLoRA on ml.g5.xlarge: a GPU instance
+    analysis = printed["analysis"]
+    validate_request(analysis)
+    assert analysis["HyperParameters"]["layer_percents"] == "25,50"
+    assert analysis["HyperParameters"]["certify_percents"] == "25,50"
+    layer_dir = f"s3://{s3_bucket}/cmp/analysis/{analysis['TrainingJobName']}/output/model/"
+    names = set()
+    for label, request in printed["runs"].items():
+        validate_request(request)
+        names.add(request["TrainingJobName"])
+        channels = {
+            c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+            for c in request["InputDataConfig"]
+        }
+        method = label.split(":")[0]
+        assert request["HyperParameters"]["method"] == method
+        assert request["TrainingJobName"].startswith(f"tiny-{label.replace(':', '-')}-")
+        if method == "spectrum":
+            assert channels["spectrum"] == layer_dir + f"percent-{label.split(':')[1]}/"
+        else:
+            assert "spectrum" not in channels
+        # Same data, same recipe: only the method (and its layer file) differs.
+        assert request["HyperParameters"]["eval_steps"] == "2"
+        assert "TensorBoardOutputConfig" in request
+    same = {
+        json.dumps(
+            {
+                "hps": {k: v for k, v in r["HyperParameters"].items() if k != "method"},
+                "data": [c for c in r["InputDataConfig"] if c["ChannelName"] in ("train", "model")],
+                "resources": r["ResourceConfig"],
+            },
+            sort_keys=True,
+        )
+        for r in printed["runs"].values()
+    }
+    assert len(same) == 1 and len(names) == 5
+    listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket)
+    assert listed["KeyCount"] == 0  # nothing uploaded
+
+
+def test_a_method_that_cannot_run_where_asked_is_skipped_with_its_reason():
+    # One 48 GB GPU: LoRA of Qwen3-8B fits, full fine-tuning does not (the memory planner).
+    overrides = ["training.instance_type=ml.g6e.2xlarge", "training.spot=false"]
+    result = compare(EXAMPLES / "qwen3-8b.yaml", "lora,full", overrides=overrides, dry_run=True)
+    status = {run.method.label: (run.status, run.reason) for run in result.runs}
+    assert status["lora"] == ("planned", "")
+    assert status["full"][0] == "skipped" and "GiB per GPU" in status["full"][1]
+    cpu = ["training.instance_type=ml.m5.24xlarge", "training.spot=false"]
+    result = compare(EXAMPLES / "qwen3-8b.yaml", "qlora", overrides=cpu, dry_run=True)
+    assert result.runs[0].status == "skipped" and "ml.m5.24xlarge has none" in result.runs[0].reason
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "compare needs CONFIG"),
+        (["--collect"], "expected at least one argument"),
+        ([str(EXAMPLES / "qwen3-8b.yaml"), "--collect", "job-1"], "--collect takes job names"),
+        ([str(EXAMPLES / "qwen3-8b.yaml"), "--methods", "lorra"], "did you mean 'lora'"),
+        ([str(EXAMPLES / "local-tiny.yaml"), "--local"], "training.validation_data"),
+    ],
+)
+def test_compare_errors_are_one_line(args, message):
+    proc = run_cli("compare", *args)
+    assert proc.returncode in (1, 2)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- end to end, locally ---------------------------------------------------------------------
+
+
+def _download(uri: str, folder: Path) -> Path:
+    from spectrum_sm.aws.local import download_prefix
+
+    download_prefix(uri, folder)
+    return folder
+
+
+def _report(uri: str) -> dict:
+    bucket, key = uri[5:].split("/", 1)
+    body = boto3.client("s3").get_object(Bucket=bucket, Key=key + "training_report.json")["Body"]
+    return json.loads(body.read())
+
+
+@pytest.mark.integration
+def test_compare_runs_four_methods_locally_and_collect_rebuilds_it(moto_server, tmp_path):
+    from spectrum_sm.core.freeze import compile_entry, read_layer_file
+    from spectrum_sm.toy import make_toy_training_setup
+
+    # The example's header command, as written, from a folder laid out like the demo's.
+    make_toy_training_setup(tmp_path / "work" / "demo" / "inputs", layers=2, rows=64)
+    (tmp_path / "examples").mkdir()
+    shutil.copy(EXAMPLES / "compare-tiny.yaml", tmp_path / "examples")
+    s3 = boto3.client("s3")
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket="spectrum-sm-local")
+    header = (EXAMPLES / "compare-tiny.yaml").read_text().splitlines()[0].removeprefix("# ")
+    command = shlex.split(header)
+    assert command[:2] == ["spectrum-sm", "compare"]
+    proc = run_cli("-q", *command[1:], "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {f"{r['method']}:{r['top_percent']}".replace(":None", ""): r for r in summary["runs"]}
+    assert set(rows) == {"spectrum:25", "spectrum:50", "lora", "full"}
+
+    # One analysis for both percents, its layer files in one folder each.
+    jobs = tmp_path / "spectrum-sm-jobs"
+    assert len(list(jobs.glob("tiny-analysis-*"))) == 1
+    layer_dir = summary["analysis"]["layer_dir"]
+    base = model_tensors(tmp_path / "work" / "demo" / "inputs" / "model")
+    model_size = sum(t.numel() for t in base.values())
+    tokens_seen = set()
+    for label, row in rows.items():
+        assert row["status"] == "completed"
+        # Every field the issue names, equal to what the run itself reported.
+        report = _report(row["model_s3"])
+        for key in ("trainable_params", "final_eval_loss", "tokens_per_sec", "peak_memory_bytes"):
+            assert row[key] == report[key], (label, key)
+        assert row["train_seconds"] == report["seconds"]
+        assert row["cost_usd"] == pytest.approx(row["job_seconds"] * 1.408 / 3600, abs=1e-6)
+        assert "estimate" in row["cost_basis"] and row["billable_seconds"] is None
+        assert report["steps"] == 8
+        tokens_seen.add(report["tokens_seen"])
+        trained = _download(row["model_s3"], tmp_path / "models" / label.replace(":", "-"))
+        assert Path(row["model_dir"]).is_dir()
+        changed = changed_tensors(tmp_path / "work" / "demo" / "inputs" / "model", trained)
+        if label.startswith("spectrum"):
+            folder = _download(
+                f"{layer_dir}percent-{label.split(':')[1]}/", tmp_path / "layers" / label[9:]
+            )
+            patterns = [compile_entry(e) for e in read_layer_file(folder)]
+            selected = {n for n in base if any(p.match(n) for p in patterns)}
+            assert changed == selected, label  # only its own layers trained
+            assert report["trainable_params"] == sum(base[n].numel() for n in selected)
+        elif label == "full":
+            assert report["trainable_params"] == report["all_params"] == model_size
+            assert changed == set(base)
+        else:  # LoRA, merged: only the adapted linear weights moved
+            assert changed and all(n.endswith("proj.weight") for n in changed)
+    assert len(tokens_seen) == 1  # same data, order, steps and batch: the same tokens
+    assert rows["spectrum:25"]["trainable_params"] < rows["spectrum:50"]["trainable_params"]
+
+    # The table and the figure, locally and next to the outputs in S3.
+    table, figure = Path(summary["table"]), Path(summary["figure"])
+    assert table.read_text().count("| completed |") == 4
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(summary["csv"]) as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    details = json.loads((table.parent / "comparison.json").read_text())
+    for label in rows:
+        assert details["curve_sources"][label] == "tensorboard"
+        assert [p[1] for p in details["curves"][label]["eval"]] == [2, 4, 6, 8]
+        assert details["curves"][label]["eval"][-1][2] == pytest.approx(
+            rows[label]["final_eval_loss"], rel=1e-6
+        )
+    bucket, prefix = summary["s3"][5:].split("/", 1)
+    copied = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    assert {k.rsplit("/", 1)[1] for k in copied} >= {"comparison.png", "comparison.md"}
+
+    # --collect rebuilds the same rows from the finished jobs alone.
+    names = [row["job"] for row in summary["runs"]]
+    proc = run_cli(
+        "-q",
+        "compare",
+        "--local",
+        "--collect",
+        *names,
+        "--output-dir",
+        str(tmp_path / "collected"),
+        "--json",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert again["runs"] == summary["runs"]
+    assert Path(again["figure"]).parent == tmp_path / "collected"
+
+
+@pytest.mark.integration
+def test_collect_reads_sagemaker_jobs_billable_time_and_tensorboard(
+    moto_server, s3_bucket, tmp_path
+):
+    """The SageMaker side against moto: jobs sent in parallel, then collected from what the
+    service leaves (the model folder's report, TensorBoard files, the job's description)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.sagemaker.models import sagemaker_backends
+    from torch.utils.tensorboard import SummaryWriter
+
+    from spectrum_sm.aws.local import upload_folder
+    from spectrum_sm.comparison import collect
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
+    overrides = [
+        f"common.role={ROLE}",
+        f"common.output_s3=s3://{s3_bucket}/cmp",
+        *_toy_overrides(paths),
+    ]
+    result = compare(
+        EXAMPLES / "compare-tiny.yaml", "spectrum:25,full", overrides=overrides, wait=False
+    )
+    assert [run.status for run in result.runs] == ["submitted", "submitted"]
+    backend = sagemaker_backends[DEFAULT_ACCOUNT_ID]["us-east-1"]
+    for number, run in enumerate(result.runs):
+        job = backend.training_jobs[run.job]
+        job.billable_time_in_seconds, job.training_time_in_seconds = 360 + number, 400
+        output = f"s3://{s3_bucket}/cmp/training/{run.job}/output/model/"
+        report = {"trainable_params": 10 + number, "final_eval_loss": 1.5, "seconds": 300.0}
+        folder = tmp_path / run.job
+        folder.mkdir()
+        (folder / "training_report.json").write_text(json.dumps(report))
+        upload_folder(folder, output)
+        events = tmp_path / "tb" / run.job
+        with SummaryWriter(str(events)) as writer:
+            for step, loss in ((2, 2.0), (4, 1.5)):
+                writer.add_scalar("eval/loss", loss, step)
+        upload_folder(events, run.request["TensorBoardOutputConfig"]["S3OutputPath"])
+    collected = collect([run.job for run in result.runs], output_dir=tmp_path / "out")
+    spectrum, full = collected.runs
+    assert (spectrum.method, full.method) == (Method("spectrum", 25), Method("full"))
+    assert spectrum.billed and spectrum.billable_seconds == 360
+    assert spectrum.cost_usd == pytest.approx(360 * 1.408 / 3600)
+    assert "billable seconds x 1 x $1.408/h" in spectrum.cost_basis
+    assert spectrum.curve_source == "tensorboard"
+    assert [p[1:] for p in spectrum.curves["eval"]] == [[2, 2.0], [4, 1.5]]
+    assert full.row()["trainable_params"] == 11
+    assert (tmp_path / "out" / "comparison.png").is_file()
