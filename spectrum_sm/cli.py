@@ -216,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comparison.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     comparison.add_argument(
+        "--method-set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a hyperparameter for one method only, e.g. lora.learning_rate=2e-4 (repeatable; "
+        "not steps, batch, sequence length, seed or evaluation)",
+    )
+    comparison.add_argument(
         "--dry-run", action="store_true", help="print every request; send nothing"
     )
     comparison.add_argument("--local", action="store_true", help="run the jobs here, one by one")
@@ -508,8 +516,10 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .core.errors import SpectrumError
 
     if args.collect:
-        if args.config or args.dry_run or args.set:
-            raise SpectrumError("--collect takes job names only (no CONFIG, --set or --dry-run)")
+        if args.config or args.dry_run or args.set or args.method_set:
+            raise SpectrumError(
+                "--collect takes job names only (no CONFIG, --set, --method-set or --dry-run)"
+            )
         result = collect(
             args.collect,
             local=args.local,
@@ -525,6 +535,7 @@ def _run_compare(args: argparse.Namespace) -> int:
             args.config,
             args.methods,
             overrides=args.set,
+            method_settings=args.method_set,
             local=args.local,
             dry_run=args.dry_run,
             workdir=args.workdir,

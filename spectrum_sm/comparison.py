@@ -41,6 +41,20 @@ DEFAULT_METHODS = "spectrum:30,qlora"
 #: Validation points per run when the config sets no ``eval_steps``: enough for a curve.
 EVALS_PER_RUN = 8
 STEP_LINE = re.compile(r"step=(\d+) (train_loss|eval_loss)=([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)")
+#: What makes the runs comparable: a per-method setting may not change these.
+SHARED_BUDGET = (
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_seq_length",
+    "packing",
+    "seed",
+    "eval_steps",
+    "per_device_eval_batch_size",
+    "train_split",
+    "validation_split",
+)
 PERCENT_FOLDER = re.compile(r"percent-([0-9.]+)/?$")
 PERCENT_FILE = re.compile(r"_([0-9.]+)percent\.ya?ml$")
 
@@ -102,6 +116,43 @@ def parse_methods(spec: str | Iterable[str], default_percent: float | None = Non
     return methods
 
 
+def parse_method_settings(
+    settings: Sequence[str], methods: Sequence[Method]
+) -> dict[Method, dict[str, Any]]:
+    """``["lora.learning_rate=2e-4", "spectrum:30.weight_decay=0.01"]`` -> hyperparameters per
+    method (``spectrum`` alone means every Spectrum percent). Settings that would change the
+    shared budget (steps, batch, sequence length, seed, evaluation) are refused: they would make
+    the runs incomparable."""
+    import yaml
+
+    chosen: dict[Method, dict[str, Any]] = {m: {} for m in methods}
+    for setting in settings:
+        target, sep, raw = setting.partition("=")
+        label, dot, key = target.rpartition(".")
+        if not sep or not dot or not label or not key:
+            raise SpectrumError(f"--method-set {setting!r} is not of the form METHOD.KEY=VALUE")
+        matching = [m for m in methods if label in (m.label, m.name)]
+        if not matching:
+            raise SpectrumError(
+                f"--method-set {setting!r}: {label!r} is none of the compared methods "
+                f"({', '.join(m.label for m in methods)})"
+            )
+        if key in SHARED_BUDGET:
+            raise SpectrumError(
+                f"--method-set {setting!r}: {key} is shared by every run (same budget, data "
+                f"and evaluation); set it with --set training.hyperparameters.{key}=..."
+            )
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise SpectrumError(f"--method-set {setting!r}: the value is not valid YAML") from exc
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+            value = float(value)  # YAML 1.1 reads 2e-4 as a string
+        for method in matching:
+            chosen[method][key] = value
+    return chosen
+
+
 @dataclass
 class Run:
     """One method's job and, once collected, what it measured."""
@@ -126,6 +177,19 @@ class Run:
     cost_usd: float | None = None
     cost_basis: str = ""
 
+    @property
+    def learning_rate(self) -> float | None:
+        """The peak learning rate the job was sent (train.py's default when not set)."""
+        if not self.request:
+            return None
+        from .training.args import TrainArgs
+
+        value = self.request.get("HyperParameters", {}).get("learning_rate")
+        default = next(
+            f.default for f in dataclasses.fields(TrainArgs) if f.name == "learning_rate"
+        )
+        return float(value) if value is not None else float(default)
+
     def row(self) -> dict[str, Any]:
         """The JSON row: the report's numbers, the job's times, the cost."""
         report = self.report
@@ -141,6 +205,7 @@ class Run:
             "billable_seconds": self.billable_seconds,
             "peak_memory_bytes": report.get("peak_memory_bytes"),
             "tokens_per_sec": report.get("tokens_per_sec"),
+            "learning_rate": self.learning_rate,
             "cost_usd": self.cost_usd,
             "cost_basis": self.cost_basis,
             "instance_type": self.instance_type,
@@ -203,6 +268,7 @@ def compare(
     methods: str | Sequence[str] = DEFAULT_METHODS,
     *,
     overrides: Sequence[str] = (),
+    method_settings: Sequence[str] = (),
     local: bool = False,
     dry_run: bool = False,
     workdir: str | Path = "spectrum-sm-jobs",
@@ -214,7 +280,9 @@ def compare(
     """Train each method on the same data after one shared analysis; collect and show them.
 
     ``config`` is a pipeline config (or its YAML path plus ``overrides``); its training section
-    is the common recipe, and only ``method`` (and the layer file) differs between runs. It
+    is the common recipe, and only ``method`` (and the layer file) differs between runs, plus
+    ``method_settings`` such as ``"lora.learning_rate=2e-4"`` (never steps, batch, sequence
+    length, seed or evaluation: the budget stays equal). It
     needs ``training.validation_data``: every method is scored on the same held-out tokens.
     ``dry_run`` builds and validates every request (``Run.request``) and uploads nothing.
     A method that cannot run where asked (QLoRA without CUDA, a job the memory planner says
@@ -229,6 +297,7 @@ def compare(
         config = load_pipeline(config, list(overrides))
     table = prices if isinstance(prices, PriceTable) else load_prices(prices)
     chosen = parse_methods(methods, default_percent=config.analysis.top_percent)
+    per_method = parse_method_settings(method_settings, chosen)
     training = _common_recipe(config.training)
     percents = sorted({m.percent for m in chosen if m.percent is not None})
     step = None
@@ -241,7 +310,10 @@ def compare(
         step = plan_analysis_step(
             analysis, reuse=config.reuse_analysis, dry_run=dry_run, local=local
         )
-    runs = [_plan_run(method, training, step, local=local, dry_run=dry_run) for method in chosen]
+    runs = [
+        _plan_run(method, training, step, per_method[method], local=local, dry_run=dry_run)
+        for method in chosen
+    ]
     result = Comparison(runs, table)
     if step is not None:
         result.analysis = {
@@ -308,7 +380,15 @@ def _common_recipe(training: TrainingConfig) -> TrainingConfig:
     return dataclasses.replace(training, hyperparameters=hyperparameters, tensorboard=True)
 
 
-def _plan_run(method: Method, training: TrainingConfig, step, *, local: bool, dry_run: bool) -> Run:
+def _plan_run(
+    method: Method,
+    training: TrainingConfig,
+    step,
+    settings: dict[str, Any],
+    *,
+    local: bool,
+    dry_run: bool,
+) -> Run:
     from .aws.pipeline import plan_training
     from .aws.requests import DoesNotFit
 
@@ -328,6 +408,7 @@ def _plan_run(method: Method, training: TrainingConfig, step, *, local: bool, dr
         training,
         method=method.name,
         top_percent=method.percent if method.percent is not None else training.top_percent,
+        hyperparameters={**training.hyperparameters, **settings},
     )
     spectrum_uri = None
     if method.percent is not None:
@@ -652,6 +733,7 @@ COLUMNS = [
     ("method", "method"),
     ("trainable", "trainable params"),
     ("eval", "final eval loss"),
+    ("lr", "lr"),
     ("train_s", "train s"),
     ("job_s", "job s"),
     ("billable_s", "billable s"),
@@ -679,7 +761,8 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
     return {
         "method": label,
         "trainable": "-" if trainable is None else f"{trainable:,}{share}",
-        "eval": number(row["final_eval_loss"], ".4f"),
+        "eval": number(row.get("final_eval_loss"), ".4f"),
+        "lr": number(row.get("learning_rate"), ".0e"),
         "train_s": number(row["train_seconds"], ".1f"),
         "job_s": number(row["job_seconds"], ".1f"),
         "billable_s": number(row["billable_seconds"], ".0f"),

@@ -447,3 +447,52 @@ def test_collect_reads_sagemaker_jobs_billable_time_and_tensorboard(
     assert [p[1:] for p in spectrum.curves["eval"]] == [[2, 2.0], [4, 1.5]]
     assert full.row()["trainable_params"] == 11
     assert (tmp_path / "out" / "comparison.png").is_file()
+
+
+def test_a_method_can_have_its_own_learning_rate_but_never_its_own_budget():
+    from spectrum_sm.comparison import parse_method_settings
+
+    methods = parse_methods("spectrum:25,spectrum:50,lora,full")
+    chosen = parse_method_settings(
+        ["lora.learning_rate=2e-4", "spectrum.weight_decay=0.01", "spectrum:50.max_grad_norm=0.5"],
+        methods,
+    )
+    assert chosen[Method("lora")] == {"learning_rate": 2e-4}
+    assert chosen[Method("spectrum", 25)] == {"weight_decay": 0.01}
+    assert chosen[Method("spectrum", 50)] == {"weight_decay": 0.01, "max_grad_norm": 0.5}
+    assert chosen[Method("full")] == {}
+    for setting, message in (
+        ("lora.max_steps=5", "max_steps is shared by every run"),
+        ("lora.seed=1", "seed is shared by every run"),
+        ("qlora.learning_rate=1", "'qlora' is none of the compared methods"),
+        ("lora=1", "METHOD.KEY=VALUE"),
+    ):
+        with pytest.raises(SpectrumError, match=re_escape(message)):
+            parse_method_settings([setting], methods)
+
+
+def test_per_method_settings_reach_only_their_requests_and_are_checked_by_train_py(tmp_path):
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
+    overrides = [f"common.role={ROLE}", *_toy_overrides(paths)]
+    result = compare(
+        EXAMPLES / "compare-tiny.yaml",
+        "spectrum:50,lora",
+        overrides=overrides,
+        method_settings=["lora.learning_rate=2e-4"],
+        dry_run=True,
+    )
+    rates = {
+        run.method.label: run.request["HyperParameters"]["learning_rate"] for run in result.runs
+    }
+    assert rates == {"spectrum:50": "0.001", "lora": "0.0002"}
+    assert [run.learning_rate for run in result.runs] == [1e-3, 2e-4]
+    with pytest.raises(SpectrumError, match="did you mean 'learning_rate'"):
+        compare(
+            EXAMPLES / "compare-tiny.yaml",
+            "lora",
+            overrides=overrides,
+            method_settings=["lora.learning_rat=2e-4"],
+            dry_run=True,
+        )
