@@ -302,10 +302,13 @@ def compare(
     percents = sorted({m.percent for m in chosen if m.percent is not None})
     step = None
     if percents:
+        # The analysis's own percent is its top-level layer file; only the others need a folder
+        # each, so a comparison at that percent alone reuses a plain analysis of the model.
+        extra = [p for p in percents if p != config.analysis.top_percent]
         analysis = dataclasses.replace(
             config.analysis,
-            layer_percents=percents,
-            certify_percents=sorted({*config.analysis.certify_percents, *percents}),
+            layer_percents=extra,
+            certify_percents=sorted({*config.analysis.certify_percents, *extra}),
         )
         step = plan_analysis_step(
             analysis, reuse=config.reuse_analysis, dry_run=dry_run, local=local
@@ -412,7 +415,9 @@ def _plan_run(
     )
     spectrum_uri = None
     if method.percent is not None:
-        spectrum_uri = f"{step.layer_dir.rstrip('/')}/{layer_folder(method.percent)}/"
+        spectrum_uri = step.layer_dir
+        if method.percent != step.config.top_percent:
+            spectrum_uri = f"{step.layer_dir.rstrip('/')}/{layer_folder(method.percent)}/"
     try:
         prepared = plan_training(
             config, spectrum_uri=spectrum_uri, dry_run=dry_run, local=local, kind=method.slug

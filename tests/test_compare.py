@@ -223,8 +223,10 @@ def test_dry_run_builds_one_validated_request_per_method_and_uploads_nothing(
     assert printed["skipped"] == {}  # QLoRA on ml.g5.xlarge: a GPU instance
     analysis = printed["analysis"]
     validate_request(analysis)
-    assert analysis["HyperParameters"]["layer_percents"] == "25,50"
-    assert analysis["HyperParameters"]["certify_percents"] == "25,50"
+    # 50 is the analysis's own percent (its top-level layer file): only 25 needs a folder.
+    assert analysis["HyperParameters"]["top_percent"] == "50"
+    assert analysis["HyperParameters"]["layer_percents"] == "25"
+    assert analysis["HyperParameters"]["certify_percents"] == "25"
     layer_dir = f"s3://{s3_bucket}/cmp/analysis/{analysis['TrainingJobName']}/output/model/"
     names = set()
     for label, request in printed["runs"].items():
@@ -237,8 +239,10 @@ def test_dry_run_builds_one_validated_request_per_method_and_uploads_nothing(
         method = label.split(":")[0]
         assert request["HyperParameters"]["method"] == method
         assert request["TrainingJobName"].startswith(f"tiny-{label.replace(':', '-')}-")
-        if method == "spectrum":
-            assert channels["spectrum"] == layer_dir + f"percent-{label.split(':')[1]}/"
+        if label == "spectrum:25":
+            assert channels["spectrum"] == layer_dir + "percent-25/"
+        elif label == "spectrum:50":
+            assert channels["spectrum"] == layer_dir
         else:
             assert "spectrum" not in channels
         # Same data, same recipe: only the method (and its layer file) differs.
@@ -347,9 +351,8 @@ def test_compare_runs_four_methods_locally_and_collect_rebuilds_it(moto_server, 
         assert Path(row["model_dir"]).is_dir()
         changed = changed_tensors(tmp_path / "work" / "demo" / "inputs" / "model", trained)
         if label.startswith("spectrum"):
-            folder = _download(
-                f"{layer_dir}percent-{label.split(':')[1]}/", tmp_path / "layers" / label[9:]
-            )
+            uri = layer_dir if label == "spectrum:50" else f"{layer_dir}percent-25/"
+            folder = _download(uri, tmp_path / "layers" / label[9:])
             patterns = [compile_entry(e) for e in read_layer_file(folder)]
             selected = {n for n in base if any(p.match(n) for p in patterns)}
             assert changed == selected, label  # only its own layers trained
@@ -496,3 +499,24 @@ def test_per_method_settings_reach_only_their_requests_and_are_checked_by_train_
             method_settings=["lora.learning_rat=2e-4"],
             dry_run=True,
         )
+
+
+def test_a_comparison_at_the_analysis_percent_alone_reuses_a_plain_analysis(
+    moto_server, s3_bucket, tmp_path
+):
+    """Same model bytes and scan settings: the pipeline's analysis key, so no second scan."""
+    from spectrum_sm.aws.pipeline import analysis_key, model_fingerprint
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
+    overrides = [f"common.output_s3=s3://{s3_bucket}/cmp", *_toy_overrides(paths)]
+    config = load_pipeline(EXAMPLES / "compare-tiny.yaml", overrides)
+    result = compare(config, "spectrum:50,lora", local=True, dry_run=True)
+    request = result.analysis["request"]
+    assert "layer_percents" not in request["HyperParameters"]
+    key = analysis_key(config.analysis, model_fingerprint(config.analysis.model))
+    assert request["HyperParameters"]["reuse_key"] == key
+    channels = {c["ChannelName"]: c for c in result.runs[0].request["InputDataConfig"]}
+    assert (
+        channels["spectrum"]["DataSource"]["S3DataSource"]["S3Uri"] == result.analysis["layer_dir"]
+    )
