@@ -35,6 +35,10 @@ def test_notebook_runs_in_local_mode(moto_server, tmp_path):
         "SPOT": False,
         "TRAIN_ROWS": rows,
         "WORKDIR": str(tmp_path / "work"),
+        # Section 7: QLoRA cannot run without CUDA (skipped), LoRA and Spectrum can.
+        "COMPARE_METHODS": "spectrum:50,lora,qlora",
+        "COMPARE_SETTINGS": ["lora.learning_rate=2e-3", "qlora.learning_rate=2e-3"],
+        "COMPARE_MAX_STEPS": 4,
         "HYPERPARAMETERS": {
             "max_steps": 4,
             "per_device_train_batch_size": 2,
@@ -60,5 +64,14 @@ def test_notebook_runs_in_local_mode(moto_server, tmp_path):
     ).execute()
     report = json.loads((tmp_path / "work" / "model" / "training_report.json").read_text())
     assert report["steps"] == 4 and report["method"] == "spectrum"
+    assert report["final_eval_loss"] is not None  # the held-out rows
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    assert any("image/png" in o.get("data", {}) for o in outputs)  # the SNR heatmap, inline
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the SNR heatmap and the comparison figure, inline
+    summary = json.loads((tmp_path / "work" / "comparison" / "comparison.json").read_text())
+    status = {(r["method"], r["top_percent"]): r["status"] for r in summary["runs"]}
+    assert status == {("spectrum", 50): "completed", ("lora", None): "completed",
+                      ("qlora", None): "skipped"}  # fmt: skip
+    assert summary["analysis"]["reused"]  # the notebook's own analysis, not a second scan
+    rates = {r["method"]: r["learning_rate"] for r in summary["runs"]}
+    assert rates["lora"] == 2e-3 and rates["spectrum"] == 1e-3
