@@ -364,6 +364,10 @@ def test_compare_runs_four_methods_locally_and_collect_rebuilds_it(moto_server, 
             assert changed and all(n.endswith("proj.weight") for n in changed)
     assert len(tokens_seen) == 1  # same data, order, steps and batch: the same tokens
     assert rows["spectrum:25"]["trainable_params"] < rows["spectrum:50"]["trainable_params"]
+    # The README's reading of its table: at one budget and learning rate, more trained weights,
+    # lower validation loss.
+    losses = [rows[m]["final_eval_loss"] for m in ("full", "spectrum:50", "spectrum:25")]
+    assert losses == sorted(losses)
 
     # The table and the figure, locally and next to the outputs in S3.
     table, figure = Path(summary["table"]), Path(summary["figure"])
