@@ -524,3 +524,51 @@ def test_a_comparison_at_the_analysis_percent_alone_reuses_a_plain_analysis(
     assert (
         channels["spectrum"]["DataSource"]["S3DataSource"]["S3Uri"] == result.analysis["layer_dir"]
     )
+
+
+@pytest.mark.integration
+def test_sagemaker_jobs_are_sent_together_and_followed_until_each_ends(
+    moto_server, s3_bucket, tmp_path, monkeypatch
+):
+    """All jobs are submitted before any is waited for; one that fails is reported with its
+    reason while the others complete."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.sagemaker.models import sagemaker_backends
+
+    from spectrum_sm.aws.jobs import TrainingJob
+    from spectrum_sm.comparison import _run_on_sagemaker
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
+    overrides = [
+        f"common.role={ROLE}",
+        f"common.output_s3=s3://{s3_bucket}/c",
+        *_toy_overrides(paths),
+    ]
+    runs = compare(
+        EXAMPLES / "compare-tiny.yaml", "lora,full", overrides=overrides, dry_run=True
+    ).runs
+    backend = sagemaker_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].training_jobs
+    described: list[str] = []
+    real = TrainingJob.describe
+
+    def describe(self):
+        # Each job is "InProgress" when first asked; then "full" fails, "lora" completes.
+        assert set(backend) >= {run.job for run in runs}  # every job sent before any wait
+        first = self.name not in described
+        described.append(self.name)
+        job = backend[self.name]
+        if first:
+            job.training_job_status = "InProgress"
+        else:
+            failed = "-full-" in self.name
+            job.training_job_status = "Failed" if failed else "Completed"
+            job.failure_reason = "CUDA out of memory" if failed else None
+        return real(self)
+
+    monkeypatch.setattr(TrainingJob, "describe", describe)
+    _run_on_sagemaker(runs, wait=True, poll_s=0.01)
+    lora, full = runs
+    assert lora.status == "completed" and lora.model_s3.endswith(f"/{lora.job}/output/model/")
+    assert full.status == "failed" and full.reason == "Failed: CUDA out of memory"
+    assert described.count(lora.job) >= 2 and described.count(full.job) >= 2

@@ -172,7 +172,8 @@ def _key_arn(key: str, p: str, region: str, account: str) -> str:
 
 
 def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
-    """What ``spectrum-sm run`` does as the user: stage inputs, send, follow and stop the jobs."""
+    """What ``spectrum-sm run`` and ``compare`` do as the user: stage inputs, send, follow and
+    stop the jobs, read their outputs."""
     a, t = config.analysis, config.training
     p = partition(t.region)
     region, account = t.region, _account(t)
