@@ -210,11 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comparison.add_argument(
         "--methods",
-        default="spectrum:30,qlora",
+        default="spectrum,qlora",
         metavar="M,M",
-        help="spectrum:P (any number of percents), lora, qlora, full (default: spectrum:30,qlora)",
+        help="spectrum:P (any number of percents; spectrum alone: the analysis's top_percent), "
+        "lora, qlora, full (default: spectrum,qlora)",
     )
-    comparison.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    comparison.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value for every run, e.g. training.spot=false (repeatable)",
+    )
     comparison.add_argument(
         "--method-set",
         action="append",
@@ -546,7 +553,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         )
     if args.dry_run:
         requests = {
-            "analysis": result.analysis.get("request"),
+            "analysis": redacted(result.analysis["request"]) if result.analysis else None,
             "runs": {r.method.label: redacted(r.request) for r in result.runs if r.request},
             "skipped": {r.method.label: r.reason for r in result.runs if r.status == "skipped"},
         }

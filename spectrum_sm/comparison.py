@@ -37,7 +37,7 @@ from .prices import PriceTable, job_cost, load_prices
 log = logging.getLogger(__name__)
 
 METHODS = ("spectrum", "lora", "qlora", "full")
-DEFAULT_METHODS = "spectrum:30,qlora"
+DEFAULT_METHODS = "spectrum,qlora"  # Spectrum at the analysis's top_percent
 #: Validation points per run when the config sets no ``eval_steps``: enough for a curve.
 EVALS_PER_RUN = 8
 STEP_LINE = re.compile(r"step=(\d+) (train_loss|eval_loss)=([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)")
@@ -54,7 +54,10 @@ SHARED_BUDGET = (
     "per_device_eval_batch_size",
     "train_split",
     "validation_split",
+    "validation_share",
 )
+#: Held out of the training rows when the config names no validation data.
+VALIDATION_SHARE = 0.05
 PERCENT_FOLDER = re.compile(r"percent-([0-9.]+)/?$")
 PERCENT_FILE = re.compile(r"_([0-9.]+)percent\.ya?ml$")
 
@@ -282,8 +285,8 @@ def compare(
     ``config`` is a pipeline config (or its YAML path plus ``overrides``); its training section
     is the common recipe, and only ``method`` (and the layer file) differs between runs, plus
     ``method_settings`` such as ``"lora.learning_rate=2e-4"`` (never steps, batch, sequence
-    length, seed or evaluation: the budget stays equal). It
-    needs ``training.validation_data``: every method is scored on the same held-out tokens.
+    length, seed or evaluation: the budget stays equal). It needs ``training.validation_data``:
+    every method is scored on the same held-out tokens.
     ``dry_run`` builds and validates every request (``Run.request``) and uploads nothing.
     A method that cannot run where asked (QLoRA without CUDA, a job the memory planner says
     does not fit) is ``skipped`` with its reason; a run that fails is ``failed`` and the others
@@ -295,6 +298,8 @@ def compare(
 
     if not isinstance(config, PipelineConfig):
         config = load_pipeline(config, list(overrides))
+    elif overrides:
+        raise SpectrumError("overrides apply to a config file; change the PipelineConfig instead")
     table = prices if isinstance(prices, PriceTable) else load_prices(prices)
     chosen = parse_methods(methods, default_percent=config.analysis.top_percent)
     per_method = parse_method_settings(method_settings, chosen)
@@ -317,6 +322,9 @@ def compare(
         _plan_run(method, training, step, per_method[method], local=local, dry_run=dry_run)
         for method in chosen
     ]
+    if step is not None and not any(r.prepared and r.method.name == "spectrum" for r in runs):
+        log.warning("no Spectrum run can run here: the analysis is left out")
+        step = None
     result = Comparison(runs, table)
     if step is not None:
         result.analysis = {
@@ -348,9 +356,7 @@ def compare(
             return result
     compare_id = job_name(config.training.base_job_name, "compare")
     output = Path(output_dir) if output_dir else Path("spectrum-sm-compare") / compare_id
-    for run in runs:
-        if run.status == "completed":
-            _collect_run(run, table, local=local, workdir=workdir)
+    _collect_all(runs, table, local=local, workdir=workdir)
     write_outputs(result, output)
     _upload_outputs(
         result,
@@ -361,16 +367,23 @@ def compare(
 
 
 def _common_recipe(training: TrainingConfig) -> TrainingConfig:
-    """The training config every run shares: validation data required, TensorBoard on (the
-    curves), a validation curve when the config asks for none."""
-    if not training.validation_data:
-        raise SpectrumError(
-            "compare scores every method on the same held-out tokens: set "
-            "training.validation_data (a file, folder or s3:// prefix of validation rows)"
-        )
+    """The training config every run shares: held-out rows (the config's validation data, else
+    the same share of the training rows for every run), TensorBoard on (the curves), and a
+    validation curve when the config asks for none."""
     hyperparameters = dict(training.hyperparameters)
-    steps = int(hyperparameters.get("max_steps", -1))
-    if not int(hyperparameters.get("eval_steps", 0) or 0):
+    if not training.validation_data and not hyperparameters.get("validation_share"):
+        hyperparameters["validation_share"] = VALIDATION_SHARE
+        log.info(
+            "no validation_data: every run holds out the same %d%% of the training rows "
+            "(validation_share) and is scored on them",
+            round(100 * VALIDATION_SHARE),
+        )
+    try:
+        steps = int(hyperparameters.get("max_steps", -1))
+        evaluating = int(hyperparameters.get("eval_steps", 0) or 0)
+    except (TypeError, ValueError):
+        return training  # train.py's parser names the bad value when the jobs are planned
+    if not evaluating:
         if steps > 0:
             hyperparameters["eval_steps"] = max(1, steps // EVALS_PER_RUN)
             log.info(
@@ -524,13 +537,24 @@ def collect(
         raise SpectrumError("--collect needs at least one training job name")
     table = prices if isinstance(prices, PriceTable) else load_prices(prices)
     runs = [_describe_run(name, local=local, workdir=workdir, region=region) for name in jobs]
-    for run in runs:
-        if run.status == "completed":
-            _collect_run(run, table, local=local, workdir=workdir)
+    _collect_all(runs, table, local=local, workdir=workdir)
     result = Comparison(runs, table)
     stamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
     write_outputs(result, Path(output_dir) if output_dir else Path("spectrum-sm-compare") / stamp)
     return result
+
+
+def _collect_all(runs: list[Run], table: PriceTable, *, local: bool, workdir: str | Path) -> None:
+    """Collect every completed run; one whose outputs cannot be read is marked failed (with why)
+    and the others are still shown."""
+    for run in runs:
+        if run.status != "completed":
+            continue
+        try:
+            _collect_run(run, table, local=local, workdir=workdir)
+        except SpectrumError as exc:
+            run.status, run.reason = "failed", f"cannot collect its results: {exc}"
+            log.error("%s: %s", run.method.label, run.reason)
 
 
 def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -> Run:

@@ -165,12 +165,12 @@ def test_the_table_renders_as_text_markdown_and_csv():
 # --- planning ------------------------------------------------------------------------------
 
 
-def test_the_common_recipe_needs_held_out_data_and_gets_a_validation_curve():
+def test_the_common_recipe_has_held_out_rows_and_a_validation_curve():
     config = load_pipeline(EXAMPLES / "qwen3-8b.yaml").training
     import dataclasses
 
-    with pytest.raises(SpectrumError, match=r"training\.validation_data"):
-        _common_recipe(dataclasses.replace(config, validation_data=""))
+    held = _common_recipe(dataclasses.replace(config, validation_data=""))
+    assert held.hyperparameters["validation_share"] == 0.05  # no validation data: held out
     steps = dataclasses.replace(config, hyperparameters={"max_steps": 80}, tensorboard=False)
     recipe = _common_recipe(steps)
     assert recipe.hyperparameters == {"max_steps": 80, "eval_steps": 10} and recipe.tensorboard
@@ -283,7 +283,19 @@ def test_a_method_that_cannot_run_where_asked_is_skipped_with_its_reason():
         (["--collect"], "expected at least one argument"),
         ([str(EXAMPLES / "qwen3-8b.yaml"), "--collect", "job-1"], "--collect takes job names"),
         ([str(EXAMPLES / "qwen3-8b.yaml"), "--methods", "lorra"], "did you mean 'lora'"),
-        ([str(EXAMPLES / "local-tiny.yaml"), "--local"], "training.validation_data"),
+        (
+            [
+                str(EXAMPLES / "qwen3-8b.yaml"),
+                "--dry-run",
+                "--set",
+                "training.hyperparameters.validation_share=0.1",
+            ],
+            "with validation_data set, leave it out",
+        ),
+        (
+            [str(EXAMPLES / "qwen3-8b.yaml"), "--method-set", "qlora.max_steps=3"],
+            "max_steps is shared by every run",
+        ),
     ],
 )
 def test_compare_errors_are_one_line(args, message):
@@ -572,3 +584,33 @@ def test_sagemaker_jobs_are_sent_together_and_followed_until_each_ends(
     assert lora.status == "completed" and lora.model_s3.endswith(f"/{lora.job}/output/model/")
     assert full.status == "failed" and full.reason == "Failed: CUDA out of memory"
     assert described.count(lora.job) >= 2 and described.count(full.job) >= 2
+
+
+def test_collect_marks_a_run_whose_outputs_are_gone_and_shows_the_rest(
+    moto_server, s3_bucket, tmp_path
+):
+    from spectrum_sm.comparison import collect
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
+    overrides = [f"common.output_s3=s3://{s3_bucket}/c", *_toy_overrides(paths)]
+    result = compare(
+        EXAMPLES / "compare-tiny.yaml", "full", overrides=overrides, local=True, dry_run=True
+    )
+    request = result.runs[0].request
+    folder = tmp_path / "jobs" / request["TrainingJobName"]
+    folder.mkdir(parents=True)
+    (folder / "job.json").write_text(json.dumps(request))
+    (folder / "description.json").write_text(json.dumps({"TrainingJobStatus": "Completed"}))
+    collected = collect(
+        [request["TrainingJobName"]],
+        local=True,
+        workdir=tmp_path / "jobs",
+        output_dir=tmp_path / "o",
+    )
+    run = collected.runs[0]
+    assert run.method == Method("full") and run.status == "failed"
+    assert "cannot collect its results" in run.reason and "training_report.json" in run.reason
+    assert (tmp_path / "o" / "comparison.md").read_text().count("| failed |") == 1
+    with pytest.raises(SpectrumError, match="no local job nope"):
+        collect(["nope"], local=True, workdir=tmp_path / "jobs")

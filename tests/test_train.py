@@ -408,3 +408,32 @@ def test_shipped_accelerate_configs_load(name):
         assert config.fsdp_config["fsdp_use_orig_params"] is True
     if name == "zero3.yaml":
         assert config.deepspeed_config["zero_stage"] == 3
+
+
+def test_hold_out_is_the_same_disjoint_split_for_the_same_seed():
+    from spectrum_sm.training.data import hold_out
+
+    rows = list(range(40))
+    train, held = hold_out(rows, 0.1, seed=42)
+    assert len(held) == 4 and len(train) == 36
+    assert set(train).isdisjoint(held) and set(train) | set(held) == set(rows)
+    again_train, again_held = hold_out(rows, 0.1, seed=42)
+    assert list(again_held) == list(held) and list(again_train) == list(train)
+    assert list(hold_out(rows, 0.1, seed=7)[1]) != list(held)
+    assert held[0:2] == [held[0], held[1]]
+    from spectrum_sm.core.errors import SpectrumError
+
+    with pytest.raises(SpectrumError, match="leaves none to train on"):
+        hold_out([1], 0.5, seed=0)
+
+
+@pytest.mark.integration
+def test_validation_share_scores_the_run_on_held_out_training_rows(setup, tmp_path):
+    proc = run_train(base_args(setup, tmp_path, "--validation_share", "0.25"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "model" / "training_report.json").read_text())
+    assert report["data"]["validation"] == {"held_out_from_train": 12, "share": 0.25}
+    assert report["final_eval_loss"] is not None
+    extra = ("--validation_share", "0.25", "--validation_data", str(setup["train"]))
+    both = run_train(base_args(setup, tmp_path / "b", *extra))
+    assert both.returncode != 0 and "leave validation_share at 0" in both.stderr

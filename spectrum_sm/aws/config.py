@@ -407,6 +407,12 @@ class TrainingConfig(JobConfig):
         ):
             if uri.startswith("s3://"):
                 _check(p, bucket_problem(uri) is None, f"{name} {bucket_problem(uri)}")
+        _check(
+            p,
+            not (self.validation_data and self.hyperparameters.get("validation_share")),
+            "hyperparameters.validation_share holds out training rows when there is no "
+            "validation data; with validation_data set, leave it out",
+        )
         secrets = secret_problems("hyperparameters", self.hyperparameters)
         p += secrets
         # The parser's messages quote values: not when one of them is a credential.

@@ -461,24 +461,14 @@ def launch_analysis(
     """Run (or reuse) the analysis job; returns its name, the S3 prefix of the layer file and,
     for a Hub model staged in S3 (``stage_model``), ``model_s3``: give it to the training job
     as its model (no Hub, no token there)."""
-    key, stage_uri, staged = _identify(config, dry_run=False)
-    model = {"model_s3": stage_uri} if staged else {}
-    reused = find_reusable_analysis(config, key) if reuse and key else None
-    if reused:
-        return {"job": reused["job"], "layer_dir": reused["layer_dir"], "reused": True, **model}
-    job = plan_analysis(
-        config,
-        dry_run=False,
-        local=local,
-        reuse_key=key,
-        stage_model_s3="" if staged else stage_uri,
-    )
-    stage(job)
-    ran = execute(job.request, local=local, workdir=workdir, logs=logs)
-    record_analysis(config, key, ran["job"], ran["model_s3"])
-    if stage_uri:
-        model = {"model_s3": stage_uri}
-    return {"job": ran["job"], "layer_dir": ran["model_s3"], "reused": False, **model}
+    step = plan_analysis_step(config, reuse=reuse, dry_run=False, local=local)
+    if step.reused:
+        model = {"model_s3": step.stage_uri} if step.staged_already else {}
+        return {"job": step.name, "layer_dir": step.layer_dir, "reused": True, **model}
+    step.stage()
+    step.run(local=local, workdir=workdir, logs=logs)
+    model = {"model_s3": step.stage_uri} if step.stage_uri else {}
+    return {"job": step.name, "layer_dir": step.layer_dir, "reused": False, **model}
 
 
 def launch_training(

@@ -88,6 +88,13 @@ class TrainArgs:
     validation_split: str = field(
         default="validation", metadata={"help": "split of the validation data"}
     )
+    validation_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "without validation data: hold out this share of the training rows (the "
+            "same rows for the same data and seed) and validate on them"
+        },
+    )
     dataset_config: str = field(default="", metadata={"help": "a Hub dataset's config name"})
     columns: str = field(
         default="", metadata={"help": "rename fields, e.g. prompt=question,completion=answer"}
@@ -149,6 +156,7 @@ class TrainArgs:
             "max_grad_norm",
             "num_train_epochs",
             "lora_dropout",
+            "validation_share",
         ):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -180,6 +188,10 @@ class TrainArgs:
             (self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}"),
             (self.save_total_limit >= 1, "save_total_limit must be at least 1"),
             (self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}"),
+            (
+                0 <= self.validation_share < 1,
+                f"validation_share must be in [0, 1), got {self.validation_share}",
+            ),
             (self.num_proc >= 0, f"num_proc must be >= 0, got {self.num_proc}"),
             (
                 bool(self.prompt_template) == bool(self.completion_template),

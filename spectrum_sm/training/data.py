@@ -456,6 +456,38 @@ class TokenizedData(Sequence):
             yield self[index]
 
 
+class Subset(Sequence):
+    """Some examples of another sequence, by position: a held-out split without a copy."""
+
+    def __init__(self, data: Sequence, indices: list[int]) -> None:
+        self.data, self.indices = data, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.data[i] for i in self.indices[index]]
+        return self.data[self.indices[index]]
+
+
+def hold_out(examples: Sequence, share: float, seed: int) -> tuple[Subset, Subset]:
+    """``(train, validation)``: ``share`` of the examples, drawn with ``seed``, held out. The
+    same data and seed give the same split, so runs that differ only in method (``spectrum-sm
+    compare``) are scored on the same rows."""
+    import random
+
+    count = len(examples)
+    held = max(1, round(count * share))
+    if held >= count:
+        raise SpectrumError(
+            f"validation_share {share} of {count} training rows leaves none to train on"
+        )
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return Subset(examples, sorted(order[held:])), Subset(examples, sorted(order[:held]))
+
+
 def _tokenizer_key(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab())

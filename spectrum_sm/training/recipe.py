@@ -188,7 +188,14 @@ class Recipe:
     def setup_data(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .data import DataOptions, default_num_proc, load_split, parse_columns, prepare_split
+        from .data import (
+            DataOptions,
+            default_num_proc,
+            hold_out,
+            load_split,
+            parse_columns,
+            prepare_split,
+        )
 
         args = self.args
         try:
@@ -236,6 +243,24 @@ class Recipe:
         )
         self.data_counts = {"train": asdict(train_counts)}
         self.eval_examples = []
+        if args.validation_data and args.validation_share:
+            raise SpectrumError(
+                "validation_share holds out training rows when there is no validation data; "
+                "there is some: leave validation_share at 0"
+            )
+        if args.validation_share:
+            self.train_examples, self.eval_examples = hold_out(
+                self.train_examples, args.validation_share, args.seed
+            )
+            self.data_counts["validation"] = {
+                "held_out_from_train": len(self.eval_examples),
+                "share": args.validation_share,
+            }
+            log.info(
+                "validating on %d held-out training rows (validation_share %s)",
+                len(self.eval_examples),
+                args.validation_share,
+            )
         if args.validation_data:
             self.eval_examples, eval_counts = self.dist.local_main_first(
                 lambda: prepare(args.validation_data, args.validation_split, False)
