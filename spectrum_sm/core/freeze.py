@@ -33,11 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def read_layer_file(path: str | Path) -> list[str]:
-    """Entries of a layer file: the reference's YAML (``unfrozen_parameters:``), a YAML list, or
-    one entry per line. A folder must hold exactly one ``*unfrozenparameters*.yaml``."""
-    import yaml
-
+def find_layer_file(path: str | Path) -> Path:
+    """The layer file itself: ``path``, or the one ``*unfrozenparameters*.yaml`` in a folder."""
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob("*unfrozenparameters*.y*ml")) or sorted(path.glob("*.y*ml"))
@@ -49,6 +46,15 @@ def read_layer_file(path: str | Path) -> list[str]:
         path = found[0]
     if not path.is_file():
         raise SpectrumError(f"layer file {str(path)!r} does not exist")
+    return path
+
+
+def read_layer_file(path: str | Path) -> list[str]:
+    """Entries of a layer file: the reference's YAML (``unfrozen_parameters:``), a YAML list, or
+    one entry per line. A folder must hold exactly one ``*unfrozenparameters*.yaml``."""
+    import yaml
+
+    path = find_layer_file(path)
     text = path.read_text()
     if path.suffix not in (".yaml", ".yml"):
         data = text.splitlines()  # a plain list: one entry per line

@@ -735,12 +735,13 @@ def checkpoint_dtype(config, fallback):
 
 def select_trainable(model, args):
     """Freeze per method; returns (model, freeze report, layer file path or None)."""
-    from ..core.freeze import FreezeReport, freeze_except, read_layer_file
+    from ..core.freeze import FreezeReport, find_layer_file, freeze_except, read_layer_file
 
     if args.method == "spectrum":
         entries = read_layer_file(args.spectrum_config)
         report = freeze_except(model, entries, name_prefix=args.name_prefix or None)
-        return model, report, str(args.spectrum_config)
+        # The file itself, not the channel folder: its name says the percent (for compare).
+        return model, report, str(find_layer_file(args.spectrum_config))
     if args.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
