@@ -7,7 +7,7 @@ after another locally. Each finished run is then *collected* from what the job i
 ``training_report.json`` next to the model (trainable parameters, final validation loss,
 tokens/s, peak memory), its TensorBoard files in S3 (loss curves; the metric lines of its log
 when there are none) and the job's description (wall and billable seconds). Cost is billable
-seconds x the instance's price from :mod:`spectrum_sm.aws.prices`.
+seconds x the instance's price from :mod:`spectrum_sm.prices`.
 
 :func:`collect` rebuilds the same table and figure later from finished jobs' names.
 """
@@ -495,28 +495,43 @@ def _run_on_sagemaker(runs: list[Run], *, wait: bool, poll_s: float = 30.0) -> N
 
     handles: dict[str, TrainingJob] = {}
     for run in runs:
-        handles[run.job] = submit(run.request)  # type: ignore[arg-type]
+        try:
+            handles[run.job] = submit(run.request)  # type: ignore[arg-type]
+        except SpectrumError as exc:  # e.g. a quota: the jobs already sent go on
+            run.status, run.reason = "failed", f"not submitted: {exc}"
+            log.error("%s: %s", run.method.label, run.reason)
+            continue
         run.status = "submitted"
         log.info("submitted %s: %s", run.method.label, run.job)
     if not wait:
         return
-    pending = {run.job: run for run in runs}
-    while pending:
-        for name, run in list(pending.items()):
-            description = handles[name].describe()
-            status = description["TrainingJobStatus"]
-            if status not in TERMINAL:
-                continue
-            del pending[name]
-            if status == "Completed":
-                run.status = "completed"
-                run.model_s3 = handles[name].outputs["model"]
-            else:
-                run.status = "failed"
-                run.reason = f"{status}: {description.get('FailureReason', 'no reason given')}"
-            log.info("%s: %s (%d still running)", run.method.label, status, len(pending))
-        if pending:
-            time.sleep(poll_s)
+    pending = {run.job: run for run in runs if run.job in handles}
+    try:
+        while pending:
+            for name, run in list(pending.items()):
+                description = handles[name].describe()
+                status = description["TrainingJobStatus"]
+                if status not in TERMINAL:
+                    continue
+                del pending[name]
+                if status == "Completed":
+                    run.status = "completed"
+                    run.model_s3 = handles[name].outputs["model"]
+                else:
+                    run.status = "failed"
+                    reason = description.get("FailureReason", "no reason given")
+                    run.reason = f"{status}: {reason}"
+                log.info("%s: %s (%d still running)", run.method.label, status, len(pending))
+            if pending:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        names = " ".join(handles)
+        log.warning(
+            "interrupted: the jobs keep running on SageMaker; when they end: spectrum-sm "
+            "compare --collect %s",
+            names,
+        )
+        raise
 
 
 # --- collecting what finished jobs left --------------------------------------------------
@@ -567,9 +582,7 @@ def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -
         described = folder / "description.json"
         description = json.loads(described.read_text()) if described.is_file() else {}
         status = description.get("TrainingJobStatus", "Failed")
-        import os
-
-        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
+        region = region or _config_region(request)
     else:
         from .aws.jobs import TrainingJob
 
@@ -606,6 +619,26 @@ def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -
     else:
         run.status, run.reason = "submitted", f"still {status}"
     return run
+
+
+def _config_region(request: dict[str, Any]) -> str:
+    """The region of the config a local job was staged with (its copy next to the outputs), or
+    the environment's."""
+    import os
+
+    import yaml
+
+    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    uri = f"{output}/{request['TrainingJobName']}/spectrum-sm-config.yaml"
+    try:
+        from .aws.s3 import s3_client, split_s3_uri
+
+        bucket, key = split_s3_uri(uri)
+        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return str(yaml.safe_load(body).get("region", ""))
+    except Exception as exc:  # gone or unreadable: the region only prices the run
+        log.info("no config copy at %s (%s); region from the environment", uri, exc)
+        return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
 
 
 def _collect_run(run: Run, table: PriceTable, *, local: bool, workdir: str | Path) -> None:

@@ -18,10 +18,10 @@ from .core.errors import SpectrumError
 from .core.snr import module_type
 
 GIB = 1024**3
-#: (GPUs, GiB per GPU) of the instance types the planner recommends from (prices:
-#: :mod:`spectrum_sm.prices`). ml.g5.xlarge has the same A10G as ml.g5.2xlarge, with less CPU.
+#: (GPUs, GiB per GPU) of the instance types the planner recommends from, cheapest first by
+#: :mod:`spectrum_sm.prices`. Not ml.g5.xlarge: its 16 GiB of host memory cannot load an 8B
+#: model in bf16 on its way to the GPU.
 INSTANCES = {
-    "ml.g5.xlarge": (1, 24),
     "ml.g5.2xlarge": (1, 24),
     "ml.g6e.2xlarge": (1, 48),
     "ml.g5.12xlarge": (4, 24),

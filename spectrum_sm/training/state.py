@@ -114,7 +114,7 @@ def model_identity(model: str) -> str:
 
 def run_fingerprint(args, world_size: int) -> dict[str, Any]:
     """What makes two runs the same run: resuming a checkpoint is only right between these."""
-    return {
+    fingerprint = {
         "model": model_identity(str(args.model_name_or_path)),
         "layer_file": folder_digest(args.spectrum_config) if args.method == "spectrum" else None,
         # A Hub dataset id has no local files to hash: its name stands for it.
@@ -122,6 +122,9 @@ def run_fingerprint(args, world_size: int) -> dict[str, Any]:
         "processes": world_size,
         **{name: getattr(args, name) for name in RESULT_HYPERPARAMETERS},
     }
+    if getattr(args, "validation_share", 0):  # it removes rows from training; absent when 0,
+        fingerprint["validation_share"] = args.validation_share  # as checkpoints before it
+    return fingerprint
 
 
 def fingerprint_difference(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
