@@ -318,13 +318,17 @@ def compare(
         step = plan_analysis_step(
             analysis, reuse=config.reuse_analysis, dry_run=dry_run, local=local
         )
-    runs = [
-        _plan_run(method, training, step, per_method[method], local=local, dry_run=dry_run)
-        for method in chosen
-    ]
-    if step is not None and not any(r.prepared and r.method.name == "spectrum" for r in runs):
+
+    def plan(method: Method) -> Run:
+        return _plan_run(method, training, step, per_method[method], local=local, dry_run=dry_run)
+
+    # Spectrum runs first: when none of them can run, the analysis is left out before the other
+    # runs are pointed at the checkpoint it would have staged.
+    spectrum = {m: plan(m) for m in chosen if m.name == "spectrum"}
+    if step is not None and not any(run.prepared for run in spectrum.values()):
         log.warning("no Spectrum run can run here: the analysis is left out")
         step = None
+    runs = [spectrum[m] if m in spectrum else plan(m) for m in chosen]
     result = Comparison(runs, table)
     if step is not None:
         result.analysis = {

@@ -271,6 +271,15 @@ def test_a_method_that_cannot_run_where_asked_is_skipped_with_its_reason():
     status = {run.method.label: (run.status, run.reason) for run in result.runs}
     assert status["lora"] == ("planned", "")
     assert status["full"][0] == "skipped" and "GiB per GPU" in status["full"][1]
+    # Spectrum at 30% does not fit either: no analysis, and LoRA is not pointed at the
+    # checkpoint that analysis would have staged (it reads the Hub itself).
+    pinned = [*overrides, "analysis.revision=" + "a" * 40]  # a known commit: staging planned
+    result = compare(EXAMPLES / "qwen3-8b.yaml", "spectrum:30,lora", overrides=pinned, dry_run=True)
+    spectrum, lora = result.runs
+    assert spectrum.status == "skipped" and "GiB per GPU" in spectrum.reason
+    assert result.analysis == {} and lora.status == "planned"
+    assert "model" not in {c["ChannelName"] for c in lora.request["InputDataConfig"]}
+    assert lora.request["HyperParameters"]["model_name_or_path"] == "Qwen/Qwen3-8B"
     cpu = ["training.instance_type=ml.m5.24xlarge", "training.spot=false"]
     result = compare(EXAMPLES / "qwen3-8b.yaml", "qlora", overrides=cpu, dry_run=True)
     assert result.runs[0].status == "skipped" and "ml.m5.24xlarge has none" in result.runs[0].reason
