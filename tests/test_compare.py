@@ -460,11 +460,14 @@ def test_collect_reads_sagemaker_jobs_billable_time_and_tensorboard(
         folder.mkdir()
         (folder / "training_report.json").write_text(json.dumps(report))
         upload_folder(folder, output)
-        events = tmp_path / "tb" / run.job
-        with SummaryWriter(str(events)) as writer:
-            for step, loss in ((2, 2.0), (4, 1.5)):
-                writer.add_scalar("eval/loss", loss, step)
-        upload_folder(events, run.request["TensorBoardOutputConfig"]["S3OutputPath"])
+        if run.method.name == "spectrum":  # TensorBoard files, as the tracker writes them
+            events = tmp_path / "tb" / run.job
+            with SummaryWriter(str(events)) as writer:
+                for step, loss in ((2, 2.0), (4, 1.5)):
+                    writer.add_scalar("eval/loss", loss, step)
+            upload_folder(events, run.request["TensorBoardOutputConfig"]["S3OutputPath"])
+        else:  # no TensorBoard (an image without it): the metric lines in CloudWatch
+            _put_log_lines(run.job, ["step=2 eval_loss=2.500000", "step=4 train_loss=1.000000"])
     collected = collect([run.job for run in result.runs], output_dir=tmp_path / "out")
     spectrum, full = collected.runs
     assert (spectrum.method, full.method) == (Method("spectrum", 25), Method("full"))
@@ -474,7 +477,26 @@ def test_collect_reads_sagemaker_jobs_billable_time_and_tensorboard(
     assert spectrum.curve_source == "tensorboard"
     assert [p[1:] for p in spectrum.curves["eval"]] == [[2, 2.0], [4, 1.5]]
     assert full.row()["trainable_params"] == 11
+    assert full.curve_source == "log lines"
+    assert full.curves["eval"] == [[60.0, 2, 2.5]] and full.curves["train"] == [[120.0, 4, 1.0]]
     assert (tmp_path / "out" / "comparison.png").is_file()
+
+
+def _put_log_lines(job: str, lines: list[str]) -> None:
+    """A job's log stream as SageMaker writes it, one line a minute after the job started."""
+    from spectrum_sm.aws.jobs import LOG_GROUP, TrainingJob
+
+    logs = boto3.client("logs")
+    with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
+        logs.create_log_group(logGroupName=LOG_GROUP)
+    stream = f"{job}/algo-1-1700000000"
+    logs.create_log_stream(logGroupName=LOG_GROUP, logStreamName=stream)
+    started = TrainingJob(job).describe()["TrainingStartTime"].timestamp()
+    events = [
+        {"timestamp": int((started + 60 * (i + 1)) * 1000), "message": line}
+        for i, line in enumerate(lines)
+    ]
+    logs.put_log_events(logGroupName=LOG_GROUP, logStreamName=stream, logEvents=events)
 
 
 def test_a_method_can_have_its_own_learning_rate_but_never_its_own_budget():
