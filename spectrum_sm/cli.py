@@ -411,7 +411,7 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "tensorboard"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -856,6 +856,16 @@ def render_table(rows: list[dict[str, Any]], fmt: str, prices: PriceTable) -> st
         for c, row in zip(cells, rows, strict=True)
         if row.get("reason")
     ]
+    same: dict[int, list[str]] = {}
+    for c, row in zip(cells, rows, strict=True):
+        if row["method"] == "spectrum" and row["trainable_params"] is not None:
+            same.setdefault(row["trainable_params"], []).append(c["method"])
+    notes += [
+        f"{' and '.join(labels)} trained the same {count:,} parameters: each type keeps "
+        "int(layers x percent / 100) layers, the same number at these percents"
+        for count, labels in same.items()
+        if len(labels) > 1
+    ]
     notes.append(
         f"cost: {next((r['cost_basis'] for r in rows if r['cost_usd'] is not None), 'n/a')}; "
         f"prices as of {prices.as_of}, {prices.source}"

@@ -160,6 +160,10 @@ def test_the_table_renders_as_text_markdown_and_csv():
     assert parsed[0]["final_eval_loss"] == "1.23456" and parsed[1]["reason"]
     with pytest.raises(SpectrumError, match="text, markdown or csv"):
         render_table(rows, "html", table)
+    twin = _row("spectrum", 50, trainable_params=300, all_params=1000)
+    assert "spectrum:30 and spectrum:50 trained the same 300 parameters" in render_table(
+        [*rows, twin], "text", table
+    )
 
 
 # --- planning ------------------------------------------------------------------------------
