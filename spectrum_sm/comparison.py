@@ -56,6 +56,19 @@ SHARED_BUDGET = (
     "validation_split",
     "validation_share",
 )
+#: Job settings one method may have on its own (QLoRA on a smaller GPU). A different process
+#: count keeps the global batch: gradient accumulation is scaled to match.
+INSTANCE_SETTINGS = (
+    "instance_type",
+    "instance_count",
+    "processes_per_host",
+    "distribution",
+    "spot",
+    "max_wait_s",
+    "volume_size_gb",
+    "max_runtime_s",
+    "force",
+)
 #: Held out of the training rows when the config names no validation data.
 VALIDATION_SHARE = 0.05
 PERCENT_FOLDER = re.compile(r"percent-([0-9.]+)/?$")
@@ -122,9 +135,10 @@ def parse_methods(spec: str | Iterable[str], default_percent: float | None = Non
 def parse_method_settings(
     settings: Sequence[str], methods: Sequence[Method]
 ) -> dict[Method, dict[str, Any]]:
-    """``["lora.learning_rate=2e-4", "spectrum:30.weight_decay=0.01"]`` -> hyperparameters per
-    method (``spectrum`` alone means every Spectrum percent). Settings that would change the
-    shared budget (steps, batch, sequence length, seed, evaluation) are refused: they would make
+    """``["lora.learning_rate=2e-4", "qlora.instance_type=ml.g5.2xlarge"]`` -> settings per
+    method (``spectrum`` alone means every Spectrum percent): train.py hyperparameters, or the
+    job's instance (:data:`INSTANCE_SETTINGS`). Settings that would change the shared budget
+    (steps, batch, sequence length, seed, evaluation) or the data are refused: they would make
     the runs incomparable."""
     import yaml
 
@@ -144,6 +158,11 @@ def parse_method_settings(
             raise SpectrumError(
                 f"--method-set {setting!r}: {key} is shared by every run (same budget, data "
                 f"and evaluation); set it with --set training.hyperparameters.{key}=..."
+            )
+        if key in {f.name for f in dataclasses.fields(TrainingConfig)} - set(INSTANCE_SETTINGS):
+            raise SpectrumError(
+                f"--method-set {setting!r}: {key} is shared by every run; per method only "
+                f"train.py hyperparameters and {', '.join(INSTANCE_SETTINGS)}"
             )
         try:
             value = yaml.safe_load(raw)
@@ -212,6 +231,7 @@ class Run:
             "cost_usd": self.cost_usd,
             "cost_basis": self.cost_basis,
             "instance_type": self.instance_type,
+            "instance_count": self.instance_count,
             "job": self.job,
             "status": self.status,
         }
@@ -409,27 +429,36 @@ def _plan_run(
     local: bool,
     dry_run: bool,
 ) -> Run:
+    from .aws.config import replace_checked, validate
     from .aws.pipeline import plan_training
     from .aws.requests import DoesNotFit
 
+    own = {k: v for k, v in settings.items() if k in INSTANCE_SETTINGS}
+    hyperparameters = {
+        **training.hyperparameters,
+        **{k: v for k, v in settings.items() if k not in INSTANCE_SETTINGS},
+    }
+    config = replace_checked(training, own, f"--method-set {method.label}") if own else training
+    _keep_global_batch(hyperparameters, training, config, method, local=local)
+    config = dataclasses.replace(
+        config,
+        method=method.name,
+        top_percent=method.percent if method.percent is not None else training.top_percent,
+        hyperparameters=hyperparameters,
+    )
+    validate(config, need_role=not local)  # a wrong setting is an error, never a skip
     run = Run(
         method,
-        region=training.region,
-        instance_type=training.instance_type,
-        instance_count=training.instance_count,
+        region=config.region,
+        instance_type=config.instance_type,
+        instance_count=config.instance_count,
     )
     if method.name == "qlora":
-        problem = qlora_problem(training.instance_type, local=local)
+        problem = qlora_problem(config.instance_type, local=local)
         if problem:
             run.status, run.reason = "skipped", problem
             log.warning("%s skipped: %s", method.label, problem)
             return run
-    config = dataclasses.replace(
-        training,
-        method=method.name,
-        top_percent=method.percent if method.percent is not None else training.top_percent,
-        hyperparameters={**training.hyperparameters, **settings},
-    )
     spectrum_uri = None
     if method.percent is not None:
         spectrum_uri = step.layer_dir
@@ -449,6 +478,50 @@ def _plan_run(
     run.request = prepared.request
     run.job = prepared.request["TrainingJobName"]
     return run
+
+
+def processes(config: TrainingConfig, *, local: bool) -> int:
+    """How many training processes a job has: one per GPU on SageMaker; locally the config's
+    ``processes_per_host`` (default 1) per host."""
+    per_host = (config.processes_per_host or 1) if local else config.gpus_per_host()
+    return per_host * config.instance_count
+
+
+def _keep_global_batch(
+    hyperparameters: dict[str, Any],
+    common: TrainingConfig,
+    own: TrainingConfig,
+    method: Method,
+    *,
+    local: bool,
+) -> None:
+    """On a different number of processes, scale gradient accumulation so that every step
+    still sees the common recipe's global batch (the same tokens per step, the same budget)."""
+    mine, theirs = processes(own, local=local), processes(common, local=local)
+    if mine == theirs:
+        return
+    try:
+        accumulation = int(hyperparameters.get("gradient_accumulation_steps", 1))
+    except (TypeError, ValueError):
+        return  # train.py's parser names the bad value
+    total = accumulation * theirs
+    if total % mine:
+        raise SpectrumError(
+            f"--method-set: {method.label} runs {mine} processes, the others {theirs}; the "
+            f"global batch of {theirs} x accumulation {accumulation} cannot be split over "
+            f"{mine}: choose gradient_accumulation_steps (--set) so that {mine} divides "
+            f"{theirs} x it"
+        )
+    hyperparameters["gradient_accumulation_steps"] = total // mine
+    log.info(
+        "%s: %d processes instead of %d, gradient accumulation %d instead of %d (same global "
+        "batch)",
+        method.label,
+        mine,
+        theirs,
+        total // mine,
+        accumulation,
+    )
 
 
 def qlora_problem(instance_type: str, *, local: bool) -> str | None:
@@ -800,6 +873,7 @@ COLUMNS = [
     ("trainable", "trainable params"),
     ("eval", "final eval loss"),
     ("lr", "lr"),
+    ("instance", "instance"),
     ("train_s", "train s"),
     ("job_s", "job s"),
     ("billable_s", "billable s"),
@@ -829,6 +903,8 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
         "trainable": "-" if trainable is None else f"{trainable:,}{share}",
         "eval": number(row.get("final_eval_loss"), ".4f"),
         "lr": number(row.get("learning_rate"), ".0e"),
+        "instance": (row.get("instance_type") or "-").removeprefix("ml.")
+        + (f" x{row['instance_count']}" if (row.get("instance_count") or 1) > 1 else ""),
         "train_s": number(row["train_seconds"], ".1f"),
         "job_s": number(row["job_seconds"], ".1f"),
         "billable_s": number(row["billable_seconds"], ".0f"),

@@ -649,3 +649,49 @@ def test_collect_marks_a_run_whose_outputs_are_gone_and_shows_the_rest(
     assert (tmp_path / "o" / "comparison.md").read_text().count("| failed |") == 1
     with pytest.raises(SpectrumError, match="no local job nope"):
         collect(["nope"], local=True, workdir=tmp_path / "jobs")
+
+
+def test_a_method_may_run_on_its_own_instance_with_the_same_global_batch():
+    """QLoRA's case is fewer resources: a smaller instance, the same tokens per step."""
+    overrides = ["training.spot=false"]  # p4d: 8 GPUs, batch 2, accumulation 4
+    result = compare(
+        EXAMPLES / "qwen3-8b.yaml",
+        "spectrum:30,qlora",
+        overrides=overrides,
+        method_settings=["qlora.instance_type=ml.g6e.2xlarge"],
+        dry_run=True,
+    )
+    spectrum, qlora = (run.request for run in result.runs)
+    assert spectrum["ResourceConfig"]["InstanceType"] == "ml.p4d.24xlarge"
+    assert qlora["ResourceConfig"]["InstanceType"] == "ml.g6e.2xlarge"
+    assert spectrum["HyperParameters"]["gradient_accumulation_steps"] == "4"
+    assert qlora["HyperParameters"]["gradient_accumulation_steps"] == "32"  # 8 x 4 / 1
+    assert [run.row()["instance_type"] for run in result.runs] == [
+        "ml.p4d.24xlarge",
+        "ml.g6e.2xlarge",
+    ]
+    with pytest.raises(SpectrumError, match="cannot be split over 8"):
+        compare(  # 4 GPUs x accumulation 1 cannot become 8 GPUs
+            EXAMPLES / "qwen3-8b.yaml",
+            "spectrum:30,qlora",
+            overrides=[
+                *overrides,
+                "training.instance_type=ml.g5.12xlarge",
+                "training.hyperparameters.gradient_accumulation_steps=1",
+            ],
+            method_settings=["qlora.instance_type=ml.p4d.24xlarge"],
+            dry_run=True,
+        )
+    for setting, message in (
+        ("qlora.instance_count=abc", "instance_count must be int"),
+        ("qlora.train_data=s3://b/other/", "train_data is shared by every run"),
+        ("qlora.instance_type=ml.nope", "not a SageMaker training instance type"),
+    ):
+        with pytest.raises(SpectrumError, match=re_escape(message)):
+            compare(
+                EXAMPLES / "qwen3-8b.yaml",
+                "spectrum:30,qlora",
+                overrides=overrides,
+                method_settings=[setting],
+                dry_run=True,
+            )

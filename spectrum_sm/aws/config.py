@@ -486,6 +486,12 @@ def _from_dict(cls, data: dict[str, Any], where: str):
     return cls(**values)
 
 
+def replace_checked(config, changes: dict[str, Any], where: str):
+    """``dataclasses.replace`` with the YAML loader's checks: unknown keys and wrong types are
+    errors naming ``where``."""
+    return _from_dict(type(config), {**dataclasses.asdict(config), **changes}, where)
+
+
 TOP_LEVEL = ("common", "analysis", "training", "reuse_analysis")
 #: Fields that hold a mapping: ``--set training.hyperparameters.max_steps=5`` goes one deeper.
 MAPPINGS = ("hyperparameters", "environment", "secret_environment", "tags")
