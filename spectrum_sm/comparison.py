@@ -942,10 +942,8 @@ def render_table(rows: list[dict[str, Any]], fmt: str, prices: PriceTable) -> st
         for count, labels in same.items()
         if len(labels) > 1
     ]
-    notes.append(
-        f"cost: {next((r['cost_basis'] for r in rows if r['cost_usd'] is not None), 'n/a')}; "
-        f"prices as of {prices.as_of}, {prices.source}"
-    )
+    bases = dict.fromkeys(r["cost_basis"] for r in rows if r["cost_usd"] is not None)
+    notes.append(f"cost: {'; '.join(bases) or 'n/a'}; prices as of {prices.as_of}, {prices.source}")
     if fmt == "markdown":
         lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
         lines += ["| " + " | ".join(c[k] for k, _ in COLUMNS) + " |" for c in cells]
@@ -979,7 +977,11 @@ def plot(result: Comparison, path: Path) -> Path:
         losses = [p[2] for p in points]
         line = by_time.plot(seconds, losses, marker="o", label=label)[0]
         if hourly is not None:
-            dollars = [s * run.instance_count * hourly / 3600 for s in seconds]
+            # Billed runs: the job's billable share of its time (spot savings) applies throughout.
+            share = 1.0
+            if run.billed and run.billable_seconds and run.job_seconds:
+                share = run.billable_seconds / run.job_seconds
+            dollars = [s * run.instance_count * hourly * share / 3600 for s in seconds]
             by_cost.plot(dollars, losses, marker="o", color=line.get_color(), label=label)
     by_time.set(xlabel="seconds since the job started", ylabel="validation loss")
     by_time.set_title("validation loss vs time")
