@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="METHOD.KEY=VALUE",
-        help="a hyperparameter for one method only, e.g. lora.learning_rate=2e-4 (repeatable; "
-        "not steps, batch, sequence length, seed or evaluation)",
+        help="a hyperparameter or the instance of one method only, e.g. "
+        "lora.learning_rate=2e-4, qlora.instance_type=ml.g5.2xlarge (repeatable; not steps, "
+        "batch, sequence length, seed, evaluation or data)",
     )
     comparison.add_argument(
         "--dry-run", action="store_true", help="print every request; send nothing"
@@ -572,7 +573,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise SpectrumError(
             f"{len(result.failed)} of {len(result.runs)} runs failed: "
             + "; ".join(
-                f"{r.method.label}: {r.reason.splitlines()[0][:200]}" for r in result.failed
+                f"{r.method.label}: {(r.reason or 'failed').splitlines()[0][:200]}"
+                for r in result.failed
             )
         )
     return 0
