@@ -695,3 +695,28 @@ def test_a_method_may_run_on_its_own_instance_with_the_same_global_batch():
                 method_settings=[setting],
                 dry_run=True,
             )
+
+
+def test_an_analysis_is_reused_only_with_a_layer_file_for_every_percent(moto_server, s3_bucket):
+    import dataclasses
+
+    from spectrum_sm.aws.config import AnalysisConfig
+    from spectrum_sm.aws.pipeline import find_reusable_analysis, record_analysis
+
+    config = AnalysisConfig(
+        model="s3://x/model/", output_s3=f"s3://{s3_bucket}/r", layer_percents=[25]
+    )
+    layer_dir = f"s3://{s3_bucket}/r/analysis/job-1/output/model/"
+    record_analysis(config, "k1", "job-1", layer_dir)
+    s3 = boto3.client("s3")
+    prefix = "r/analysis/job-1/output/model/"
+    s3.put_object(Bucket=s3_bucket, Key=prefix + "snr_results_m_unfrozenparameters_50percent.yaml")
+    assert find_reusable_analysis(config, "k1") is None  # percent-25/ is missing
+    key = prefix + "percent-25/snr_results_m_unfrozenparameters_25percent.yaml"
+    s3.put_object(Bucket=s3_bucket, Key=key)
+    assert find_reusable_analysis(config, "k1")["job"] == "job-1"
+    plain = dataclasses.replace(config, layer_percents=[])
+    s3.delete_object(
+        Bucket=s3_bucket, Key=prefix + "snr_results_m_unfrozenparameters_50percent.yaml"
+    )
+    assert find_reusable_analysis(plain, "k1") is None  # its own top-level file is gone
