@@ -193,8 +193,15 @@ def test_qlora_needs_a_gpu_where_it_runs():
         assert "CUDA" in qlora_problem("ml.g5.xlarge", local=True)
 
 
-def _toy_overrides(paths) -> list[str]:
+def _toy_overrides(tmp_path: Path, bucket: str = "", *, role: bool = False) -> list[str]:
+    """A tiny model and chat data under ``tmp_path``, as --set overrides of compare-tiny.yaml
+    (plus a bucket for output_s3 and a role for SageMaker requests, when asked)."""
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
     return [
+        *([f"common.role={ROLE}"] if role else []),
+        *([f"common.output_s3=s3://{bucket}/cmp"] if bucket else []),
         f"analysis.model={paths['model']}",
         f"training.model={paths['model']}",
         f"training.train_data={paths['train']}",
@@ -206,9 +213,7 @@ def test_dry_run_builds_one_validated_request_per_method_and_uploads_nothing(
     moto_server, s3_bucket, tmp_path
 ):
     from spectrum_sm.aws.requests import validate_request
-    from spectrum_sm.toy import make_toy_training_setup
 
-    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
     proc = run_cli(
         "compare",
         str(EXAMPLES / "compare-tiny.yaml"),
@@ -219,7 +224,7 @@ def test_dry_run_builds_one_validated_request_per_method_and_uploads_nothing(
         f"common.role={ROLE}",
         "--set",
         f"common.output_s3=s3://{s3_bucket}/cmp",
-        *(a for o in _toy_overrides(paths) for a in ("--set", o)),
+        *(a for o in _toy_overrides(tmp_path) for a in ("--set", o)),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout)
@@ -442,14 +447,8 @@ def test_collect_reads_sagemaker_jobs_billable_time_and_tensorboard(
 
     from spectrum_sm.aws.local import upload_folder
     from spectrum_sm.comparison import collect
-    from spectrum_sm.toy import make_toy_training_setup
 
-    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
-    overrides = [
-        f"common.role={ROLE}",
-        f"common.output_s3=s3://{s3_bucket}/cmp",
-        *_toy_overrides(paths),
-    ]
+    overrides = _toy_overrides(tmp_path, s3_bucket, role=True)
     result = compare(
         EXAMPLES / "compare-tiny.yaml", "spectrum:25,full", overrides=overrides, wait=False
     )
@@ -526,10 +525,8 @@ def test_a_method_can_have_its_own_learning_rate_but_never_its_own_budget():
 
 
 def test_per_method_settings_reach_only_their_requests_and_are_checked_by_train_py(tmp_path):
-    from spectrum_sm.toy import make_toy_training_setup
 
-    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
-    overrides = [f"common.role={ROLE}", *_toy_overrides(paths)]
+    overrides = _toy_overrides(tmp_path, role=True)
     result = compare(
         EXAMPLES / "compare-tiny.yaml",
         "spectrum:50,lora",
@@ -557,10 +554,8 @@ def test_a_comparison_at_the_analysis_percent_alone_reuses_a_plain_analysis(
 ):
     """Same model bytes and scan settings: the pipeline's analysis key, so no second scan."""
     from spectrum_sm.aws.pipeline import analysis_key, model_fingerprint
-    from spectrum_sm.toy import make_toy_training_setup
 
-    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
-    overrides = [f"common.output_s3=s3://{s3_bucket}/cmp", *_toy_overrides(paths)]
+    overrides = _toy_overrides(tmp_path, s3_bucket)
     config = load_pipeline(EXAMPLES / "compare-tiny.yaml", overrides)
     result = compare(config, "spectrum:50,lora", local=True, dry_run=True)
     request = result.analysis["request"]
@@ -584,14 +579,8 @@ def test_sagemaker_jobs_are_sent_together_and_followed_until_each_ends(
 
     from spectrum_sm.aws.jobs import TrainingJob
     from spectrum_sm.comparison import _run_on_sagemaker
-    from spectrum_sm.toy import make_toy_training_setup
 
-    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
-    overrides = [
-        f"common.role={ROLE}",
-        f"common.output_s3=s3://{s3_bucket}/c",
-        *_toy_overrides(paths),
-    ]
+    overrides = _toy_overrides(tmp_path, s3_bucket, role=True)
     runs = compare(
         EXAMPLES / "compare-tiny.yaml", "lora,full", overrides=overrides, dry_run=True
     ).runs
@@ -625,10 +614,8 @@ def test_collect_marks_a_run_whose_outputs_are_gone_and_shows_the_rest(
     moto_server, s3_bucket, tmp_path
 ):
     from spectrum_sm.comparison import collect
-    from spectrum_sm.toy import make_toy_training_setup
 
-    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=8)
-    overrides = [f"common.output_s3=s3://{s3_bucket}/c", *_toy_overrides(paths)]
+    overrides = _toy_overrides(tmp_path, s3_bucket)
     result = compare(
         EXAMPLES / "compare-tiny.yaml", "full", overrides=overrides, local=True, dry_run=True
     )
