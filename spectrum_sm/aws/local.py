@@ -29,6 +29,7 @@ from typing import Any
 
 from ..core.container import kill_with_parent
 from ..core.errors import SpectrumError
+from ..core.weights import visible_files
 from .jobs import JobFailed
 from .s3 import describe_client_error, s3_client, split_s3_uri, sse_arguments
 
@@ -72,18 +73,6 @@ def download_prefix(uri: str, target: Path) -> int:
     if count == 0:
         raise SpectrumError(f"{uri}: no such S3 object or prefix")
     return count
-
-
-def visible_files(path: Path) -> list[tuple[str, Path]]:
-    """``(relative name, path)`` of a file, or of every file below a folder except hidden ones
-    (``.ipynb_checkpoints/``, ``.git/``), sorted: what is uploaded and what a fingerprint covers."""
-    if path.is_file():
-        return [(path.name, path)]
-    return [
-        (p.relative_to(path).as_posix(), p)
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    ]
 
 
 def upload_folder(folder: Path, uri: str, *, extra_args: dict[str, str] | None = None) -> list[str]:

@@ -77,8 +77,7 @@ _LOCAL_FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
 def _local_fingerprint(path: Path) -> dict[str, Any]:
     """sha256 per file (the files an upload sends); remembered in this process while no file's
     size or mtime changes."""
-    from ..core.weights import sha256_file
-    from .local import visible_files
+    from ..core.weights import sha256_file, visible_files
 
     files = visible_files(path)
     stamp = (str(path.resolve()), *((r, p.stat().st_size, p.stat().st_mtime_ns) for r, p in files))

@@ -220,6 +220,18 @@ def read_config(source: ShardSource) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+def visible_files(path: Path) -> list[tuple[str, Path]]:
+    """``(relative name, path)`` of a file, or of every file below a folder except hidden ones
+    (``.ipynb_checkpoints/``, ``.git/``), sorted: what is uploaded and what a fingerprint covers."""
+    if path.is_file():
+        return [(path.name, path)]
+    return [
+        (p.relative_to(path).as_posix(), p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
+
+
 def sha256_file(path: Path, block: int = 8 * 1024 * 1024) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

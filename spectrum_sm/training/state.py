@@ -30,6 +30,7 @@ from typing import Any
 
 from ..core.errors import SpectrumError
 from ..core.weights import sha256_file as file_digest
+from ..core.weights import visible_files
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -88,12 +89,8 @@ def folder_digest(path: str | Path | None) -> str | None:
     root = Path(path)
     if not root.exists():
         return None
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     digest = hashlib.sha256()
-    for file in files:
-        rel = file.name if root.is_file() else file.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in Path(rel).parts):
-            continue
+    for rel, file in visible_files(root):  # the files an upload of ``path`` would send
         digest.update(rel.encode() + b"\0" + file_digest(file).encode() + b"\0")
     return digest.hexdigest()
 
