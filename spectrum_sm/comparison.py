@@ -31,7 +31,7 @@ from typing import Any
 
 from .aws.config import PipelineConfig, TrainingConfig, load_pipeline
 from .core.errors import SpectrumError
-from .core.selection import check_percent, format_percent, layer_folder
+from .core.selection import check_percent, format_percent, layer_folder, percent_in_path
 from .prices import PriceTable, job_cost, load_prices
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,6 @@ INSTANCE_SETTINGS = (
 )
 #: Held out of the training rows when the config names no validation data.
 VALIDATION_SHARE = 0.05
-PERCENT_FOLDER = re.compile(r"percent-([0-9.]+)/?$")
-PERCENT_FILE = re.compile(r"_([0-9.]+)percent\.ya?ml$")
 
 
 @dataclass(frozen=True)
@@ -191,6 +189,7 @@ class Run:
     model_s3: str = ""
     model_dir: str = ""
     report: dict[str, Any] = field(default_factory=dict)
+    description: dict[str, Any] = field(default_factory=dict)  # DescribeTrainingJob at its end
     job_seconds: float | None = None
     billable_seconds: float | None = None
     billed: bool = False
@@ -591,6 +590,7 @@ def _run_on_sagemaker(runs: list[Run], *, wait: bool, poll_s: float = 30.0) -> N
                 if status not in TERMINAL:
                     continue
                 del pending[name]
+                run.description = description
                 if status == "Completed":
                     run.status = "completed"
                     run.model_s3 = handles[name].outputs["model"]
@@ -651,19 +651,16 @@ def _collect_all(runs: list[Run], table: PriceTable, *, local: bool, workdir: st
 
 def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -> Run:
     """A Run for an existing job, from its request (method, channels, instance) and status."""
+    description = _describe(name, local=local, workdir=workdir)
     if local:
         folder = Path(workdir) / name
         if not (folder / "job.json").is_file():
             raise SpectrumError(f"no local job {name} in {Path(workdir).resolve()}")
         request = json.loads((folder / "job.json").read_text())
-        described = folder / "description.json"
-        description = json.loads(described.read_text()) if described.is_file() else {}
         status = description.get("TrainingJobStatus", "Failed")
         region = region or _config_region(request)
     else:
-        from .aws.jobs import TrainingJob
-
-        description = request = TrainingJob(name).describe()
+        request = description
         status = description["TrainingJobStatus"]
         region = region or description.get("TrainingJobArn", "::::").split(":")[3]
     hps = request.get("HyperParameters", {})
@@ -676,8 +673,7 @@ def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -
     if method_name == "spectrum":
         channels = {c["ChannelName"]: c for c in request.get("InputDataConfig", [])}
         uri = channels.get("spectrum", {}).get("DataSource", {}).get("S3DataSource", {})
-        match = PERCENT_FOLDER.search(uri.get("S3Uri", ""))
-        percent = check_percent(match.group(1)) if match else None
+        percent = percent_in_path(uri.get("S3Uri", ""))
     resources = request.get("ResourceConfig", {})
     run = Run(
         Method(method_name, percent),
@@ -686,6 +682,7 @@ def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -
         instance_type=resources.get("InstanceType", ""),
         instance_count=int(resources.get("InstanceCount", 1)),
         request=request,
+        description=description,
     )
     output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
     if status == "Completed":
@@ -698,6 +695,16 @@ def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -
     return run
 
 
+def _describe(job: str, *, local: bool, workdir: str | Path) -> dict[str, Any]:
+    """What DescribeTrainingJob says of a job (a local one: its ``description.json``)."""
+    if local:
+        path = Path(workdir) / job / "description.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+    from .aws.jobs import TrainingJob
+
+    return TrainingJob(job).describe()
+
+
 def _config_region(request: dict[str, Any]) -> str:
     """The region of the config a local job was staged with (its copy next to the outputs), or
     the environment's."""
@@ -708,11 +715,7 @@ def _config_region(request: dict[str, Any]) -> str:
     output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
     uri = f"{output}/{request['TrainingJobName']}/spectrum-sm-config.yaml"
     try:
-        from .aws.s3 import s3_client, split_s3_uri
-
-        bucket, key = split_s3_uri(uri)
-        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        return str(yaml.safe_load(body).get("region", ""))
+        return str(yaml.safe_load(_read_object(uri)).get("region", ""))
     except Exception as exc:  # gone or unreadable: the region only prices the run
         log.info("no config copy at %s (%s); region from the environment", uri, exc)
         return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
@@ -721,29 +724,23 @@ def _config_region(request: dict[str, Any]) -> str:
 def _collect_run(run: Run, table: PriceTable, *, local: bool, workdir: str | Path) -> None:
     """Fill a completed run's numbers from its report, description, curves; price it."""
     run.report = _read_json(run.model_s3 + "training_report.json")
+    description = run.description or _describe(run.job, local=local, workdir=workdir)
     if local:
         folder = Path(workdir) / run.job
-        description = json.loads((folder / "description.json").read_text())
         run.model_dir = str((folder / "model").resolve())
         run.job_seconds = description.get("TrainingWallSeconds")
         run.billable_seconds, run.billed = None, False
         started = _epoch(description.get("TrainingStartTime"))
         seconds_for_cost = run.job_seconds
     else:
-        from .aws.jobs import TrainingJob
-
-        description = TrainingJob(run.job).describe()
         run.job_seconds = description.get("TrainingTimeInSeconds")
         run.billable_seconds = description.get("BillableTimeInSeconds")
         run.billed = True
         started = _epoch(description.get("TrainingStartTime"))
         seconds_for_cost = run.billable_seconds
-    if (
-        run.method.percent is None
-        and run.method.name == "spectrum"
-        and (match := PERCENT_FILE.search(str(run.report.get("layer_file") or "")))
-    ):
-        run.method = Method("spectrum", check_percent(match.group(1)))
+    if run.method.name == "spectrum" and run.method.percent is None:
+        percent = percent_in_path(str(run.report.get("layer_file") or ""))
+        run.method = Method("spectrum", percent)
     run.cost_usd, run.cost_basis = job_cost(
         table,
         run.region,
@@ -763,14 +760,21 @@ def _epoch(value: Any) -> float | None:
     return dt.datetime.fromisoformat(str(value)).timestamp()
 
 
-def _read_json(uri: str) -> dict[str, Any]:
+def _read_object(uri: str) -> bytes:
     from .aws.s3 import describe_client_error, s3_client, split_s3_uri
 
     bucket, key = split_s3_uri(uri)
     try:
-        return json.loads(s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     except Exception as exc:
         raise describe_client_error(exc, uri) from exc
+
+
+def _read_json(uri: str) -> dict[str, Any]:
+    try:
+        return json.loads(_read_object(uri))
+    except ValueError as exc:
+        raise SpectrumError(f"{uri}: not valid JSON ({exc})") from exc
 
 
 def _curves(
@@ -839,31 +843,14 @@ def _log_points(run: Run, *, local: bool, workdir: str | Path):
 
 
 def _cloudwatch_lines(job: str) -> list[tuple[float | None, str]]:
-    import boto3
+    from .aws.jobs import TrainingJob
 
-    from .aws.jobs import LOG_GROUP
-
-    client = boto3.client("logs")
-    lines: list[tuple[float | None, str]] = []
     try:
-        streams = client.describe_log_streams(
-            logGroupName=LOG_GROUP, logStreamNamePrefix=job + "/"
-        ).get("logStreams", [])
-        for stream in streams:
-            kwargs = {
-                "logGroupName": LOG_GROUP,
-                "logStreamName": stream["logStreamName"],
-                "startFromHead": True,
-            }
-            while True:
-                page = client.get_log_events(**kwargs)
-                lines += [(e["timestamp"] / 1000, e["message"]) for e in page.get("events", [])]
-                if not page.get("events") or page["nextForwardToken"] == kwargs.get("nextToken"):
-                    break
-                kwargs["nextToken"] = page["nextForwardToken"]
+        events = TrainingJob(job).log_events()
     except Exception as exc:
         log.warning("cannot read the logs of %s: %s", job, exc)
-    return lines
+        return []
+    return [(event["timestamp"] / 1000, event["message"]) for event in events]
 
 
 # --- showing it --------------------------------------------------------------------------

@@ -119,24 +119,34 @@ class TrainingJob:
             self._logs = _client("logs")
         return self._logs
 
-    def _new_log_lines(self) -> list[str]:
-        """Lines not seen yet, across the job's log streams (one per instance)."""
+    def log_events(self) -> list[dict[str, Any]]:
+        """CloudWatch events this handle has not returned yet (``timestamp`` in ms,
+        ``message``), across the job's log streams (one per instance), each read to its end."""
         client = self._logs_client()
-        lines: list[str] = []
+        events: list[dict[str, Any]] = []
         try:
             streams = client.describe_log_streams(
                 logGroupName=LOG_GROUP, logStreamNamePrefix=self.name + "/"
             ).get("logStreams", [])
         except Exception:  # no log group yet (the job has not started): nothing to show
-            return lines
+            return events
         for stream in streams:
             name = stream["logStreamName"]
-            kwargs = {"logGroupName": LOG_GROUP, "logStreamName": name, "startFromHead": True}
-            if name in self._tokens:
-                kwargs["nextToken"] = self._tokens[name]
-            response = client.get_log_events(**kwargs)
-            self._tokens[name] = response["nextForwardToken"]
-            lines += [event["message"] for event in response.get("events", [])]
+            while True:
+                kwargs = {"logGroupName": LOG_GROUP, "logStreamName": name, "startFromHead": True}
+                if name in self._tokens:
+                    kwargs["nextToken"] = self._tokens[name]
+                response = client.get_log_events(**kwargs)
+                self._tokens[name] = response["nextForwardToken"]
+                page = response.get("events", [])
+                events += page
+                if not page:  # the stream's end (for now): the same token comes back
+                    break
+        return events
+
+    def _new_log_lines(self) -> list[str]:
+        """Lines not seen yet, across the job's log streams (one per instance)."""
+        lines = [event["message"] for event in self.log_events()]
         self._log_tail = (self._log_tail + lines)[-40:]
         return lines
 

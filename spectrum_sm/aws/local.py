@@ -46,7 +46,6 @@ class LocalJob:
     model_s3: str
     failure_reason: str = ""
     log_tail: list[str] = field(default_factory=list)
-    seconds: float = 0.0  # wall time of the job's processes (what TrainingTimeInSeconds counts)
 
 
 def download_prefix(uri: str, target: Path) -> int:
@@ -268,7 +267,7 @@ def run_local(
         )
     _describe(base, "Completed", started, ended)
     log.info("local job %s completed; model at %s", name, model_s3)
-    return LocalJob(name, "Completed", first, model_s3, "", list(tail), round(ended - started, 3))
+    return LocalJob(name, "Completed", first, model_s3, "", list(tail))
 
 
 def _describe(base: Path, status: str, started: float, ended: float, reason: str = "") -> None:

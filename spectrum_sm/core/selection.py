@@ -6,6 +6,7 @@ import fnmatch
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,13 @@ def layer_folder(percent: float) -> str:
     """The sub-folder of an analysis output holding one more percent's layer file
     (``percent-10``): a training job's ``spectrum`` channel points at one such folder."""
     return f"percent-{format_percent(percent)}"
+
+
+def percent_in_path(path: str) -> float | None:
+    """The percent a layer file's name (:func:`layer_file_name`) or its folder
+    (:func:`layer_folder`) says, or None."""
+    match = re.search(r"(?:percent-([0-9.]+)/?$|_([0-9.]+)percent\.ya?ml$)", path)
+    return check_percent(match.group(1) or match.group(2)) if match else None
 
 
 def manifest_file_name(slug: str) -> str:
