@@ -112,3 +112,43 @@ def test_analysis_spectrum_and_lora_run_on_the_images_packages(image_python, mot
     after = load_file(str(merged / "model.safetensors"))
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all(n.endswith("proj.weight") for n in changed)  # linear layers only
+
+
+def test_compare_on_the_images_packages_falls_back_to_log_lines(
+    image_python, moto_server, tmp_path
+):
+    """The image environment has no tensorboard (whether the real image has it is not known
+    here): the runs write no event files, and compare takes their curves from the metric lines
+    of their logs, timed by their steps."""
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=16)
+    bucket = "image-env-compare"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    proc = run_cli(
+        "-q",
+        "compare",
+        str(EXAMPLES / "compare-tiny.yaml"),
+        "--local",
+        "--methods",
+        "spectrum:50,full",
+        "--json",
+        "--workdir",
+        str(tmp_path / "jobs"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        *("--set", f"common.output_s3=s3://{bucket}/cmp"),
+        *("--set", f"analysis.model={paths['model']}"),
+        *("--set", f"training.model={paths['model']}"),
+        *("--set", f"training.train_data={paths['train']}"),
+        *("--set", f"training.validation_data={paths['validation']}"),
+        env={"SPECTRUM_SM_LOCAL_PYTHON": image_python},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["status"] for r in summary["runs"]] == ["completed", "completed"]
+    details = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    for label, curves in details["curves"].items():
+        assert details["curve_sources"][label] == "log lines (time by step)"
+        assert [p[1] for p in curves["eval"]] == [2, 4, 6, 8]
+        assert [p[1] for p in curves["train"]] == list(range(1, 9))
