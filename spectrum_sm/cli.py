@@ -277,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="loss on every token of chat rows",
     )
+    check.add_argument(
+        "--chat-template",
+        default="",
+        metavar="FILE",
+        help="a .jinja chat template to use instead of the tokenizer's (train.py's "
+        "--chat_template_path), e.g. one with {%% generation %%} blocks",
+    )
     check.add_argument("--json", action="store_true", help="print one JSON object")
     policy = commands.add_parser(
         "iam-policy",
@@ -491,6 +498,7 @@ def _run_data_check(args: argparse.Namespace) -> int:
         completion_template=args.completion_template,
         system_prompt=args.system_prompt,
         assistant_only=args.assistant_only,
+        chat_template=args.chat_template,
     )
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "rendered"}))
@@ -503,6 +511,8 @@ def _run_data_check(args: argparse.Namespace) -> int:
         + (f", dropped: {dropped}" if dropped else "")
         + f"; {report['loss_tokens']} tokens carry loss"
     )
+    if report["loss_mask"]:
+        print(f"loss mask: {report['loss_mask']}")
     color = sys.stdout.isatty()
     for example, pieces in zip(report["examples"], report["rendered"], strict=True):
         print(

@@ -1,11 +1,21 @@
 # ruff: noqa: E501  (chat templates are data: one Jinja statement per line)
-"""Chat templates with the behaviours that break naive loss masks, written after the real ones.
+"""Chat templates for the loss-mask tests: the published ones, and a few written here.
 
-QWEN3 follows Qwen3's template: the reasoning of every assistant turn but those after the last
-user message is dropped, and the last turn always gets a (possibly empty) think block. GEMMA
-folds the system prompt into the first user turn; MISTRAL puts it in the last user turn. LLAMA3
-uses header tokens and trims contents. CHATML is plain; CHATML_MARKED has generation markers.
+PUBLISHED: the original templates that models ship, as TRL 1.16.0 (pinned in pyproject.toml)
+keeps them in ``trl/chat_templates/<name>.jinja`` to recognise them byte for byte (a weekly TRL
+CI job, ``scripts/check_chat_templates.py``, fails when a reference Hub repo ships a template it
+does not hold). Each entry says which checkpoints ship it, from TRL's chat_templates/README.md.
+
+Written here, after the real ones, for templates TRL does not know: QWEN3 follows Qwen3's
+template (the reasoning of every assistant turn but those after the last user message is dropped,
+and the last turn always gets a possibly empty think block: not prefix-preserving); GEMMA folds
+the system prompt into the first user turn; MISTRAL puts it in the last user turn (not
+prefix-preserving); LLAMA3 uses header tokens and trims contents; CHATML is plain; CHATML_MARKED
+has generation markers.
 """
+
+import re
+from pathlib import Path
 
 QWEN3 = """
 {%- if messages[0].role == 'system' %}
@@ -166,3 +176,103 @@ CHATML_TOOLS = """
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
 """
 TEMPLATES_WITH_TOOLS = {"chatml_tools": (CHATML_TOOLS, "<|im_end|>")}
+
+
+#: name -> who ships it (TRL 1.16.0's trl/chat_templates/README.md); the text is
+#: trl/chat_templates/<name>.jinja of the pinned TRL.
+PUBLISHED = {
+    "qwen2_5": "Qwen2.5 instruct checkpoints (Qwen/Qwen2.5-*-Instruct)",
+    "qwen3": "Qwen3 checkpoints (Qwen/Qwen3-*)",
+    "qwen3_instruct_2507": "Qwen/Qwen3-4B-Instruct-2507",
+    "qwen3_5_think": "Qwen3.5 checkpoints (thinking by default)",
+    "qwen3_6": "Qwen3.6-27B, Qwen3.6-35B-A3B and their FP8 variants",
+    "llama3": "Meta Llama 3 instruct checkpoints",
+    "llama3_1": "Meta Llama 3.1 instruct checkpoints (no TRL training version)",
+    "llama3_2": "Meta Llama 3.2 instruct checkpoints (no TRL training version)",
+    "gemma": "Gemma (v1) and Gemma 2, identical templates",
+    "gemma3": "google/gemma-3-* checkpoints",
+    "phi3": "Microsoft Phi-3 checkpoints",
+    "phi3_5": "Microsoft Phi-3.5 checkpoints",
+    "deepseekv3": "DeepSeek-V3",
+    "glm4moe": "GLM-4.5 (GLM-4-MoE) checkpoints",
+    "gptoss": "openai/gpt-oss-20b and gpt-oss-120b",
+    "cohere": "CohereLabs/aya-expanse-8b",
+    "nemotron_3_nano": "nvidia/NVIDIA-Nemotron-3-Nano-* checkpoints",
+    "lfm2": "LiquidAI/LFM2-* checkpoints",
+    "lfm2_2_5": "LiquidAI/LFM2.5-230M (ships {% generation %} markers itself)",
+    "diffusion_gemma": "google/diffusiongemma-26B-A4B-it",
+    "gemma4": "google/gemma-4-E2B-it at 6b7e72c (no TRL training version)",
+}
+
+#: Control tokens as templates write them: <|im_start|>, <｜Assistant｜>, <|channel>,
+#: <start_of_turn>, </think>, [INST], <BOS_TOKEN>.
+_CONTROL = re.compile(
+    r"<\|[^<>\s|]+\|>|<｜[^｜]+｜>|<\|[A-Za-z_]+>|<[A-Za-z_]+\|>|</?[a-z_]+>|\[/?[A-Z_]+\]|<[A-Z_]+>"
+)
+
+
+def published(name: str) -> str:
+    """The original template ``name`` as the pinned TRL holds it."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text("utf-8")
+
+
+def tokenizer_for_template(template: str, texts: list[str], vocab_size: int = 600):
+    """A tiny byte-level BPE tokenizer carrying ``template``, with every control token the
+    template writes as an added special token (as the real tokenizers have them)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    controls = sorted(set(_CONTROL.findall(template)) - {"<|bos|>", "<|eos|>", "<|pad|>"})
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>", *controls],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        chat_template=template,
+    )
+
+
+def trl_trained_ids(tokenizer, row: dict) -> list[int]:
+    """The token ids TRL's ``SFTTrainer(assistant_only_loss=True)`` trains in ``row``,
+    computed as it does: the tokenizer's template when it has generation markers, else TRL's
+    training template; transformers' assistant mask. Raises what TRL or the template raises."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template
+    training = None if has_generation_markers(template) else get_training_chat_template(tokenizer)
+    out = tokenizer.apply_chat_template(
+        row["messages"],
+        chat_template=training,
+        tools=row.get("tools"),
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        **row.get("chat_template_kwargs", {}),
+    )
+    return [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+
+
+def trained_runs(tokenizer, ids: list[int], trained: list[bool]) -> list[str]:
+    """The decoded runs of consecutive trained tokens."""
+    runs, current = [], []
+    for token, flag in zip(ids, trained, strict=True):
+        if flag:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs

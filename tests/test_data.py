@@ -115,11 +115,11 @@ def _trained(tokenizer, encoded) -> list[str]:
     return runs
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", ["gemma", "llama3", "chatml", "chatml_marked"])
 def test_multi_turn_masks_are_exactly_the_answers_for_every_template(name):
-    """Qwen3 drops the first turn's reasoning and adds an empty think block to the last; Gemma
-    folds the system prompt into the first user turn, Mistral into the last; Llama 3 trims. In
-    every case the loss falls on the answers and the end-of-turn marker, nothing else."""
+    """Templates TRL does not know: Gemma folds the system prompt into the first user turn,
+    Llama 3 trims; ChatML with generation markers is masked by them. In every case the loss
+    falls on the answers and the end-of-turn marker, nothing else."""
     tokenizer = tokenizer_for(name, [m["content"] for m in CHAT] * 20)
     _, eot = TEMPLATES[name]
     encoded = encode_row({"messages": CHAT}, 0, tokenizer, DataOptions(512))
@@ -128,16 +128,21 @@ def test_multi_turn_masks_are_exactly_the_answers_for_every_template(name):
     assert encoded["drop_reason"] == ""
 
 
-def test_reasoning_is_trained_where_the_template_renders_it():
-    tokenizer = tokenizer_for("qwen3", [m["content"] for m in CHAT] * 20)
-    last = {**CHAT[-1], "reasoning_content": "Four and four make eight."}
-    encoded = encode_row({"messages": [*CHAT[:-1], last]}, 0, tokenizer, DataOptions(512))
-    runs = _trained(tokenizer, encoded)
-    # The first turn's reasoning is not in the text the model sees; the last turn's is.
-    assert runs == [
-        "2 plus 3 is 5.<|im_end|>",
-        "<think>\nFour and four make eight.\n</think>\n\n4 plus 4 is 8.<|im_end|>",
-    ]
+@pytest.mark.parametrize("name", ["qwen3", "mistral"])
+def test_a_row_the_template_does_not_render_as_prefixes_is_refused_naming_it(name):
+    """Qwen3-like (earlier reasoning dropped once a later user turn follows) and Mistral-like
+    (the system prompt moves to the last user turn) templates TRL does not know: no exact mask
+    exists for this row, so it is refused with its number and the two ways out."""
+    tokenizer = tokenizer_for(name, [m["content"] for m in CHAT] * 20)
+    with pytest.raises(SpectrumError) as refused:
+        encode_row({"messages": CHAT}, 7, tokenizer, DataOptions(512))
+    message = str(refused.value)
+    assert message.startswith("data row 7: message ")
+    assert "not prefix-preserving" in message and "\n" not in message
+    assert "--chat_template_path" in message and "--assistant_only_loss false" in message
+    # Every token trained: no mask needed, so the row is taken.
+    every = encode_row({"messages": CHAT}, 7, tokenizer, DataOptions(512, assistant_only=False))
+    assert every["labels"] == every["input_ids"]
 
 
 def test_rows_without_loss_are_counted_by_reason(tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from chat_templates import tokenizer_for
 from factories import run_cli
 from test_data import CHAT
 from test_jobs import EXAMPLES
@@ -89,17 +88,20 @@ def test_local_mode_trains_from_a_save_to_disk_folder(moto_server, tmp_path):
     assert report["data"]["train"]["rows_kept"] == 16
 
 
-def test_a_reasoning_template_trains_exactly_the_answers(setup, tmp_path):
-    """Multi-turn rows under a Qwen3-style template (earlier reasoning dropped, an empty think
-    block on the last turn): data-check shows the answers plus end-of-turn markers as the
-    trained text, and train.py trains on those rows."""
+def test_a_reasoning_template_trains_exactly_what_trl_trains(setup, tmp_path):
+    """Multi-turn rows with reasoning under the published Qwen3 template (which drops earlier
+    reasoning): data-check shows, as the trained text, exactly the tokens TRL trains (its
+    Qwen3 training template: every turn's think block, answer and end-of-turn marker), and
+    train.py trains on those rows."""
     import shutil
+
+    from chat_templates import published, tokenizer_for_template, trl_trained_ids
 
     model = tmp_path / "model-in"
     shutil.copytree(setup["model"], model)
     texts = [m["content"] for m in CHAT] * 20
-    tokenizer = tokenizer_for("qwen3", texts)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    tokenizer = tokenizer_for_template(published("qwen3"), texts, vocab_size=vocab - 16)
     assert len(tokenizer) <= vocab  # fits the toy model's embedding
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (model / name).unlink(missing_ok=True)
@@ -114,11 +116,16 @@ def test_a_reasoning_template_trains_exactly_the_answers(setup, tmp_path):
     assert (report["rows_read"], report["rows_kept"]) == (14, 12)
     assert report["dropped"] == {"no_assistant_turn": 2}
     first = report["examples"][0]
-    assert first["trained_text"] == "2 plus 3 is 5.<|im_end|>4 plus 4 is 8.<|im_end|>"
-    assert first["trained_parts"] == ["2 plus 3 is 5.<|im_end|>", "4 plus 4 is 8.<|im_end|>"]
+    assert first["trained_text"] == tokenizer.decode(trl_trained_ids(tokenizer, rows[0]))
+    assert first["trained_parts"] == [
+        "<think>\nTwo and three make five.\n</think>\n\n2 plus 3 is 5.<|im_end|>\n",
+        "<think>\n\n</think>\n\n4 plus 4 is 8.<|im_end|>\n",
+    ]
     assert 0 < first["loss_tokens"] < first["tokens"]
+    assert report["loss_mask"] == "TRL's training template (trl 1.16.0 qwen3_training.jinja)"
     shown = run_cli("data-check", str(data), "--model", str(model), "--rows", "1")
-    assert "[[2 plus 3 is 5.<|im_end|>]]" in shown.stdout
+    assert "[[<think>\nTwo and three make five.\n</think>\n\n2 plus 3 is 5." in shown.stdout
+    assert "loss mask: TRL's training template (trl 1.16.0 qwen3_training.jinja)" in shown.stdout
     assert "14 rows read, 12 kept, dropped: 2 no assistant turn" in shown.stdout
 
     args = base_args(setup, tmp_path, "--model_name_or_path", str(model), "--train_data", str(data))
@@ -133,6 +140,8 @@ def test_a_reasoning_template_trains_exactly_the_answers(setup, tmp_path):
         "loss_tokens": report["loss_tokens"],
     }
     assert changed_tensors(model, tmp_path / "model") == SELECTED
+    # Trained with TRL's training version; the saved tokenizer keeps the original for inference.
+    assert (tmp_path / "model" / "chat_template.jinja").read_text() == published("qwen3")
 
 
 def test_data_check_names_the_setting_when_nothing_is_left(setup, tmp_path):

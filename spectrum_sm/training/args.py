@@ -112,7 +112,18 @@ class TrainArgs:
         default=0, metadata={"help": "tokenizing processes per host (0: its cores, at most 8)"}
     )
     assistant_only_loss: bool = field(
-        default=True, metadata={"help": "loss on assistant tokens only (messages rows)"}
+        default=True,
+        metadata={
+            "help": "loss only on what the assistant writes (messages rows), as TRL masks it"
+        },
+    )
+    chat_template_path: str | None = field(
+        default_factory=lambda: env_path("SM_CHANNEL_CHAT_TEMPLATE"),
+        metadata={
+            "help": "a .jinja chat template (or a folder holding one) used instead of the "
+            "tokenizer's to render and mask chat rows, e.g. one with {% generation %} blocks "
+            "(default: the 'chat_template' channel, if any)"
+        },
     )
     seed: int = field(default=42, metadata={"help": "seed for data order and init"})
     logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
@@ -262,7 +273,7 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
 
 #: Set by the job itself from its channels and config, never by hyperparameters.
 JOB_SET = ("model_name_or_path", "spectrum_config", "train_data", "validation_data", "output_dir",
-           "checkpoint_dir", "tensorboard_dir")  # fmt: skip
+           "checkpoint_dir", "tensorboard_dir", "chat_template_path")  # fmt: skip
 
 
 def check_hyperparameters(hyperparameters: dict[str, str], where: str = "hyperparameters") -> None:

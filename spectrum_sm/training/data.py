@@ -7,9 +7,10 @@ job; a private one needs ``secret_environment: {HF_TOKEN: ...}``).
 
 Row shapes:
 
-* ``{"messages": [{"role", "content", "reasoning_content"?, "tool_calls"?}, ...], "tools"?}``:
-  rendered with the tokenizer's chat template; by default only assistant output carries loss
-  (:mod:`.chat` finds it for any template);
+* ``{"messages": [{"role", "content", "reasoning_content"?, "tool_calls"?}, ...], "tools"?,
+  "chat_template_kwargs"?}``: rendered with the tokenizer's chat template (or the one given);
+  by default only what the assistant writes carries loss, exactly as TRL's
+  ``assistant_only_loss`` masks it (:mod:`.chat`);
 * ``{"prompt": str, "completion": str}``: loss on the completion and the end-of-sequence token;
 * ``{"text": str}``: loss on everything.
 
@@ -26,12 +27,13 @@ that carry no loss are dropped and counted by reason (``no_assistant_turn``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ DATA_SUFFIXES = tuple(BUILDERS)
 DISK_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 DROP_REASONS = ("empty", "no_assistant_turn", "truncated_away")
 #: Bumped when tokenization changes, so old cached Arrow files are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -96,6 +98,20 @@ def _cache_root() -> Path:
     return Path(root) / "spectrum-sm"
 
 
+def _derived_copy(file: Path, kind: str, name: str, write: Callable[[Path], None]) -> Path:
+    """A copy of ``file`` made by ``write(partial_path)``, cached under ``kind`` by the file's
+    path, size and modification time, and renamed into place only once whole."""
+    stat = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    copy = _cache_root() / kind / key.hexdigest()[:16] / name
+    if not copy.is_file():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        partial = copy.with_suffix(copy.suffix + ".part")
+        write(partial)
+        partial.replace(copy)
+    return copy
+
+
 def _without_bom(file: Path) -> Path:
     """The file itself, or (for a text file starting with a UTF-8 BOM) a copy without it."""
     if file.suffix not in (".json", ".jsonl", ".csv"):
@@ -103,17 +119,46 @@ def _without_bom(file: Path) -> Path:
     with file.open("rb") as handle:
         if handle.read(3) != b"\xef\xbb\xbf":
             return file
-        stat = file.stat()
-        key = hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        copy = _cache_root() / "bom" / key.hexdigest()[:16] / file.name
-        if not copy.is_file():
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            partial = copy.with_suffix(copy.suffix + ".part")
-            with partial.open("wb") as out:
-                while block := handle.read(1 << 20):
-                    out.write(block)
-            partial.replace(copy)
-        return copy
+
+    def write(partial: Path) -> None:
+        with file.open("rb") as handle, partial.open("wb") as out:
+            handle.seek(3)
+            while block := handle.read(1 << 20):
+                out.write(block)
+
+    return _derived_copy(file, "bom", file.name, write)
+
+
+#: Row fields whose nested objects differ from row to row (tool-call arguments, tool schemas).
+FREE_FORM = ("messages", "tools", "chat_template_kwargs")
+
+
+def _free_form_as_text(file: Path, field_name: str | None) -> Path:
+    """A copy of a JSON(L) file with the :data:`FREE_FORM` fields as JSON strings (decoded
+    again per row), for `datasets` releases without the ``Json`` feature type (4.5, the
+    training image's). Those unify the objects of all rows into one Arrow struct, so a row's
+    tool-call arguments ``{"city": "Paris"}`` would come back as ``{"city": "Paris", "a":
+    None, ...}`` and be rendered with every other row's keys as nulls. Raises ValueError on
+    text that is not JSON."""
+
+    def write(partial: Path) -> None:
+        if file.suffix == ".json":
+            data = json.loads(file.read_text(encoding="utf-8-sig"))
+            rows = data[field_name] if field_name else data
+            rows = rows if isinstance(rows, list) else [rows]
+        else:
+            with file.open(encoding="utf-8-sig") as handle:
+                rows = [json.loads(line) for line in handle if line.strip()]
+        with partial.open("w", encoding="utf-8") as out:
+            for row in rows:
+                if isinstance(row, dict):
+                    row = {
+                        k: json.dumps(v) if k in FREE_FORM and not isinstance(v, str) else v
+                        for k, v in row.items()
+                    }
+                out.write(json.dumps(row) + "\n")
+
+    return _derived_copy(file, "free-form", file.stem + ".jsonl", write)
 
 
 def _json_field(file: Path) -> str | None:
@@ -182,6 +227,14 @@ def load_split(source: str | Path, *, split: str = "train", name: str | None = N
         options: dict[str, Any] = {}
         if builder == "json" and (found := _json_field(readable[0])):
             options["field"] = found
+        if builder == "json" and not hasattr(datasets, "Json"):
+            try:
+                field_name = options.pop("field", None)
+                readable = [_free_form_as_text(f, field_name) for f in readable]
+            except ValueError as exc:
+                raise SpectrumError(
+                    _first_bad_json_line(readable) or f"{path}: not valid JSON ({exc})"
+                ) from None
         try:
             loaded = datasets.load_dataset(
                 builder,
@@ -233,6 +286,8 @@ class DataOptions:
     prompt_template: str = ""
     completion_template: str = ""
     system_prompt: str = ""
+    #: The text of a chat template that replaces the tokenizer's (``--chat_template_path``).
+    chat_template: str = ""
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -250,11 +305,15 @@ def parse_columns(text: str) -> dict[str, str]:
 
 
 def _present(row: dict[str, Any]) -> dict[str, Any]:
-    """A row without the fields Arrow added as None (absent in this row, present in others)."""
+    """A row without the fields Arrow added as None (absent in this row, present in others),
+    its ``messages`` and ``chat_template_kwargs`` decoded when they are JSON text."""
     clean = {}
     for key, value in row.items():
         if value is None:
             continue
+        if key in ("messages", "chat_template_kwargs") and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # else left as text: the row's checks name it
+                value = json.loads(value)
         if key == "messages" and isinstance(value, list):
             value = [
                 {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
@@ -347,7 +406,8 @@ def encode_row(
 ) -> dict[str, Any]:
     """``input_ids``, ``labels`` (``-100``: no loss), ``loss_tokens`` and ``drop_reason`` ("" when
     the row is kept). Malformed rows raise, naming the row."""
-    row = shape_row(row, index, options, chat=bool(getattr(tokenizer, "chat_template", None)))
+    chat = bool(options.chat_template or getattr(tokenizer, "chat_template", None))
+    row = shape_row(row, index, options, chat=chat)
     kind = row_kind(row, index)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if kind == "text":
@@ -364,7 +424,7 @@ def encode_row(
         ids = prompt_ids + completion_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     else:
-        ids, labels = _encode_messages(row, index, tokenizer, options.assistant_only)
+        ids, labels = _encode_messages(row, index, tokenizer, options)
     learnable = sum(label != IGNORE_INDEX for label in labels)
     ids, labels = ids[: options.max_length], labels[: options.max_length]
     kept = sum(label != IGNORE_INDEX for label in labels)
@@ -379,8 +439,8 @@ def encode_row(
     return {"input_ids": ids, "labels": labels, "loss_tokens": kept, "drop_reason": reason}
 
 
-def _encode_messages(row: dict[str, Any], index: int, tokenizer: Any, assistant_only: bool):
-    from .chat import render_with_mask
+def _encode_messages(row: dict[str, Any], index: int, tokenizer: Any, options: DataOptions):
+    from .chat import render_ids, render_with_mask
 
     messages = row["messages"]
     if not isinstance(messages, list):
@@ -394,16 +454,23 @@ def _encode_messages(row: dict[str, Any], index: int, tokenizer: Any, assistant_
             raise SpectrumError(f"data row {index}: message {number} needs 'role' and 'content'")
         if "content" in message:
             _check_text(message["content"], f"message {number} content", index)
-    if not getattr(tokenizer, "chat_template", None):
-        raise SpectrumError("the tokenizer has no chat template; 'messages' rows need one")
+    template_kwargs = row.get("chat_template_kwargs") or {}
+    if not isinstance(template_kwargs, dict):
+        raise SpectrumError(f"data row {index}: 'chat_template_kwargs' must be an object")
+    tools = row.get("tools")
+    if isinstance(tools, str):  # TRL's convention: a JSON list in a string column
+        try:
+            tools = json.loads(tools)
+        except ValueError as exc:
+            raise SpectrumError(f"data row {index}: 'tools' is not valid JSON ({exc})") from None
+    render = {"template": options.chat_template or None, "template_kwargs": template_kwargs}
     try:
-        ids, mask, _ = render_with_mask(tokenizer, messages, row.get("tools"))
+        if not options.assistant_only:
+            ids = render_ids(tokenizer, messages, tools, **render)
+            return ids, list(ids)
+        ids, mask = render_with_mask(tokenizer, messages, tools, **render)
     except SpectrumError as exc:
-        raise SpectrumError(
-            f"data row {index}: {exc} (or pass --assistant_only_loss false)"
-        ) from None
-    if not assistant_only:
-        return ids, list(ids)
+        raise SpectrumError(f"data row {index}: {exc}") from None
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
 
 
@@ -498,6 +565,18 @@ def _tokenizer_key(tokenizer: Any) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
+def mask_source(tokenizer: Any, options: DataOptions, columns: Sequence[str]) -> str:
+    """How the loss masks of chat rows are made (:func:`.chat.mask_way`), or "" when the rows
+    are not chats or every token is trained: part of the cache key, and what the log says."""
+    template = options.chat_template or getattr(tokenizer, "chat_template", None)
+    chats = "messages" in columns or bool(options.prompt_template)
+    if not (template and chats and options.assistant_only):
+        return ""
+    from .chat import mask_way
+
+    return mask_way(tokenizer, options.chat_template or None).describe()
+
+
 def _encode_batch(batch, indices, tokenizer, options):
     keys = list(batch)
     out: dict[str, list] = {"input_ids": [], "labels": [], "loss_tokens": [], "drop_reason": []}
@@ -529,6 +608,7 @@ def prepare_split(
                 dataset._fingerprint,
                 _tokenizer_key(tokenizer),
                 options.key(),
+                mask_source(tokenizer, options, dataset.column_names),
                 FORMAT_VERSION,
                 packing,
             ]

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError
+from .chat import read_chat_template
 from .data import (
     IGNORE_INDEX,
     DataOptions,
     encode_row,
     load_split,
+    mask_source,
     nothing_left,
     parse_columns,
     prepare_split,
@@ -65,8 +67,11 @@ def check_data(
     completion_template: str = "",
     system_prompt: str = "",
     assistant_only: bool = True,
+    chat_template: str = "",
 ) -> dict[str, Any]:
-    """Counts for the whole split and, for its first ``rows`` rows, the text that carries loss."""
+    """Counts for the whole split and, for its first ``rows`` rows, the text that carries loss.
+    ``chat_template`` is a .jinja file that replaces the tokenizer's template; ``loss_mask`` in
+    the answer says how chat rows' masks were made (see :mod:`.chat`)."""
     tokenizer = _tokenizer(model)
     options = DataOptions(
         max_length,
@@ -75,6 +80,7 @@ def check_data(
         prompt_template,
         completion_template,
         system_prompt,
+        read_chat_template(chat_template) if chat_template else "",
     )
     with tempfile.TemporaryDirectory(prefix="spectrum-data-") as scratch:
         source = data
@@ -104,6 +110,7 @@ def check_data(
             )
             rendered.append(pieces)
     report = {
+        "loss_mask": mask_source(tokenizer, options, dataset.column_names) or None,
         "rows_read": counts.rows_read,
         "rows_kept": counts.rows_kept,
         "dropped": counts.dropped,

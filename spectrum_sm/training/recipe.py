@@ -188,6 +188,7 @@ class Recipe:
     def setup_data(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
+        from .chat import read_chat_template
         from .data import (
             DataOptions,
             default_num_proc,
@@ -224,6 +225,7 @@ class Recipe:
             args.prompt_template,
             args.completion_template,
             args.system_prompt,
+            read_chat_template(args.chat_template_path) if args.chat_template_path else "",
         )
         num_proc = args.num_proc or default_num_proc()
 

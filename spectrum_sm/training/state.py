@@ -121,6 +121,8 @@ def run_fingerprint(args, world_size: int) -> dict[str, Any]:
     }
     if getattr(args, "validation_share", 0):  # it removes rows from training; absent when 0,
         fingerprint["validation_share"] = args.validation_share  # as checkpoints before it
+    if getattr(args, "chat_template_path", None):  # likewise: what the rows render as
+        fingerprint["chat_template"] = folder_digest(args.chat_template_path)
     return fingerprint
 
 
