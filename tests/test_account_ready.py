@@ -337,3 +337,64 @@ def test_launch_analysis_hands_the_staged_hub_model_to_training(moto_server, s3_
     assert result["reused"] is True and "model_s3" not in result  # nothing staged yet
     s3.put_object(Bucket=s3_bucket, Key=f"n/models/org--tiny@{COMMIT[:12]}.staged.json", Body=b"{}")
     assert launch_analysis(config, local=True)["model_s3"] == staged
+
+
+def test_a_training_job_carries_its_chat_template_and_the_pinned_trl(
+    moto_server, s3_bucket, tmp_path
+):
+    """``chat_template:`` is staged as the job's ``chat_template`` channel (train.py reads it
+    from SM_CHANNEL_CHAT_TEMPLATE); the code channel holds this machine's TRL modules, chat
+    templates and metadata; a missing template file is refused before anything is uploaded."""
+    from spectrum_sm.aws.config import load_pipeline
+    from spectrum_sm.aws.pipeline import prepare_training
+    from spectrum_sm.core.errors import SpectrumError
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=4)
+    template = tmp_path / "marked.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+
+    def config(chat_template: str, prefix: str):
+        return load_pipeline(
+            EXAMPLES / "qwen3-8b.yaml",
+            [
+                f"common.output_s3=s3://{s3_bucket}/{prefix}",
+                f"training.model={paths['model']}",
+                f"training.train_data={paths['train']}",
+                "training.validation_data=",
+                "training.method=full",
+                f"training.chat_template={chat_template}",
+            ],
+        ).training
+
+    with pytest.raises(SpectrumError, match=r"chat template '.*missing\.jinja' does not exist"):
+        prepare_training(
+            config(str(tmp_path / "missing.jinja"), "m"), spectrum_uri=None, dry_run=False,
+            local=False,
+        )  # fmt: skip
+    assert _objects(s3_bucket) == {}
+    with pytest.raises(SpectrumError, match="'chat_template_path' is set by the job itself"):
+        hyperparameter = ["training.hyperparameters.chat_template_path=x"]
+        training = load_pipeline(EXAMPLES / "qwen3-8b.yaml", hyperparameter).training
+        prepare_training(training, spectrum_uri=None, dry_run=True, local=True)
+
+    request = prepare_training(
+        config(str(template), "c"), spectrum_uri=None, dry_run=False, local=False
+    )
+    channels = {
+        c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+        for c in request["InputDataConfig"]
+    }
+    written = _objects(s3_bucket)
+    staged = channels["chat_template"].split(f"s3://{s3_bucket}/", 1)[1]
+    assert written[staged.rstrip("/") + "/marked.jinja"] == template.read_bytes()
+    code = channels["code"].split(f"s3://{s3_bucket}/", 1)[1].rstrip("/")
+    for part in (
+        "trl/chat_template_utils.py",
+        "trl/chat_templates/qwen3_training.jinja",
+        "trl/chat_templates/qwen3.jinja",
+        "trl-1.16.0.dist-info/METADATA",
+        "spectrum_sm/training/chat.py",
+    ):
+        assert f"{code}/{part}" in written, part
+    assert not any(k.startswith(f"{code}/trl/trainer/") for k in written)  # only what masks use

@@ -1,10 +1,11 @@
 """The container-side entrypoints on the training image's packages, not on ours.
 
 ``scripts/image-env.sh`` (run by ``scripts/test.sh``) builds ``.venv-image`` from
-``images/huggingface-pytorch-training-gpu.txt``: transformers 5.3.0, accelerate 1.12.0, peft 0.18.1,
-datasets 4.5.0, huggingface_hub 1.10.0, numpy < 2. Local mode then plays the container with that
-interpreter (``SPECTRUM_SM_LOCAL_PYTHON``), so the analysis, Spectrum training and LoRA run as they
-would in the image, and an API our development packages have but the image lacks fails here.
+``images/huggingface-pytorch-training-gpu.txt``: transformers 5.3.0, accelerate 1.12.0, peft
+0.18.1, datasets 4.5.0, huggingface_hub 1.10.0, trl 0.28.0, numpy < 2. Local mode then plays the
+container with that interpreter (``SPECTRUM_SM_LOCAL_PYTHON``), so the analysis, Spectrum
+training and LoRA run as they would in the image, and an API our development packages have but
+the image lacks fails here.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def test_the_environment_has_the_images_packages(image_python):
         "peft",
         "datasets",
         "huggingface_hub",
+        "trl",
         "numpy",
     }
     code = (
@@ -152,3 +154,57 @@ def test_compare_on_the_images_packages_falls_back_to_log_lines(
         assert details["curve_sources"][label] == "log lines (time by step)"
         assert [p[1] for p in curves["eval"]] == [2, 4, 6, 8]
         assert [p[1] for p in curves["train"]] == list(range(1, 9))
+
+
+def test_chat_masks_on_the_images_packages_are_what_data_check_shows_here(image_python, tmp_path):
+    """Tool-call rows under the published Qwen3 template, read and masked on the image's
+    packages with the code channel a training job gets (spectrum_sm and this machine's TRL
+    modules): the trained text of every row is the one data-check shows here. On its own TRL
+    (0.28.0) the image would refuse; its datasets (4.5.0) would unify the rows' tool-call
+    arguments into one struct and render every other row's keys as nulls."""
+    from chat_templates import published, tokenizer_for_template
+    from conversations import CONVERSATIONS, texts
+
+    from spectrum_sm.aws.pipeline import write_code
+    from spectrum_sm.training.datacheck import check_data
+
+    tokenizer = tokenizer_for_template(published("qwen3"), texts())
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    kinds = [
+        "tool_call_dict_arguments",
+        "tool_call_json_string_arguments",
+        "several_calls_in_one_turn",
+        "reasoning_then_tool_call_only_turn",
+        "agent_trace",
+        "reasoning_content_multi_turn",
+    ]
+    data = tmp_path / "agents.jsonl"
+    data.write_text("".join(json.dumps(CONVERSATIONS[k]) + "\n" for k in kinds))
+    here = check_data(str(data), str(tmp_path / "tokenizer"), rows=len(kinds))
+    code = tmp_path / "code"
+    write_code(code, with_trl=True)
+    assert (code / "trl" / "chat_templates" / "qwen3_training.jinja").is_file()
+
+    def image_check(pythonpath: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [image_python, "-m", "spectrum_sm.cli", "data-check", str(data), "--json",
+             "--model", str(tmp_path / "tokenizer"), "--rows", str(len(kinds))],
+            capture_output=True, text=True, cwd=tmp_path, timeout=600,
+            env={**os.environ, "PYTHONPATH": pythonpath,
+                 "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+        )  # fmt: skip
+
+    proc = image_check(str(code))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    there = json.loads(proc.stdout)
+    assert (
+        there["loss_mask"]
+        == here["loss_mask"]
+        == ("TRL's training template (trl 1.16.0 qwen3_training.jinja)")
+    )
+    for kind, ours, theirs in zip(kinds, here["examples"], there["examples"], strict=True):
+        assert theirs["trained_text"] == ours["trained_text"], kind
+        assert "null" not in theirs["trained_text"], kind
+    alone = image_check(str(ROOT))  # without the code channel's TRL: the image's own
+    assert alone.returncode == 1
+    assert "needs trl>=1.16.0" in alone.stderr and "trl 0.28.0 is installed" in alone.stderr

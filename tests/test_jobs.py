@@ -373,6 +373,14 @@ def test_local_pipeline_against_moto(moto_server, tmp_path):
     paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=16)
     bucket = "pipeline-test"
     boto3.client("s3").create_bucket(Bucket=bucket)
+    # The toy's ChatML with {% generation %} blocks, as a user's training template would be.
+    marked = tmp_path / "chatml-marked.jinja"
+    marked.write_text(
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}"
+        "<|im_end|>{% endgeneration %}{% else %}{{ message['content'] }}<|im_end|>{% endif %}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     proc = run_cli(
         "-q",
         "run",
@@ -388,9 +396,14 @@ def test_local_pipeline_against_moto(moto_server, tmp_path):
         f"training.model={paths['model']}",
         "--set",
         f"training.train_data={paths['train']}",
+        "--set",
+        f"training.chat_template={marked}",
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The template reached train.py as the job's chat_template channel and made the masks.
+    job_log = (tmp_path / "jobs" / result["training_job"] / "output" / "job.log").read_text()
+    assert "assistant-only loss: the template's {% generation %} markers" in job_log
     s3 = boto3.client("s3")
 
     def keys(uri):

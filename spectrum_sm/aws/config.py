@@ -335,6 +335,13 @@ class TrainingConfig(JobConfig):
     spectrum_config: str = field(
         default="", metadata={"help": "layer file location (the pipeline fills it in)"}
     )
+    chat_template: str = field(
+        default="",
+        metadata={
+            "help": "a .jinja chat template (file or s3:// URI) that renders and masks chat "
+            "rows instead of the tokenizer's, e.g. one with {% generation %} blocks"
+        },
+    )
     method: str = field(default="spectrum", metadata={"help": "spectrum | full | lora | qlora"})
     hyperparameters: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "train.py arguments, e.g. max_steps: 500"}
@@ -383,6 +390,7 @@ class TrainingConfig(JobConfig):
             "validation_data",
             "output_dir",
             "checkpoint_dir",
+            "chat_template_path",
             "method",
         ):
             _check(
@@ -404,6 +412,7 @@ class TrainingConfig(JobConfig):
             ("train_data", self.train_data),
             ("validation_data", self.validation_data),
             ("spectrum_config", self.spectrum_config),
+            ("chat_template", self.chat_template),
         ):
             if uri.startswith("s3://"):
                 _check(p, bucket_problem(uri) is None, f"{name} {bucket_problem(uri)}")

@@ -60,6 +60,7 @@ def _image_repository(config: JobConfig, job: str) -> str:
 def _inputs(config: PipelineConfig) -> list[str]:
     uris = [config.analysis.model, config.training.model, config.training.train_data]
     uris += [config.training.validation_data, config.training.spectrum_config]
+    uris += [config.training.chat_template]
     uris += [config.training.resume_from, config.training.checkpoint_s3]
     return sorted({u for u in uris if u.startswith("s3://")})
 

@@ -270,6 +270,7 @@ def plan_training(
     ``kind`` is the job name's middle part (``<base>-<kind>-<random>-<time>``)."""
     validate(config, need_role=not local)
     _check_account(config, local=local, dry_run=dry_run)
+    _check_trl()
     name = job_name(config.base_job_name, kind)
     # The planner reads config.json where the user put the model, before any upload.
     planned = resolve_distribution(config)
@@ -277,7 +278,12 @@ def plan_training(
         "model": config.model,
         "train": config.train_data,
         "validation": config.validation_data,
+        "chat_template": config.chat_template,
     }
+    if config.chat_template and not config.chat_template.startswith("s3://"):
+        from ..training.chat import read_chat_template
+
+        read_chat_template(config.chat_template)  # readable, before anything is uploaded
     if spectrum_uri is None and config.spectrum_config:
         fields["spectrum"] = config.spectrum_config
     inputs, uploads, markers = _plan_inputs(config, fields, dry_run=dry_run)
@@ -286,6 +292,7 @@ def plan_training(
         model=inputs["model"],
         train_data=inputs["train"],
         validation_data=inputs["validation"],
+        chat_template=inputs["chat_template"],
         spectrum_config=spectrum_uri or inputs.get("spectrum", ""),
     )
     request = build_training_request(staged, name=name, need_role=not local, distribution=planned)
@@ -293,6 +300,25 @@ def plan_training(
         # This machine, not the instance type's GPU count, sets the local process count.
         request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.processes_per_host or 1)
     return PreparedJob(request, staged, uploads, markers)
+
+
+def _check_trl() -> None:
+    """A training job carries this machine's TRL (see :func:`upload_code`): it must be here,
+    at the pinned release or later."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..training.chat import TRL_VERSION, trl_is_recent
+
+    try:
+        found = version("trl")
+    except PackageNotFoundError:
+        found = ""
+    if not trl_is_recent(found):
+        have = f"trl {found} is installed" if found else "trl is not installed"
+        raise SpectrumError(
+            f"a training job carries TRL's chat templates (trl>={TRL_VERSION}, the loss masks "
+            f"of chat data) from this machine, and {have} here: pip install 'spectrum-sm[train]'"
+        )
 
 
 # --- staging: uploads, only after everything validated -------------------------------------
@@ -322,7 +348,7 @@ def stage(job: PreparedJob) -> None:
         upload_folder(path, uri, extra_args=extra)  # a data file lands as <uri>/<its name>
         if marker in job.markers:
             _put(marker, job.markers[marker], job.config)
-    upload_code(job.code_uri, extra_args=extra)
+    upload_code(job.code_uri, extra_args=extra, with_trl=_is_training(job.request))
     output = job.request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
     name = job.request["TrainingJobName"]
     _put(f"{output}/{name}/spectrum-sm-config.yaml", to_yaml(job.config), job.config)
@@ -338,18 +364,38 @@ def _put(uri: str, body: str, config: JobConfig) -> None:
         raise describe_client_error(exc, uri) from exc
 
 
-def upload_code(uri: str, *, extra_args: dict[str, str] | None = None) -> None:
-    """The job's code channel: spectrum_sm/ and entrypoints/ as plain files."""
+def _is_training(request: dict[str, Any]) -> bool:
+    return request["AlgorithmSpecification"]["ContainerArguments"] == ["train"]
+
+
+def write_code(folder: Path, *, with_trl: bool) -> None:
+    """The job's code channel into ``folder``: spectrum_sm/ and entrypoints/ as plain files;
+    with ``with_trl`` (training jobs) also this machine's TRL modules and chat templates that
+    the loss masks use. They come first on the job's path: the image's TRL (0.28.0 in the
+    default image) has one training template, the pinned one all of them, and data-check here
+    used the same."""
+    from ..training.chat import trl_code_files
+
+    for part in CODE_PARTS:
+        shutil.copytree(
+            PACKAGE_ROOT / part,
+            folder / part,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+    for source, relative in trl_code_files() if with_trl else []:
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, folder / relative)
+
+
+def upload_code(
+    uri: str, *, extra_args: dict[str, str] | None = None, with_trl: bool = False
+) -> None:
+    """The job's code channel (:func:`write_code`), uploaded to ``uri``."""
     from .local import upload_folder
 
     staging = Path(tempfile.mkdtemp(prefix="spectrum-code-"))
     try:
-        for part in CODE_PARTS:
-            shutil.copytree(
-                PACKAGE_ROOT / part,
-                staging / part,
-                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-            )
+        write_code(staging, with_trl=with_trl)
         upload_folder(staging, uri, extra_args=extra_args)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -270,6 +270,7 @@ def build_training_request(
     channels = {
         "train": config.train_data,
         "validation": config.validation_data,
+        "chat_template": config.chat_template,
         "spectrum": spectrum if config.method == "spectrum" else "",
     }
     hps: dict[str, Any] = {"method": config.method, **config.hyperparameters}
