@@ -139,25 +139,30 @@ SPECIALS = [
 
 def tokenizer_for(name: str, texts: list[str]):
     """A tiny byte-level BPE tokenizer with ``name``'s template and every special token."""
+    template, eot = {**TEMPLATES, **TEMPLATES_WITH_TOOLS}[name]
+    return _tiny_tokenizer(template, texts, ["<|endoftext|>", *SPECIALS], "<s>", eot, 400)
+
+
+def _tiny_tokenizer(template: str, texts: list[str], specials, bos, eos, vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``; ``specials[0]`` is the pad token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    template, eot = {**TEMPLATES, **TEMPLATES_WITH_TOOLS}[name]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", *SPECIALS],
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token=eot,
-        pad_token="<|endoftext|>",
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=specials[0],
         chat_template=template,
     )
 
@@ -221,27 +226,9 @@ def published(name: str) -> str:
 def tokenizer_for_template(template: str, texts: list[str], vocab_size: int = 600):
     """A tiny byte-level BPE tokenizer carrying ``template``, with every control token the
     template writes as an added special token (as the real tokenizers have them)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     controls = sorted(set(_CONTROL.findall(template)) - {"<|bos|>", "<|eos|>", "<|pad|>"})
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>", *controls],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        pad_token="<|pad|>",
-        chat_template=template,
-    )
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>", *controls]
+    return _tiny_tokenizer(template, texts, specials, "<|bos|>", "<|eos|>", vocab_size)
 
 
 def trl_trained_ids(tokenizer, row: dict) -> list[int]:

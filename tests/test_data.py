@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from chat_templates import TEMPLATES, tokenizer_for
+from chat_templates import TEMPLATES, tokenizer_for, trained_runs
 
 from spectrum_sm.core.errors import SpectrumError
 from spectrum_sm.training.data import (
@@ -103,16 +103,8 @@ def test_bad_data_is_named(tmp_path):
 
 def _trained(tokenizer, encoded) -> list[str]:
     """The decoded runs of tokens that carry loss."""
-    runs, current = [], []
-    for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            runs.append(tokenizer.decode(current))
-            current = []
-    if current:
-        runs.append(tokenizer.decode(current))
-    return runs
+    flags = [label != IGNORE_INDEX for label in encoded["labels"]]
+    return trained_runs(tokenizer, encoded["input_ids"], flags)
 
 
 @pytest.mark.parametrize("name", ["gemma", "llama3", "chatml", "chatml_marked"])
