@@ -303,3 +303,18 @@ def test_no_trl_import_for_a_template_trl_does_not_hold():
     )
     out = subprocess.check_output([sys.executable, "-c", code], text=True)
     assert out.strip() == "[]"
+
+
+def test_a_character_split_over_several_tokens_is_trained_whole():
+    """Byte-level tokenizers split a character they never merged ('✨' is three bytes) into
+    tokens that share its offsets; every one of them is trained when the answer ends on it
+    (a template with no end-of-turn marker, as a user's own may be)."""
+    plain = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    tokenizer = tokenizer_for_template(plain, ["user assistant: hello there"] * 20)
+    messages = [user("Hi"), assistant("Shiny ✨"), user("Again")]
+    ids, mask = chat.render_with_mask(tokenizer, messages)
+    assert len(tokenizer.backend_tokenizer.encode("✨").ids) > 1
+    assert trained_runs(tokenizer, ids, mask) == ["Shiny ✨"]

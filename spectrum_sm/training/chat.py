@@ -19,11 +19,15 @@ The mask is never guessed from strings. One of three ways is chosen per chat tem
    must be prefix-preserving there (the prompt is the start of the turn's rendering, which is
    the start of the whole conversation's); a row where it is not is refused, naming the row.
 
-The convention is TRL's: the header the generation prompt writes (``<|im_start|>assistant\\n``)
-is not trained; everything the model writes after it is (channel markers, think tags,
-reasoning, answer, tool calls, the end-of-turn marker). In the prefix rendering the whitespace
-after the end-of-turn marker is not trained; in the other two the template's blocks decide.
-A token is trained when any of its characters is (transformers' rule for generation blocks).
+In the first two ways the template's blocks decide what is trained. TRL's training templates
+leave out the header the generation prompt writes (``<|im_start|>assistant\\n``) and train what
+the model writes after it (channel markers, think tags, reasoning, answer, tool calls, the
+end-of-turn marker and mostly the newline after it); a few also train a header the model
+itself writes between its own messages (gpt-oss's ``<|start|>assistant``, DeepSeek's
+``<｜Assistant｜>``). The prefix rendering follows the same convention: the generation prompt's
+text is not trained, everything the turn adds after it is, except the whitespace after the
+turn's last character. A token is trained when any of its characters is (transformers' rule
+for generation blocks).
 """
 
 from __future__ import annotations
@@ -371,9 +375,10 @@ def prefix_spans(
 
 
 def _overlapping(encoding: Any, spans: list[tuple[int, int]]) -> list[bool]:
-    """Per token: does it overlap a span. The tokens at a span's first and last character come
-    from the tokenizer's own index (``char_to_token``); a span edge no token covers falls back
-    to comparing every token's offsets."""
+    """Per token: does it overlap a span. A span's edge tokens come from the tokenizer's own
+    index (``char_to_token``), widened to every token that shares the edge character (a
+    byte-level tokenizer splits a character it never merged into tokens with the same offsets);
+    a span edge no token covers falls back to comparing every token's offsets."""
     offsets = encoding.offsets
     mask = [False] * len(offsets)
     for start, end in spans:
@@ -382,6 +387,10 @@ def _overlapping(encoding: Any, spans: list[tuple[int, int]]) -> list[bool]:
             for token, (a, b) in enumerate(offsets):
                 if b > start and a < end:
                     mask[token] = True
-        else:
-            mask[first : last + 1] = [True] * (last + 1 - first)
+            continue
+        while first > 0 and offsets[first - 1][1] > start:
+            first -= 1
+        while last + 1 < len(offsets) and offsets[last + 1][0] < end:
+            last += 1
+        mask[first : last + 1] = [True] * (last + 1 - first)
     return mask
