@@ -14,6 +14,10 @@ import pytest
 import yaml
 
 pytestmark = pytest.mark.integration
+#: Long enough that the run outlasts several passes of the local runner's 1 s checkpoint sync:
+#: under DDP the toy trains ~100 steps a second, and at 120 steps a clean CI run ended before
+#: any pass had uploaded a checkpoint, so the kill never landed mid-run.
+MAX_STEPS = 600
 
 
 def _keys(s3, bucket, prefix):
@@ -34,8 +38,8 @@ def _config(tmp_path, paths, layer_file, bucket, distribution):
             "distribution": distribution,
             "checkpoint_s3": f"s3://{bucket}/mh/ck/",
             "hyperparameters": {
-                "max_steps": 120,
-                "save_steps": 4,
+                "max_steps": MAX_STEPS,
+                "save_steps": 24,
                 "per_device_train_batch_size": 2,
                 "max_seq_length": 64,
                 "precision": "fp32",
@@ -109,6 +113,6 @@ def test_two_hosts_train_and_resume_from_s3_synced_checkpoints(moto_server, tmp_
         s3.get_object(Bucket=bucket, Key=key + "training_report.json")["Body"].read()
     )
     assert report["processes"] == 2 and report["distribution"] == distribution
-    assert report["steps"] == 120 and 0 < report["resumed_from_step"] < 120
+    assert report["steps"] == MAX_STEPS and 0 < report["resumed_from_step"] < MAX_STEPS
     hosts = sorted(p.name for p in (tmp_path / "jobs-2" / result["job"]).iterdir() if p.is_dir())
     assert hosts == ["algo-1", "algo-2"]
