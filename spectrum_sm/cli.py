@@ -529,7 +529,6 @@ def _run_data_check(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .aws.requests import redacted
     from .comparison import collect, compare
     from .core.errors import SpectrumError
 
@@ -564,8 +563,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         )
     if args.dry_run:
         requests = {
-            "analysis": redacted(result.analysis["request"]) if result.analysis else None,
-            "runs": {r.method.label: redacted(r.request) for r in result.runs if r.request},
+            "analysis": result.analysis["request"] if result.analysis else None,
+            "runs": {r.method.label: r.request for r in result.runs if r.request},
             "skipped": {r.method.label: r.reason for r in result.runs if r.status == "skipped"},
         }
         print(json.dumps(requests, indent=2))
@@ -603,7 +602,6 @@ def _run_jobs(args: argparse.Namespace) -> int:
     from .aws.config import load_pipeline
     from .aws.jobs import submit
     from .aws.local import run_local
-    from .aws.requests import redacted
 
     config = load_pipeline(args.config, args.set)
     local, dry = args.local, args.dry_run
@@ -613,7 +611,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
             config, local=local, dry_run=dry, workdir=args.workdir, wait=wait, logs=logs
         )
         if dry:
-            print(json.dumps({k: redacted(v) for k, v in result.items()}, indent=2))
+            print(json.dumps(result, indent=2))
         else:
             print(json.dumps(result))
         return 0
@@ -624,7 +622,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
             config.training, spectrum_uri=None, dry_run=dry, local=local
         )
     if dry:
-        print(json.dumps(redacted(request), indent=2))
+        print(json.dumps(request, indent=2))
         return 0
     if local:
         job = run_local(request, args.workdir)

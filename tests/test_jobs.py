@@ -227,7 +227,7 @@ def test_unknown_config_keys_and_overrides(tmp_path):
         ),
         (
             "training.secret_environment.HF_TOKEN=hf_" + "a" * 34,
-            "must be a Secrets Manager secret ARN",
+            "must be one Secrets Manager secret ARN",
         ),
     ],
 )
@@ -581,7 +581,7 @@ def test_credentials_are_recognised_by_whole_name_parts_and_by_shape():
     from spectrum_sm.aws.config import secret_problems
 
     fine = {"TOKENIZERS_PARALLELISM": "false", "max_tokens": "512", "NCCL_DEBUG": "INFO"}
-    assert secret_problems("environment", fine) == []
+    assert secret_problems(analysis(environment=fine)) == []
     for key, value in (
         ("HF_TOKEN", "x"),
         ("WANDB_API_KEY", "x"),
@@ -590,6 +590,6 @@ def test_credentials_are_recognised_by_whole_name_parts_and_by_shape():
         ("NOTE", "hf_" + "b" * 34),
         ("NOTE", "ghp_" + "c" * 36),
     ):
-        (problem,) = secret_problems("environment", {key: value})
+        (problem,) = secret_problems(analysis(environment={key: value}))
         assert f"environment.{key} looks like a credential" in problem
         assert value not in problem  # never echoed

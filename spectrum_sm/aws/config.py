@@ -16,23 +16,15 @@ from typing import Any
 import yaml
 
 from ..core.errors import SpectrumError
+from ..core.secrets import secret_fields, secret_message
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@\-/]{1,512}$")
 S3_URI = re.compile(r"^s3://[^/]+(/.*)?$")
-SECRET_ARN = re.compile(r"^arn:aws[a-z\-]*:secretsmanager:[a-z0-9\-]+:\d{12}:secret:.+$")
+#: A secret's name is letters, digits and /_+=.@-: ``*`` or ``?`` would grant other secrets too.
+SECRET_ARN = re.compile(
+    r"^arn:aws[a-z\-]*:secretsmanager:[a-z0-9\-]+:\d{12}:secret:[A-Za-z0-9/_+=.@\-]+$"
+)
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,511}$")
-#: Values that are credentials whatever their key is called (Hub, AWS, GitHub, OpenAI, Slack).
-SECRET_VALUE = re.compile(
-    r"(hf_[A-Za-z0-9]{30,}|\b(AKIA|ASIA)[A-Z0-9]{16}\b|gh[pousr]_[A-Za-z0-9]{30,}"
-    r"|sk-[A-Za-z0-9_\-]{20,}|xox[abpsr]-[A-Za-z0-9\-]{10,})"
-)
-#: Names under which a value is a credential (HF_TOKEN, WANDB_API_KEY, DB_PASSWORD, ...), as whole
-#: name parts: TOKENIZERS_PARALLELISM or max_tokens are not.
-SECRET_NAME = re.compile(
-    r"(?:^|[_\-.])(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|ACCESS_KEY|PRIVATE_KEY)"
-    r"(?:$|[_\-.])",
-    re.IGNORECASE,
-)
 LOCAL_ROLE = "arn:aws:iam::000000000000:role/spectrum-sm-local"
 JOB_BASE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,40}$")
 #: GPUs per instance for the types this project recommends (others: set processes_per_host).
@@ -118,19 +110,11 @@ def bucket_problem(uri: str) -> str | None:
     return None
 
 
-def secret_problems(where: str, values: dict[str, Any]) -> list[str]:
-    """Credentials written in a config: they would show in DescribeTrainingJob, the console and
-    the config copy written next to the outputs, so they are refused, named by key only."""
-    problems = []
-    for key, value in values.items():
-        if SECRET_NAME.search(str(key)) or SECRET_VALUE.search(str(value)):
-            problems.append(
-                f"{where}.{key} looks like a credential; never put one in a config (SageMaker "
-                "shows environment and hyperparameters to anyone who can describe the job): "
-                "store it in AWS Secrets Manager and name it in secret_environment "
-                f"({key}: arn:aws:secretsmanager:...), which the job reads with its role"
-            )
-    return problems
+def secret_problems(config: Any) -> list[str]:
+    """Credentials written in a config (any field but secret_environment's ARNs): they would show
+    in DescribeTrainingJob, job names, S3 keys and the config copy written next to the outputs,
+    so they are refused, named by field only."""
+    return [secret_message(place) for place in secret_fields(config)]
 
 
 def _arn_partition_problem(what: str, arn: str, region: str) -> str | None:
@@ -187,6 +171,14 @@ class JobConfig:
     )
 
     def problems(self, need_role: bool) -> list[str]:
+        """Every way this config is wrong. A credential in it is the only problem reported:
+        the other messages quote values."""
+        secrets = secret_problems(self)
+        if secrets:
+            return secrets
+        return self._problems(need_role)
+
+    def _problems(self, need_role: bool) -> list[str]:
         p: list[str] = []
         if need_role:
             _check(
@@ -244,11 +236,10 @@ class JobConfig:
             _check(
                 p,
                 bool(SECRET_ARN.match(str(arn))),
-                f"secret_environment.{key} must be a Secrets Manager secret ARN "
-                "(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME; the value is not shown)",
+                f"secret_environment.{key} must be one Secrets Manager secret ARN "
+                "(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME, no wildcards: they grant "
+                "every matching secret; the value is not shown)",
             )
-        p += secret_problems("environment", self.environment)
-        p += secret_problems("tags", self.tags)
         return p
 
 
@@ -290,8 +281,8 @@ class AnalysisConfig(JobConfig):
         },
     )
 
-    def problems(self, need_role: bool) -> list[str]:
-        p = super().problems(need_role)
+    def _problems(self, need_role: bool) -> list[str]:
+        p = super()._problems(need_role)
         _check(p, bool(self.model), "analysis needs a model (Hub id, s3:// prefix or folder)")
         _check(
             p,
@@ -366,8 +357,8 @@ class TrainingConfig(JobConfig):
     tensorboard: bool = field(default=True, metadata={"help": "upload TensorBoard output"})
     instance_type: str = field(default="ml.p4d.24xlarge", metadata={"help": "ML instance type"})
 
-    def problems(self, need_role: bool) -> list[str]:
-        p = super().problems(need_role)
+    def _problems(self, need_role: bool) -> list[str]:
+        p = super()._problems(need_role)
         _check(p, bool(self.model), "training needs a model")
         _check(p, bool(self.train_data), "training needs train_data")
         _check(
@@ -422,10 +413,7 @@ class TrainingConfig(JobConfig):
             "hyperparameters.validation_share holds out training rows when there is no "
             "validation data; with validation_data set, leave it out",
         )
-        secrets = secret_problems("hyperparameters", self.hyperparameters)
-        p += secrets
-        # The parser's messages quote values: not when one of them is a credential.
-        if not secrets and not any("set by the job itself" in problem for problem in p):
+        if not any("set by the job itself" in problem for problem in p):
             from ..training.args import check_hyperparameters
 
             try:  # train.py's own parser: names, types and ranges, before anything is uploaded

@@ -6,9 +6,11 @@ repository, its KMS keys, its secrets, its job names. Printed by ``spectrum-sm i
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from .config import JobConfig, PipelineConfig, partition
+from ..core.errors import SpectrumError
+from .config import JobConfig, PipelineConfig, partition, validate
 from .images import default_image
 from .requests import LOCAL_ROLE
 from .s3 import split_s3_uri
@@ -132,7 +134,7 @@ def job_role_policy(config: PipelineConfig) -> dict[str, Any]:
                 "Resource": [_key_arn(k, p, region, account) for k in keys],
             }
         )
-    secrets = sorted({arn for c in (a, t) for arn in c.secret_environment.values()})
+    secrets = sorted({_secret_arn(arn) for c in (a, t) for arn in c.secret_environment.values()})
     if secrets:
         statements.append(
             {
@@ -164,12 +166,33 @@ def job_role_policy(config: PipelineConfig) -> dict[str, Any]:
     return {"Version": "2012-10-17", "Statement": statements}
 
 
+#: A complete secret ARN ends with the six random characters Secrets Manager appends to the name.
+_FULL_SECRET_ARN = re.compile(r"^arn:[^:]+:secretsmanager:[^:]+:\d{12}:secret:.+-[A-Za-z0-9]{6}$")
+
+
+def _secret_arn(arn: str) -> str:
+    """The policy resource for a secret: a partial ARN (the name only) matches nothing in a
+    policy, so it gets AWS's documented ``-??????`` for the random suffix."""
+    return arn if _FULL_SECRET_ARN.match(arn) else arn + "-??????"
+
+
 def _key_arn(key: str, p: str, region: str, account: str) -> str:
     if key.startswith("arn:"):
         return key
-    if key.startswith("alias/"):
-        return f"arn:{p}:kms:{region}:{account}:{key}"
     return f"arn:{p}:kms:{region}:{account}:key/{key}"
+
+
+def _refuse_aliases(config: PipelineConfig) -> None:
+    for job, c in (("analysis", config.analysis), ("training", config.training)):
+        for name in ("volume_kms_key", "output_kms_key"):
+            key = getattr(c, name)
+            if key.startswith("alias/") or ":alias/" in key:
+                raise SpectrumError(
+                    f"{job}.{name} {key!r} is a KMS alias: a policy naming an alias does not "
+                    "authorise the key's use, so this policy would not let the job encrypt. Put "
+                    "the key's id or ARN in the config (aws kms describe-key --key-id "
+                    f"{key.split(':')[-1]} --query KeyMetadata.Arn)"
+                )
 
 
 def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
@@ -253,7 +276,10 @@ def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
 
 
 def policies(config: PipelineConfig) -> dict[str, Any]:
-    """Both policies, for ``spectrum-sm iam-policy``."""
+    """Both policies, for ``spectrum-sm iam-policy``, for a config that ``run`` would accept."""
+    for job in (config.analysis, config.training):
+        validate(job, need_role=True)
+    _refuse_aliases(config)
     return {
         "job_role": job_role_policy(config),
         "launching_user": launching_user_policy(config),

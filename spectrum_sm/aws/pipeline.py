@@ -618,6 +618,7 @@ def plan_analysis_step(
     config: AnalysisConfig, *, reuse: bool, dry_run: bool, local: bool
 ) -> AnalysisStep:
     """Find a reusable analysis (unless ``dry_run`` or not ``reuse``) or plan a new one."""
+    validate(config, need_role=not local)  # before any Hub or S3 lookup uses its fields
     key, stage_uri, staged_already = _identify(config, dry_run=dry_run)
     reused = find_reusable_analysis(config, key) if not dry_run and reuse and key else None
     if reused:
@@ -653,8 +654,10 @@ def run_pipeline(
     ``wait``). An analysis of the same model content and settings is reused when
     ``config.reuse_analysis``. A Hub model is staged in S3 by the analysis job (unless
     ``analysis.stage_model`` is false) and the training job reads it from there. Both jobs are
-    validated before anything is uploaded, and staged before the first is submitted.
+    validated before anything is looked up or uploaded, and staged before the first is
+    submitted.
     """
+    validate(config.training, need_role=not local)
     step = plan_analysis_step(
         config.analysis, reuse=config.reuse_analysis, dry_run=dry_run, local=local
     )

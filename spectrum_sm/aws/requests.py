@@ -8,13 +8,13 @@ the maximums or patterns when sending, so this is the only guard before money is
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import re
 import secrets
 from typing import Any
 
 from ..core.errors import SpectrumError
+from ..core.secrets import secret_fields, secret_message
 from ..training.metrics import METRIC_DEFINITIONS
 from .config import (
     LOCAL_ROLE,
@@ -331,6 +331,15 @@ def _input_shape():
 
 def validate_request(request: dict[str, Any]) -> None:
     """Raise :class:`SpectrumError` listing every way ``request`` breaks the service's limits."""
+    # Secret references travel as SPECTRUM_SM_SECRET_<VAR>=<ARN>: names, not values.
+    environment = request.get("Environment", {})
+    sent = {
+        **request,
+        "Environment": {k: v for k, v in environment.items() if not k.startswith(SECRET_PREFIX)},
+    }
+    leaks = secret_fields(sent)
+    if leaks:  # a second guard: configs refuse these already
+        raise SpectrumError("; ".join(secret_message(f"request {place}") for place in leaks))
     problems: list[str] = []
     _walk(_input_shape(), request, "request", problems)
     if problems:
@@ -403,18 +412,3 @@ def _full_match(pattern: str, value: str) -> bool:
         return re.fullmatch(pattern, value, flags=re.DOTALL) is not None
     except re.error:  # a Java-only construct: the length checks still apply
         return True
-
-
-def redacted(request: dict[str, Any]) -> dict[str, Any]:
-    """A copy safe to print. Configs refuse credentials, so this is a second guard only: any
-    value that still looks like one is masked."""
-    from .config import SECRET_NAME, SECRET_VALUE
-
-    copy = json.loads(json.dumps(request))
-    for section in ("Environment", "HyperParameters"):
-        for key, value in copy.get(section, {}).items():
-            if not key.startswith(SECRET_PREFIX) and (
-                SECRET_NAME.search(key) or SECRET_VALUE.search(str(value))
-            ):
-                copy[section][key] = "***"
-    return copy
