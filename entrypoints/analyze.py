@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from spectrum_sm.core.selection import DEFAULT_TOP_PERCENT
+
 log = logging.getLogger("spectrum_sm.analyze")
 
 
@@ -69,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model_name", default="", help="name for the result files")
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--top_percent", type=float, default=50)
+    parser.add_argument("--top_percent", type=float, default=DEFAULT_TOP_PERCENT)
     parser.add_argument("--include", type=_globs, default=[])
     parser.add_argument("--exclude", type=_globs, default=[])
     parser.add_argument("--embeddings", type=_bool, default=True)

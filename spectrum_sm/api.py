@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def scan(
     model: str | os.PathLike[str] | ShardSource,
-    top_percent: float = 50,
+    top_percent: float = sel.DEFAULT_TOP_PERCENT,
     *,
     output_dir: str | os.PathLike[str] | None = None,
     include: Iterable[str] | None = None,

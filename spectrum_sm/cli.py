@@ -12,6 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .core.selection import DEFAULT_TOP_PERCENT
+
 log = logging.getLogger("spectrum_sm")
 
 
@@ -23,6 +25,16 @@ def _percent(text: str) -> float:
     if not 0 < value <= 100:
         raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
     return int(value) if value.is_integer() else value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def _globs(values: list[str] | None) -> list[str]:
@@ -76,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--top-percent",
         type=_percent,
-        default=50,
+        default=DEFAULT_TOP_PERCENT,
         metavar="P",
         help="share of each module type to train, in (0, 100] (default: 50)",
     )
@@ -300,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "results JSON and print the sorted table and trainable share.",
     )
     report.add_argument("results", help="snr_results_<model>.json (ours or the reference's)")
-    report.add_argument("--top-percent", type=_percent, default=30, metavar="P")
+    report.add_argument("--top-percent", type=_percent, default=DEFAULT_TOP_PERCENT, metavar="P")
     report.add_argument("--output", default=None, help="PNG path (default: next to RESULTS)")
     report.add_argument("--no-embeddings", dest="embeddings", action="store_false")
 
@@ -311,10 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
         "memory from a model's config.json alone; recommend instances that fit.",
     )
     planner.add_argument("model", help="folder or config.json path, or Hub id")
-    planner.add_argument("--top-percent", type=_percent, default=30, metavar="P")
+    planner.add_argument("--top-percent", type=_percent, default=DEFAULT_TOP_PERCENT, metavar="P")
     planner.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    planner.add_argument("--seq", type=int, default=2048, help="sequence length")
-    planner.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
+    planner.add_argument("--seq", type=_positive_int, default=2048, help="sequence length")
+    planner.add_argument("--batch", type=_positive_int, default=1, help="micro-batch per GPU")
     planner.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
     planner.add_argument(
         "--no-sharding",
@@ -322,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="no FSDP/ZeRO-3 across an instance's GPUs",
     )
-    planner.add_argument("--lora-rank", type=int, default=16)
+    planner.add_argument("--lora-rank", type=_positive_int, default=16)
     planner.add_argument("--json", action="store_true", help="print one JSON object")
 
     demo = commands.add_parser(
@@ -336,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--top-percent",
         type=_percent,
-        default=50,
+        default=DEFAULT_TOP_PERCENT,
         metavar="P",
         help="share of each module type to train (default: 50)",
     )

@@ -32,6 +32,7 @@ from typing import Any
 from .aws.config import PipelineConfig, TrainingConfig, load_pipeline
 from .core.errors import SpectrumError
 from .core.selection import check_percent, format_percent, layer_folder, percent_in_path
+from .core.yamlio import load_yaml
 from .prices import PriceTable, job_cost, load_prices
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,6 @@ def parse_method_settings(
     job's instance (:data:`INSTANCE_SETTINGS`). Settings that would change the shared budget
     (steps, batch, sequence length, seed, evaluation) or the data are refused: they would make
     the runs incomparable."""
-    import yaml
 
     chosen: dict[Method, dict[str, Any]] = {m: {} for m in methods}
     for setting in settings:
@@ -162,12 +162,7 @@ def parse_method_settings(
                 f"--method-set {setting!r}: {key} is shared by every run; per method only "
                 f"train.py hyperparameters and {', '.join(INSTANCE_SETTINGS)}"
             )
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise SpectrumError(f"--method-set {setting!r}: the value is not valid YAML") from exc
-        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-            value = float(value)  # YAML 1.1 reads 2e-4 as a string
+        value = load_yaml(raw, f"--method-set {setting!r}: the value")
         for method in matching:
             chosen[method][key] = value
     return chosen

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .core.selection import DEFAULT_TOP_PERCENT
+
 log = logging.getLogger(__name__)
 BUCKET = "spectrum-sm-demo"
 
@@ -70,7 +72,9 @@ def s3_endpoint() -> Iterator[str]:
         yield endpoint
 
 
-def run_demo(workdir: str | Path, *, steps: int = 30, top_percent: float = 50) -> dict[str, Any]:
+def run_demo(
+    workdir: str | Path, *, steps: int = 30, top_percent: float = DEFAULT_TOP_PERCENT
+) -> dict[str, Any]:
     """Run the demo in ``workdir``; returns where everything is."""
     from .aws.config import AnalysisConfig, PipelineConfig, TrainingConfig
     from .aws.local import download_prefix

@@ -237,6 +237,11 @@ def plan(
     from .core.selection import check_percent
 
     percent = check_percent(percent)
+    for name, value in (("seq", seq), ("batch", batch), ("lora_rank", lora_rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpectrumError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise SpectrumError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
     meta, cfg = meta_model(load_config(model))
     counts = count_parameters(meta, percent, lora_rank)
     methods = {

@@ -113,3 +113,55 @@ def test_iam_policy_checks_the_config_as_run_does():
     config = load_pipeline(FLAGSHIP, ["training.instance_type=ml.p9.huge"])
     with pytest.raises(SpectrumError, match=r"instance_type 'ml\.p9\.huge' is not a SageMaker"):
         policies(config)
+
+
+# -- numbers and names where they enter --------------------------------------------------------
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers_in_files_and_overrides(tmp_path):
+    text = FLAGSHIP.read_text().replace("top_percent: 30", "top_percent: 2.5e1")
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert load_pipeline(path).analysis.top_percent == 25.0
+    config = load_pipeline(
+        FLAGSHIP, ["analysis.top_percent=3e1", "analysis.certify_percents=[1e1]"]
+    )
+    assert config.analysis.top_percent == 30.0 and config.analysis.certify_percents == [10.0]
+    assert _problems("analysis.top_percent=3e1") == ""
+
+
+def test_a_repeated_key_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(FLAGSHIP.read_text() + "\nreuse_analysis: true\nreuse_analysis: false\n")
+    with pytest.raises(SpectrumError, match="key 'reuse_analysis' appears twice"):
+        load_pipeline(path)
+
+
+def test_the_command_line_wins_over_the_files_sections():
+    config = load_pipeline(FLAGSHIP, ["common.volume_size_gb=500", "common.tags.project=other"])
+    assert config.analysis.volume_size_gb == config.training.volume_size_gb == 500
+    config = load_pipeline(FLAGSHIP, ["common.volume_size_gb=500", "training.volume_size_gb=600"])
+    assert (config.analysis.volume_size_gb, config.training.volume_size_gb) == (500, 600)
+
+
+def test_a_jobs_mapping_adds_to_the_common_one():
+    config = load_pipeline(FLAGSHIP, ["training.tags.team=nlp"])
+    assert config.training.tags == {"project": "spectrum-sm", "team": "nlp"}
+    assert config.analysis.tags == {"project": "spectrum-sm"}
+
+
+@pytest.mark.parametrize("value", ["[abc]", "abc", "[true]", "[0]", "[101]"])
+def test_certify_percents_of_the_wrong_kind_are_one_line(value):
+    with pytest.raises(SpectrumError, match="certify_percents must be"):
+        config = load_pipeline(FLAGSHIP, [f"analysis.certify_percents={value}"])
+        validate(config.analysis, need_role=True)
+
+
+def test_the_python_api_gets_the_same_checks():
+    from spectrum_sm.aws.config import AnalysisConfig, TrainingConfig
+
+    config = AnalysisConfig(model="m", certify_percents=["abc"], top_percent="50")  # type: ignore
+    problems = "; ".join(config.problems(need_role=False))
+    assert "certify_percents must be" in problems and "top_percent must be" in problems
+    problems = TrainingConfig(model="m", train_data="d", top_percent=0).problems(need_role=False)
+    assert any("top_percent must be in (0, 100]" in x for x in problems)

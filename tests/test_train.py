@@ -340,6 +340,7 @@ def test_lora_and_full_run_through_the_same_loop(setup, tmp_path):
         (["--bogus", "1"], "unrecognized arguments: --bogus"),
         (["--method", "qlora"], "qlora needs"),
         (["--max_steps", "0"], "nothing to train"),
+        (["--save_steps", "5"], "saves into checkpoint_dir, which is not set"),
     ],
 )
 def test_bad_arguments_fail_cleanly(setup, tmp_path, extra, fragment):
@@ -437,3 +438,112 @@ def test_validation_share_scores_the_run_on_held_out_training_rows(setup, tmp_pa
     extra = ("--validation_share", "0.25", "--validation_data", str(setup["train"]))
     both = run_train(base_args(setup, tmp_path / "b", *extra))
     assert both.returncode != 0 and "leave validation_share at 0" in both.stderr
+
+
+# -- issue 20: output folders you can trust ---------------------------------------------------
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_in_one_line(setup, tmp_path):
+    first = subprocess.Popen(
+        [sys.executable, str(TRAIN), *base_args(setup, tmp_path, "--max_steps", "400")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        signal_at(first, "step=2 ", sig=signal.SIGSTOP)  # paused, still holding the folder
+        second = run_train(base_args(setup, tmp_path, "--max_steps", "2"))
+        assert second.returncode == 1
+        assert "another training run is writing into" in second.stderr
+        assert "--output_dir" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # The kernel dropped the dead run's lock: the same command now runs.
+    again = run_train(base_args(setup, tmp_path, "--max_steps", "2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_an_older_models_files_go_and_a_dead_save_is_cleaned_up(setup, tmp_path):
+    out = tmp_path / "model"
+    (out / ".tmp-model").mkdir(parents=True)
+    (out / ".tmp-model" / "model.safetensors").write_bytes(b"half")
+    for stale in ("model-00001-of-00002.safetensors", "model.safetensors.index.json"):
+        (out / stale).write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    proc = run_train(base_args(setup, tmp_path, "--max_steps", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "left by a run that died while saving" in proc.stdout + proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "notes.txt" in names
+    assert not names & {".tmp-model", "model-00001-of-00002.safetensors"}
+    assert "model.safetensors.index.json" not in names
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # one model, not a mix of two
+
+
+def test_a_finished_run_run_again_refuses_and_never_reports_what_it_did_not_measure(
+    setup, tmp_path
+):
+    ck = tmp_path / "ck"
+    args = base_args(setup, tmp_path, "--checkpoint_dir", str(ck), "--max_steps", "4")
+    args += ["--save_steps", "2"]
+    assert run_train(args).returncode == 0
+    report = tmp_path / "model" / "training_report.json"
+    first = json.loads(report.read_text())
+    again = run_train(args)
+    assert again.returncode == 1 and "this run is finished" in again.stderr
+    assert "--checkpoint_dir" in again.stderr and "Traceback" not in again.stderr
+    assert json.loads(report.read_text()) == first  # untouched
+    # A job restarted after its last checkpoint but before its model was saved: saved now,
+    # with the loss the run measured and no throughput it did not.
+    (tmp_path / "model").rename(tmp_path / "kept")
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads(report.read_text())
+    assert resumed["resumed_from_step"] == 4
+    assert resumed["final_train_loss"] == first["final_train_loss"]
+    assert resumed["tokens_per_sec"] is None and resumed["median_step_seconds"] is None
+    assert "NaN" not in report.read_text()
+
+
+def test_lora_keeps_the_base_models_dtype(setup, tmp_path):
+    proc = run_train(base_args(setup, tmp_path, "--method", "lora", "--max_steps", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base, merged = model_tensors(setup["model"]), model_tensors(tmp_path / "model")
+    assert {n: t.dtype for n, t in merged.items()} == {n: t.dtype for n, t in base.items()}
+    assert {t.dtype for t in base.values()} == {torch.bfloat16}
+
+
+SAVE_UNDER_LIMIT = """
+import resource, sys
+from pathlib import Path
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from spectrum_sm.core.errors import SpectrumError
+from spectrum_sm.training.recipe import save_model
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # the weights are larger
+try:
+    save_model(model, tokenizer, Path(sys.argv[2]), model.dtype, "full", {})
+except SpectrumError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_a_save_that_hits_a_size_limit_is_one_line_and_leaves_the_old_model(setup, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_text("the previous model")
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVE_UNDER_LIMIT, str(setup["model"]), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "refused: saving the model into" in proc.stdout, proc.stderr[-2000:]
+    assert "File too large; nothing was replaced" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "the previous model"

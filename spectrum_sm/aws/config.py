@@ -17,6 +17,8 @@ import yaml
 
 from ..core.errors import SpectrumError
 from ..core.secrets import secret_fields, secret_message
+from ..core.selection import DEFAULT_TOP_PERCENT
+from ..core.yamlio import load_yaml
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@\-/]{1,512}$")
 S3_URI = re.compile(r"^s3://[^/]+(/.*)?$")
@@ -65,6 +67,11 @@ def hyperparameter_string(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value)
+
+
+def _is_percent(value: Any) -> bool:
+    """A number in (0, 100] (a bool, a string or NaN is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 100
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -249,7 +256,9 @@ class AnalysisConfig(JobConfig):
 
     model: str = field(default="", metadata={"help": "Hub id or s3:// prefix of the weights"})
     revision: str = field(default="", metadata={"help": "Hub revision"})
-    top_percent: float = field(default=50, metadata={"help": "share per type, (0, 100]"})
+    top_percent: float = field(
+        default=DEFAULT_TOP_PERCENT, metadata={"help": "share per type, (0, 100]"}
+    )
     include: list[str] = field(default_factory=list, metadata={"help": "type globs to scan"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "type globs to skip"})
     embeddings: bool = field(default=True, metadata={"help": "write the embedding entries"})
@@ -286,8 +295,8 @@ class AnalysisConfig(JobConfig):
         _check(p, bool(self.model), "analysis needs a model (Hub id, s3:// prefix or folder)")
         _check(
             p,
-            0 < float(self.top_percent) <= 100,
-            f"top_percent must be in (0, 100], got {self.top_percent}",
+            _is_percent(self.top_percent),
+            f"top_percent must be in (0, 100], got {self.top_percent!r}",
         )
         _check(p, self.instance_count == 1, "the analysis runs on one instance")
         if self.model.startswith("s3://"):
@@ -303,16 +312,13 @@ class AnalysisConfig(JobConfig):
             and all(t in ("language", "vision", "audio", "projector", "all") for t in self.towers),
             f"towers must be some of language, vision, audio, projector, all; got {self.towers}",
         )
-        _check(
-            p,
-            all(0 < float(x) <= 100 for x in self.certify_percents),
-            f"certify_percents must be in (0, 100], got {self.certify_percents}",
-        )
-        _check(
-            p,
-            all(isinstance(x, (int, float)) and 0 < float(x) <= 100 for x in self.layer_percents),
-            f"layer_percents must be numbers in (0, 100], got {self.layer_percents}",
-        )
+        for name in ("certify_percents", "layer_percents"):
+            values = getattr(self, name)
+            _check(
+                p,
+                isinstance(values, (list, tuple)) and all(map(_is_percent, values)),
+                f"{name} must be a list of numbers in (0, 100], got {values!r}",
+            )
         return p
 
 
@@ -343,7 +349,8 @@ class TrainingConfig(JobConfig):
         metadata={"help": "auto (the planner's choice) | ddp | fsdp (FSDP2 sharding)"},
     )
     top_percent: float = field(
-        default=30, metadata={"help": "the layer file's percent, for the memory planner"}
+        default=DEFAULT_TOP_PERCENT,
+        metadata={"help": "the layer file's percent, for the memory planner"},
     )
     force: bool = field(
         default=False, metadata={"help": "send a job the memory planner says will not fit"}
@@ -367,6 +374,11 @@ class TrainingConfig(JobConfig):
             f"method must be spectrum, full, lora or qlora, got {self.method!r}",
         )
         _check(p, self.processes_per_host >= 0, "processes_per_host must be >= 0")
+        _check(
+            p,
+            _is_percent(self.top_percent),
+            f"top_percent must be in (0, 100], got {self.top_percent!r}",
+        )
         _check(
             p,
             self.distribution in ("auto", "ddp", "fsdp"),
@@ -452,6 +464,7 @@ _TYPES = {
     "float": (int, float),
     "bool": (bool,),
     "list[str]": (list,),
+    "list[float]": (list,),
     "dict[str, str]": (dict,),
     "dict[str, Any]": (dict,),
 }
@@ -479,6 +492,10 @@ def _from_dict(cls, data: dict[str, Any], where: str):
             raise SpectrumError(f"{where}: {key} must be {fields[key].type!s}, got {value!r}")
         if str(fields[key].type) == "list[str]" and not all(isinstance(v, str) for v in value):
             raise SpectrumError(f"{where}: {key} must be a list of strings")
+        if str(fields[key].type) == "list[float]" and not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise SpectrumError(f"{where}: {key} must be a list of numbers, got {value!r}")
         values[key] = value
     return cls(**values)
 
@@ -517,9 +534,10 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     if not path.is_file():
         raise SpectrumError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SpectrumError(f"{path}: not valid YAML ({exc})") from exc
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpectrumError(f"config file {str(path)!r} cannot be read ({exc})") from exc
+    data = load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise SpectrumError(f"{path}: expected a mapping at the top")
     unknown = sorted(set(data) - set(TOP_LEVEL))
@@ -539,16 +557,25 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             f"{path}: common: {stray[0]!r} is not a setting both jobs have"
             f"{_close(stray[0], section_fields('common'))}; put it under analysis or training"
         )
-    analysis = _from_dict(
-        AnalysisConfig, {**common, **(data.get("analysis") or {})}, f"{path}: analysis"
-    )
-    training = _from_dict(
-        TrainingConfig, {**common, **(data.get("training") or {})}, f"{path}: training"
-    )
+    analysis = _from_dict(AnalysisConfig, _merged(common, data, "analysis"), f"{path}: analysis")
+    training = _from_dict(TrainingConfig, _merged(common, data, "training"), f"{path}: training")
     reuse = data.get("reuse_analysis", True)
     if not isinstance(reuse, bool):
         raise SpectrumError(f"{path}: reuse_analysis must be true or false, got {reuse!r}")
     return PipelineConfig(analysis, training, reuse)
+
+
+def _merged(common: dict[str, Any], data: dict[str, Any], job: str) -> dict[str, Any]:
+    """A job's settings over the common ones; mappings (tags, environment, ...) merge key by key,
+    the job's keys winning."""
+    settings = data.get(job) or {}
+    if not isinstance(settings, dict):
+        raise SpectrumError(f"{job} must be a mapping of settings")
+    merged = {**common, **settings}
+    for key in MAPPINGS:
+        if isinstance(common.get(key), dict) and isinstance(settings.get(key), dict):
+            merged[key] = {**common[key], **settings[key]}
+    return merged
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
@@ -563,11 +590,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             f"--set {override!r}: no section {section!r}{_close(section, TOP_LEVEL)}; "
             "sections: common, analysis, training (and reuse_analysis)"
         )
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        problem = str(exc).splitlines()[0]
-        raise SpectrumError(f"--set {override!r}: the value is not valid YAML ({problem})") from exc
+    value = load_yaml(raw, f"--set {override!r}: the value")
     if section == "reuse_analysis":
         if len(parts) != 1:
             raise SpectrumError(f"--set {override!r}: reuse_analysis has no keys")
@@ -609,6 +632,15 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         mapping[parts[2]] = value
     else:
         target[parts[1]] = value
+    if section == "common":  # the command line wins over the file's sections too
+        for job in ("analysis", "training"):
+            settings = data.get(job)
+            if not isinstance(settings, dict) or parts[1] not in settings:
+                continue
+            if len(parts) == 2:
+                settings[parts[1]] = value
+            elif isinstance(settings[parts[1]], dict):
+                settings[parts[1]][parts[2]] = value
 
 
 def to_yaml(config) -> str:

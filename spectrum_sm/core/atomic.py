@@ -33,29 +33,49 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def output_lock(directory: Path, *, wait: bool = True):
+def output_lock(
+    directory: Path,
+    *,
+    wait: bool = True,
+    holder: str = "another scan",
+    option: str = "--output-dir",
+):
     """Lock ``directory`` itself (``flock`` on the folder, so no lock file is left in it): one
-    writer at a time, so two scans into one folder never leave a mixed set of files. With
+    writer at a time, so two runs into one folder never leave a mixed set of files. The kernel
+    drops the lock when its process dies, so a dead run's folder is free at once. With
     ``wait=False`` a busy folder is an error at once. Not re-entrant within a process."""
     import fcntl
 
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError as exc:
-        raise SpectrumError(
-            f"cannot lock output directory {str(directory)!r}: {exc.strerror}"
-        ) from exc
+        raise SpectrumError(f"cannot lock folder {str(directory)!r}: {exc.strerror}") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise SpectrumError(
-                f"another scan is writing into {str(directory)!r}; wait for it or choose another "
-                "--output-dir"
+                f"{holder} is writing into {str(directory)!r}; wait for it to end or choose "
+                f"another {option}"
             ) from None
         yield Path(directory)
     finally:
         os.close(fd)  # releases the lock
+
+
+def write_error(exc: BaseException, what: str) -> SpectrumError | None:
+    """One line for a failed write (disk full, a file-size limit, no permission), or None when
+    ``exc`` is not a write failure. safetensors reports its I/O errors as its own type."""
+    import re
+
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    elif type(exc).__name__ == "SafetensorError" and found:
+        reason = os.strerror(int(found.group(1)))
+    else:
+        return None
+    return SpectrumError(f"{what} failed: {reason}; nothing was replaced")
 
 
 def write_files_atomically(directory: Path, files: Mapping[str, str]) -> list[Path]:

@@ -127,7 +127,8 @@ class ScanResult:
 
     def selection(self, percent: float | None = None) -> dict[str, list[str]]:
         """Per type, the modules to train at ``percent`` (default: the scan's percent)."""
-        return sel.select_layers(self.snr_table(), percent or self.top_percent)
+        chosen = self.top_percent if percent is None else sel.check_percent(percent)
+        return sel.select_layers(self.snr_table(), chosen)
 
     def layer_file_text(self, percent: float | None = None) -> str:
         return sel.layer_file_text(
@@ -659,7 +660,7 @@ def _read_headers(source: ShardSource, shards: list[str]) -> tuple[list[TensorIn
 
 def scan_source(
     source: ShardSource,
-    top_percent: float = 50,
+    top_percent: float = sel.DEFAULT_TOP_PERCENT,
     *,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,

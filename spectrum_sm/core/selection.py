@@ -23,6 +23,11 @@ RESULTS_PREFIX = "snr_results_"
 Scores = Mapping[str, Mapping[str, Any]]  # module -> {"snr": float, "type": str}
 
 
+#: The share of each type a scan keeps when none is given (the reference's default), for every
+#: command and API that takes one.
+DEFAULT_TOP_PERCENT = 50
+
+
 def check_percent(percent: float) -> float:
     """Validate a top percent: a number in (0, 100]."""
     try:
@@ -174,7 +179,20 @@ def _score(value: Any, where: str) -> float:
         score = float(value)
     except OverflowError:
         raise SpectrumError(f"{where}: the score {str(value)[:20]}... is too large") from None
+    # A ratio of singular-value sums is never negative; Infinity (no noise above the threshold)
+    # and NaN (an all-zero weight) are what the reference and our scan write.
+    if score < 0:
+        raise SpectrumError(f"{where}: the score {score} is negative; an SNR never is")
     return score
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise SpectrumError(f"module or type {key!r} appears twice")
+        data[key] = value
+    return data
 
 
 def load_results(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -188,7 +206,9 @@ def load_results(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise SpectrumError(f"results file {str(path)!r} does not exist")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_object)
+    except SpectrumError as exc:  # a repeated key: which score the file means is unknown
+        raise SpectrumError(f"{path}: {exc}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SpectrumError(f"{path}: not a valid JSON file ({exc})") from exc
     except (ValueError, RecursionError) as exc:  # e.g. an integer too long to parse

@@ -197,6 +197,11 @@ class TrainArgs:
                 "shorter windows leave (almost) no token to learn from",
             ),
             (self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}"),
+            (
+                not self.save_steps or bool(self.checkpoint_dir),
+                f"save_steps {self.save_steps} saves into checkpoint_dir, which is not set: pass "
+                "--checkpoint_dir DIR (a SageMaker job sets it) or leave save_steps at 0",
+            ),
             (self.save_total_limit >= 1, "save_total_limit must be at least 1"),
             (self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}"),
             (

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.atomic import write_error
 from ..core.errors import SpectrumError
 
 log = logging.getLogger("spectrum_sm.train")
@@ -156,6 +157,32 @@ class Recipe:
         if tracker:
             acc.init_trackers("")
         self._check_paths()
+
+    def lock_folders(self) -> None:
+        """Hold the output and checkpoint folders for the whole run (each host's main process):
+        a second run into either is refused at once instead of mixing or replacing files."""
+        import contextlib
+
+        from ..core.atomic import ensure_output_dir, output_lock
+
+        self.locks = contextlib.ExitStack()
+        if not self.dist.is_local_main:
+            return
+        args, held = self.args, set()
+        for option, folder in (
+            ("--output_dir", args.output_dir),
+            ("--checkpoint_dir", args.checkpoint_dir),
+        ):
+            if not folder or Path(folder).resolve() in held:
+                continue
+            created = not Path(folder).exists()
+            path = ensure_output_dir(folder)
+            held.add(path.resolve())
+            if created:  # a run that fails leaves no empty folder behind (rmdir: empty only)
+                self.locks.callback(_remove_if_empty, path)
+            self.locks.enter_context(
+                output_lock(path, wait=False, holder="another training run", option=option)
+            )
 
     def _choose_distribution(self) -> str:
         requested = self.args.distribution
@@ -417,6 +444,13 @@ class Recipe:
         )
         self.state.fingerprint = self.fingerprint
         self.resumed_from = self.state.step
+        report = Path(args.output_dir) / "training_report.json"
+        if self.state.step >= self.total_steps and report.is_file():
+            raise SpectrumError(
+                f"this run is finished: {found} holds its last step ({self.state.step}) and "
+                f"{args.output_dir!r} its model; to train again, delete {source!r} or pass "
+                "another --checkpoint_dir (and --output_dir to keep this model)"
+            )
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -433,7 +467,8 @@ class Recipe:
             self.steps_per_epoch,
             len(self.train_examples),
         )
-        self.last_loss, self.eval_loss, self.eval_step = float("nan"), None, -1
+        self.eval_loss, self.eval_step = None, -1
+        self.tokens_at_start, self.train_started = state.tokens_seen, time.perf_counter()
         window_tokens, window_start = 0, time.perf_counter()
         window_loss, window_steps = 0.0, 0
         self.step_seconds: list[float] = []
@@ -455,13 +490,13 @@ class Recipe:
                 window_loss += loss_sum
                 window_steps += 1
                 if state.step % args.logging_steps == 0 or state.step == self.total_steps:
-                    self.last_loss = window_loss / window_steps
+                    state.last_loss = window_loss / window_steps
                     rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                     log.info(
                         "%s",
                         metrics.train_line(
                             state.step,
-                            self.last_loss,
+                            state.last_loss,
                             step_lr,
                             self.grad_norm,
                             rate,
@@ -471,7 +506,7 @@ class Recipe:
                     self._log_scalars(
                         state.step,
                         {
-                            "train/loss": self.last_loss,
+                            "train/loss": state.last_loss,
                             "train/learning_rate": step_lr,
                             "train/grad_norm": self.grad_norm,
                             "train/tokens_per_sec": rate,
@@ -594,6 +629,8 @@ class Recipe:
         if self.eval_examples and self.eval_step != state.step:  # not twice at the last step
             self._evaluate()
         seconds = time.perf_counter() - self.started
+        trained = time.perf_counter() - self.train_started
+        tokens = state.tokens_seen - self.tokens_at_start  # trained by this process
         report = self.freeze_report
         result = {
             "method": args.method,
@@ -607,15 +644,17 @@ class Recipe:
             "steps": state.step,
             "epochs_started": state.epoch + 1,
             "resumed_from_step": self.resumed_from,
-            "final_train_loss": self.last_loss,
+            "final_train_loss": state.last_loss,
             "final_eval_loss": self.eval_loss,
             "tokens_seen": state.tokens_seen,
             "data": self.data_counts,
-            "tokens_per_sec": round(state.tokens_seen / seconds, 2),
+            # Measured over this process's steps only (null when it trained none: resumed at
+            # the last step), never tokens of an earlier process over this one's time.
+            "tokens_per_sec": round(tokens / trained, 2) if self.step_seconds else None,
             # The first two steps include warm-up (allocations, autotuning); the median skips them.
-            "median_step_seconds": statistics.median(
-                self.step_seconds[2:] or self.step_seconds or [0.0]
-            ),
+            "median_step_seconds": statistics.median(self.step_seconds[2:] or self.step_seconds)
+            if self.step_seconds
+            else None,
             "peak_memory_bytes": metrics.peak_memory_bytes(),
             "precision": self.precision,
             "processes": self.dist.world_size,
@@ -861,33 +900,92 @@ def save_model(
         state_dict = {
             k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()
         }
-    elif method in ("lora", "qlora"):
-        model = model.merge_and_unload() if method == "lora" else model
+    elif method == "qlora":
+        pass  # the adapter alone: its 4-bit base cannot be merged losslessly
     else:
+        if method == "lora":
+            model = model.merge_and_unload()
         with torch.no_grad():
             for param in model.parameters():
                 if param.is_floating_point() and param.dtype != save_dtype:
                     param.data = param.data.to(save_dtype)  # saved as the checkpoint was stored
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = output_dir / ".tmp-model"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, state_dict=state_dict, max_shard_size="5GB")
-    tokenizer.save_pretrained(staging)
-    (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    staging = output_dir / STAGING
+    if staging.exists():  # the folder is locked: no live run owns it
+        log.warning("removing %s, left by a run that died while saving", staging)
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, state_dict=state_dict, max_shard_size="5GB")
+        tokenizer.save_pretrained(staging)
+        (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        error = write_error(exc, f"saving the model into {str(output_dir)!r}")
+        if error is None:
+            raise
+        raise error from exc
+    new = {item.name for item in staging.iterdir()}
     for item in staging.iterdir():
         target = output_dir / item.name
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(item, target)
     staging.rmdir()
+    # An older model's files the new one does not have (shards of another count, an index, an
+    # adapter) would be read with it: remove them.
+    for old in output_dir.iterdir():
+        if old.name not in new and old.is_file() and _is_model_file(old.name):
+            log.info("removing %s, a file of the model that was here before", old.name)
+            old.unlink()
+
+
+def _remove_if_empty(path: Path) -> None:
+    import contextlib
+
+    with contextlib.suppress(OSError):  # not empty: the run wrote into it
+        path.rmdir()
+
+
+STAGING = ".tmp-model"
+#: Files a Hugging Face model folder is made of (weights, their index, adapters, tokenizer).
+MODEL_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "*.bin.index.json",
+    "adapter_config.json",
+    "adapter_model.*",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "training_report.json",
+)
+
+
+def _is_model_file(name: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
 
 
 def run(args) -> int:
     """The whole recipe; returns the process's exit code (143 after a SIGTERM stop)."""
-    from ..core.container import write_failure
-
     recipe = Recipe(args)
     recipe.setup_runtime()
+    recipe.lock_folders()
+    with recipe.locks:
+        return _run(recipe)
+
+
+def _run(recipe: Recipe) -> int:
+    from ..core.container import write_failure
+
+    args = recipe.args
     recipe.setup_data()  # a bad row fails before minutes of model loading
     recipe.setup_model()
     recipe.setup_optimizer()

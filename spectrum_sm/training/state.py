@@ -49,6 +49,9 @@ class TrainingState:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
     scheduler: dict[str, Any] = field(default_factory=dict)
+    #: The mean training loss of the last logged window, so that a run resumed at its last
+    #: step reports the loss it measured (None before the first window).
+    last_loss: float | None = None
 
 
 # -- run fingerprint -------------------------------------------------------------------------
