@@ -72,6 +72,24 @@ def s3_endpoint() -> Iterator[str]:
         yield endpoint
 
 
+def _check_endpoint(url: str) -> None:
+    """A configured endpoint that does not answer fails in seconds, not after boto's retries."""
+    from urllib.parse import urlparse
+
+    from .core.errors import SpectrumError
+
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=3):
+            pass
+    except OSError as exc:
+        raise SpectrumError(
+            f"AWS_ENDPOINT_URL {url} does not answer ({exc.strerror or exc}); start that server, "
+            "or unset AWS_ENDPOINT_URL to use the demo's own in-process S3"
+        ) from None
+
+
 def run_demo(
     workdir: str | Path, *, steps: int = 30, top_percent: float = DEFAULT_TOP_PERCENT
 ) -> dict[str, Any]:
@@ -79,19 +97,25 @@ def run_demo(
     from .aws.config import AnalysisConfig, PipelineConfig, TrainingConfig
     from .aws.local import download_prefix
     from .aws.pipeline import run_pipeline
-    from .aws.s3 import s3_client
+    from .aws.s3 import describe_client_error, s3_client
+    from .core.atomic import ensure_output_dir
     from .core.selection import load_results, select_layers
     from .report import snr_report
     from .toy import make_toy_training_setup
 
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = ensure_output_dir(Path(workdir).resolve())
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        _check_endpoint(os.environ["AWS_ENDPOINT_URL"])
     log.info("building a small Qwen3 model and a chat dataset in %s", workdir / "inputs")
     paths = make_toy_training_setup(workdir / "inputs", layers=4, rows=96)
     with s3_endpoint() as endpoint:
         client = s3_client()
-        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        try:
             client.create_bucket(Bucket=BUCKET)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        except Exception as exc:  # credentials, endpoint: one line
+            raise describe_client_error(exc, f"creating s3://{BUCKET} at {endpoint}") from exc
         common = {"output_s3": f"s3://{BUCKET}/demo", "base_job_name": "demo"}
         # What the jobs would run on in SageMaker (the scan streams, so a CPU instance does).
         config = PipelineConfig(

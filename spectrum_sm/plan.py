@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .core.errors import SpectrumError
+from .core.errors import SpectrumError, unknown_model
 from .core.snr import module_type
 
 GIB = 1024**3
@@ -105,7 +105,7 @@ def meta_model(config: dict[str, Any]):
     try:
         cfg = AutoConfig.for_model(**config)
     except Exception as exc:
-        raise SpectrumError(f"transformers does not know this config ({exc})") from exc
+        raise unknown_model("plan", config, exc, can_trust=False) from exc
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg), cfg
 

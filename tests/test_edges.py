@@ -3,6 +3,7 @@ half-written, nothing silently wrong. Each test fails on the code before the fix
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,170 @@ def test_the_python_api_gets_the_same_checks():
     assert "certify_percents must be" in problems and "top_percent must be" in problems
     problems = TrainingConfig(model="m", train_data="d", top_percent=0).problems(need_role=False)
     assert any("top_percent must be in (0, 100]" in x for x in problems)
+
+
+def _tiny_results(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "snr_results_tiny.json"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (
+            '{"a.0.q": {"snr": 1.0, "type": "q"}, "a.0.q": {"snr": 9.0, "type": "q"}}',
+            "'a.0.q' appears twice",
+        ),
+        ('{"a.0.q": {"snr": -2.0, "type": "q"}}', "is negative"),
+        ('{"a.0.q": {"snr": -Infinity, "type": "q"}}', "is negative"),
+        ('{"q": {"a.0.q": 1.0, "a.1.q": 2.0}, "q": {"a.0.q": 3.0}}', "'q' appears twice"),
+    ],
+)
+def test_select_refuses_a_results_file_it_cannot_trust(tmp_path, text, fragment):
+    path = _tiny_results(tmp_path, text)
+    proc = run_cli("select", str(path), "--top-percent", "50")
+    assert proc.returncode == 1 and fragment in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # nothing written
+
+
+def test_scores_the_reference_writes_are_read(tmp_path):
+    from spectrum_sm.core.selection import load_results
+
+    path = _tiny_results(
+        tmp_path, '{"a.0.q": {"snr": Infinity, "type": "q"}, "a.1.q": {"snr": NaN, "type": "q"}}'
+    )
+    assert len(load_results(path)) == 2
+
+
+def test_a_selection_at_zero_percent_is_refused_not_the_scans_percent(tmp_path):
+    from factories import planted_checkpoint
+
+    from spectrum_sm import api
+
+    ranks = {f"model.layers.{i}.self_attn.q_proj": i + 1 for i in range(4)}
+    result = api.scan(str(planted_checkpoint(tmp_path / "m", ranks, size=32)), top_percent=50)
+    assert sum(map(len, result.selection().values())) == 2
+    with pytest.raises(SpectrumError, match=r"in \(0, 100\], got 0"):
+        result.selection(0)
+
+
+@pytest.mark.parametrize("flag", ["--batch=-4", "--seq=0", "--lora-rank=0", "--batch=2.5"])
+def test_plan_refuses_sizes_below_one(tmp_path, flag):
+    proc = run_cli("plan", str(tmp_path), flag)
+    assert proc.returncode == 2, proc.stderr
+    assert "must be at least 1" in proc.stderr or "not a whole number" in proc.stderr
+    assert "GiB" not in proc.stdout
+
+
+def test_the_python_planner_refuses_them_too(tmp_path):
+    from spectrum_sm.plan import plan
+
+    with pytest.raises(SpectrumError, match="batch must be a whole number of at least 1"):
+        plan(str(tmp_path), 30, batch=-4)
+
+
+def test_every_command_defaults_to_the_same_percent():
+    import dataclasses
+
+    from spectrum_sm import api
+    from spectrum_sm.aws.config import AnalysisConfig, TrainingConfig
+    from spectrum_sm.cli import build_parser
+    from spectrum_sm.core.selection import DEFAULT_TOP_PERCENT
+
+    parser = build_parser()
+    defaults = {
+        command: parser.parse_args([command, "x"]).top_percent
+        for command in ("scan", "report", "plan")
+    }
+    defaults["demo"] = parser.parse_args(["demo"]).top_percent
+    defaults["api.scan"] = (
+        __import__("inspect").signature(api.scan).parameters["top_percent"].default
+    )
+    for cls in (AnalysisConfig, TrainingConfig):
+        defaults[cls.__name__] = {f.name: f for f in dataclasses.fields(cls)}["top_percent"].default
+    assert set(defaults.values()) == {DEFAULT_TOP_PERCENT}, defaults
+
+
+# -- tracebacks on user errors ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from spectrum_sm.toy import make_toy_training_setup
+
+    return make_toy_training_setup(tmp_path_factory.mktemp("toy"), layers=2, rows=8)
+
+
+BAD_DATA = {
+    "latin.jsonl": (b'{"prompt": "caf\xe9", "completion": "ok"}\n', "not UTF-8 text (byte 0xe9"),
+    "notes.txt": (b"hello\n", "unknown data format '.txt'"),
+    "empty.jsonl": (b"", "the file is empty"),
+    "empty.json": (b"[]", "the data holds no rows"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DATA))
+def test_bad_data_files_are_one_line_naming_the_file(toy, tmp_path, name):
+    body, fragment = BAD_DATA[name]
+    (tmp_path / name).write_bytes(body)
+    proc = run_cli("data-check", str(tmp_path / name), "--model", str(toy["model"]))
+    assert proc.returncode == 1 and fragment in proc.stderr, proc.stderr[-2000:]
+    assert name in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_pickle_that_needs_code_is_refused_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen3"}')
+    code = (
+        "import collections, torch, sys\n"
+        "class Box(collections.OrderedDict): pass\n"
+        "torch.save(Box(w=torch.zeros(4, 4)), sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(model / "pytorch_model.bin")], check=True)
+    proc = run_cli("scan", str(model), "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot be loaded safely" in proc.stderr and "\x1b" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_custom_code_model_is_one_line_in_plan_and_train(toy, tmp_path):
+    import shutil
+
+    model = tmp_path / "custom"
+    shutil.copytree(toy["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="mything", auto_map={"AutoModelForCausalLM": "modeling_x.MyModel"})
+    (model / "config.json").write_text(json.dumps(config))
+    proc = run_cli("plan", str(model))
+    assert proc.returncode == 1 and "needs its own code (modeling_x.MyModel)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    import subprocess
+    import sys
+
+    train = Path(__file__).resolve().parents[1] / "entrypoints" / "train.py"
+    proc = subprocess.run(
+        [sys.executable, str(train), "--model_name_or_path", str(model), "--train_data",
+         str(toy["train"]), "--output_dir", str(tmp_path / "out"), "--method", "full"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "pass --trust_remote_code true if you trust it" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_demo_refuses_a_file_as_workdir_and_a_dead_endpoint(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_cli("demo", "--workdir", str(tmp_path / "file"))
+    assert proc.returncode == 1 and "exists and is not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli(
+        "demo", "--workdir", str(tmp_path / "w"), env={"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
+    )
+    assert proc.returncode == 1 and "does not answer" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -30,7 +30,7 @@ def test_qwen3_8b_counts_from_config_json_alone(tmp_path):
     assert result["total_params"] == 8_190_735_360
     assert result["trainable_params"] == 3_174_124_032
     assert result["recommended"]["spectrum"] is not None
-    human = run_cli("plan", str(tmp_path / "config.json"))
+    human = run_cli("plan", str(tmp_path / "config.json"), "--top-percent", "30")
     assert human.returncode == 0 and "3,174,124,032" in human.stdout
 
 

@@ -236,7 +236,7 @@ def test_kill_minus_nine_and_resume_gives_identical_weights(setup, tmp_path):
         time.sleep(0.005)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert not (killed / "model").exists()
+    assert not list((killed / "model").iterdir())  # locked from the start, nothing saved yet
     proc = run_train(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((killed / "model" / "training_report.json").read_text())

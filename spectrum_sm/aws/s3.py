@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import SpectrumError
+from ..core.errors import SpectrumError, first_sentence
 from ..core.weights import header_length, parse_header
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,11 @@ def describe_client_error(exc: Exception, what: str) -> SpectrumError:
     name = type(exc).__name__
     if name == "NoCredentialsError":
         return SpectrumError(f"{what}: no AWS credentials found")
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+        return SpectrumError(
+            f"{what}: cannot reach the S3 endpoint ({first_sentence(exc)}); check "
+            "AWS_ENDPOINT_URL and the network"
+        )
     return SpectrumError(f"{what}: {name}: {exc}")
 
 

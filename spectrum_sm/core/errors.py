@@ -8,3 +8,33 @@ class SpectrumError(Exception):
 
     The CLI prints ``str(error)`` on one line and exits non-zero, without a traceback.
     """
+
+
+def first_sentence(exc: BaseException, limit: int = 200) -> str:
+    """The first sentence of a third party's message, without terminal colour codes: enough to
+    say what failed on one line."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m|\[[0-9;]*m", "", str(exc)).strip() or type(exc).__name__
+    text = text.splitlines()[0]
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
+
+
+def unknown_model(
+    where: str, config: dict, exc: BaseException, *, can_trust: bool
+) -> SpectrumError:
+    """transformers refused a model's config: name its type and, for a model that brings its own
+    code (``auto_map``), how to run it."""
+    model_type = config.get("model_type", "?")
+    custom = config.get("auto_map")
+    if custom:
+        code = ", ".join(sorted({str(v) for v in dict(custom).values()}))[:120]
+        hint = (
+            f"it needs its own code ({code}): pass --trust_remote_code true if you trust it"
+            if can_trust
+            else f"it needs its own code ({code}), which this command does not run"
+        )
+    else:
+        hint = "this transformers does not know it: upgrade transformers or check model_type"
+    return SpectrumError(f"{where}: model_type {model_type!r}: {hint} ({first_sentence(exc)})")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import SpectrumError
+from .errors import SpectrumError, first_sentence
 
 log = logging.getLogger(__name__)
 
@@ -537,10 +537,10 @@ class TorchBinShard:
                 log.info("%s: legacy (non-zip) format, loaded without mmap", label)
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SpectrumError(
-                f"{label}: cannot be loaded safely (torch.load weights_only=True): {first}; "
-                "convert the checkpoint to safetensors"
+                f"{label}: cannot be loaded safely: torch.load(weights_only=True) refuses it "
+                f"({first_sentence(exc)}; a pickle that needs code to load, or a damaged file); "
+                "convert the checkpoint to safetensors where you trust it"
             ) from exc
         if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

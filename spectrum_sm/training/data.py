@@ -27,6 +27,7 @@ that carry no loss are dropped and counted by reason (``no_assistant_turn``,
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -64,6 +65,11 @@ def data_files(path: str | Path) -> list[Path]:
     """A data file, or every data file in a folder (sorted; hidden files and folders skipped)."""
     path = Path(path)
     if path.is_file():
+        if path.suffix not in BUILDERS:
+            raise SpectrumError(
+                f"{path}: unknown data format {path.suffix or '(no extension)'!r}; name the "
+                f"file by its format: {', '.join(DATA_SUFFIXES)}"
+            )
         return [path]
     if path.is_dir():
         files = sorted(
@@ -112,8 +118,34 @@ def _derived_copy(file: Path, kind: str, name: str, write: Callable[[Path], None
     return copy
 
 
+def _check_file(file: Path) -> None:
+    """Refuse an empty file or text that is not UTF-8 (a latin-1 export, say), naming the file
+    and where: the readers would fail later with a traceback, or not at all."""
+    if file.stat().st_size == 0:
+        raise SpectrumError(f"{file}: the file is empty (no rows)")
+    if file.suffix not in (".json", ".jsonl", ".csv"):
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with file.open("rb") as handle:
+        while True:
+            block = handle.read(1 << 20)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                at = offset + exc.start
+                raise SpectrumError(
+                    f"{file}: not UTF-8 text (byte 0x{(block or b'?')[exc.start]:02x} at offset "
+                    f"{at}); save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {file.name}"
+                ) from None
+            if not block:
+                return
+            offset += len(block)
+
+
 def _without_bom(file: Path) -> Path:
     """The file itself, or (for a text file starting with a UTF-8 BOM) a copy without it."""
+    _check_file(file)
     if file.suffix not in (".json", ".jsonl", ".csv"):
         return file
     with file.open("rb") as handle:
@@ -244,8 +276,11 @@ def load_split(source: str | Path, *, split: str = "train", name: str | None = N
                 **options,
             )
         except Exception as exc:
+            first = (str(exc).splitlines() or [""])[0][:300]
             reason = _first_bad_json_line(readable) or (
-                f"{path}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+                f"{path}: the data holds no rows"
+                if "corresponds to no data" in first
+                else f"{path}: cannot read ({type(exc).__name__}: {first})"
             )
             raise SpectrumError(reason) from exc
         return _nonempty(loaded, path)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import write_error
-from ..core.errors import SpectrumError
+from ..core.errors import SpectrumError, unknown_model
 
 log = logging.getLogger("spectrum_sm.train")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -235,6 +235,13 @@ class Recipe:
             )
         except OSError as exc:
             raise SpectrumError(f"cannot load {args.model_name_or_path!r}: {exc}") from exc
+        except (ValueError, KeyError) as exc:  # a model_type this transformers does not know
+            raise unknown_model(
+                str(args.model_name_or_path),
+                _config_dict(args.model_name_or_path),
+                exc,
+                can_trust=not args.trust_remote_code,
+            ) from exc
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id = self.tokenizer.pad_token_id
@@ -937,6 +944,14 @@ def save_model(
         if old.name not in new and old.is_file() and _is_model_file(old.name):
             log.info("removing %s, a file of the model that was here before", old.name)
             old.unlink()
+
+
+def _config_dict(model: str) -> dict[str, Any]:
+    """A local model's config.json as data (empty for a Hub id or an unreadable file)."""
+    try:
+        return json.loads((Path(str(model)) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _remove_if_empty(path: Path) -> None:
