@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.errors import SpectrumError, unknown_model
+from .core.hub import hub_file, is_local
 from .core.snr import module_type
 
 GIB = 1024**3
@@ -67,18 +68,13 @@ def load_config(model: str) -> dict[str, Any]:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        if path.exists() or model.startswith((".", "/")):
+        if is_local(model, "model"):
             raise SpectrumError(f"no config.json at {model!r}")
         if model in KNOWN_CONFIGS:
             # A published model's architecture does not change: no Hub round trip (and no
             # retries when there is no route to it) for the models the examples use.
             return dict(KNOWN_CONFIGS[model])
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(model, "config.json"))
-        except Exception as exc:
-            raise SpectrumError(f"cannot get config.json of {model!r} from the Hub: {exc}") from exc
+        path = hub_file(model, "config.json")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:

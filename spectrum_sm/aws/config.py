@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..core.errors import SpectrumError
+from ..core.hub import is_local
 from ..core.secrets import secret_fields, secret_message
 from ..core.selection import DEFAULT_TOP_PERCENT
 from ..core.yamlio import load_yaml
@@ -72,6 +73,21 @@ def hyperparameter_string(value: Any) -> str:
 def _is_percent(value: Any) -> bool:
     """A number in (0, 100] (a bool, a string or NaN is not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 100
+
+
+def _location_problems(fields: dict[str, str], *, hub_ok: tuple[str, ...]) -> list[str]:
+    """Each input is an s3:// URI, an existing local path or (where allowed) a Hub id, told
+    apart by the Hub's rule without asking the network."""
+    problems = []
+    for name, value in fields.items():
+        if not value or value.startswith("s3://"):
+            continue
+        try:
+            if not is_local(value, name) and name not in hub_ok:
+                problems.append(f"{name} {value!r} does not exist (an s3:// URI or a local path)")
+        except SpectrumError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -293,6 +309,7 @@ class AnalysisConfig(JobConfig):
     def _problems(self, need_role: bool) -> list[str]:
         p = super()._problems(need_role)
         _check(p, bool(self.model), "analysis needs a model (Hub id, s3:// prefix or folder)")
+        p += _location_problems({"model": self.model}, hub_ok=("model",))
         _check(
             p,
             _is_percent(self.top_percent),
@@ -368,6 +385,15 @@ class TrainingConfig(JobConfig):
         p = super()._problems(need_role)
         _check(p, bool(self.model), "training needs a model")
         _check(p, bool(self.train_data), "training needs train_data")
+        p += _location_problems(
+            {
+                "model": self.model,
+                "train_data": self.train_data,
+                "validation_data": self.validation_data,
+                "chat_template": self.chat_template,
+            },
+            hub_ok=("model",),
+        )
         _check(
             p,
             self.method in ("spectrum", "full", "lora", "qlora"),

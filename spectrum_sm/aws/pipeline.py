@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError
+from ..core.hub import hub_unreachable, is_local
 from ..core.selection import layer_folder
 from .config import AnalysisConfig, JobConfig, PipelineConfig, TrainingConfig, to_yaml, validate
 from .requests import (
@@ -113,6 +114,14 @@ def model_fingerprint(model: str, revision: str = "") -> dict[str, Any] | None:
         return _local_fingerprint(path)
     if HUB_SHA.match(revision):
         return {"kind": "hub", "id": model, "sha": revision}
+    unreachable = hub_unreachable()
+    if unreachable:  # seconds, not huggingface_hub's retries
+        log.warning(
+            "cannot ask the Hub which commit %s is (%s); its analysis is not reused",
+            model,
+            unreachable,
+        )
+        return None
     try:
         from huggingface_hub import HfApi
 
@@ -176,7 +185,7 @@ def _plan_inputs(
             continue
         path = Path(value).expanduser()
         if not path.exists():
-            if channel == "model" and "/" in value and not value.startswith((".", "/", "~")):
+            if channel == "model" and not is_local(value, "model"):
                 resolved[channel] = value  # a Hub id
                 continue
             raise SpectrumError(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import SpectrumError, first_sentence
+from .hub import is_local, require_hub
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +376,7 @@ class HubSource:
 
     def list_files(self) -> list[str]:
         if self._files is None:
+            require_hub(f"model {self.repo_id!r}")
             try:
                 from huggingface_hub import HfApi
 
@@ -419,16 +421,6 @@ class HubSource:
         return {"kind": "hub", "repo_id": self.repo_id, "revision": self._sha or self.revision}
 
 
-def looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return (
-        1 <= len(parts) <= 2
-        and all(parts)
-        and not spec.startswith((".", "/", "~"))
-        and all(ch.isalnum() or ch in "-_." for p in parts for ch in p)
-    )
-
-
 def open_source(
     spec: str | os.PathLike[str] | ShardSource,
     *,
@@ -442,9 +434,8 @@ def open_source(
     text = os.fspath(spec)
     if text.startswith("s3://"):
         raise SpectrumError("s3:// models are opened by spectrum_sm.scan (the jobs layer)")
-    path = Path(text).expanduser()
-    if path.exists() or not looks_like_hub_id(text):
-        return LocalSource(path, name=name, hash_files=hash_files)
+    if is_local(text, "model path"):
+        return LocalSource(Path(text).expanduser(), name=name, hash_files=hash_files)
     return HubSource(text, revision=revision, name=name)
 
 

@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError
+from ..core.hub import is_hub_id as hub_rule
+from ..core.hub import require_hub
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -224,13 +226,8 @@ def _first_bad_json_line(files: list[Path]) -> str:
 
 
 def is_hub_id(source: str) -> bool:
-    parts = str(source).split("/")
-    return (
-        len(parts) == 2
-        and all(parts)
-        and not str(source).startswith((".", "/", "~"))
-        and not Path(source).suffix
-    )
+    """A Hub dataset id by the Hub's rule, not a data file name that does not exist."""
+    return hub_rule(str(source)) and Path(str(source)).suffix not in BUILDERS
 
 
 def load_split(source: str | Path, *, split: str = "train", name: str | None = None):
@@ -285,6 +282,7 @@ def load_split(source: str | Path, *, split: str = "train", name: str | None = N
             raise SpectrumError(reason) from exc
         return _nonempty(loaded, path)
     if is_hub_id(str(source)):
+        require_hub(f"dataset {source!r}")
         try:
             loaded = datasets.load_dataset(str(source), name, split=split)
         except Exception as exc:

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import SpectrumError
+from ..core.errors import SpectrumError, first_sentence
+from ..core.hub import is_local, require_hub
 from .chat import read_chat_template
 from .data import (
     IGNORE_INDEX,
@@ -29,10 +30,17 @@ GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 def _tokenizer(model: str):
     from transformers import AutoTokenizer
 
+    if not is_local(model, "model"):
+        try:  # a cached Hub tokenizer needs no network
+            return AutoTokenizer.from_pretrained(model, local_files_only=True)
+        except Exception:
+            require_hub(f"the tokenizer of {model!r}")
     try:
         return AutoTokenizer.from_pretrained(model)
     except Exception as exc:
-        raise SpectrumError(f"cannot load the tokenizer of {model!r}: {exc}") from exc
+        raise SpectrumError(
+            f"cannot load the tokenizer of {model!r}: {first_sentence(exc, 300)}"
+        ) from exc
 
 
 def _pieces(tokenizer: Any, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..core.atomic import write_error
 from ..core.errors import SpectrumError, unknown_model
+from ..core.hub import hub_offline, is_local, require_hub
 
 log = logging.getLogger("spectrum_sm.train")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -226,6 +227,8 @@ class Recipe:
         )
 
         args = self.args
+        if not is_local(str(args.model_name_or_path), "model_name_or_path") and not hub_offline():
+            require_hub(f"model {args.model_name_or_path!r}")  # seconds, not retries
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 args.model_name_or_path, trust_remote_code=args.trust_remote_code
