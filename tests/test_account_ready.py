@@ -367,7 +367,7 @@ def test_a_training_job_carries_its_chat_template_and_the_pinned_trl(
             ],
         ).training
 
-    with pytest.raises(SpectrumError, match=r"chat template '.*missing\.jinja' does not exist"):
+    with pytest.raises(SpectrumError, match=r"chat_template '.*missing\.jinja' does not exist"):
         prepare_training(
             config(str(tmp_path / "missing.jinja"), "m"), spectrum_uri=None, dry_run=False,
             local=False,

@@ -209,7 +209,9 @@ def test_tool_calls_and_results_go_through_the_template():
     ]
 
 
-def test_a_hub_dataset_id_goes_to_load_dataset_with_its_config_and_split(monkeypatch, tmp_path):
+def test_a_hub_dataset_id_goes_to_load_dataset_with_its_config_and_split(
+    monkeypatch, tmp_path, hub_answers
+):
     """No network here: the Hub call is replaced, so this checks what we ask for (id, config,
     split) and what we make of the answer, not the Hub itself."""
     import datasets

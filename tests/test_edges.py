@@ -333,3 +333,77 @@ def test_the_demo_refuses_a_file_as_workdir_and_a_dead_endpoint(tmp_path):
     )
     assert proc.returncode == 1 and "does not answer" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- local mode = SageMaker mode ---------------------------------------------------------------
+
+
+def test_resume_from_travels_as_a_channel_not_a_container_path(tmp_path, monkeypatch):
+    from spectrum_sm.aws.requests import CHECKPOINT_S3_ENV
+    from spectrum_sm.training.args import parse_args
+
+    config = load_pipeline(FLAGSHIP, ["training.resume_from=s3://my-spectrum-bucket/ck/old/"])
+    from spectrum_sm.aws.requests import build_training_request
+
+    request = build_training_request(
+        config.training, spectrum_uri="s3://my-spectrum-bucket/layers/"
+    )
+    assert "/opt/ml" not in json.dumps(request["HyperParameters"])
+    channels = {c["ChannelName"] for c in request["InputDataConfig"]}
+    assert "resume" in channels
+    assert request["Environment"][CHECKPOINT_S3_ENV] == request["CheckpointConfig"]["S3Uri"]
+    # Wherever the job's root is, train.py finds the channel through SM_CHANNEL_RESUME.
+    monkeypatch.setenv("SM_CHANNEL_RESUME", str(tmp_path / "input" / "data" / "resume"))
+    args = parse_args(["--model_name_or_path", "m", "--train_data", "d", "--method", "full"])
+    assert args.resume_from == str(tmp_path / "input" / "data" / "resume")
+
+
+def test_the_local_example_starts_from_the_demos_base_model_not_its_output(tmp_path):
+    from spectrum_sm.toy import make_toy_training_setup
+
+    config = load_pipeline(EXAMPLES / "local-tiny.yaml")
+    built = make_toy_training_setup(tmp_path / "work" / "demo" / "inputs", layers=1, rows=4)
+    base = str(built["model"].relative_to(tmp_path))
+    data = str(built["train"].relative_to(tmp_path))
+    assert config.analysis.model == config.training.model == base  # demo.py: workdir/inputs
+    assert config.training.train_data == data
+
+
+@pytest.mark.parametrize(
+    ("rows", "sets", "fragment"),
+    [
+        ([{"messages": [{"role": "user", "content": "2+2?"}]}], [], "no assistant answer"),
+        (
+            [{"prompt": "one two three " * 40, "completion": "four"}],
+            ["training.hyperparameters.max_seq_length=16"],
+            "raise --max_seq_length",
+        ),
+        ("caf\xe9", [], "not UTF-8 text"),
+    ],
+    ids=["no-answer", "cut-away", "latin-1"],
+)
+def test_the_dry_run_reads_local_training_data_as_the_job_will(toy, tmp_path, rows, sets, fragment):
+    """Data with nothing to learn from (or unreadable) is refused by ``run --dry-run`` with the
+    job's own data settings, as data-check would, before anything is uploaded."""
+    data = toy["train"]
+    if isinstance(rows, list):
+        data = tmp_path / "train.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif isinstance(rows, str):
+        data = tmp_path / "train.jsonl"
+        data.write_bytes(json.dumps({"prompt": "x", "completion": "y"}).encode()[:-2] + b'\xe9"}\n')
+    overrides = [
+        f"analysis.model={toy['model']}",
+        f"training.model={toy['model']}",
+        f"training.train_data={data}",
+        *sets,
+    ]
+    args = [a for o in overrides for a in ("--set", o)]
+    proc = run_cli("run", str(EXAMPLES / "local-tiny.yaml"), "--local", "--dry-run", *args)
+    assert proc.returncode == 1 and fragment in proc.stderr, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]  # after the data layer's INFO counts
+    assert "Traceback" not in proc.stderr and error.startswith("error: ") and fragment in error
+    assert "train_data" in error or data.name in error
+    ok = run_cli("run", str(EXAMPLES / "local-tiny.yaml"), "--local", "--dry-run", *args[:4],
+                 "--set", f"training.train_data={toy['train']}")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]

@@ -65,6 +65,9 @@ def test_counts_equal_instantiated_models(tmp_path, tie):
 
 def test_bad_model_path_is_a_clear_error(tmp_path):
     proc = run_cli("plan", str(tmp_path / "nothing"))
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("plan", str(tmp_path / "empty"))
     assert proc.returncode == 1 and "no config.json" in proc.stderr
 
 

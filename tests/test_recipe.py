@@ -256,7 +256,7 @@ def test_a_diverging_run_stops_without_saving(setup, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
-def test_sigterm_without_a_checkpoint_folder_says_nothing_was_saved(setup, tmp_path):
+def test_sigterm_without_a_checkpoint_folder_says_it_cannot_be_resumed(setup, tmp_path):
     failure = tmp_path / "failure"
     child = subprocess.Popen(
         [sys.executable, str(TRAIN), *base_args(setup, tmp_path, "--max_steps", "400")],
@@ -268,9 +268,9 @@ def test_sigterm_without_a_checkpoint_folder_says_nothing_was_saved(setup, tmp_p
     signal_at(child, "step=2 ")
     rest = child.stdout.read()
     assert child.wait(timeout=120) == 143, rest
-    assert "nothing was saved" in rest
+    assert "not resumable: no checkpoint folder was set" in rest
     assert failure.read_text().startswith("stopped by SIGTERM at step")
-    assert "nothing was saved" in failure.read_text()
+    assert "not resumable" in failure.read_text()
 
 
 def test_sigterm_reaches_every_worker_under_torchrun(setup, tmp_path):

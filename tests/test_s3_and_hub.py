@@ -67,7 +67,7 @@ def test_missing_s3_prefix_and_bucket(s3_bucket, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_hub_source_reads_through_huggingface_hub(monkeypatch, tiny_model):
+def test_hub_source_reads_through_huggingface_hub(monkeypatch, tiny_model, hub_answers):
     """The Hub path calls huggingface_hub for the file list and each file; stubbed at that seam
     because this machine cannot reach the Hub (the offline error is tested in test_cli_errors)."""
     import huggingface_hub

@@ -254,12 +254,14 @@ def test_sigterm_saves_a_checkpoint_and_exits(setup, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # What a job's request tells train.py (SageMaker and the local runner alike).
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SPECTRUM_SM_CHECKPOINT_S3": "s3://b/ck/j/"},
     )
     signal_at(child, "step=3 ")
     rest = child.stdout.read()
     assert child.wait(timeout=120) == 143, rest
-    assert "SIGTERM" in rest
+    assert "SIGTERM" in rest and "resumable: step" in rest
+    assert "continues it with training.resume_from: s3://b/ck/j/" in rest
     saved = [p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")]
     assert len(saved) == 1 and int(saved[0].split("-")[1]) >= 3
 

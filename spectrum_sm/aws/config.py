@@ -82,9 +82,12 @@ def _location_problems(fields: dict[str, str], *, hub_ok: tuple[str, ...]) -> li
     for name, value in fields.items():
         if not value or value.startswith("s3://"):
             continue
-        try:
-            if not is_local(value, name) and name not in hub_ok:
+        if name not in hub_ok:
+            if not Path(value).expanduser().exists():
                 problems.append(f"{name} {value!r} does not exist (an s3:// URI or a local path)")
+            continue
+        try:
+            is_local(value, name)
         except SpectrumError as exc:
             problems.append(str(exc))
     return problems

@@ -26,7 +26,15 @@ from typing import Any
 from ..core.errors import SpectrumError
 from ..core.hub import hub_unreachable, is_local
 from ..core.selection import layer_folder
-from .config import AnalysisConfig, JobConfig, PipelineConfig, TrainingConfig, to_yaml, validate
+from .config import (
+    AnalysisConfig,
+    JobConfig,
+    PipelineConfig,
+    TrainingConfig,
+    hyperparameter_string,
+    to_yaml,
+    validate,
+)
 from .requests import (
     analysis_output_uri,
     analysis_prefix,
@@ -267,6 +275,45 @@ def plan_analysis(
     return PreparedJob(request, staged, uploads, markers)
 
 
+def check_training_data(config: TrainingConfig) -> None:
+    """Local training data read on the client as the job will read it, before anything is
+    uploaded: its format, encoding and rows, and, when the model's tokenizer is here too, that
+    some token carries loss with the job's own data settings (as ``spectrum-sm data-check``)."""
+    from ..training.args import check_hyperparameters
+    from ..training.data import load_split
+    from ..training.datacheck import check_data
+
+    args = check_hyperparameters(
+        {k: hyperparameter_string(v) for k, v in config.hyperparameters.items()}
+    )
+    datasets = {"train_data": (config.train_data, args.train_split)}
+    datasets["validation_data"] = (config.validation_data, args.validation_split)
+    for name, (data, split) in datasets.items():
+        if not data or data.startswith("s3://") or not Path(data).expanduser().exists():
+            continue  # S3 is checked by the job; a Hub dataset is read there
+        if not Path(config.model).expanduser().is_dir():  # no tokenizer here: the files only
+            load_split(data, split=split, name=args.dataset_config or None)
+            continue
+        report = check_data(
+            data,
+            config.model,
+            max_length=args.max_seq_length,
+            rows=0,
+            split=split,
+            dataset_config=args.dataset_config,
+            columns=args.columns,
+            prompt_template=args.prompt_template,
+            completion_template=args.completion_template,
+            system_prompt=args.system_prompt,
+            assistant_only=args.assistant_only_loss,
+            chat_template=config.chat_template
+            if not config.chat_template.startswith("s3://")
+            else "",
+        )
+        if report.get("error"):
+            raise SpectrumError(f"{name} {data!r}: {report['error']}")
+
+
 def plan_training(
     config: TrainingConfig,
     *,
@@ -293,6 +340,7 @@ def plan_training(
         from ..training.chat import read_chat_template
 
         read_chat_template(config.chat_template)  # readable, before anything is uploaded
+    check_training_data(config)
     if spectrum_uri is None and config.spectrum_config:
         fields["spectrum"] = config.spectrum_config
     inputs, uploads, markers = _plan_inputs(config, fields, dry_run=dry_run)

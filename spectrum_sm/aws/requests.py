@@ -33,6 +33,8 @@ CODE_CHANNEL = "code"
 #: ``SPECTRUM_SM_SECRET_<VAR>=<secret ARN>``: launch.py reads the secret with the job's role and
 #: hands it to the script as ``<VAR>``; only the ARN is ever in the request.
 SECRET_PREFIX = "SPECTRUM_SM_SECRET_"
+#: Where SageMaker uploads the job's checkpoint folder (told to train.py for its stop message).
+CHECKPOINT_S3_ENV = "SPECTRUM_SM_CHECKPOINT_S3"
 #: Families with local NVMe instance storage, encrypted by the instance: CreateTrainingJob
 #: refuses a VolumeKmsKeyId for them. Besides these, every family with a "d" attribute
 #: (m5d, c6id, g4dn, p3dn, p4d, p4de, ...) has instance storage.
@@ -288,8 +290,9 @@ def build_training_request(
             request["InputDataConfig"].append(s3_channel(channel, uri))
     hps["distribution"] = (distribution or resolve_distribution(config))["distribution"]
     if config.resume_from:
+        # train.py reads the channel's folder from SM_CHANNEL_RESUME, wherever the job's root
+        # is (/opt/ml in SageMaker, a work folder in local mode).
         request["InputDataConfig"].append(s3_channel("resume", config.resume_from))
-        hps["resume_from"] = "/opt/ml/input/data/resume"
     _check_isolation(config, hps)
     request["HyperParameters"] = {k: hyperparameter_string(v) for k, v in hps.items()}
     request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.gpus_per_host())
@@ -307,6 +310,9 @@ def build_training_request(
     if config.spot or int(config.hyperparameters.get("save_steps", 0) or 0) > 0:
         # One prefix per run: SageMaker restores it into the job (a spot restart resumes), and
         # no other run ever finds it. Continuing another run is explicit (resume_from).
+        request["Environment"][CHECKPOINT_S3_ENV] = config.checkpoint_s3 or checkpoint_uri(
+            config, name
+        )  # so a stopped job can say where its work is kept
         request["CheckpointConfig"] = {
             "S3Uri": config.checkpoint_s3 or checkpoint_uri(config, name),
             "LocalPath": "/opt/ml/checkpoints",

@@ -57,8 +57,11 @@ class TrainArgs:
         metadata={"help": "write TensorBoard scalars here (default: the job's tensorboard dir)"},
     )
     resume_from: str = field(
-        default="",
-        metadata={"help": "continue another run from its checkpoint folder (on purpose)"},
+        default_factory=lambda: env_path("SM_CHANNEL_RESUME") or "",
+        metadata={
+            "help": "continue another run from its checkpoint folder (on purpose; default: the "
+            "job's 'resume' channel)"
+        },
     )
     method: str = field(default="spectrum", metadata={"help": "spectrum | full | lora | qlora"})
     distribution: str = field(
@@ -281,7 +284,9 @@ JOB_SET = ("model_name_or_path", "spectrum_config", "train_data", "validation_da
            "checkpoint_dir", "tensorboard_dir", "chat_template_path")  # fmt: skip
 
 
-def check_hyperparameters(hyperparameters: dict[str, str], where: str = "hyperparameters") -> None:
+def check_hyperparameters(
+    hyperparameters: dict[str, str], where: str = "hyperparameters"
+) -> TrainArgs:
     """Parse a job's hyperparameters exactly as train.py will (names, types, ranges), on the
     client, so a typo fails before anything is uploaded or paid for. Paths the job fills in from
     its channels are stood in for."""
@@ -298,6 +303,6 @@ def check_hyperparameters(hyperparameters: dict[str, str], where: str = "hyperpa
         namespace = build_parser().parse_args(argv)
         given = {k: v for k, v in vars(namespace).items() if v is not None}
         stand_ins = {k: "/opt/ml/input/data/x" for k in JOB_SET if k not in given}
-        TrainArgs(**{**stand_ins, **given})
+        return TrainArgs(**{**stand_ins, **given})
     except SpectrumError as exc:
         raise SpectrumError(f"{where}: {exc}") from None

@@ -949,6 +949,22 @@ def save_model(
             old.unlink()
 
 
+def stop_message(step: int, checkpoint_dir: str | None, checkpoint_s3: str | None) -> str:
+    """What a stopped run tells its user: whether and how the work can be resumed."""
+    if not checkpoint_dir:
+        return (
+            f"not resumable: no checkpoint folder was set (--checkpoint_dir), so the {step} "
+            "steps done are lost"
+        )
+    if checkpoint_s3:  # a job (SageMaker or local): its folder is synced to S3
+        return (
+            f"resumable: step {step} was saved to {checkpoint_dir}, which the job keeps in "
+            f"{checkpoint_s3}; a spot restart resumes from it, and a new job continues it with "
+            f"training.resume_from: {checkpoint_s3}"
+        )
+    return f"resumable: step {step} was saved to {checkpoint_dir}; run the same command to resume"
+
+
 def _config_dict(model: str) -> dict[str, Any]:
     """A local model's config.json as data (empty for a Hub id or an unreadable file)."""
     try:
@@ -1012,11 +1028,7 @@ def _run(recipe: Recipe) -> int:
         recipe.train()
     except Stopped as stop:
         step = stop.args[0]
-        where = (
-            f"a checkpoint was saved to {args.checkpoint_dir}; run the same command to resume"
-            if args.checkpoint_dir
-            else "no checkpoint folder was set, so nothing was saved"
-        )
+        where = stop_message(step, args.checkpoint_dir, os.environ.get("SPECTRUM_SM_CHECKPOINT_S3"))
         log.warning("SIGTERM: stopped at step %d; %s", step, where)
         write_failure(f"stopped by SIGTERM at step {step}; {where}")
         recipe.accelerator.end_training()
