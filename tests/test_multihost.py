@@ -116,3 +116,42 @@ def test_two_hosts_train_and_resume_from_s3_synced_checkpoints(moto_server, tmp_
     assert report["steps"] == MAX_STEPS and 0 < report["resumed_from_step"] < MAX_STEPS
     hosts = sorted(p.name for p in (tmp_path / "jobs-2" / result["job"]).iterdir() if p.is_dir())
     assert hosts == ["algo-1", "algo-2"]
+
+
+def test_resume_from_continues_another_local_run_through_its_channel(moto_server, tmp_path):
+    """training.resume_from in local mode works as on SageMaker: the prefix arrives as the
+    'resume' channel and train.py continues from its last checkpoint (no container path)."""
+    import boto3
+
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=1, rows=16)
+    layer_file = tmp_path / "layers.yaml"
+    layer_file.write_text("unfrozen_parameters:\n- model.layers.0.mlp.down_proj\n")
+    bucket = "resume-local"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+
+    def run(steps: int, checkpoints: str, resume_from: str = "") -> dict:
+        config = yaml.safe_load(_config(tmp_path, paths, layer_file, bucket, "ddp").read_text())
+        training = config["training"]
+        training.update(instance_count=1, distribution="auto", checkpoint_s3=checkpoints)
+        training["hyperparameters"].update(max_steps=steps, save_steps=2)
+        if resume_from:
+            training["resume_from"] = resume_from
+        path = tmp_path / f"resume-{steps}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = subprocess.run(
+            [sys.executable, "-m", "spectrum_sm.cli", "train", str(path), "--local",
+             "--workdir", str(tmp_path / f"jobs-{steps}")],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        key = result["model_s3"].split("/", 3)[3] + "training_report.json"
+        body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+        return json.loads(body)
+
+    first = run(4, f"s3://{bucket}/ck/first/")
+    assert first["steps"] == 4 and not first.get("resumed_from_step")
+    second = run(6, f"s3://{bucket}/ck/second/", resume_from=f"s3://{bucket}/ck/first/")
+    assert second["steps"] == 6 and second["resumed_from_step"] == 4
