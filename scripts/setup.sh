@@ -6,6 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# pip's and the build backend's chatter goes to a log, shown only when something fails.
+LOG=.venv/setup.log
+: >"$LOG"
+install() {
+  if ! .venv/bin/python -m pip install -q "$@" >>"$LOG" 2>&1; then
+    tail -n 40 "$LOG" >&2
+    echo "setup: pip install $* failed (full log: $LOG)" >&2
+    exit 1
+  fi
+}
+echo "setup: installing into .venv (log: $LOG)" >&2
+install --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || install "torch==${TORCH_VERSION:-2.13.0}"
+install -e ".[dev]"
