@@ -251,16 +251,17 @@ def test_every_example_config_is_valid(example, tmp_path):
     assert command in ("run", "compare")
     assert header.startswith(f"# spectrum-sm {command} examples/{example.name}")
     overrides = []
-    if "--local" in header:  # its local paths must exist for the requests to be built
-        (tmp_path / "model").mkdir()
-        (tmp_path / "train.jsonl").write_text("{}")
+    if "--local" in header:  # its local paths must exist, and its data is read on the client
+        from spectrum_sm.toy import make_toy_training_setup
+
+        paths = make_toy_training_setup(tmp_path, layers=1, rows=8, validation_rows=4)
         overrides = [
-            f"analysis.model={tmp_path / 'model'}",
-            f"training.model={tmp_path / 'model'}",
-            f"training.train_data={tmp_path / 'train.jsonl'}",
+            f"analysis.model={paths['model']}",
+            f"training.model={paths['model']}",
+            f"training.train_data={paths['train']}",
         ]
         if "validation_data" in example.read_text():
-            overrides.append(f"training.validation_data={tmp_path / 'train.jsonl'}")
+            overrides.append(f"training.validation_data={paths['validation']}")
     config = load_pipeline(example, overrides)
     local = "--local" in header
     if command == "run":
@@ -485,14 +486,22 @@ def test_local_job_failures_surface_the_reason(moto_server, tmp_path):
     assert refused.returncode == 1 and "nothing to train" in refused.stderr
     assert not (tmp_path / "jobs").exists()
     assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=bucket)
-    broken = tmp_path / "broken.jsonl"  # only the job can read the data: it fails there
+    broken = tmp_path / "broken.jsonl"
     broken.write_text('{"messages": "not a list"}\n')
+    on_client = run_cli(
+        "run", str(EXAMPLES / "local-tiny.yaml"), *base, "--set", f"training.train_data={broken}"
+    )  # local data is read on the client: refused before any job
+    assert on_client.returncode == 1, on_client.stderr
+    assert "train_data" in on_client.stderr and "'messages' must be a list" in on_client.stderr
+    assert not (tmp_path / "jobs").exists()
+    # Data in S3 only the job reads: it fails there, and the reason comes back.
+    boto3.client("s3").upload_file(str(broken), bucket, "data/broken.jsonl")
     failing = run_cli(
         "run",
         str(EXAMPLES / "local-tiny.yaml"),
         *base,
         "--set",
-        f"training.train_data={broken}",
+        f"training.train_data=s3://{bucket}/data/broken.jsonl",
     )
     assert failing.returncode == 1
     assert "failed: data row 0: 'messages' must be a list" in failing.stderr

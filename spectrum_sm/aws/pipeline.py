@@ -280,8 +280,6 @@ def check_training_data(config: TrainingConfig) -> None:
     uploaded: its format, encoding and rows, and, when the model's tokenizer is here too, that
     some token carries loss with the job's own data settings (as ``spectrum-sm data-check``)."""
     from ..training.args import check_hyperparameters
-    from ..training.data import load_split
-    from ..training.datacheck import check_data
 
     args = check_hyperparameters(
         {k: hyperparameter_string(v) for k, v in config.hyperparameters.items()}
@@ -291,27 +289,37 @@ def check_training_data(config: TrainingConfig) -> None:
     for name, (data, split) in datasets.items():
         if not data or data.startswith("s3://") or not Path(data).expanduser().exists():
             continue  # S3 is checked by the job; a Hub dataset is read there
-        if not Path(config.model).expanduser().is_dir():  # no tokenizer here: the files only
-            load_split(data, split=split, name=args.dataset_config or None)
-            continue
-        report = check_data(
-            data,
-            config.model,
-            max_length=args.max_seq_length,
-            rows=0,
-            split=split,
-            dataset_config=args.dataset_config,
-            columns=args.columns,
-            prompt_template=args.prompt_template,
-            completion_template=args.completion_template,
-            system_prompt=args.system_prompt,
-            assistant_only=args.assistant_only_loss,
-            chat_template=config.chat_template
-            if not config.chat_template.startswith("s3://")
-            else "",
-        )
-        if report.get("error"):
-            raise SpectrumError(f"{name} {data!r}: {report['error']}")
+        try:
+            error = _data_problem(config, args, data, split)
+        except SpectrumError as exc:
+            error = str(exc)
+        if error:
+            raise SpectrumError(f"{name} {data!r}: {error}")
+
+
+def _data_problem(config: TrainingConfig, args, data: str, split: str) -> str:
+    """What is wrong with one local dataset ("" when nothing), read as the job reads it."""
+    from ..training.data import load_split
+    from ..training.datacheck import check_data
+
+    if not Path(config.model).expanduser().is_dir():  # no tokenizer here: the files only
+        load_split(data, split=split, name=args.dataset_config or None)
+        return ""
+    report = check_data(
+        data,
+        config.model,
+        max_length=args.max_seq_length,
+        rows=0,
+        split=split,
+        dataset_config=args.dataset_config,
+        columns=args.columns,
+        prompt_template=args.prompt_template,
+        completion_template=args.completion_template,
+        system_prompt=args.system_prompt,
+        assistant_only=args.assistant_only_loss,
+        chat_template=config.chat_template if not config.chat_template.startswith("s3://") else "",
+    )
+    return report.get("error") or ""
 
 
 def plan_training(
