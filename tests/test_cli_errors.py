@@ -199,3 +199,25 @@ def test_help_imports_nothing_heavy():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_every_help_page_prints():
+    """Help text with a literal ``%`` (a template's ``{% generation %}``) must not break argparse."""
+    import argparse
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from spectrum_sm import cli
+
+    entrypoints = Path(__file__).resolve().parents[1] / "entrypoints"
+    (commands,) = [
+        a.choices for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ]
+    assert {"scan", "run", "plan", "data-check"} <= set(commands)
+    pages = [[sys.executable, "-m", "spectrum_sm.cli", c, "--help"] for c in sorted(commands)]
+    pages += [[sys.executable, str(entrypoints / s), "--help"] for s in ("analyze.py", "train.py")]
+    for page in pages:
+        proc = subprocess.run(page, capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (page, proc.stderr[-300:])
+    assert "{% generation %}" in proc.stdout  # train.py's page, the escaped text shown as written

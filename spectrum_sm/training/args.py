@@ -266,9 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
         kind: Any = {"int": int, "float": float, "bool": _bool}.get(
             str(item.type).split(" ")[0], _str
         )
-        parser.add_argument(
-            f"--{item.name}", type=kind, default=None, help=item.metadata.get("help", "")
-        )
+        # argparse %-formats help text; a template's literal "{% ... %}" must reach it escaped.
+        help_text = item.metadata.get("help", "").replace("%", "%%")
+        parser.add_argument(f"--{item.name}", type=kind, default=None, help=help_text)
     return parser
 
 
