@@ -202,7 +202,7 @@ def test_help_imports_nothing_heavy():
 
 
 def test_every_help_page_prints():
-    """Help text with a literal ``%`` (a template's ``{% generation %}``) must not break argparse."""
+    """Help text with a literal ``%`` (``{% generation %}``) must not break argparse."""
     import argparse
     import subprocess
     import sys

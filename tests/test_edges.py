@@ -17,6 +17,7 @@ FLAGSHIP = EXAMPLES / "qwen3-8b.yaml"
 HF = "hf_" + "q" * 34
 AKIA = "AKIA" + "Z" * 16
 GHP = "ghp_" + "r" * 36
+AWS_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documented example secret key
 
 
 def _problems(*overrides: str) -> str:
@@ -44,13 +45,42 @@ def _problems(*overrides: str) -> str:
         (f"training.hyperparameters.run_name={GHP}", "hyperparameters.run_name"),
         (f"training.tags.owner={AKIA}", "tags.owner"),
         (f"common.image_uri=x/{HF}:1", "image_uri"),
+        (f"training.tags.owner={AWS_KEY}", "tags.owner"),
+        (f"training.hyperparameters.seed={AWS_KEY}", "hyperparameters.seed"),
     ],
 )
 def test_a_credential_in_any_field_is_refused_naming_the_field_not_the_value(override, field):
     problems = _problems(override)
     assert f"{field} looks like a credential" in problems
-    for token in (HF, AKIA, GHP):
+    for token in (HF, AKIA, GHP, AWS_KEY):
         assert token not in problems and token[:12] not in problems
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b",  # a git commit (revision)
+        "meta/Llama3/8B/Instruct/v1/checkpoints01",  # a 40-character path
+        "Qwen/Qwen3/30B/A3B/Instruct/2507/model01",
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaA1",  # 41 characters, no randomness
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAa1",
+    ],
+)
+def test_ordinary_forty_character_values_are_not_taken_for_aws_secret_keys(value):
+    from spectrum_sm.core.secrets import is_secret
+
+    assert not is_secret(value)
+    assert is_secret(AWS_KEY) and is_secret(f" {AWS_KEY}\n")
+
+
+def test_an_aws_secret_key_as_a_hyperparameter_is_refused_without_echoing_it():
+    """Before: argparse's "invalid int value: 'wJalr...'" printed the key."""
+    proc = run_cli(
+        "run", str(FLAGSHIP), "--dry-run", "--set", f"training.hyperparameters.seed={AWS_KEY}"
+    )
+    assert proc.returncode == 1
+    assert "hyperparameters.seed looks like a credential" in proc.stderr
+    assert AWS_KEY[:8] not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
 
 
 def test_secret_references_and_ordinary_values_pass():

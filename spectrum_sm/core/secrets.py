@@ -7,7 +7,9 @@ name the field, never the value.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -17,6 +19,27 @@ SECRET_VALUE = re.compile(
     r"(hf_[A-Za-z0-9]{30,}|\b(AKIA|ASIA)[A-Z0-9]{16}\b|gh[pousr]_[A-Za-z0-9]{30,}"
     r"|github_pat_[A-Za-z0-9_]{40,}|sk-[A-Za-z0-9_\-]{20,}|xox[abpsr]-[A-Za-z0-9\-]{10,})"
 )
+#: An AWS secret access key has no prefix: 40 base64 characters (30 random bytes). Taken as
+#: one only when it is the whole value and looks random, so that git SHAs (lowercase hex), S3
+#: keys and Hub paths (many "/" between words) are not: mixed case and digits, at most three
+#: "/", and the character entropy of random base64 (~4.7 bits; paths of this length ~4.3).
+AWS_SECRET_KEY = re.compile(r"(?=.*[a-z])(?=.*[A-Z])(?=.*[0-9])[A-Za-z0-9/+]{40}")
+AWS_SECRET_KEY_ENTROPY = 4.5
+
+
+def is_secret(text: str) -> bool:
+    """Whether ``text`` holds a credential (a token anywhere in it, or an AWS secret key as the
+    whole value)."""
+    if SECRET_VALUE.search(text):
+        return True
+    text = text.strip()
+    if not AWS_SECRET_KEY.fullmatch(text) or text.count("/") > 3:
+        return False
+    counts = collections.Counter(text)
+    entropy = -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+    return entropy >= AWS_SECRET_KEY_ENTROPY
+
+
 #: Names under which a value is a credential (HF_TOKEN, WANDB_API_KEY, DB_PASSWORD, ...), as whole
 #: name parts: TOKENIZERS_PARALLELISM or max_tokens are not.
 SECRET_NAME = re.compile(
@@ -32,13 +55,13 @@ NAMED_FIELDS = ("environment", "tags", "hyperparameters", "Environment", "HyperP
 
 def _walk(value: Any, where: str, keys_named: bool, found: list[str]) -> None:
     if isinstance(value, str):
-        if SECRET_VALUE.search(value):
+        if is_secret(value):
             found.append(where)
     elif isinstance(value, dict):
         for key, item in value.items():
             inner = f"{where}.{key}"
-            if SECRET_VALUE.search(str(key)) or (keys_named and SECRET_NAME.search(str(key))):
-                found.append(inner if not SECRET_VALUE.search(str(key)) else f"{where} (a key)")
+            if is_secret(str(key)) or (keys_named and SECRET_NAME.search(str(key))):
+                found.append(inner if not is_secret(str(key)) else f"{where} (a key)")
                 continue
             _walk(item, inner, False, found)
     elif isinstance(value, (list, tuple)):
