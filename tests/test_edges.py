@@ -282,6 +282,25 @@ def test_every_command_defaults_to_the_same_percent():
     assert set(defaults.values()) == {DEFAULT_TOP_PERCENT}, defaults
 
 
+def test_a_run_refuses_a_training_percent_the_analysis_would_override():
+    """Before: ``run --set training.top_percent=40`` trained the analysis's 30% and said nothing."""
+    proc = run_cli("run", str(FLAGSHIP), "--dry-run", "--set", "training.top_percent=40")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "training.top_percent is 40 but analysis.top_percent is 30" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    both = run_cli("run", str(FLAGSHIP), "--dry-run", "--set", "common.top_percent=40")
+    assert both.returncode == 0, both.stderr
+    sent = json.loads(both.stdout)["analysis"]["HyperParameters"]
+    assert float(sent["top_percent"]) == 40
+    same = run_cli("run", str(FLAGSHIP), "--dry-run", "--set", "training.top_percent=30")
+    assert same.returncode == 0, same.stderr
+    compared = run_cli(
+        "compare", str(FLAGSHIP), "--methods", "spectrum,full", "--dry-run",
+        "--set", "training.top_percent=40",
+    )  # fmt: skip
+    assert compared.returncode == 1 and "training.top_percent is 40" in compared.stderr
+
+
 # -- tracebacks on user errors ---------------------------------------------------------------
 
 

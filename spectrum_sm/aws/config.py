@@ -479,6 +479,20 @@ class PipelineConfig:
     analysis: AnalysisConfig
     training: TrainingConfig
     reuse_analysis: bool = True
+    #: ``training.top_percent`` as the file or ``--set`` gave it (None: not given). In a run
+    #: the training job trains the analysis's layer file, so a different one is refused.
+    training_percent_given: float | None = field(default=None, repr=False, compare=False)
+
+    def percent_conflict(self) -> str:
+        """Why the two jobs' percents disagree ("" when they do not)."""
+        given = self.training_percent_given
+        if given is None or given == self.analysis.top_percent:
+            return ""
+        return (
+            f"training.top_percent is {given:g} but analysis.top_percent is "
+            f"{self.analysis.top_percent:g}: a run trains the analysis's layer file, so set "
+            "analysis.top_percent (or common.top_percent) to choose the percent"
+        )
 
 
 def validate(config: JobConfig, *, need_role: bool) -> None:
@@ -591,7 +605,10 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     reuse = data.get("reuse_analysis", True)
     if not isinstance(reuse, bool):
         raise SpectrumError(f"{path}: reuse_analysis must be true or false, got {reuse!r}")
-    return PipelineConfig(analysis, training, reuse)
+    given = (data.get("training") or {}).get("top_percent")
+    return PipelineConfig(
+        analysis, training, reuse, None if given is None else training.top_percent
+    )
 
 
 def _merged(common: dict[str, Any], data: dict[str, Any], job: str) -> dict[str, Any]:

@@ -722,6 +722,8 @@ def run_pipeline(
     validated before anything is looked up or uploaded, and staged before the first is
     submitted.
     """
+    if config.percent_conflict():  # before any lookup or upload
+        raise SpectrumError(config.percent_conflict())
     validate(config.training, need_role=not local)
     step = plan_analysis_step(
         config.analysis, reuse=config.reuse_analysis, dry_run=dry_run, local=local
