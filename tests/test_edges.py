@@ -188,6 +188,18 @@ def test_certify_percents_of_the_wrong_kind_are_one_line(value):
         validate(config.analysis, need_role=True)
 
 
+def test_a_wrong_type_names_where_the_value_came_from(tmp_path):
+    """Before: a bad ``--set`` value was blamed on the YAML file, which holds no such value."""
+    with pytest.raises(SpectrumError, match=r"^--set analysis\.certify_percents: certify_perc"):
+        load_pipeline(FLAGSHIP, ["analysis.certify_percents=[abc]"])
+    with pytest.raises(SpectrumError, match=r"^--set common\.top_percent: top_percent must be"):
+        load_pipeline(FLAGSHIP, ["common.top_percent=abc"])
+    written = tmp_path / "bad.yaml"
+    written.write_text(FLAGSHIP.read_text().replace("top_percent: 30", "top_percent: abc"))
+    with pytest.raises(SpectrumError, match=r"bad\.yaml: analysis: top_percent must be"):
+        load_pipeline(written)
+
+
 def test_the_python_api_gets_the_same_checks():
     from spectrum_sm.aws.config import AnalysisConfig, TrainingConfig
 

@@ -514,9 +514,10 @@ _TYPES = {
 #: A setting left empty (``key:`` or ``--set key=``) keeps its default.
 
 
-def _from_dict(cls, data: dict[str, Any], where: str):
+def _from_dict(cls, data: dict[str, Any], where: str, given: dict[str, str] | None = None):
     """Build ``cls`` from YAML data: unknown keys and wrong types are errors; an empty value
-    (``key:`` or ``--set key=``) means the default."""
+    (``key:`` or ``--set key=``) means the default. ``given`` names where a key's value came
+    from when not from ``where`` (an override: ``--set analysis.top_percent``)."""
     if not isinstance(data, dict):
         raise SpectrumError(f"{where}: expected a mapping of settings")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -529,16 +530,17 @@ def _from_dict(cls, data: dict[str, Any], where: str):
     for key, value in data.items():
         if value is None:
             continue
+        place = (given or {}).get(key, where)
         allowed = _TYPES.get(str(fields[key].type), (object,))
         wrong_bool = isinstance(value, bool) and bool not in allowed
         if not isinstance(value, allowed) or wrong_bool:
-            raise SpectrumError(f"{where}: {key} must be {fields[key].type!s}, got {value!r}")
+            raise SpectrumError(f"{place}: {key} must be {fields[key].type!s}, got {value!r}")
         if str(fields[key].type) == "list[str]" and not all(isinstance(v, str) for v in value):
-            raise SpectrumError(f"{where}: {key} must be a list of strings")
+            raise SpectrumError(f"{place}: {key} must be a list of strings")
         if str(fields[key].type) == "list[float]" and not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         ):
-            raise SpectrumError(f"{where}: {key} must be a list of numbers, got {value!r}")
+            raise SpectrumError(f"{place}: {key} must be a list of numbers, got {value!r}")
         values[key] = value
     return cls(**values)
 
@@ -589,8 +591,12 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             f"{path}: unknown key(s) {', '.join(unknown)}{_close(unknown[0], TOP_LEVEL)}; "
             "known: common, analysis, training, reuse_analysis"
         )
+    given: dict[str, dict[str, str]] = {"analysis": {}, "training": {}}
     for override in overrides or []:
-        _apply_override(data, override)
+        section, key = _apply_override(data, override)
+        for job in ("analysis", "training") if section == "common" else (section,):
+            if job in given:  # errors about this key name the override, not the file
+                given[job][key] = f"--set {override.partition('=')[0].strip()}"
     common = data.get("common") or {}
     if not isinstance(common, dict):
         raise SpectrumError(f"{path}: common must be a mapping of settings")
@@ -600,8 +606,12 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             f"{path}: common: {stray[0]!r} is not a setting both jobs have"
             f"{_close(stray[0], section_fields('common'))}; put it under analysis or training"
         )
-    analysis = _from_dict(AnalysisConfig, _merged(common, data, "analysis"), f"{path}: analysis")
-    training = _from_dict(TrainingConfig, _merged(common, data, "training"), f"{path}: training")
+    analysis = _from_dict(
+        AnalysisConfig, _merged(common, data, "analysis"), f"{path}: analysis", given["analysis"]
+    )
+    training = _from_dict(
+        TrainingConfig, _merged(common, data, "training"), f"{path}: training", given["training"]
+    )
     reuse = data.get("reuse_analysis", True)
     if not isinstance(reuse, bool):
         raise SpectrumError(f"{path}: reuse_analysis must be true or false, got {reuse!r}")
@@ -624,8 +634,9 @@ def _merged(common: dict[str, Any], data: dict[str, Any], job: str) -> dict[str,
     return merged
 
 
-def _apply_override(data: dict[str, Any], override: str) -> None:
-    """``section.key=value`` (or ``section.mapping.key=value``), checked against the schema."""
+def _apply_override(data: dict[str, Any], override: str) -> tuple[str, str]:
+    """``section.key=value`` (or ``section.mapping.key=value``), checked against the schema;
+    returns the section and the key it set."""
     key, sep, raw = override.partition("=")
     parts = key.strip().split(".")
     if not sep or not key or not all(parts):
@@ -641,7 +652,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         if len(parts) != 1:
             raise SpectrumError(f"--set {override!r}: reuse_analysis has no keys")
         data[section] = value
-        return
+        return section, ""
     if len(parts) == 1:
         raise SpectrumError(
             f"--set {override!r}: {section} is a section; use --set {section}.KEY=VALUE"
@@ -687,6 +698,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
                 settings[parts[1]] = value
             elif isinstance(settings[parts[1]], dict):
                 settings[parts[1]][parts[2]] = value
+    return section, parts[1]
 
 
 def to_yaml(config) -> str:
