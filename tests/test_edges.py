@@ -257,6 +257,33 @@ def test_a_selection_at_zero_percent_is_refused_not_the_scans_percent(tmp_path):
         result.selection(0)
 
 
+def test_a_scan_that_replaces_results_removes_the_layer_files_selected_from_them(tmp_path):
+    """Before: two models saved as ``model`` scanned into one folder left the first one's 30%
+    layer file beside the second one's results, to be trained on as if it were the second's."""
+    from factories import tiny_qwen3
+
+    out = tmp_path / "out"
+    first = tiny_qwen3(tmp_path / "a" / "model", layers=2)
+    second = tiny_qwen3(tmp_path / "b" / "model", layers=2, seed=1)
+    assert (
+        run_cli("scan", str(first), "--top-percent", "30", "--output-dir", str(out)).returncode == 0
+    )
+    assert (
+        run_cli("select", str(out / "snr_results_model.json"), "--top-percent", "20").returncode
+        == 0
+    )
+    again = run_cli("scan", str(first), "--output-dir", str(out))  # the same results: all kept
+    assert again.returncode == 0 and "removing" not in again.stderr
+    percents = sorted(p.name.split("_")[-1] for p in out.glob("*unfrozenparameters*"))
+    assert percents == ["20percent.yaml", "30percent.yaml", "50percent.yaml"]
+    other = run_cli("scan", str(second), "--output-dir", str(out))
+    assert other.returncode == 0, other.stderr
+    assert "removing snr_results_model_unfrozenparameters_20percent.yaml" in other.stderr
+    assert sorted(p.name for p in out.glob("*unfrozenparameters*")) == [
+        "snr_results_model_unfrozenparameters_50percent.yaml"
+    ]
+
+
 @pytest.mark.parametrize("flag", ["--batch=-4", "--seq=0", "--lora-rank=0", "--batch=2.5"])
 def test_plan_refuses_sizes_below_one(tmp_path, flag):
     proc = run_cli("plan", str(tmp_path), flag)

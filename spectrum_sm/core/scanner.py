@@ -191,12 +191,26 @@ class ScanResult:
             names["layers"]: self.layer_file_text(),
             names["manifest"]: json.dumps(self.manifest(), indent=2) + "\n",
         }
-        if lock:
-            with output_lock(out):
-                write_files_atomically(out, texts)
-        else:
+        with output_lock(out) if lock else contextlib.nullcontext():
+            previous = out / names["results"]
+            replaced = previous.is_file() and previous.read_text() != texts[names["results"]]
             write_files_atomically(out, texts)
+            if replaced:
+                self._remove_stale_layer_files(out, set(texts))
         return self.files
+
+    def _remove_stale_layer_files(self, out: Path, written: set[str]) -> None:
+        """Layer files of this name at other percents were selected from the results just
+        replaced (another model saved under the same name, or other settings): training on one
+        would silently train the wrong layers."""
+        for stale in sorted(out.glob(sel.layer_file_glob(self.slug))):
+            if stale.name not in written:
+                log.warning(
+                    "removing %s: it was selected from the %s this scan replaced",
+                    stale.name,
+                    sel.results_file_name(self.slug),
+                )
+                stale.unlink()
 
 
 def _tensor_record(score: TensorScore) -> dict[str, Any]:

@@ -62,6 +62,13 @@ def layer_file_name(slug: str, percent: float) -> str:
     return f"{RESULTS_PREFIX}{slug}_unfrozenparameters_{format_percent(percent)}percent.yaml"
 
 
+def layer_file_glob(slug: str) -> str:
+    """A glob matching :func:`layer_file_name` of ``slug`` at every percent."""
+    import glob
+
+    return f"{RESULTS_PREFIX}{glob.escape(slug)}_unfrozenparameters_*percent.yaml"
+
+
 def layer_folder(percent: float) -> str:
     """The sub-folder of an analysis output holding one more percent's layer file
     (``percent-10``): a training job's ``spectrum`` channel points at one such folder."""
