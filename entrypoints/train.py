@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(reason: str) -> int:
+    from spectrum_sm.core.secrets import redact
+
+    reason = redact(reason)  # a message may quote a token passed to the wrong flag
     print(f"error: {reason}", file=sys.stderr)
     write_failure(reason)
     return 1

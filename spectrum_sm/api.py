@@ -16,6 +16,18 @@ from .core.weights import ShardSource, open_source
 log = logging.getLogger(__name__)
 
 
+def _globs(patterns: Iterable[str] | str | None, name: str) -> list[str] | None:
+    """Type globs as a list: one string is one glob (``"self_attn.*"``), not its characters."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    patterns = list(patterns)
+    if not all(isinstance(p, str) for p in patterns):
+        raise SpectrumError(f"{name} must be glob strings, got {patterns!r}")
+    return patterns
+
+
 def scan(
     model: str | os.PathLike[str] | ShardSource,
     top_percent: float = sel.DEFAULT_TOP_PERCENT,
@@ -57,6 +69,9 @@ def scan(
         revision: Hub revision (branch, tag or commit).
         hash_files: record the sha256 of local shards in the manifest.
     """
+    if not isinstance(model, (str, os.PathLike)) and not hasattr(model, "list_files"):
+        raise SpectrumError(f"model must be a path, an s3:// prefix or a Hub id, got {model!r}")
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     source = _open(model, name=name, revision=revision, hash_files=hash_files)
     try:
         return scan_source(
@@ -106,6 +121,7 @@ def select(
     float32 bounds leave open is refused rather than guessed. Returns the layer file's path.
     """
     top_percent = sel.check_percent(top_percent)
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     table = sel.load_results(results)
     chosen = sel.select_layers(table, top_percent, include, exclude)
     slug = sel.model_slug(name) if name else sel.slug_from_results_path(results)

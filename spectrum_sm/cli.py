@@ -64,10 +64,19 @@ def _add_type_filters(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose messages quote the arguments: never a credential among them."""
+
+    def error(self, message: str):
+        from .core.secrets import redact
+
+        super().error(redact(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spectrum-sm",
         description="Spectrum fine-tuning on Amazon SageMaker: SNR scan, layer selection, jobs.",
     )
@@ -319,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     planner = commands.add_parser(
         "plan",
         help="count trainable parameters and estimate GPU memory from config.json",
-        description="Count what spectrum (at P%%), full and LoRA train and estimate per-GPU "
+        description="Count what spectrum (at P%), full and LoRA train and estimate per-GPU "
         "memory from a model's config.json alone; recommend instances that fit.",
     )
     planner.add_argument("model", help="folder or config.json path, or Hub id")
@@ -344,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         "AWS_ENDPOINT_URL is set, run analysis and training in local mode, show the results.",
     )
     demo.add_argument("--workdir", default="spectrum-sm-demo", help="where everything goes")
-    demo.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    demo.add_argument(
+        "--steps", type=_positive_int, default=30, help="training steps (default: 30)"
+    )
     demo.add_argument(
         "--top-percent",
         type=_percent,
@@ -360,17 +371,26 @@ def _run_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .core.atomic import ensure_output_dir
+    from .core.errors import SpectrumError
     from .report import snr_report
 
-    report = snr_report(args.results, args.top_percent, embeddings=args.embeddings)
     output = (
         Path(args.output)
         if args.output
         else Path(args.results).with_suffix(f".snr_{args.top_percent}percent.png")
     )
+    if output.suffix.lower() != ".png":  # never another file overwritten by a figure
+        raise SpectrumError(f"--output {str(output)!r}: the heatmap is a PNG; name it *.png")
+    if output.is_dir():
+        raise SpectrumError(f"--output {str(output)!r} is a folder; name the PNG file")
+    report = snr_report(args.results, args.top_percent, embeddings=args.embeddings)
     ensure_output_dir(output.parent)
     print("\n".join(report.lines()))
-    print(f"heatmap: {report.save(output)}")
+    try:
+        saved = report.save(output)
+    except OSError as exc:
+        raise SpectrumError(f"cannot write the heatmap {str(output)!r}: {exc.strerror}") from None
+    print(f"heatmap: {saved}")
     return 0
 
 

@@ -4,6 +4,7 @@ half-written, nothing silently wrong. Each test fails on the code before the fix
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -495,3 +496,186 @@ def test_the_dry_run_reads_local_training_data_as_the_job_will(toy, tmp_path, ro
     ok = run_cli("run", str(EXAMPLES / "local-tiny.yaml"), "--local", "--dry-run", *args[:4],
                  "--set", f"training.train_data={toy['train']}")  # fmt: skip
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+# -- a second new user's probe ------------------------------------------------------------------
+
+
+def _dry_run(*overrides: str):
+    args = ["run", str(FLAGSHIP), "--dry-run"]
+    for override in overrides:
+        args += ["--set", override]
+    return run_cli(*args)
+
+
+def _sent(*overrides: str) -> dict:
+    proc = _dry_run(*overrides)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["training"]
+
+
+@pytest.mark.parametrize(
+    "override", [f"training.spot={HF}", f"trainig.spot={HF}", f"training.spott={HF}"]
+)
+def test_a_token_in_a_type_or_typo_error_is_not_echoed(override):
+    """Before: ``spot must be bool, got 'hf_...'`` and typo messages repeated the token."""
+    proc = _dry_run(override)
+    assert proc.returncode == 1 and "not shown" in proc.stderr
+    assert HF[:8] not in proc.stderr + proc.stdout
+
+
+def test_argparse_errors_do_not_echo_a_token(tmp_path):
+    import subprocess
+    import sys
+
+    train = Path(__file__).resolve().parents[1] / "entrypoints" / "train.py"
+    for argv in (["--max_steps", HF], ["--hf_token", HF]):
+        proc = subprocess.run(
+            [sys.executable, str(train), *argv], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert proc.returncode == 1 and HF[:8] not in proc.stderr + proc.stdout, proc.stderr
+    proc = run_cli("plan", "--batch", HF, "x")
+    assert proc.returncode == 2 and HF[:8] not in proc.stderr
+
+
+def test_a_password_in_a_url_is_a_credential():
+    url = "postgresql://admin:Sup3rS3cretPassw0rd@db.example.com/x"
+    proc = _dry_run(f"common.environment.DB_URL={url}")
+    assert proc.returncode == 1 and "environment.DB_URL looks like a credential" in proc.stderr
+    assert "Sup3r" not in proc.stderr + proc.stdout
+    assert _problems("training.environment.SITE=https://example.com/x@y") == ""
+
+
+def test_yaml_numbers_and_booleans_are_read_as_yaml_1_2(tmp_path):
+    """Before: 0400 was octal (256 GB), 010 was 8, ``on`` was True, 1.10 became 1.1."""
+    sent = _sent(
+        "training.volume_size_gb=0400",
+        "training.hyperparameters.max_steps=010",
+        "common.environment.FLAG=on",
+        "common.tags.version=1.10",
+    )
+    assert sent["ResourceConfig"]["VolumeSizeInGB"] == 400
+    assert sent["HyperParameters"]["max_steps"] == "10"
+    assert sent["Environment"]["FLAG"] == "on"
+    assert {"Key": "version", "Value": "1.10"} in sent["Tags"]
+    written = tmp_path / "tags.yaml"
+    written.write_text(FLAGSHIP.read_text().replace("project: spectrum-sm", "version: 1.10"))
+    with pytest.raises(SpectrumError, match=r"tags\.version must be text, got the YAML value 1\.1"):
+        load_pipeline(written)
+
+
+def test_an_empty_mapping_entry_is_not_set_not_the_text_none():
+    sent = _sent("common.environment.EMPTY=", "training.hyperparameters.system_prompt=")
+    assert "EMPTY" not in sent["Environment"]
+    assert "system_prompt" not in sent["HyperParameters"]
+
+
+def test_variables_spectrum_sm_sets_are_refused_not_silently_replaced():
+    proc = _dry_run("common.environment.SPECTRUM_SM_NPROC_PER_HOST=1")
+    assert proc.returncode == 1 and "SPECTRUM_SM_* variables are set by spectrum-sm" in proc.stderr
+
+
+def test_python_configs_are_type_checked():
+    """Before: ``spot="false"`` sent EnableManagedSpotTraining: true; "2" was a TypeError."""
+    from spectrum_sm.aws.config import TrainingConfig
+
+    config = TrainingConfig(
+        model="Qwen/Qwen3-8B",
+        train_data="s3://b/d",
+        spot="false",  # type: ignore[arg-type]
+        instance_count="2",  # type: ignore[arg-type]
+        environment={"B": True},  # type: ignore[dict-item]
+    )
+    problems = "; ".join(config.problems(need_role=False))
+    assert "spot must be bool, got 'false'" in problems
+    assert "instance_count must be int, got '2'" in problems
+    assert "environment must map text to text" in problems
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--method", "lora", "--lora_alpha", "0"], "lora_alpha must be positive"),
+        (["--seed", "-1"], "seed must be in [0, 2**32)"),
+        (["--seed", "99999999999"], "seed must be in [0, 2**32)"),
+        (["--checkpoint_dir", "{out}"], "overlap"),
+        (["--checkpoint_dir", "{out}/ck"], "overlap"),
+        (["--tensorboard_dir", "{file}"], "tensorboard_dir '{file}' is a file"),
+    ],
+)
+def test_train_arguments_that_would_train_nothing_or_mix_folders(tmp_path, flags, fragment):
+    from spectrum_sm.training.args import parse_args
+
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    names = {"out": str(tmp_path / "out"), "file": str(tmp_path / "data.jsonl")}
+    argv = ["--model_name_or_path", "m", "--train_data", "d", "--method", "full"]
+    argv += ["--output_dir", names["out"], *(f.format(**names) for f in flags)]
+    with pytest.raises(SpectrumError, match=re.escape(fragment.format(**names))):
+        parse_args(argv)
+
+
+def test_a_seed_out_of_range_fails_the_dry_run_not_the_job():
+    proc = _dry_run("training.hyperparameters.seed=-1")
+    assert proc.returncode == 1 and "seed must be in [0, 2**32)" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('{"chat_template": "{{ messages }}"}', "is JSON, not a Jinja template"),
+        ("{% for m in messages %}{{ m.content }", "does not compile at line 1"),
+        ("Hello {{ bos_token }}", "never reads `messages`"),
+    ],
+)
+def test_what_cannot_be_a_chat_template_is_refused_naming_the_file(toy, tmp_path, text, fragment):
+    template = tmp_path / "template.jinja"
+    template.write_text(text)
+    proc = run_cli("data-check", str(toy["train"]), "--model", str(toy["model"]),
+                   "--chat-template", str(template))  # fmt: skip
+    assert proc.returncode == 1 and fragment in proc.stderr and "template.jinja" in proc.stderr
+    assert "data row" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_never_overwrites_another_file_with_its_figure(tmp_path):
+    results = tmp_path / "snr_results_m.json"
+    results.write_text('{"a.0.q": {"snr": 1.0, "type": "q"}, "a.1.q": {"snr": 2.0, "type": "q"}}')
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    proc = run_cli("report", str(results), "--output", str(model))
+    assert proc.returncode == 1 and "name it *.png" in proc.stderr
+    assert model.read_bytes() == b"weights"
+    proc = run_cli("report", str(results), "--output", str(tmp_path / "fig.png" / ".." / "x"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (tmp_path / "figs.png").mkdir()
+    proc = run_cli("report", str(results), "--output", str(tmp_path / "figs.png"))
+    assert proc.returncode == 1 and "is a folder" in proc.stderr
+
+
+def test_the_python_scan_refuses_wrong_types_and_takes_one_glob(tmp_path):
+    from factories import tiny_qwen3
+
+    import spectrum_sm
+
+    with pytest.raises(SpectrumError, match="model must be a path"):
+        spectrum_sm.scan(None)  # type: ignore[arg-type]
+    model = tiny_qwen3(tmp_path / "m", layers=1)
+    with pytest.raises(SpectrumError, match="top percent must be a number, got True"):
+        spectrum_sm.scan(model, top_percent=True)
+    result = spectrum_sm.scan(model, include="self_attn.*", show_progress=False)
+    assert result.selection() and all(t.startswith("self_attn.") for t in result.selection())
+
+
+def test_folders_and_results_files_given_for_the_wrong_thing_say_so(tmp_path):
+    from spectrum_sm.core.freeze import read_layer_file
+
+    assert "is a folder" in run_cli("select", str(tmp_path), "--top-percent", "50").stderr
+    assert "is a folder" in run_cli("run", str(tmp_path), "--dry-run").stderr
+    results = tmp_path / "snr_results_m.json"
+    results.write_text('{"a.0.q": {"snr": 1.0, "type": "q"}}')
+    with pytest.raises(SpectrumError, match=r"is a results file .* spectrum-sm select"):
+        read_layer_file(results)
+
+
+def test_the_demo_refuses_a_negative_step_count(tmp_path):
+    proc = run_cli("demo", "--workdir", str(tmp_path / "d"), "--steps", "-3")
+    assert proc.returncode == 2 and not (tmp_path / "d").exists()

@@ -67,6 +67,8 @@ def hyperparameter_string(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))  # max_steps: 1e3 is 1000, which int and float flags both read
     return str(value)
 
 
@@ -91,6 +93,30 @@ def _location_problems(fields: dict[str, str], *, hub_ok: tuple[str, ...]) -> li
         except SpectrumError as exc:
             problems.append(str(exc))
     return problems
+
+
+def type_problems(config: Any) -> list[str]:
+    """Fields whose value is not of their declared type (a config built in Python:
+    ``spot="false"`` is not false); the YAML loader refuses these as it reads them."""
+    problems = []
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        allowed = _TYPES.get(kind, (object,))
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            problems.append(f"{f.name} must be {kind}, got {value!r}")
+        elif kind == "dict[str, str]" and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            problems.append(f"{f.name} must map text to text, got {value!r}")
+        elif kind.startswith("list[") and not all(
+            isinstance(v, str) if kind == "list[str]" else _is_number(v) for v in value
+        ):
+            problems.append(f"{f.name} must be {kind}, got {value!r}")
+    return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -202,7 +228,7 @@ class JobConfig:
         secrets = secret_problems(self)
         if secrets:
             return secrets
-        return self._problems(need_role)
+        return type_problems(self) or self._problems(need_role)
 
     def _problems(self, need_role: bool) -> list[str]:
         p: list[str] = []
@@ -257,6 +283,13 @@ class JobConfig:
             ):
                 problem = _arn_partition_problem(what, arn, self.region)
                 _check(p, problem is None, str(problem))
+        for key in self.environment:
+            _check(
+                p,
+                not str(key).startswith("SPECTRUM_SM_"),
+                f"environment.{key}: SPECTRUM_SM_* variables are set by spectrum-sm from the "
+                "config (processes_per_host, checkpoints, secrets); set those settings instead",
+            )
         for key, arn in self.secret_environment.items():
             _check(p, bool(ENV_NAME.match(key)), f"secret_environment: {key!r} is no env name")
             _check(
@@ -531,12 +564,21 @@ def _from_dict(cls, data: dict[str, Any], where: str, given: dict[str, str] | No
         if value is None:
             continue
         place = (given or {}).get(key, where)
+        if isinstance(value, dict):  # an empty entry (``KEY:`` or ``--set ...KEY=``): not set
+            value = {k: v for k, v in value.items() if v is not None}
         allowed = _TYPES.get(str(fields[key].type), (object,))
         wrong_bool = isinstance(value, bool) and bool not in allowed
         if not isinstance(value, allowed) or wrong_bool:
             raise SpectrumError(f"{place}: {key} must be {fields[key].type!s}, got {value!r}")
         if str(fields[key].type) == "list[str]" and not all(isinstance(v, str) for v in value):
             raise SpectrumError(f"{place}: {key} must be a list of strings")
+        if str(fields[key].type) == "dict[str, str]":
+            for name, item in value.items():
+                if not isinstance(item, str):
+                    raise SpectrumError(
+                        f"{place}: {key}.{name} must be text, got the YAML value {item!r}: quote "
+                        f'it as you mean it ("{item}" may not be what you typed)'
+                    )
         if str(fields[key].type) == "list[float]" and not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         ):
@@ -554,6 +596,8 @@ def replace_checked(config, changes: dict[str, Any], where: str):
 TOP_LEVEL = ("common", "analysis", "training", "reuse_analysis")
 #: Fields that hold a mapping: ``--set training.hyperparameters.max_steps=5`` goes one deeper.
 MAPPINGS = ("hyperparameters", "environment", "secret_environment", "tags")
+#: Mappings whose values are text (the others' values are typed YAML).
+TEXT_MAPPINGS = ("environment", "secret_environment", "tags")
 
 
 def section_fields(section: str) -> set[str]:
@@ -576,6 +620,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     Unknown sections and keys (in the file or in an override) are errors naming the nearest
     known one; booleans must be true or false, not strings."""
     path = Path(path)
+    if path.is_dir():
+        raise SpectrumError(f"config file {str(path)!r} is a folder; give the YAML file")
     if not path.is_file():
         raise SpectrumError(f"config file {str(path)!r} does not exist")
     try:
@@ -648,6 +694,8 @@ def _apply_override(data: dict[str, Any], override: str) -> tuple[str, str]:
             "sections: common, analysis, training (and reuse_analysis)"
         )
     value = load_yaml(raw, f"--set {override!r}: the value")
+    if len(parts) == 3 and parts[1] in TEXT_MAPPINGS:
+        value = raw or None  # environment and tags are text, as typed (1.10 stays 1.10)
     if section == "reuse_analysis":
         if len(parts) != 1:
             raise SpectrumError(f"--set {override!r}: reuse_analysis has no keys")

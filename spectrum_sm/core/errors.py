@@ -6,8 +6,14 @@ from __future__ import annotations
 class SpectrumError(Exception):
     """An error the user can fix (bad path, bad percent, corrupt shard...).
 
-    The CLI prints ``str(error)`` on one line and exits non-zero, without a traceback.
+    The CLI prints ``str(error)`` on one line and exits non-zero, without a traceback. Messages
+    quote what the user gave; a credential among it is never shown (:func:`secrets.redact`).
     """
+
+    def __str__(self) -> str:
+        from .secrets import redact
+
+        return redact(super().__str__())
 
 
 def first_sentence(exc: BaseException, limit: int = 200) -> str:

@@ -56,6 +56,11 @@ def read_layer_file(path: str | Path) -> list[str]:
 
     path = find_layer_file(path)
     text = path.read_text()
+    if path.suffix == ".json":  # a scan's results (scores), not the layers chosen from them
+        raise SpectrumError(
+            f"{path} is a results file (SNR scores), not a layer file: make one with "
+            f"spectrum-sm select {path} --top-percent P, and pass that .yaml"
+        )
     if path.suffix not in (".yaml", ".yml"):
         data = text.splitlines()  # a plain list: one entry per line
     else:

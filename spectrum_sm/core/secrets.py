@@ -17,8 +17,13 @@ from typing import Any
 #: GitHub (classic and fine-grained), OpenAI-style and Slack tokens.
 SECRET_VALUE = re.compile(
     r"(hf_[A-Za-z0-9]{30,}|\b(AKIA|ASIA)[A-Z0-9]{16}\b|gh[pousr]_[A-Za-z0-9]{30,}"
-    r"|github_pat_[A-Za-z0-9_]{40,}|sk-[A-Za-z0-9_\-]{20,}|xox[abpsr]-[A-Za-z0-9\-]{10,})"
+    r"|github_pat_[A-Za-z0-9_]{40,}|sk-[A-Za-z0-9_\-]{20,}|xox[abpsr]-[A-Za-z0-9\-]{10,}"
+    # a password in a URL's user part: scheme://user:password@host
+    r"|[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]+:[^/\s@]+@)"
 )
+#: Where a bare AWS secret key could sit inside a message (checked with :func:`is_secret`).
+_AWS_KEY_CANDIDATE = re.compile(r"(?<![A-Za-z0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+HIDDEN = "<a credential, not shown>"
 #: An AWS secret access key has no prefix: 40 base64 characters (30 random bytes). Taken as
 #: one only when it is the whole value and looks random, so that git SHAs (lowercase hex), S3
 #: keys and Hub paths (many "/" between words) are not: mixed case and digits, at most three
@@ -38,6 +43,13 @@ def is_secret(text: str) -> bool:
     counts = collections.Counter(text)
     entropy = -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
     return entropy >= AWS_SECRET_KEY_ENTROPY
+
+
+def redact(text: str) -> str:
+    """``text`` with every credential-shaped part replaced: the last guard for messages that
+    quote what a user typed (a token pasted into the wrong flag)."""
+    text = SECRET_VALUE.sub(HIDDEN, text)
+    return _AWS_KEY_CANDIDATE.sub(lambda m: HIDDEN if is_secret(m.group()) else m.group(), text)
 
 
 #: Names under which a value is a credential (HF_TOKEN, WANDB_API_KEY, DB_PASSWORD, ...), as whole

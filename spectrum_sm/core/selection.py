@@ -29,7 +29,9 @@ DEFAULT_TOP_PERCENT = 50
 
 
 def check_percent(percent: float) -> float:
-    """Validate a top percent: a number in (0, 100]."""
+    """Validate a top percent: a number in (0, 100] (``True`` is not 1)."""
+    if isinstance(percent, bool):
+        raise SpectrumError(f"top percent must be a number, got {percent!r}")
     try:
         value = float(percent)
     except (TypeError, ValueError):
@@ -210,6 +212,10 @@ def load_results(path: str | Path) -> dict[str, dict[str, Any]]:
     Llama-3.1-Storm-8B results). Both come back as the first, in file order.
     """
     path = Path(path)
+    if path.is_dir():
+        raise SpectrumError(
+            f"results file {str(path)!r} is a folder; give its {RESULTS_PREFIX}<model>.json"
+        )
     if not path.is_file():
         raise SpectrumError(f"results file {str(path)!r} does not exist")
     try:

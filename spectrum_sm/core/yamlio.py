@@ -1,5 +1,6 @@
-"""YAML as users write it: ``2e-5`` and ``2.5e1`` are numbers (YAML 1.2), and a mapping with a
-repeated key is an error, not the last value silently winning."""
+"""YAML as users write it (YAML 1.2's core schema): ``2e-5`` and ``2.5e1`` are numbers, ``on``
+and ``0755`` are not booleans or octal, and a mapping with a repeated key is an error, not the
+last value silently winning."""
 
 from __future__ import annotations
 
@@ -15,19 +16,44 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
-# YAML 1.1 (PyYAML's default) needs a dot and a signed exponent for a float: 2e-5 is a string.
+# YAML 1.2's core schema instead of PyYAML's 1.1: ``2e-5`` is a number (1.1 needs a dot and a
+# signed exponent), while ``on``/``yes``, ``0755`` (octal), ``1:00`` (base 60) and ``1_000`` are
+# what they look like: text, decimal 755, text, text.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag.rsplit(":", 1)[-1]
+            not in ("bool", "int", "float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}  # fmt: skip
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+    list("-+0123456789"),
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
         re.X,
     ),
     list("-+0123456789."),
 )
+
+
+def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text, 0)
+    return int(text, 10)  # 0755 is 755, as YAML 1.2 reads it
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _int)
 
 
 def _unique_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..core.container import default_checkpoint_dir, env_path
@@ -218,6 +219,15 @@ class TrainArgs:
             ),
             (self.lora_r >= 1, f"lora_r must be at least 1, got {self.lora_r}"),
             (
+                self.lora_alpha > 0,
+                f"lora_alpha must be positive, got {self.lora_alpha} (the adapter's scale: "
+                "0 trains nothing, a negative one flips it)",
+            ),
+            (
+                0 <= self.seed < 2**32,
+                f"seed must be in [0, 2**32), got {self.seed} (numpy's and torch's range)",
+            ),
+            (
                 0 <= self.lora_dropout < 1,
                 f"lora_dropout must be in [0, 1), got {self.lora_dropout}",
             ),
@@ -233,6 +243,29 @@ class TrainArgs:
                 problems.append(f"{name} must be at least 1")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
             problems.append("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+        return problems + self._folder_problems()
+
+    def _folder_problems(self) -> list[str]:
+        """Output folders that would mix or fail: the model and the checkpoints in one tree
+        (a checkpoint's optimizer state saved as part of the model), a file where a folder goes."""
+        problems = []
+        folders = {
+            "output_dir": self.output_dir,
+            "checkpoint_dir": self.checkpoint_dir,
+            "tensorboard_dir": self.tensorboard_dir,
+        }
+        for name, folder in folders.items():
+            if folder and Path(folder).expanduser().is_file():
+                problems.append(f"{name} {folder!r} is a file; give a folder")
+        if self.output_dir and self.checkpoint_dir:
+            out = Path(self.output_dir).expanduser().resolve()
+            ckpt = Path(self.checkpoint_dir).expanduser().resolve()
+            if out == ckpt or out in ckpt.parents or ckpt in out.parents:
+                problems.append(
+                    f"output_dir {self.output_dir!r} and checkpoint_dir {self.checkpoint_dir!r} "
+                    "overlap: checkpoints would be saved into the model (or the model into a "
+                    "checkpoint); give two separate folders"
+                )
         return problems
 
 
@@ -302,7 +335,7 @@ def check_hyperparameters(
     try:
         namespace = build_parser().parse_args(argv)
         given = {k: v for k, v in vars(namespace).items() if v is not None}
-        stand_ins = {k: "/opt/ml/input/data/x" for k in JOB_SET if k not in given}
+        stand_ins = {k: f"/opt/ml/job-set/{k}" for k in JOB_SET if k not in given}
         return TrainArgs(**{**stand_ins, **given})
     except SpectrumError as exc:
         raise SpectrumError(f"{where}: {exc}") from None

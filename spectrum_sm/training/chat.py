@@ -233,7 +233,43 @@ def read_chat_template(path: str | Path) -> str:
         raise SpectrumError(f"cannot read the chat template {path}: {exc}") from None
     if not text.strip():
         raise SpectrumError(f"chat template {path} is empty")
+    check_chat_template(text, str(path))
     return text
+
+
+def check_chat_template(text: str, where: str) -> None:
+    """Refuse what cannot be a chat template before any row is rendered with it: JSON (a
+    tokenizer_config.json, whose ``chat_template`` value is the template), Jinja that does not
+    compile (named here, not blamed on a data row), or a template that never reads ``messages``
+    (every row would render the same text)."""
+    import json
+
+    if text.lstrip().startswith("{"):
+        try:
+            json.loads(text)
+        except ValueError:
+            pass
+        else:
+            raise SpectrumError(
+                f"chat template {where} is JSON, not a Jinja template: give the template's text "
+                "(e.g. the chat_template value of a tokenizer_config.json, saved as a .jinja file)"
+            )
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # renamed in another transformers: the rendering itself still checks
+        _compile_jinja_template = None
+    if _compile_jinja_template is not None:
+        try:
+            _compile_jinja_template(text)
+        except Exception as exc:  # jinja2's TemplateSyntaxError and its kin
+            line = getattr(exc, "lineno", None)
+            at = f" at line {line}" if line else ""
+            raise SpectrumError(f"chat template {where} does not compile{at}: {exc}") from None
+    if "messages" not in text:
+        raise SpectrumError(
+            f"chat template {where} never reads `messages`, so every row would render the same "
+            "text: give a chat template that loops over the conversation"
+        )
 
 
 # --- rendering and masking -------------------------------------------------------------------
