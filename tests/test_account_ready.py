@@ -175,7 +175,8 @@ def test_local_example_header_runs_from_any_folder_without_leaking_a_token(moto_
     assert changed["layer_file_s3"] != first["layer_file_s3"]
 
     written = _objects(bucket)
-    staged = {k.split("/")[2] for k in written if "/inputs/model-" in k and "staged" not in k}
+    new = [k for k in written if k not in before]  # other tests share the bucket
+    staged = {k.split("/")[2] for k in new if "/inputs/model-" in k and "staged" not in k}
     assert len(staged) == 2  # one copy per model content, not one per job
     for key, body in written.items():
         if key not in before:

@@ -67,8 +67,6 @@ def hyperparameter_string(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return str(int(value))  # max_steps: 1e3 is 1000, which int and float flags both read
     return str(value)
 
 
