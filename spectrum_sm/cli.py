@@ -37,6 +37,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seq_length(text: str) -> int:
+    from .training.args import MIN_SEQ_LENGTH  # train.py's own minimum, so both agree
+
+    value = _positive_int(text)
+    if value < MIN_SEQ_LENGTH:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_SEQ_LENGTH} (as train.py)")
+    return value
+
+
 def _globs(values: list[str] | None) -> list[str]:
     """``--include a,b --include c`` -> ``["a", "b", "c"]``."""
     return [g.strip() for v in values or [] for g in v.split(",") if g.strip()]
@@ -284,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("data", help="file, folder, save_to_disk folder, s3:// prefix or Hub id")
     check.add_argument("--model", required=True, help="model folder or Hub id (its tokenizer)")
-    check.add_argument("--max-seq-length", type=int, default=2048, metavar="N")
+    check.add_argument("--max-seq-length", type=_seq_length, default=2048, metavar="N")
     check.add_argument("--rows", type=int, default=3, metavar="K", help="rows to show (default 3)")
     check.add_argument("--split", default="train", help="Hub or DatasetDict split")
     check.add_argument("--dataset-config", default="", help="a Hub dataset's config name")

@@ -465,7 +465,7 @@ def test_the_local_example_starts_from_the_demos_base_model_not_its_output(tmp_p
         (
             [{"prompt": "one two three " * 40, "completion": "four"}],
             ["training.hyperparameters.max_seq_length=16"],
-            "raise --max_seq_length",
+            "raise max_seq_length",
         ),
         ("caf\xe9", [], "not UTF-8 text"),
     ],
@@ -679,3 +679,75 @@ def test_folders_and_results_files_given_for_the_wrong_thing_say_so(tmp_path):
 def test_the_demo_refuses_a_negative_step_count(tmp_path):
     proc = run_cli("demo", "--workdir", str(tmp_path / "d"), "--steps", "-3")
     assert proc.returncode == 2 and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--precision", "fp16"], "precision fp16 needs a CUDA GPU"),
+        (["--method", "lora", "--lora_target_modules", "nonexistent_mod"], "match no module"),
+        (["--method", "lora", "--lora_target_modules", ","], "lora_target_modules is empty"),
+    ],
+)
+def test_train_py_refuses_what_would_end_in_a_traceback(toy, tmp_path, flags, fragment):
+    import subprocess
+    import sys
+
+    train = Path(__file__).resolve().parents[1] / "entrypoints" / "train.py"
+    argv = ["--model_name_or_path", str(toy["model"]), "--train_data", str(toy["train"])]
+    argv += ["--method", "full", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(train), *argv, *flags], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 1 and fragment in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # a refused run leaves no folder
+
+
+def test_a_columns_mapping_that_the_job_cannot_parse_fails_the_dry_run():
+    """Before: with S3 data it passed the dry run and failed in the job."""
+    proc = _dry_run("training.hyperparameters.columns={prompt: question}")
+    assert proc.returncode == 1 and "is not NEW=EXISTING" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "tag, fragment",
+    [("bad*key=v", "letters, digits, spaces"), ("aws:owner=me", "reserved for AWS")],
+)
+def test_tags_sagemaker_would_refuse_fail_the_dry_run(tag, fragment):
+    proc = _dry_run(f"common.tags.{tag}")
+    assert proc.returncode == 1 and fragment in proc.stderr
+    assert _problems("common.tags.équipe=nlp 1") == ""  # letters of any script, spaces
+
+
+def test_a_training_job_without_a_layer_file_names_the_setting(tmp_path):
+    proc = run_cli("train", str(FLAGSHIP), "--dry-run")
+    assert proc.returncode == 1 and "training.spectrum_config" in proc.stderr
+
+
+def test_scan_refuses_a_revision_for_a_folder_and_a_name_no_one_can_type(tmp_path):
+    from factories import tiny_qwen3
+
+    model = tiny_qwen3(tmp_path / "m", layers=1)
+    proc = run_cli("scan", str(model), "--revision", "v2.0", "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode == 1 and "applies to Hub models" in proc.stderr
+    proc = run_cli("scan", str(model), "--name", "x\ty", "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode == 1 and "cannot name files" in proc.stderr
+    assert not list(tmp_path.glob("o/*"))  # nothing written
+
+
+def test_data_check_agrees_with_train_py_and_says_a_bad_file_once(toy, tmp_path):
+    proc = run_cli("data-check", str(toy["train"]), "--model", str(toy["model"]),
+                   "--max-seq-length", "8")  # fmt: skip
+    assert proc.returncode == 2 and "at least 16" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{bad json\n')
+    proc = run_cli("data-check", str(bad), "--model", str(toy["model"]))
+    assert proc.returncode == 1 and "bad.jsonl:2: not valid JSON" in proc.stderr
+    assert "Failed to load JSON" not in proc.stderr and "ERROR" not in proc.stderr
+
+
+def test_an_analysis_revision_for_a_model_that_is_not_on_the_hub_is_refused():
+    problems = _problems("analysis.model=s3://bucket/models/m/", "analysis.revision=main")
+    assert "revision 'main' applies to Hub models" in problems
+    assert "revision" not in _problems("analysis.revision=main")  # Qwen/Qwen3-8B is

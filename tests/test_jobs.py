@@ -565,7 +565,7 @@ def test_single_job_commands_dry_run():
     channels = {c["ChannelName"]: c for c in json.loads(train.stdout)["InputDataConfig"]}
     assert channels["spectrum"]["DataSource"]["S3DataSource"]["S3Uri"].endswith("/layers/")
     missing = run_cli("train", str(EXAMPLES / "qwen3-8b.yaml"), "--dry-run")
-    assert missing.returncode == 1 and "layer file's S3 location" in missing.stderr
+    assert missing.returncode == 1 and "training.spectrum_config" in missing.stderr
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,25 @@ def _location_problems(fields: dict[str, str], *, hub_ok: tuple[str, ...]) -> li
     return problems
 
 
+def _tag_text_ok(text: str) -> bool:
+    # The service's pattern ^([\p{L}\p{Z}\p{N}_.:/=+\-@]*)$ (letters, spaces, digits of any
+    # script and _.:/=+-@), which the request check cannot run (Python's re has no \p{...}).
+    import unicodedata
+
+    return all(c in "_.:/=+-@" or unicodedata.category(c)[0] in "LNZ" for c in text)
+
+
+def tag_problem(key: str, value: str) -> str | None:
+    """Why SageMaker would refuse this tag (after the uploads), or None."""
+    if not 1 <= len(key) <= 128 or len(value) > 256:
+        return "keys are 1-128 characters and values at most 256"
+    if key.lower().startswith("aws:"):
+        return "keys starting with aws: are reserved for AWS"
+    if not (_tag_text_ok(key) and _tag_text_ok(value)):
+        return "tags hold letters, digits, spaces and _ . : / = + - @ only"
+    return None
+
+
 def type_problems(config: Any) -> list[str]:
     """Fields whose value is not of their declared type (a config built in Python:
     ``spot="false"`` is not false); the YAML loader refuses these as it reads them."""
@@ -281,6 +300,9 @@ class JobConfig:
             ):
                 problem = _arn_partition_problem(what, arn, self.region)
                 _check(p, problem is None, str(problem))
+        for key, value in self.tags.items():
+            problem = tag_problem(str(key), str(value))
+            _check(p, problem is None, f"tags.{key}: {problem}")
         for key in self.environment:
             _check(
                 p,
@@ -344,6 +366,12 @@ class AnalysisConfig(JobConfig):
         p = super()._problems(need_role)
         _check(p, bool(self.model), "analysis needs a model (Hub id, s3:// prefix or folder)")
         p += _location_problems({"model": self.model}, hub_ok=("model",))
+        _check(
+            p,
+            not self.revision
+            or not (self.model.startswith("s3://") or Path(self.model).expanduser().exists()),
+            f"revision {self.revision!r} applies to Hub models; model {self.model!r} is not one",
+        )
         _check(
             p,
             _is_percent(self.top_percent),

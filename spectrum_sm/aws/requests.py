@@ -268,7 +268,10 @@ def build_training_request(
     request = _common(config, name, config.output_s3.rstrip("/") + "/training/", code_uri, "train")
     spectrum = spectrum_uri or config.spectrum_config
     if config.method == "spectrum" and not spectrum:
-        raise SpectrumError("a spectrum training job needs the layer file's S3 location")
+        raise SpectrumError(
+            "a spectrum training job needs a layer file: set training.spectrum_config (an s3:// "
+            "URI or a local path), or use spectrum-sm run, which makes one with the analysis"
+        )
     channels = {
         "train": config.train_data,
         "validation": config.validation_data,

@@ -48,7 +48,12 @@ def format_percent(percent: float) -> str:
 
 
 def model_slug(model_name: str) -> str:
-    """The reference's file-name slug: ``/`` and ``_`` become ``-``."""
+    """The reference's file-name slug: ``/`` and ``_`` become ``-``. A name that is blank or
+    holds control characters (a tab, a newline) would make file names no one can type: refused."""
+    if not model_name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in model_name):
+        raise SpectrumError(
+            f"model name {model_name!r} cannot name files: give --name with visible characters"
+        )
     return model_name.replace("/", "-").replace("_", "-")
 
 

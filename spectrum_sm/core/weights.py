@@ -435,6 +435,10 @@ def open_source(
     if text.startswith("s3://"):
         raise SpectrumError("s3:// models are opened by spectrum_sm.scan (the jobs layer)")
     if is_local(text, "model path"):
+        if revision:  # a folder has one version: scanning it is not scanning that revision
+            raise SpectrumError(
+                f"--revision {revision!r} applies to Hub models; {text!r} is a local path"
+            )
         return LocalSource(Path(text).expanduser(), name=name, hash_files=hash_files)
     return HubSource(text, revision=revision, name=name)
 

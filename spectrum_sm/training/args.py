@@ -243,6 +243,13 @@ class TrainArgs:
                 problems.append(f"{name} must be at least 1")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
             problems.append("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+        if self.columns:
+            from .data import parse_columns
+
+            try:  # before a job is paid for: the job parses it with the data
+                parse_columns(self.columns)
+            except SpectrumError as exc:
+                problems.append(str(exc))
         return problems + self._folder_problems()
 
     def _folder_problems(self) -> list[str]:

@@ -225,6 +225,19 @@ def _first_bad_json_line(files: list[Path]) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """``datasets`` logs a reader's failure at ERROR before raising it; the raised error
+    becomes our one line, so its log lines would only say the same thing twice."""
+    library = logging.getLogger("datasets")
+    level = library.level
+    library.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+
+
 def is_hub_id(source: str) -> bool:
     """A Hub dataset id by the Hub's rule, not a data file name that does not exist."""
     return hub_rule(str(source)) and Path(str(source)).suffix not in BUILDERS
@@ -265,13 +278,14 @@ def load_split(source: str | Path, *, split: str = "train", name: str | None = N
                     _first_bad_json_line(readable) or f"{path}: not valid JSON ({exc})"
                 ) from None
         try:
-            loaded = datasets.load_dataset(
-                builder,
-                data_files=[str(f) for f in readable],
-                split="train",
-                cache_dir=str(_cache_root() / "sources"),
-                **options,
-            )
+            with _quiet_datasets():  # its own "Failed to load JSON" lines: we say it in one
+                loaded = datasets.load_dataset(
+                    builder,
+                    data_files=[str(f) for f in readable],
+                    split="train",
+                    cache_dir=str(_cache_root() / "sources"),
+                    **options,
+                )
         except Exception as exc:
             first = (str(exc).splitlines() or [""])[0][:300]
             reason = _first_bad_json_line(readable) or (
@@ -710,7 +724,8 @@ def nothing_left(split: str, counts: Counts, options: DataOptions) -> str:
     if main == "truncated_away":
         return (
             f"{head}: max_seq_length {options.max_length} cuts every row before its first "
-            "trained token; raise --max_seq_length"
+            "trained token; raise max_seq_length (train.py --max_seq_length, data-check "
+            "--max-seq-length)"
         )
     if main == "no_assistant_turn":
         return (

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import write_error
-from ..core.errors import SpectrumError, unknown_model
+from ..core.errors import SpectrumError, first_sentence, unknown_model
 from ..core.hub import hub_offline, is_local, require_hub
 
 log = logging.getLogger("spectrum_sm.train")
@@ -139,6 +139,11 @@ class Recipe:
 
         args = self.args
         self.precision = resolve_precision(args.precision)
+        if self.precision == "fp16" and not torch.cuda.is_available():
+            raise SpectrumError(
+                "precision fp16 needs a CUDA GPU (fp16 autocast and its gradient scaler); on "
+                "CPU use --precision bf16 or fp32"
+            )
         tracker = "tensorboard" if args.tensorboard_dir and _has_tensorboard() else None
         self.accelerator = Accelerator(
             mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision],
@@ -805,15 +810,26 @@ def select_trainable(model, args):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=args.gradient_checkpointing
             )
-        targets = args.lora_target_modules
+        targets = args.lora_target_modules.strip()
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        if not names:
+            raise SpectrumError("lora_target_modules is empty: name modules or use all-linear")
         config = LoraConfig(
             r=args.lora_r,
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
-            target_modules=targets if targets == "all-linear" else targets.split(","),
+            target_modules=targets if targets == "all-linear" else names,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, config)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as exc:  # PEFT: no module matches (its NoMatchingPeftModuleError)
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if type(m).__name__ == "Linear"})  # fmt: skip
+            raise SpectrumError(
+                f"lora_target_modules {targets!r} match no module of the model ("
+                f"{first_sentence(exc)}); its linear layers: {', '.join(linear[:12])}"
+            ) from exc
     unique = {id(p): p for p in model.parameters()}
     report = FreezeReport(
         trainable=[n for n, p in model.named_parameters() if p.requires_grad],
