@@ -751,3 +751,16 @@ def test_an_analysis_revision_for_a_model_that_is_not_on_the_hub_is_refused():
     problems = _problems("analysis.model=s3://bucket/models/m/", "analysis.revision=main")
     assert "revision 'main' applies to Hub models" in problems
     assert "revision" not in _problems("analysis.revision=main")  # Qwen/Qwen3-8B is
+
+
+def test_the_memory_refusal_suggests_only_what_would_change_the_answer():
+    one_gpu = _dry_run("training.instance_type=ml.g5.2xlarge")
+    assert one_gpu.returncode == 1 and "needs ~" in one_gpu.stderr
+    assert "use distribution fsdp" not in one_gpu.stderr  # one GPU: nothing to shard over
+    assert "gradient_checkpointing" not in one_gpu.stderr.split("; use ")[-1]  # already on
+    four = _dry_run(
+        "training.instance_type=ml.g5.12xlarge",
+        "training.distribution=ddp",
+        "training.method=full",
+    )
+    assert four.returncode == 1 and "use distribution fsdp" in four.stderr

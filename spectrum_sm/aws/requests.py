@@ -225,11 +225,15 @@ def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
     needed = plan[f"{chosen}_gib"]
     fits = needed <= 0.9 * known[1]
     if not fits and not config.force:
+        # Only what would change the answer: sharding helps across GPUs, checkpointing when off.
+        remedies = ["distribution fsdp"] if chosen != "fsdp" and total > 1 else []
+        remedies += ["an instance with more (or larger) GPUs", "a smaller batch"]
+        if str(hps.get("gradient_checkpointing", False)).lower() != "true":
+            remedies.append("hyperparameters.gradient_checkpointing: true")
         raise DoesNotFit(
             f"{config.method} on {config.instance_type} x{config.instance_count} with "
             f"distribution {chosen} needs ~{needed} GiB per GPU, more than 90% of its "
-            f"{known[1]} GiB ({plan['reason']}); use distribution fsdp, a larger instance, a "
-            "smaller batch or gradient_checkpointing, or set force: true"
+            f"{known[1]} GiB ({plan['reason']}); use {', '.join(remedies)}, or set force: true"
         )
     log.info("training distribution %s: %s", chosen, plan["reason"])
     return {**plan, "distribution": chosen, "fits": fits}
