@@ -62,6 +62,11 @@ def test_missing_s3_prefix_and_bucket(s3_bucket, tmp_path):
     proc = run_cli("scan", f"s3://{s3_bucket}/nothing-here", "--output-dir", str(tmp_path / "o"))
     assert proc.returncode == 1 and "no files under this S3 prefix" in proc.stderr
     assert "Traceback" not in proc.stderr
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="models/m/config.json", Body=b"{}")
+    proc = run_cli("scan", f"s3://{s3_bucket}/models", "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode == 1 and "only folders (m/): give the one" in proc.stderr
     proc = run_cli("scan", "s3://no-such-bucket-xyz/m", "--output-dir", str(tmp_path / "o"))
     assert proc.returncode == 1 and "bucket does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -97,7 +97,9 @@ class S3Source:
                 pages = self._client.get_paginator("list_objects_v2").paginate(
                     Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
                 )
+                folders: list[str] = []
                 for page in pages:
+                    folders += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
                     for obj in page.get("Contents", []):
                         rel = obj["Key"][len(self.prefix) :]
                         if rel:
@@ -105,6 +107,13 @@ class S3Source:
                             self._etags[rel] = obj.get("ETag", "").strip('"')
             except Exception as exc:
                 raise describe_client_error(exc, self.location) from exc
+            if not self._sizes and folders:  # a model's files are read at this level only
+                shown = ", ".join(f[len(self.prefix) :] for f in folders[:5])
+                raise SpectrumError(
+                    f"{self.location}: no files directly under this S3 prefix, only folders "
+                    f"({shown}{', ...' if len(folders) > 5 else ''}): give the one that holds "
+                    "the model's files"
+                )
             if not self._sizes:
                 raise SpectrumError(f"{self.location}: no files under this S3 prefix")
         return sorted(self._sizes)
