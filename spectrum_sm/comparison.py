@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .aws.config import PipelineConfig, TrainingConfig, load_pipeline
+from .aws.config import PipelineConfig, TrainingConfig, has_cuda, load_pipeline
 from .core.errors import SpectrumError
 from .core.selection import check_percent, format_percent, layer_folder, percent_in_path
 from .core.yamlio import load_yaml
@@ -442,19 +442,19 @@ def _plan_run(
         top_percent=method.percent if method.percent is not None else training.top_percent,
         hyperparameters=hyperparameters,
     )
-    validate(config, need_role=not local)  # a wrong setting is an error, never a skip
     run = Run(
         method,
         region=config.region,
         instance_type=config.instance_type,
         instance_count=config.instance_count,
     )
-    if method.name == "qlora":
+    if method.name == "qlora":  # where it cannot run (which validation would refuse): a skip
         problem = qlora_problem(config.instance_type, local=local)
         if problem:
             run.status, run.reason = "skipped", problem
             log.warning("%s skipped: %s", method.label, problem)
             return run
+    validate(config, need_role=not local)  # a wrong setting is an error, never a skip
     spectrum_uri = None
     if method.percent is not None:
         spectrum_uri = step.layer_dir
@@ -523,8 +523,7 @@ def _keep_global_batch(
 def qlora_problem(instance_type: str, *, local: bool) -> str | None:
     """Why QLoRA cannot run where asked (it needs CUDA and bitsandbytes), or None."""
     if not local:
-        family = instance_type.removeprefix("ml.").split(".")[0]
-        if not family.startswith(("g", "p")):
+        if not has_cuda(instance_type):
             return f"QLoRA needs a CUDA GPU; {instance_type} has none"
         return None
     from .aws.local import container_python

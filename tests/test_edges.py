@@ -764,3 +764,12 @@ def test_the_memory_refusal_suggests_only_what_would_change_the_answer():
         "training.method=full",
     )
     assert four.returncode == 1 and "use distribution fsdp" in four.stderr
+
+
+@pytest.mark.parametrize(
+    "setting", ["training.method=qlora", "training.hyperparameters.precision=fp16"]
+)
+def test_what_needs_cuda_is_refused_on_a_cpu_instance_at_dry_run(setting):
+    image = "common.image_uri=123456789012.dkr.ecr.us-east-1.amazonaws.com/x:1"
+    proc = _dry_run("training.instance_type=ml.c5.xlarge", image, setting)
+    assert proc.returncode == 1 and "needs a CUDA GPU; ml.c5.xlarge has none" in proc.stderr

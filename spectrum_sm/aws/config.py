@@ -47,6 +47,11 @@ GPUS = {
 }
 
 
+def has_cuda(instance_type: str) -> bool:
+    """Whether an instance type has NVIDIA GPUs: the g and p families (not trn, inf, CPUs)."""
+    return instance_type.removeprefix("ml.").split(".")[0].startswith(("g", "p"))
+
+
 def training_instance_types() -> list[str]:
     """Every instance type CreateTrainingJob accepts, from botocore's service model (offline)."""
     return list(_training_instance_types())
@@ -447,6 +452,14 @@ class TrainingConfig(JobConfig):
         p = super()._problems(need_role)
         _check(p, bool(self.model), "training needs a model")
         _check(p, bool(self.train_data), "training needs train_data")
+        precision = str(self.hyperparameters.get("precision", ""))
+        if need_role and not has_cuda(self.instance_type):  # SageMaker, not a local run
+            _check(
+                p,
+                self.method != "qlora" and precision != "fp16",
+                f"{'method qlora' if self.method == 'qlora' else 'precision fp16'} needs a CUDA "
+                f"GPU; {self.instance_type} has none (use a g or p instance type)",
+            )
         p += _location_problems(
             {
                 "model": self.model,
