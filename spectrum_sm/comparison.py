@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .aws.config import PipelineConfig, TrainingConfig, has_cuda, load_pipeline
+from .aws.config import (
+    PipelineConfig,
+    TrainingConfig,
+    has_cuda,
+    load_pipeline,
+    training_instance_types,
+)
 from .core.errors import SpectrumError
 from .core.selection import check_percent, format_percent, layer_folder, percent_in_path
 from .core.yamlio import load_yaml
@@ -448,7 +454,8 @@ def _plan_run(
         instance_type=config.instance_type,
         instance_count=config.instance_count,
     )
-    if method.name == "qlora":  # where it cannot run (which validation would refuse): a skip
+    if method.name == "qlora" and config.instance_type in training_instance_types():
+        # where it cannot run (which validation would refuse): a skip; a typo is an error
         problem = qlora_problem(config.instance_type, local=local)
         if problem:
             run.status, run.reason = "skipped", problem

@@ -146,8 +146,8 @@ def test_a_reasoning_template_trains_exactly_what_trl_trains(setup, tmp_path):
 
 def test_data_check_names_the_setting_when_nothing_is_left(setup, tmp_path):
     proc = run_cli(
-        "data-check", str(setup["train"]), "--model", str(setup["model"]), "--max-seq-length", "8"
+        "data-check", str(setup["train"]), "--model", str(setup["model"]), "--max-seq-length", "16"
     )
     assert proc.returncode == 1
-    assert "max_seq_length 8 cuts every row" in proc.stderr and "Traceback" not in proc.stderr
+    assert "max_seq_length 16 cuts every row" in proc.stderr and "Traceback" not in proc.stderr
     assert "truncated away" in proc.stdout
