@@ -20,7 +20,7 @@ import gc
 import json
 import time
 
-from spectrum_sm.plan import KNOWN_CONFIGS
+from spectrum_sm.training.memory import KNOWN_CONFIGS
 
 QWEN3_8B = {
     k: v

@@ -12,7 +12,9 @@ from the container contract:
   uploads to S3 uncompressed.
 
 On failure the reason goes to ``/opt/ml/output/failure`` (when that folder exists) so SageMaker
-shows it as the job's FailureReason. Uses only the core of ``spectrum_sm``; no SageMaker SDK.
+shows it as the job's FailureReason. Its scan options are the fields of
+:class:`spectrum_sm.core.options.ScanOptions` (the parser is generated from them); it runs over
+``spectrum_sm.api`` and ``spectrum_sm.aws.s3`` (the staged copy), never the SageMaker SDK.
 """
 
 from __future__ import annotations
@@ -29,22 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spectrum_sm.core.selection import DEFAULT_TOP_PERCENT
+from spectrum_sm.core.options import ScanOptions, add_arguments, given, scan_fields
 
 log = logging.getLogger("spectrum_sm.analyze")
-
-
-def _bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _globs(text: str) -> list[str]:
-    return [g.strip() for g in text.split(",") if g.strip()]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,21 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model_name", default="", help="name for the result files")
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--top_percent", type=float, default=DEFAULT_TOP_PERCENT)
-    parser.add_argument("--include", type=_globs, default=[])
-    parser.add_argument("--exclude", type=_globs, default=[])
-    parser.add_argument("--embeddings", type=_bool, default=True)
-    parser.add_argument("--exact", type=_bool, default=False)
-    parser.add_argument("--precision", default="certified", choices=["certified", "float64"])
-    parser.add_argument("--certify_percents", type=_globs, default=[])
+    add_arguments(parser, scan_fields(), flags=False)
     parser.add_argument(
         "--layer_percents",
-        type=_globs,
+        type=lambda text: [float(p) for p in text.split(",") if p.strip()],
         default=[],
         help="more layer files from the same scan, one folder each (percent-<P>/), certified",
     )
-    parser.add_argument("--towers", type=_globs, default=["language"])
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--reuse_key", default="", help="the client's reuse key (the manifest)")
     parser.add_argument(
         "--stage_model_s3", default="", help="copy a Hub checkpoint here for the training job"
@@ -94,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # /opt/ml/model only inside a job: a hand run must not create /opt/ml on a workstation.
     parser.add_argument("--output_dir", default=_default_output_dir())
     args = parser.parse_args(argv)
+    args.scan = ScanOptions(**given(args, scan_fields()))
     if not args.model_name_or_path:
         parser.error("no model: pass --model_name_or_path or provide a 'model' channel")
     return args
@@ -106,20 +88,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = parse_args(argv)
+        options = args.scan
+        options.certify_percents = [*options.certify_percents, *args.layer_percents]
         result = scan(
             args.model_name_or_path,
-            args.top_percent,
             output_dir=args.output_dir,
-            include=args.include,
-            exclude=args.exclude,
-            embeddings=args.embeddings,
-            exact=args.exact,
-            precision=args.precision,
-            certify_percents=[float(p) for p in [*args.certify_percents, *args.layer_percents]],
-            towers=args.towers,
-            device=args.device,
             name=args.model_name,
             revision=args.revision,
+            **{f.name: getattr(options, f.name) for f in scan_fields()},
         )
         for percent in args.layer_percents:
             write_layer_folder(result, float(percent), args)
@@ -152,9 +128,9 @@ def write_layer_folder(result, percent: float, args: argparse.Namespace) -> Path
         results,
         percent,
         output_dir=results.parent / layer_folder(percent),
-        include=args.include,
-        exclude=args.exclude,
-        embeddings=args.embeddings,
+        include=args.scan.include,
+        exclude=args.scan.exclude,
+        embeddings=args.scan.embeddings,
     )
 
 
@@ -167,13 +143,13 @@ def stage_hub_model(model: str, revision: str | None, uri: str, kms_key: str = "
     write ``<uri>.staged.json`` last, so a half-copied prefix is never taken for a model."""
     from huggingface_hub import snapshot_download
 
-    from spectrum_sm.aws.local import upload_folder
     from spectrum_sm.aws.s3 import (
         describe_client_error,
         s3_client,
         split_s3_uri,
         sse_arguments,
         staged_marker,
+        upload_folder,
     )
 
     try:

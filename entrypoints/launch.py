@@ -5,8 +5,9 @@ writes /opt/ml/input/config/{hyperparameters,resourceconfig,inputdataconfig}.jso
 channel under /opt/ml/input/data/<name>; this script exports the usual ``SM_*`` variables, passes
 hyperparameters as ``--name value``, and starts the script (under torchrun when the job has
 several GPUs or instances). The local runner uses the same script with ``SM_OPT_ML`` pointing at a
-folder laid out like /opt/ml. Standard library only, except boto3 (in every training image) when
-the job names secrets: ``SPECTRUM_SM_SECRET_<VAR>=<Secrets Manager ARN>`` is read here with the
+folder laid out like /opt/ml. Standard library only (and spectrum_sm's pure-data instance table),
+except boto3 (in every training image) when the job names secrets:
+``SPECTRUM_SM_SECRET_<VAR>=<Secrets Manager ARN>`` is read here with the
 job's role and given to the script as ``<VAR>``; the value is never in the request or a log.
 """
 
@@ -22,19 +23,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {"analyze": HERE / "analyze.py", "train": HERE / "train.py"}
-# What the SageMaker SDK's own torchrun driver sets for these instance types
-# (sagemaker.train.container_drivers: SM_EFA_NCCL_INSTANCES, SM_EFA_RDMA_INSTANCES).
-EFA_INSTANCES = {
-    "ml.g4dn.8xlarge",
-    "ml.g4dn.12xlarge",
-    "ml.g5.48xlarge",
-    "ml.p3dn.24xlarge",
-    "ml.p4d.24xlarge",
-    "ml.p4de.24xlarge",
-    "ml.p5.48xlarge",
-    "ml.p5e.48xlarge",
-    "ml.trn1.32xlarge",
-}
+# The code channel ships spectrum_sm next to entrypoints/; its instance table is pure data.
+sys.path.insert(0, str(HERE.parent))
+from spectrum_sm.core.instances import instance as instance_row  # noqa: E402
+
 EFA_RDMA_INSTANCES = {
     "ml.p4d.24xlarge",
     "ml.p4de.24xlarge",
@@ -115,10 +107,12 @@ def network_environment(resources: dict) -> dict[str, str]:
     """NCCL over the job's interface, and EFA where the instance type has it (as the SDK's
     torchrun driver does); values already in the environment win."""
     env = {"NCCL_SOCKET_IFNAME": resources.get("network_interface_name", "eth0")}
-    instance = resources.get("current_instance_type", "")
-    if instance in EFA_INSTANCES:
+    # As the SageMaker SDK's own torchrun driver does for these instance types
+    # (sagemaker.train.container_drivers: SM_EFA_NCCL_INSTANCES, SM_EFA_RDMA_INSTANCES).
+    row = instance_row(resources.get("current_instance_type", ""))
+    if row and row.efa:
         env["FI_PROVIDER"] = "efa"
-    if instance in EFA_RDMA_INSTANCES:
+    if row and row.efa_rdma:
         env["FI_EFA_USE_DEVICE_RDMA"] = "1"
         env["RDMAV_FORK_SAFE"] = "1"
     return {k: v for k, v in env.items() if k not in os.environ}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 _LAZY = {
     "scan": "spectrum_sm.api",
@@ -22,13 +22,13 @@ _LAZY = {
     "run_pipeline": "spectrum_sm.aws.pipeline",
     "TrainingJob": "spectrum_sm.aws.jobs",
     "submit": "spectrum_sm.aws.jobs",
-    "check_data": "spectrum_sm.training.datacheck",
+    "check_data": "spectrum_sm.api",
     "compare": "spectrum_sm.comparison",
     "collect": "spectrum_sm.comparison",
 }
 
 if TYPE_CHECKING:
-    from .api import scan, select
+    from .api import check_data, scan, select
     from .aws.config import load_pipeline
     from .aws.jobs import TrainingJob, submit
     from .aws.pipeline import run_pipeline
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from .core.freeze import freeze_except
     from .core.scanner import ScanResult
     from .core.selection import load_results, select_layers
-    from .training.datacheck import check_data
 
 __all__ = [
     "ScanResult",

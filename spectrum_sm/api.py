@@ -1,4 +1,4 @@
-"""The Python entry points users call: :func:`scan` and :func:`select`."""
+"""The Python entry points users call: :func:`scan`, :func:`select` and :func:`check_data`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from .core import selection as sel
 from .core.atomic import ensure_output_dir, write_files_atomically
-from .core.errors import SpectrumError
-from .core.scanner import DEFAULT_CHUNK_MB, ScanResult, scan_source
+from .core.errors import SpectrumError, did_you_mean
+from .core.options import ScanOptions, scan_fields
+from .core.scanner import ScanResult, scan_source
 from .core.weights import ShardSource, open_source
 
 log = logging.getLogger(__name__)
@@ -33,19 +35,11 @@ def scan(
     top_percent: float = sel.DEFAULT_TOP_PERCENT,
     *,
     output_dir: str | os.PathLike[str] | None = None,
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str] | None = None,
-    embeddings: bool = True,
-    exact: bool = False,
-    precision: str = "certified",
-    certify_percents: Iterable[float] = (),
-    towers: Iterable[str] | str = ("language",),
-    device: str = "auto",
     name: str = "",
     revision: str | None = None,
     hash_files: bool = True,
-    chunk_mb: int = DEFAULT_CHUNK_MB,
     show_progress: bool = True,
+    **options: Any,
 ) -> ScanResult:
     """Score every weight of a checkpoint and pick the top ``top_percent`` per type.
 
@@ -54,45 +48,41 @@ def scan(
             model id.
         top_percent: share of each module type to keep trainable, in (0, 100].
         output_dir: where to write the reference's files and our manifest (atomically).
-        include / exclude: glob patterns on module types (``self_attn.*``, ``mlp.down_proj``).
-        embeddings: write the model's output-head and input-embedding entries first in the layer
-            file (the reference does, with Llama's names).
-        exact: use float32 ``svdvals`` like the reference instead of the Gram method.
-        precision: ``certified`` (float32 with error bounds; weights near a selection boundary
-            recomputed in float64, so the selection equals the float64 method's) or ``float64``.
-        certify_percents: more percents whose selections must equal the float64 method's (for
-            ``select`` at those percents later); ``top_percent`` always is.
-        towers: ``language`` (default), ``vision``, ``audio``, ``projector`` or ``all``: which
-            parts of a multimodal model to scan; types never mix towers.
-        device: ``auto``, ``cpu`` or ``cuda``.
         name: model name for the output file names (default: Hub id or folder name).
         revision: Hub revision (branch, tag or commit).
         hash_files: record the sha256 of local shards in the manifest.
+        options: any other field of :class:`spectrum_sm.core.options.ScanOptions` (``include``,
+            ``exclude``, ``embeddings``, ``exact``, ``precision``, ``certify_percents``,
+            ``towers``, ``device``, ``chunk_mb``; each field's help says what it does). One
+            string is one glob or tower (``include="self_attn.*"``, ``towers="all"``).
     """
     if not isinstance(model, (str, os.PathLike)) and not hasattr(model, "list_files"):
         raise SpectrumError(f"model must be a path, an s3:// prefix or a Hub id, got {model!r}")
-    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
+    scan_options = scan_options_from(top_percent, options)
     source = _open(model, name=name, revision=revision, hash_files=hash_files)
     try:
-        return scan_source(
-            source,
-            top_percent,
-            include=include,
-            exclude=exclude,
-            embeddings=embeddings,
-            exact=exact,
-            precision=precision,
-            certify_percents=certify_percents,
-            towers=towers,
-            device=device,
-            chunk_mb=chunk_mb,
-            output_dir=output_dir,
-            show_progress=show_progress,
-        )
+        return scan_source(source, scan_options, output_dir=output_dir, show_progress=show_progress)
     finally:
         close = getattr(source, "close", None)
         if close is not None:
             close()
+
+
+def scan_options_from(top_percent: float, options: dict[str, Any]) -> ScanOptions:
+    """:class:`ScanOptions` from Python keywords: an unknown one is named, with its nearest."""
+    known = [f.name for f in scan_fields()]
+    for key in options:
+        if key not in known:
+            raise SpectrumError(f"scan has no option {key!r}{did_you_mean(key, known)}")
+    for key in ("include", "exclude"):
+        if key in options:
+            options[key] = _globs(options[key], key) or []
+    for key in ("towers", "certify_percents"):
+        if isinstance(options.get(key), (str, int, float)) and not isinstance(options[key], bool):
+            options[key] = [options[key]]
+        elif isinstance(options.get(key), tuple):
+            options[key] = list(options[key])
+    return ScanOptions(top_percent=top_percent, **options)
 
 
 def _open(model, *, name: str, revision: str | None, hash_files: bool) -> ShardSource:
@@ -193,3 +183,21 @@ def _check_certified(manifest, table, percent, include, exclude, results: Path) 
             f"float64 method's (certified percents of this scan: {certified}); rescan with "
             f"--top-percent {percent} or --precision float64"
         )
+
+
+def check_data(data: str, model: str, **options):
+    """What the loss sees (:func:`spectrum_sm.training.datacheck.check_data`, same options) for
+    local data, a Hub dataset or an ``s3://`` prefix (downloaded first, as the job's channel
+    would hold it)."""
+    from .training.datacheck import check_data as check_local
+
+    if not str(data).startswith("s3://"):
+        return check_local(data, model, **options)
+    import tempfile
+
+    from .aws.s3 import download_prefix
+
+    with tempfile.TemporaryDirectory(prefix="spectrum-data-") as scratch:
+        folder = Path(scratch) / "data"
+        download_prefix(str(data), folder)
+        return check_local(str(folder), model, **options)

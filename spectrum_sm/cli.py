@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .core.options import add_arguments, given, scan_fields
 from .core.selection import DEFAULT_TOP_PERCENT
 
 log = logging.getLogger("spectrum_sm")
@@ -46,31 +47,16 @@ def _seq_length(text: str) -> int:
     return value
 
 
-def _globs(values: list[str] | None) -> list[str]:
-    """``--include a,b --include c`` -> ``["a", "b", "c"]``."""
-    return [g.strip() for v in values or [] for g in v.split(",") if g.strip()]
+#: How a person types percents: ``--top-percent 30``, ``--certify-percents 10,50``.
+PERCENT_TYPES = {
+    "top_percent": lambda text: _percent(text),
+    "certify_percents": lambda text: [_percent(p) for p in text.split(",") if p.strip()],
+}
 
 
-def _add_type_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--include",
-        action="append",
-        metavar="GLOB",
-        help="module types to keep, e.g. 'self_attn.*,mlp.*' (repeatable; default: all)",
-    )
-    parser.add_argument(
-        "--exclude",
-        action="append",
-        metavar="GLOB",
-        help="module types to leave out, e.g. '*norm*' (repeatable)",
-    )
-    parser.add_argument(
-        "--no-embeddings",
-        dest="embeddings",
-        action="store_false",
-        help="do not write the output-head and input-embedding entries "
-        "(^lm_head.weight$ and ^model.embed_tokens.weight$ on Llama-style models)",
-    )
+def _selection_fields():
+    """The scan options that ``select`` applies again to a results file."""
+    return tuple(f for f in scan_fields() if f.name in ("include", "exclude", "embeddings"))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .core.version import __version__
 
     parser = _Parser(
         prog="spectrum-sm",
@@ -103,49 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "model", help="local folder or .safetensors file, s3://bucket/prefix, or Hub id"
     )
-    scan.add_argument(
-        "--top-percent",
-        type=_percent,
-        default=DEFAULT_TOP_PERCENT,
-        metavar="P",
-        help="share of each module type to train, in (0, 100] (default: 50)",
-    )
+    add_arguments(scan, scan_fields(), flags=True, types=PERCENT_TYPES)
     scan.add_argument(
         "--output-dir",
         default="model_snr_results",
         metavar="DIR",
         help="where the files go (default: ./model_snr_results)",
-    )
-    scan.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "cuda"],
-        help="where to compute (default: cuda when available)",
-    )
-    scan.add_argument(
-        "--exact",
-        action="store_true",
-        help="float32 svdvals like the reference instead of the Gram method",
-    )
-    scan.add_argument(
-        "--precision",
-        default="certified",
-        choices=["certified", "float64"],
-        help="certified (default): float32 with error bounds, weights near a selection boundary "
-        "recomputed in float64, so the selection equals float64's; float64: all in float64",
-    )
-    scan.add_argument(
-        "--certify-percents",
-        type=lambda text: [_percent(p) for p in text.split(",") if p.strip()],
-        default=[],
-        metavar="P,P",
-        help="more percents whose selections must equal float64's (for select later)",
-    )
-    scan.add_argument(
-        "--towers",
-        default="language",
-        metavar="T,T",
-        help="multimodal models: language (default), vision, audio, projector, or all",
     )
     scan.add_argument("--name", default="", help="model name for file names (default: from MODEL)")
     scan.add_argument("--revision", default=None, help="Hub branch, tag or commit")
@@ -155,15 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip sha256 of local shards in the manifest",
     )
-    scan.add_argument(
-        "--chunk-mb",
-        type=int,
-        default=64,
-        metavar="MB",
-        help="float64 chunk size; bounds memory (default: 64)",
-    )
     scan.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    _add_type_filters(scan)
 
     select = commands.add_parser(
         "select",
@@ -186,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the layer file goes (default: next to RESULTS)",
     )
     select.add_argument("--name", default="", help="model name for the file name")
-    _add_type_filters(select)
+    add_arguments(select, _selection_fields(), flags=True)
 
     for name, text in (
         ("analyze", "launch the analysis job (the SNR scan) described by CONFIG"),
@@ -342,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     planner.add_argument("model", help="folder or config.json path, or Hub id")
     planner.add_argument("--top-percent", type=_percent, default=DEFAULT_TOP_PERCENT, metavar="P")
-    planner.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    from .training.args import COMPUTE_PRECISIONS
+
+    planner.add_argument("--precision", default="bf16", choices=COMPUTE_PRECISIONS)
     planner.add_argument("--seq", type=_positive_int, default=2048, help="sequence length")
     planner.add_argument("--batch", type=_positive_int, default=1, help="micro-batch per GPU")
     planner.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
@@ -469,21 +412,12 @@ def _run_scan(args: argparse.Namespace) -> int:
 
     result = scan(
         args.model,
-        args.top_percent,
         output_dir=args.output_dir,
-        include=_globs(args.include),
-        exclude=_globs(args.exclude),
-        embeddings=args.embeddings,
-        exact=args.exact,
-        precision=args.precision,
-        certify_percents=args.certify_percents,
-        towers=_globs([args.towers]),
-        device=args.device,
         name=args.name,
         revision=args.revision,
         hash_files=args.hash_files,
-        chunk_mb=args.chunk_mb,
         show_progress=not args.quiet,
+        **given(args, scan_fields()),
     )
     chosen = result.selection()
     summary = {
@@ -512,18 +446,17 @@ def _run_select(args: argparse.Namespace) -> int:
         args.results,
         args.top_percent,
         output_dir=args.output_dir,
-        include=_globs(args.include),
-        exclude=_globs(args.exclude),
-        embeddings=args.embeddings,
         name=args.name,
+        **given(args, _selection_fields()),
     )
     print(f"layer file: {path}")
     return 0
 
 
 def _run_data_check(args: argparse.Namespace) -> int:
+    from .api import check_data
     from .core.errors import SpectrumError
-    from .training.datacheck import check_data, render_row
+    from .training.datacheck import render_row
 
     if args.rows < 0 or args.max_seq_length < 1:
         raise SpectrumError("--rows must be >= 0 and --max-seq-length >= 1")
@@ -641,8 +574,6 @@ def _run_iam_policy(args: argparse.Namespace) -> int:
 def _run_jobs(args: argparse.Namespace) -> int:
     from .aws import pipeline
     from .aws.config import load_pipeline
-    from .aws.jobs import submit
-    from .aws.local import run_local
 
     config = load_pipeline(args.config, args.set)
     local, dry = args.local, args.dry_run
@@ -657,21 +588,21 @@ def _run_jobs(args: argparse.Namespace) -> int:
             print(json.dumps(result))
         return 0
     if args.command == "analyze":
-        request = pipeline.prepare_analysis(config.analysis, dry_run=dry, local=local)
-    else:
-        request = pipeline.prepare_training(
-            config.training, spectrum_uri=None, dry_run=dry, local=local
+        step = pipeline.plan_analysis_step(
+            config.analysis, reuse=config.reuse_analysis, dry_run=dry, local=local
         )
-    if dry:
-        print(json.dumps(request, indent=2))
-        return 0
-    if local:
-        job = run_local(request, args.workdir)
-        print(json.dumps({"job": job.name, "status": job.status, "model_s3": job.model_s3}))
-        return 0
-    handle = submit(request)
-    status = handle.wait(logs=logs)["TrainingJobStatus"] if wait else "Submitted"
-    print(json.dumps({"job": handle.name, "status": status, **handle.outputs}))
+        if dry:
+            assert step.job is not None  # a dry run looks nothing up: always a new job
+            print(json.dumps(step.job.request, indent=2))
+            return 0
+        result = step.launch(local=local, workdir=args.workdir, logs=logs, wait=wait)
+    else:
+        job = pipeline.plan_training(config.training, spectrum_uri=None, dry_run=dry, local=local)
+        if dry:
+            print(json.dumps(job.request, indent=2))
+            return 0
+        result = pipeline.run_job(job, local=local, workdir=args.workdir, wait=wait, logs=logs)
+    print(json.dumps(result))
     return 0
 
 

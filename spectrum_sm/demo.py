@@ -95,9 +95,8 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo in ``workdir``; returns where everything is."""
     from .aws.config import AnalysisConfig, PipelineConfig, TrainingConfig
-    from .aws.local import download_prefix
     from .aws.pipeline import run_pipeline
-    from .aws.s3 import describe_client_error, s3_client
+    from .aws.s3 import describe_client_error, download_prefix, s3_client
     from .core.atomic import ensure_output_dir
     from .core.selection import load_results, select_layers
     from .report import snr_report

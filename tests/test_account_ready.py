@@ -69,8 +69,9 @@ def test_a_refused_config_uploads_nothing(moto_server, s3_bucket, tmp_path, over
 
 def test_our_uploads_use_the_output_key(moto_server, s3_bucket, tmp_path):
     """A bucket policy that requires SSE-KMS accepts our code, inputs and config."""
+    from staging import prepare_analysis
+
     from spectrum_sm.aws.config import load_pipeline
-    from spectrum_sm.aws.pipeline import prepare_analysis
     from spectrum_sm.toy import make_toy_training_setup
 
     key = boto3.client("kms").create_key()["KeyMetadata"]["Arn"]
@@ -346,8 +347,9 @@ def test_a_training_job_carries_its_chat_template_and_the_pinned_trl(
     """``chat_template:`` is staged as the job's ``chat_template`` channel (train.py reads it
     from SM_CHANNEL_CHAT_TEMPLATE); the code channel holds this machine's TRL modules, chat
     templates and metadata; a missing template file is refused before anything is uploaded."""
+    from staging import prepare_training
+
     from spectrum_sm.aws.config import load_pipeline
-    from spectrum_sm.aws.pipeline import prepare_training
     from spectrum_sm.core.errors import SpectrumError
     from spectrum_sm.toy import make_toy_training_setup
 

@@ -308,11 +308,15 @@ def test_every_command_defaults_to_the_same_percent():
     from spectrum_sm.cli import build_parser
     from spectrum_sm.core.selection import DEFAULT_TOP_PERCENT
 
+    from spectrum_sm.core.options import ScanOptions
+
     parser = build_parser()
     defaults = {
-        command: parser.parse_args([command, "x"]).top_percent
-        for command in ("scan", "report", "plan")
+        command: parser.parse_args([command, "x"]).top_percent for command in ("report", "plan")
     }
+    # The scan's command line leaves it unset: ScanOptions' default is the one that applies.
+    assert parser.parse_args(["scan", "x"]).top_percent is None
+    defaults["scan"] = ScanOptions().top_percent
     defaults["demo"] = parser.parse_args(["demo"]).top_percent
     defaults["api.scan"] = (
         __import__("inspect").signature(api.scan).parameters["top_percent"].default
@@ -659,7 +663,7 @@ def test_the_python_scan_refuses_wrong_types_and_takes_one_glob(tmp_path):
     with pytest.raises(SpectrumError, match="model must be a path"):
         spectrum_sm.scan(None)  # type: ignore[arg-type]
     model = tiny_qwen3(tmp_path / "m", layers=1)
-    with pytest.raises(SpectrumError, match="top percent must be a number, got True"):
+    with pytest.raises(SpectrumError, match="top_percent must be float, got True"):
         spectrum_sm.scan(model, top_percent=True)
     result = spectrum_sm.scan(model, include="self_attn.*", show_progress=False)
     assert result.selection() and all(t.startswith("self_attn.") for t in result.selection())

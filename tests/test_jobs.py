@@ -360,6 +360,11 @@ def test_training_distribution_is_planned_and_a_misfit_refused():
     forced = dry("training.distribution=ddp", "training.force=true")
     assert forced.returncode == 0, forced.stderr
     assert json.loads(forced.stdout)["training"]["HyperParameters"]["distribution"] == "ddp"
+    # Every GPU instance of the one table is planned: ml.g5.xlarge (24 GiB) was "no GPU table
+    # entry" to the planner, so an 8B model was sent to it unplanned.
+    small = dry("training.instance_type=ml.g5.xlarge", "training.instance_count=1")
+    assert small.returncode == 1 and "on ml.g5.xlarge x1" in small.stderr, small.stderr
+    assert "24 GiB" in small.stderr
     small = dry("training.instance_type=ml.g5.2xlarge")
     assert small.returncode == 1 and "more than 90% of its 24 GiB" in small.stderr
 

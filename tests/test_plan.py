@@ -13,7 +13,8 @@ from factories import run_cli, tiny_qwen3
 
 import spectrum_sm
 from spectrum_sm.core.freeze import freeze_except
-from spectrum_sm.plan import count_parameters, estimate_memory, load_config, meta_model, plan
+from spectrum_sm.plan import plan
+from spectrum_sm.training.memory import build_meta, count_parameters, estimate_memory, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ def test_memory_estimate_within_25_percent_of_measured_training(tmp_path):
         check=True,
     )
     overhead_gib = int(baseline.stdout.strip()) / 1024**2
-    meta, cfg = meta_model(load_config(str(model)))
+    meta, cfg = build_meta(load_config(str(model)))
     counts = count_parameters(meta, 30)
     for method in ("full", "spectrum", "lora"):
         out = tmp_path / f"out-{method}"

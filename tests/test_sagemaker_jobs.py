@@ -15,11 +15,11 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 from factories import run_cli
+from staging import prepare_analysis, prepare_training
 from test_jobs import EXAMPLES
 
 from spectrum_sm.aws.config import load_pipeline
 from spectrum_sm.aws.jobs import JobFailed, JobTimeout, TrainingJob, submit
-from spectrum_sm.aws.pipeline import prepare_analysis, prepare_training
 from spectrum_sm.core.errors import SpectrumError
 
 pytestmark = pytest.mark.integration
@@ -176,7 +176,7 @@ def data_sets(bucket: str) -> list[str]:
 def test_pipeline_submits_both_jobs_and_reuses_an_analysis_of_the_same_bytes(s3_bucket, tiny_model):
     """Reuse is keyed by what the analysis read (here S3 sizes and ETags) and its settings, not
     by the model's path: new bytes under the same prefix are scanned again."""
-    from spectrum_sm.aws.local import upload_folder
+    from spectrum_sm.aws.s3 import upload_folder
 
     model = f"s3://{s3_bucket}/models/tiny/"
     upload_folder(tiny_model, model)

@@ -15,11 +15,14 @@ from typing import Any
 
 import yaml
 
-from ..core.errors import SpectrumError
+from ..core.errors import SpectrumError, did_you_mean
 from ..core.hub import is_local
+from ..core.instances import has_cuda, instance
+from ..core.options import TYPES, ScanOptions, is_percent, type_problems
 from ..core.secrets import secret_fields, secret_message
 from ..core.selection import DEFAULT_TOP_PERCENT
 from ..core.yamlio import load_yaml
+from ..training.args import JOB_DISTRIBUTIONS, METHODS
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@\-/]{1,512}$")
 S3_URI = re.compile(r"^s3://[^/]+(/.*)?$")
@@ -30,40 +33,20 @@ SECRET_ARN = re.compile(
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,511}$")
 LOCAL_ROLE = "arn:aws:iam::000000000000:role/spectrum-sm-local"
 JOB_BASE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,40}$")
-#: GPUs per instance for the types this project recommends (others: set processes_per_host).
-GPUS = {
-    "ml.g5.xlarge": 1,
-    "ml.g5.2xlarge": 1,
-    "ml.g5.12xlarge": 4,
-    "ml.g5.48xlarge": 8,
-    "ml.g6e.xlarge": 1,
-    "ml.g6e.2xlarge": 1,
-    "ml.g6e.12xlarge": 4,
-    "ml.g6e.48xlarge": 8,
-    "ml.p4d.24xlarge": 8,
-    "ml.p4de.24xlarge": 8,
-    "ml.p5.48xlarge": 8,
-    "ml.p5e.48xlarge": 8,
-}
-
-
-def has_cuda(instance_type: str) -> bool:
-    """Whether an instance type has NVIDIA GPUs: the g and p families (not trn, inf, CPUs)."""
-    return instance_type.removeprefix("ml.").split(".")[0].startswith(("g", "p"))
 
 
 def training_instance_types() -> list[str]:
     """Every instance type CreateTrainingJob accepts, from botocore's service model (offline)."""
-    return list(_training_instance_types())
+    return list(sagemaker_service_model().shape_for("TrainingInstanceType").enum)
 
 
 @functools.lru_cache(maxsize=1)
-def _training_instance_types() -> tuple[str, ...]:
-    # Loading the service model costs ~0.13 s; configs are validated several times per launch.
+def sagemaker_service_model():
+    """botocore's SageMaker service model (offline), loaded once: it costs ~0.13 s and configs
+    and requests are validated against it several times per launch."""
     import botocore.session
 
-    model = botocore.session.get_session().get_service_model("sagemaker")
-    return tuple(model.shape_for("TrainingInstanceType").enum)
+    return botocore.session.get_session().get_service_model("sagemaker")
 
 
 def hyperparameter_string(value: Any) -> str:
@@ -73,11 +56,6 @@ def hyperparameter_string(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value)
-
-
-def _is_percent(value: Any) -> bool:
-    """A number in (0, 100] (a bool, a string or NaN is not)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 100
 
 
 def _location_problems(fields: dict[str, str], *, hub_ok: tuple[str, ...]) -> list[str]:
@@ -115,30 +93,6 @@ def tag_problem(key: str, value: str) -> str | None:
     if not (_tag_text_ok(key) and _tag_text_ok(value)):
         return "tags hold letters, digits, spaces and _ . : / = + - @ only"
     return None
-
-
-def type_problems(config: Any) -> list[str]:
-    """Fields whose value is not of their declared type (a config built in Python:
-    ``spot="false"`` is not false); the YAML loader refuses these as it reads them."""
-    problems = []
-    for f in dataclasses.fields(config):
-        value, kind = getattr(config, f.name), str(f.type)
-        allowed = _TYPES.get(kind, (object,))
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            problems.append(f"{f.name} must be {kind}, got {value!r}")
-        elif kind == "dict[str, str]" and not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            problems.append(f"{f.name} must map text to text, got {value!r}")
-        elif kind.startswith("list[") and not all(
-            isinstance(v, str) if kind == "list[str]" else _is_number(v) for v in value
-        ):
-            problems.append(f"{f.name} must be {kind}, got {value!r}")
-    return problems
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -328,28 +282,12 @@ class JobConfig:
 
 
 @dataclass
-class AnalysisConfig(JobConfig):
-    """The analysis job: the SNR scan on a GPU instance (a CPU one works: the scan streams)."""
+class AnalysisConfig(JobConfig, ScanOptions):
+    """The analysis job: the SNR scan on a GPU instance (a CPU one works: the scan streams).
+    Its scan settings are the fields of :class:`ScanOptions`, written flat under ``analysis:``."""
 
     model: str = field(default="", metadata={"help": "Hub id or s3:// prefix of the weights"})
     revision: str = field(default="", metadata={"help": "Hub revision"})
-    top_percent: float = field(
-        default=DEFAULT_TOP_PERCENT, metadata={"help": "share per type, (0, 100]"}
-    )
-    include: list[str] = field(default_factory=list, metadata={"help": "type globs to scan"})
-    exclude: list[str] = field(default_factory=list, metadata={"help": "type globs to skip"})
-    embeddings: bool = field(default=True, metadata={"help": "write the embedding entries"})
-    exact: bool = field(default=False, metadata={"help": "float32 svdvals (reference)"})
-    precision: str = field(
-        default="certified", metadata={"help": "certified (float32 + float64 rechecks) or float64"}
-    )
-    towers: list[str] = field(
-        default_factory=lambda: ["language"],
-        metadata={"help": "multimodal models: language, vision, audio, projector or all"},
-    )
-    certify_percents: list[float] = field(
-        default_factory=list, metadata={"help": "more percents whose selections are certified"}
-    )
     layer_percents: list[float] = field(
         default_factory=list,
         metadata={
@@ -377,33 +315,21 @@ class AnalysisConfig(JobConfig):
             or not (self.model.startswith("s3://") or Path(self.model).expanduser().exists()),
             f"revision {self.revision!r} applies to Hub models; model {self.model!r} is not one",
         )
-        _check(
-            p,
-            _is_percent(self.top_percent),
-            f"top_percent must be in (0, 100], got {self.top_percent!r}",
-        )
+        p += self.scan_problems()
         _check(p, self.instance_count == 1, "the analysis runs on one instance")
         if self.model.startswith("s3://"):
             _check(p, bucket_problem(self.model) is None, f"model {bucket_problem(self.model)}")
+        values = self.layer_percents
         _check(
             p,
-            self.precision in ("certified", "float64"),
-            f"precision must be certified or float64, got {self.precision!r}",
+            isinstance(values, (list, tuple)) and all(map(is_percent, values)),
+            f"layer_percents must be a list of numbers in (0, 100], got {values!r}",
         )
-        _check(
-            p,
-            bool(self.towers)
-            and all(t in ("language", "vision", "audio", "projector", "all") for t in self.towers),
-            f"towers must be some of language, vision, audio, projector, all; got {self.towers}",
-        )
-        for name in ("certify_percents", "layer_percents"):
-            values = getattr(self, name)
-            _check(
-                p,
-                isinstance(values, (list, tuple)) and all(map(_is_percent, values)),
-                f"{name} must be a list of numbers in (0, 100], got {values!r}",
-            )
         return p
+
+    def __post_init__(self) -> None:
+        """Not ScanOptions' refusal at construction: :func:`validate` reports every problem of
+        the job at once (the YAML loader already refused wrong types)."""
 
 
 @dataclass
@@ -471,19 +397,20 @@ class TrainingConfig(JobConfig):
         )
         _check(
             p,
-            self.method in ("spectrum", "full", "lora", "qlora"),
-            f"method must be spectrum, full, lora or qlora, got {self.method!r}",
+            self.method in METHODS,
+            f"method must be one of {', '.join(METHODS)}, got {self.method!r}",
         )
         _check(p, self.processes_per_host >= 0, "processes_per_host must be >= 0")
         _check(
             p,
-            _is_percent(self.top_percent),
+            is_percent(self.top_percent),
             f"top_percent must be in (0, 100], got {self.top_percent!r}",
         )
         _check(
             p,
-            self.distribution in ("auto", "ddp", "fsdp"),
-            f"distribution must be auto, ddp or fsdp, got {self.distribution!r}",
+            self.distribution in JOB_DISTRIBUTIONS,
+            f"distribution must be one of {', '.join(JOB_DISTRIBUTIONS)}, "
+            f"got {self.distribution!r}",
         )
         for key in (
             "distribution",
@@ -541,7 +468,8 @@ class TrainingConfig(JobConfig):
     def gpus_per_host(self) -> int:
         if self.processes_per_host:
             return self.processes_per_host
-        return GPUS.get(self.instance_type, 1)
+        known = instance(self.instance_type)
+        return known.gpus if known and known.gpus else 1
 
 
 @dataclass
@@ -573,16 +501,6 @@ def validate(config: JobConfig, *, need_role: bool) -> None:
         raise SpectrumError(f"invalid {type(config).__name__}: " + "; ".join(problems))
 
 
-_TYPES = {
-    "str": (str,),
-    "int": (int,),
-    "float": (int, float),
-    "bool": (bool,),
-    "list[str]": (list,),
-    "list[float]": (list,),
-    "dict[str, str]": (dict,),
-    "dict[str, Any]": (dict,),
-}
 #: A setting left empty (``key:`` or ``--set key=``) keeps its default.
 
 
@@ -605,7 +523,7 @@ def _from_dict(cls, data: dict[str, Any], where: str, given: dict[str, str] | No
         place = (given or {}).get(key, where)
         if isinstance(value, dict):  # an empty entry (``KEY:`` or ``--set ...KEY=``): not set
             value = {k: v for k, v in value.items() if v is not None}
-        allowed = _TYPES.get(str(fields[key].type), (object,))
+        allowed = TYPES.get(str(fields[key].type), (object,))
         wrong_bool = isinstance(value, bool) and bool not in allowed
         if not isinstance(value, allowed) or wrong_bool:
             raise SpectrumError(f"{place}: {key} must be {fields[key].type!s}, got {value!r}")
@@ -646,13 +564,6 @@ def section_fields(section: str) -> set[str]:
     return {"common": analysis & training, "analysis": analysis, "training": training}[section]
 
 
-def _close(word: str, choices) -> str:
-    import difflib
-
-    match = difflib.get_close_matches(word, sorted(choices), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a pipeline YAML (common, analysis, training) plus ``section.key=value`` overrides.
 
@@ -673,7 +584,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     unknown = sorted(set(data) - set(TOP_LEVEL))
     if unknown:
         raise SpectrumError(
-            f"{path}: unknown key(s) {', '.join(unknown)}{_close(unknown[0], TOP_LEVEL)}; "
+            f"{path}: unknown key(s) {', '.join(unknown)}{did_you_mean(unknown[0], TOP_LEVEL)}; "
             "known: common, analysis, training, reuse_analysis"
         )
     given: dict[str, dict[str, str]] = {"analysis": {}, "training": {}}
@@ -689,7 +600,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     if stray:
         raise SpectrumError(
             f"{path}: common: {stray[0]!r} is not a setting both jobs have"
-            f"{_close(stray[0], section_fields('common'))}; put it under analysis or training"
+            f"{did_you_mean(stray[0], section_fields('common'))}; put it under analysis or training"
         )
     analysis = _from_dict(
         AnalysisConfig, _merged(common, data, "analysis"), f"{path}: analysis", given["analysis"]
@@ -729,7 +640,7 @@ def _apply_override(data: dict[str, Any], override: str) -> tuple[str, str]:
     section = parts[0]
     if section not in TOP_LEVEL:
         raise SpectrumError(
-            f"--set {override!r}: no section {section!r}{_close(section, TOP_LEVEL)}; "
+            f"--set {override!r}: no section {section!r}{did_you_mean(section, TOP_LEVEL)}; "
             "sections: common, analysis, training (and reuse_analysis)"
         )
     value = load_yaml(raw, f"--set {override!r}: the value")
@@ -754,7 +665,8 @@ def _apply_override(data: dict[str, Any], override: str) -> tuple[str, str]:
                 "put it under analysis or training"
             )
         raise SpectrumError(
-            f"--set {override!r}: {section} has no setting {parts[1]!r}{_close(parts[1], known)}"
+            f"--set {override!r}: {section} has no setting {parts[1]!r}"
+            f"{did_you_mean(parts[1], known)}"
         )
     if len(parts) > 2 and (parts[1] not in MAPPINGS or len(parts) > 3):
         raise SpectrumError(

@@ -208,6 +208,10 @@ class TrainingJob:
 def submit(request: dict[str, Any], boto_session=None) -> TrainingJob:
     """Validate, then send a CreateTrainingJob request, exactly as prepared, through the
     SageMaker SDK v3's typed resource layer (see :mod:`.sdk`)."""
+    import boto3
+
     from .sdk import launch
 
-    return launch(request, boto_session)
+    session = boto_session or boto3.Session()
+    launch(request, session)
+    return TrainingJob(request["TrainingJobName"], sagemaker=session.client("sagemaker"))

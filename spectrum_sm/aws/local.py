@@ -29,9 +29,14 @@ from typing import Any
 
 from ..core.container import kill_with_parent
 from ..core.errors import SpectrumError
-from ..core.weights import visible_files
 from .jobs import JobFailed
-from .s3 import describe_client_error, s3_client, split_s3_uri, sse_arguments
+from .s3 import (
+    download_prefix,
+    s3_client,
+    split_s3_uri,
+    sse_arguments,
+    upload_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,49 +51,6 @@ class LocalJob:
     model_s3: str
     failure_reason: str = ""
     log_tail: list[str] = field(default_factory=list)
-
-
-def download_prefix(uri: str, target: Path) -> int:
-    """Copy every object under an S3 prefix (or one object) into ``target``; returns the count."""
-    bucket, key = split_s3_uri(uri)
-    client = s3_client()
-    target.mkdir(parents=True, exist_ok=True)
-    count = 0
-    try:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(key) :].lstrip("/") or Path(obj["Key"]).name
-                if obj["Key"].endswith("/"):
-                    continue
-                dest = target / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, obj["Key"], str(dest))
-                count += 1
-    except SpectrumError:
-        raise
-    except Exception as exc:
-        raise describe_client_error(exc, uri) from exc
-    if count == 0:
-        raise SpectrumError(f"{uri}: no such S3 object or prefix")
-    return count
-
-
-def upload_folder(folder: Path, uri: str, *, extra_args: dict[str, str] | None = None) -> list[str]:
-    """Upload a file, or every visible file below a folder, under the S3 prefix ``uri``;
-    ``extra_args`` go with each object (e.g. SSE-KMS)."""
-    bucket, key = split_s3_uri(uri)
-    key = key.rstrip("/") + "/" if key else ""
-    client = s3_client()
-    keys = []
-    try:
-        for rel, path in visible_files(folder):
-            object_key = key + rel
-            client.upload_file(str(path), bucket, object_key, ExtraArgs=extra_args or None)
-            keys.append(f"s3://{bucket}/{object_key}")
-    except Exception as exc:
-        raise describe_client_error(exc, uri) from exc
-    return keys
 
 
 def _prepare(request: dict[str, Any], root: Path, host: str, hosts: list[str], data: Path) -> None:

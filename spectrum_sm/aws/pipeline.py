@@ -150,22 +150,10 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-ANALYSIS_SETTINGS = (
-    "top_percent",
-    "include",
-    "exclude",
-    "embeddings",
-    "exact",
-    "precision",
-    "towers",
-    "certify_percents",
-    "layer_percents",
-)
-
-
 def analysis_key(config: AnalysisConfig, fingerprint: dict[str, Any]) -> str:
     """Same bytes (:func:`model_fingerprint`), settings and scanner -> same key."""
-    settings = {k: getattr(config, k) for k in ANALYSIS_SETTINGS}
+    # What decides the results: every scan option but where and in what chunks it computes.
+    settings = {**config.settings(), "layer_percents": config.layer_percents}
     if not config.layer_percents:  # keys written before the setting existed stay valid
         del settings["layer_percents"]
     return _digest({"model": fingerprint, "settings": settings, "scanner": SCANNER_VERSION})[:32]
@@ -402,7 +390,7 @@ def _exists(uri: str) -> bool:
 
 def stage(job: PreparedJob) -> None:
     """Upload the job's inputs (each content once), its code and its config."""
-    from .local import upload_folder
+    from .s3 import upload_folder
 
     extra = sse_arguments(job.config.output_kms_key)
     for uri, path in job.uploads.items():
@@ -456,7 +444,7 @@ def upload_code(
     uri: str, *, extra_args: dict[str, str] | None = None, with_trl: bool = False
 ) -> None:
     """The job's code channel (:func:`write_code`), uploaded to ``uri``."""
-    from .local import upload_folder
+    from .s3 import upload_folder
 
     staging = Path(tempfile.mkdtemp(prefix="spectrum-code-"))
     try:
@@ -464,24 +452,6 @@ def upload_code(
         upload_folder(staging, uri, extra_args=extra_args)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def prepare_analysis(config: AnalysisConfig, *, dry_run: bool, local: bool) -> dict[str, Any]:
-    """The analysis request, validated; unless ``dry_run``, its inputs and code are staged."""
-    job = plan_analysis(config, dry_run=dry_run, local=local)
-    if not dry_run:
-        stage(job)
-    return job.request
-
-
-def prepare_training(
-    config: TrainingConfig, *, spectrum_uri: str | None, dry_run: bool, local: bool
-) -> dict[str, Any]:
-    """The training request, validated; unless ``dry_run``, its inputs and code are staged."""
-    job = plan_training(config, spectrum_uri=spectrum_uri, dry_run=dry_run, local=local)
-    if not dry_run:
-        stage(job)
-    return job.request
 
 
 # --- reuse: an analysis of the same bytes and settings -------------------------------------
@@ -546,18 +516,31 @@ def execute(
     wait: bool = True,
     logs: bool = True,
 ) -> dict[str, str]:
-    """Run a staged request here (local) or on SageMaker; returns its name and model prefix."""
+    """Run a staged request here (local) or on SageMaker; returns its name, status and model
+    prefix. Every job of every command (run, analyze, train, compare, the notebook) ends here."""
     if local:
         from .local import run_local
 
         job = run_local(request, workdir)
-        return {"job": job.name, "model_s3": job.model_s3}
+        return {"job": job.name, "status": job.status, "model_s3": job.model_s3}
     from .jobs import submit
 
     handle = submit(request)
-    if wait:
-        handle.wait(logs=logs)
-    return {"job": handle.name, "model_s3": handle.outputs["model"]}
+    status = handle.wait(logs=logs)["TrainingJobStatus"] if wait else "Submitted"
+    return {"job": handle.name, "status": status, "model_s3": handle.outputs["model"]}
+
+
+def run_job(
+    job: PreparedJob,
+    *,
+    local: bool,
+    workdir: str | Path = "spectrum-sm-jobs",
+    wait: bool = True,
+    logs: bool = True,
+) -> dict[str, str]:
+    """Stage a planned job's inputs and code, then :func:`execute` it."""
+    stage(job)
+    return execute(job.request, local=local, workdir=workdir, wait=wait, logs=logs)
 
 
 def launch_analysis(
@@ -567,18 +550,13 @@ def launch_analysis(
     workdir: str | Path = "spectrum-sm-jobs",
     logs: bool = True,
     reuse: bool = True,
+    wait: bool = True,
 ) -> dict[str, Any]:
     """Run (or reuse) the analysis job; returns its name, the S3 prefix of the layer file and,
     for a Hub model staged in S3 (``stage_model``), ``model_s3``: give it to the training job
     as its model (no Hub, no token there)."""
     step = plan_analysis_step(config, reuse=reuse, dry_run=False, local=local)
-    if step.reused:
-        model = {"model_s3": step.stage_uri} if step.staged_already else {}
-        return {"job": step.name, "layer_dir": step.layer_dir, "reused": True, **model}
-    step.stage()
-    step.run(local=local, workdir=workdir, logs=logs)
-    model = {"model_s3": step.stage_uri} if step.stage_uri else {}
-    return {"job": step.name, "layer_dir": step.layer_dir, "reused": False, **model}
+    return step.launch(local=local, workdir=workdir, logs=logs, wait=wait)
 
 
 def launch_training(
@@ -590,10 +568,9 @@ def launch_training(
     wait: bool = True,
     logs: bool = True,
 ) -> dict[str, Any]:
-    """Run the training job on a layer file in S3; returns its name and model location."""
-    request = prepare_training(config, spectrum_uri=spectrum_uri, dry_run=False, local=local)
-    ran = execute(request, local=local, workdir=workdir, wait=wait, logs=logs)
-    return {"job": ran["job"], "model_s3": ran["model_s3"]}
+    """Run the training job on a layer file in S3; returns its name, status and model location."""
+    job = plan_training(config, spectrum_uri=spectrum_uri, dry_run=False, local=local)
+    return run_job(job, local=local, workdir=workdir, wait=wait, logs=logs)
 
 
 def _with_percent(config: PipelineConfig) -> TrainingConfig:
@@ -667,16 +644,42 @@ class AnalysisStep:
         if self.job is not None:
             stage(self.job)
 
-    def run(self, *, local: bool, workdir: str | Path, logs: bool) -> None:
-        """Run the planned analysis (nothing when reused) and remember it under its key."""
+    def run(self, *, local: bool, workdir: str | Path, logs: bool, wait: bool = True) -> str:
+        """Run the planned analysis (nothing when reused) and remember it under its key once it
+        finished; returns its status."""
         if self.job is None:
-            return
-        ran = execute(self.job.request, local=local, workdir=workdir, logs=logs)
+            return "Reused"
+        ran = execute(self.job.request, local=local, workdir=workdir, logs=logs, wait=wait)
+        if not wait:  # not finished: nothing to reuse yet
+            log.info(
+                "analysis %s submitted; not waiting, so it is not recorded for reuse", self.name
+            )
+            return ran["status"]
         record_analysis(self.config, self.key, self.name, self.layer_dir)
         if ran["model_s3"] != self.layer_dir:  # one name end to end: never train on another's
             raise SpectrumError(
                 f"analysis {self.name} wrote to {ran['model_s3']}, not {self.layer_dir}"
             )
+        return ran["status"]
+
+    def launch(
+        self, *, local: bool, workdir: str | Path, logs: bool, wait: bool = True
+    ) -> dict[str, Any]:
+        """Stage and run it (or nothing, when reused); returns its name, layer file prefix,
+        status and, for a staged Hub model, ``model_s3``."""
+        if self.reused:
+            model = {"model_s3": self.stage_uri} if self.staged_already else {}
+            return {"job": self.name, "layer_dir": self.layer_dir, "reused": True, **model}
+        self.stage()
+        status = self.run(local=local, workdir=workdir, logs=logs, wait=wait)
+        model = {"model_s3": self.stage_uri} if self.stage_uri else {}
+        return {
+            "job": self.name,
+            "status": status,
+            "layer_dir": self.layer_dir,
+            "reused": False,
+            **model,
+        }
 
 
 def plan_analysis_step(

@@ -14,6 +14,8 @@ import secrets
 from typing import Any
 
 from ..core.errors import SpectrumError
+from ..core.instances import has_instance_storage, instance
+from ..core.options import scan_fields
 from ..core.secrets import secret_fields, secret_message
 from ..training.metrics import METRIC_DEFINITIONS
 from .config import (
@@ -22,6 +24,7 @@ from .config import (
     JobConfig,
     TrainingConfig,
     hyperparameter_string,
+    sagemaker_service_model,
     validate,
 )
 from .images import default_image
@@ -35,18 +38,6 @@ CODE_CHANNEL = "code"
 SECRET_PREFIX = "SPECTRUM_SM_SECRET_"
 #: Where SageMaker uploads the job's checkpoint folder (told to train.py for its stop message).
 CHECKPOINT_S3_ENV = "SPECTRUM_SM_CHECKPOINT_S3"
-#: Families with local NVMe instance storage, encrypted by the instance: CreateTrainingJob
-#: refuses a VolumeKmsKeyId for them. Besides these, every family with a "d" attribute
-#: (m5d, c6id, g4dn, p3dn, p4d, p4de, ...) has instance storage.
-NVME_FAMILIES = {
-    "g5", "g6", "g6e", "gr6", "g7e", "p5", "p5e", "p5en", "p6-b200", "trn1", "trn1n", "trn2"
-}  # fmt: skip
-
-
-def has_instance_storage(instance_type: str) -> bool:
-    """True for instance types whose volume is local NVMe (no EBS, no VolumeKmsKeyId)."""
-    family = instance_type.removeprefix("ml.").split(".")[0]
-    return family in NVME_FAMILIES or re.fullmatch(r"[a-z]+\d+[a-z]*d[a-z]*", family) is not None
 
 
 def job_name(base: str, kind: str) -> str:
@@ -151,18 +142,17 @@ def build_analysis_request(
     name = name or job_name(config.base_job_name, "analysis")
     code_uri = code_uri or f"{config.output_s3.rstrip('/')}/code/{name}/"
     request = _common(config, name, analysis_prefix(config) + "/", code_uri, "analyze")
+    # Every scan option travels under its own name: analyze.py's parser is generated from the
+    # same fields. An empty list is its default and stays out of the request.
+    hps: dict[str, Any] = {
+        f.name: getattr(config, f.name) for f in scan_fields() if getattr(config, f.name) != []
+    }
     hps = {
-        "top_percent": config.top_percent,
-        "embeddings": config.embeddings,
-        "exact": config.exact,
-        "precision": config.precision,
-        "towers": config.towers,
+        **hps,
         "model_name": config.model.rstrip("/").rsplit("/", 1)[-1]
         if config.model.startswith("s3://")
         else config.model,
     }
-    if config.certify_percents:
-        hps["certify_percents"] = config.certify_percents
     if config.layer_percents:
         hps["layer_percents"] = config.layer_percents
     if reuse_key:
@@ -171,10 +161,6 @@ def build_analysis_request(
         hps["stage_model_s3"] = stage_model_s3
         if config.output_kms_key:  # a bucket that requires SSE-KMS takes the staged copy too
             hps["stage_kms_key"] = config.output_kms_key
-    if config.include:
-        hps["include"] = config.include
-    if config.exclude:
-        hps["exclude"] = config.exclude
     if config.revision:
         hps["revision"] = config.revision
     if config.model.startswith("s3://"):
@@ -194,24 +180,24 @@ def checkpoint_uri(config: TrainingConfig, name: str) -> str:
 def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
     """The distribution the job will use, with the memory planner's numbers; a configuration
     the planner says will not fit is refused (``force: true`` sends it anyway)."""
-    from ..plan import instance_gpus, plan_distribution
+    from ..training.memory import plan_distribution
+    from .s3 import model_config
 
     gpus_host = config.gpus_per_host()
     total = gpus_host * config.instance_count
-    known = instance_gpus(config.instance_type)
+    row = instance(config.instance_type)
+    gpu_gib = row.gpu_gib if row and row.gpus else None
     hps = config.hyperparameters
-    if known is None:
+    if gpu_gib is None:
         choice = config.distribution if config.distribution != "auto" else "ddp"
         return {"distribution": choice, "reason": f"no GPU table entry for {config.instance_type}"}
     try:
-        from ..plan import load_config
-
         plan = plan_distribution(
-            load_config(config.model),
+            model_config(config.model),
             method=config.method,
             percent=config.top_percent,
             gpus=total,
-            gpu_gib=known[1],
+            gpu_gib=gpu_gib,
             precision=str(hps.get("precision", "bf16")).replace("auto", "bf16"),
             seq=int(hps.get("max_seq_length", 2048)),
             batch=int(hps.get("per_device_train_batch_size", 1)),
@@ -223,7 +209,7 @@ def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
         return {"distribution": "ddp" if total == 1 else choice, "reason": str(exc)}
     chosen = plan["distribution"] if config.distribution == "auto" else config.distribution
     needed = plan[f"{chosen}_gib"]
-    fits = needed <= 0.9 * known[1]
+    fits = needed <= 0.9 * gpu_gib
     if not fits and not config.force:
         # Only what would change the answer: sharding helps across GPUs, checkpointing when off.
         remedies = ["distribution fsdp"] if chosen != "fsdp" and total > 1 else []
@@ -233,7 +219,7 @@ def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
         raise DoesNotFit(
             f"{config.method} on {config.instance_type} x{config.instance_count} with "
             f"distribution {chosen} needs ~{needed} GiB per GPU, more than 90% of its "
-            f"{known[1]} GiB ({plan['reason']}); use {', '.join(remedies)}, or set force: true"
+            f"{gpu_gib} GiB ({plan['reason']}); use {', '.join(remedies)}, or set force: true"
         )
     log.info("training distribution %s: %s", chosen, plan["reason"])
     return {**plan, "distribution": chosen, "fits": fits}
@@ -330,16 +316,8 @@ def build_training_request(
 
 # --- validation against botocore's service model -------------------------------------------
 
-_MODEL = None
-
-
 def _input_shape():
-    global _MODEL
-    if _MODEL is None:
-        import botocore.session
-
-        _MODEL = botocore.session.get_session().get_service_model("sagemaker")
-    return _MODEL.operation_model("CreateTrainingJob").input_shape
+    return sagemaker_service_model().operation_model("CreateTrainingJob").input_shape
 
 
 def validate_request(request: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ server works for tests and local runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError, first_sentence
-from ..core.weights import header_length, parse_header
+from ..core.weights import header_length, parse_header, visible_files
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +167,62 @@ class S3Source:
                 if n.endswith((".safetensors", ".bin", ".json"))
             ],
         }
+
+
+def model_config(model: str) -> dict[str, Any]:
+    """``config.json`` of an ``s3://`` prefix, a local folder or file, or a Hub id."""
+    if not model.startswith("s3://"):
+        from ..training.memory import load_config
+
+        return load_config(model)
+    bucket, key = split_s3_uri(model.rstrip("/") + "/config.json")
+    try:
+        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return json.loads(body)
+    except ValueError as exc:
+        raise SpectrumError(f"s3://{bucket}/{key}: unreadable config.json ({exc})") from exc
+    except Exception as exc:
+        raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
+
+
+def download_prefix(uri: str, target: Path) -> int:
+    """Copy every object under an S3 prefix (or one object) into ``target``; returns the count."""
+    bucket, key = split_s3_uri(uri)
+    client = s3_client()
+    target.mkdir(parents=True, exist_ok=True)
+    count = 0
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(key) :].lstrip("/") or Path(obj["Key"]).name
+                if obj["Key"].endswith("/"):
+                    continue
+                dest = target / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, obj["Key"], str(dest))
+                count += 1
+    except SpectrumError:
+        raise
+    except Exception as exc:
+        raise describe_client_error(exc, uri) from exc
+    if count == 0:
+        raise SpectrumError(f"{uri}: no such S3 object or prefix")
+    return count
+
+
+def upload_folder(folder: Path, uri: str, *, extra_args: dict[str, str] | None = None) -> list[str]:
+    """Upload a file, or every visible file below a folder, under the S3 prefix ``uri``;
+    ``extra_args`` go with each object (e.g. SSE-KMS)."""
+    bucket, key = split_s3_uri(uri)
+    key = key.rstrip("/") + "/" if key else ""
+    client = s3_client()
+    keys = []
+    try:
+        for rel, path in visible_files(folder):
+            object_key = key + rel
+            client.upload_file(str(path), bucket, object_key, ExtraArgs=extra_args or None)
+            keys.append(f"s3://{bucket}/{object_key}")
+    except Exception as exc:
+        raise describe_client_error(exc, uri) from exc
+    return keys

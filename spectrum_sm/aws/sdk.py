@@ -37,15 +37,10 @@ def _changed_fields(prepared: dict[str, Any], sent: dict[str, Any]) -> list[str]
     return sorted(k for k in set(prepared) | set(sent) if prepared.get(k) != sent.get(k))
 
 
-def launch(request: dict[str, Any], boto_session=None):
-    """Send ``request`` as it is (CreateTrainingJob); returns a job handle."""
-    import boto3
-
-    from .jobs import TrainingJob
-
+def launch(request: dict[str, Any], session) -> None:
+    """Send ``request`` as it is (CreateTrainingJob) with a boto3 session."""
     validate_request(request)
     resource, transform = _resources()
-    session = boto_session or boto3.Session()
     name = request["TrainingJobName"]
 
     def exactly_as_prepared(params: dict[str, Any], **_: Any) -> None:
@@ -74,7 +69,6 @@ def launch(request: dict[str, Any], boto_session=None):
     finally:
         session.events.unregister(event, exactly_as_prepared)
     log.info("submitted %s", name)
-    return TrainingJob(name, sagemaker=session.client("sagemaker"))
 
 
 def _first_line(exc: Exception) -> str:

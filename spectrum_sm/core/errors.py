@@ -44,3 +44,11 @@ def unknown_model(
     else:
         hint = "this transformers does not know it: upgrade transformers or check model_type"
     return SpectrumError(f"{where}: model_type {model_type!r}: {hint} ({first_sentence(exc)})")
+
+
+def did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the nearest of ``choices``, or "" when none is near."""
+    import difflib
+
+    match = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""

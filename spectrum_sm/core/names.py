@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SpectrumError
+from .errors import SpectrumError, unknown_model
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,9 @@ def model_class_for(config: Mapping[str, Any] | Any):
     return transformers.AutoModelForCausalLM
 
 
-def meta_model(config: Mapping[str, Any]):
+def meta_model(config: Mapping[str, Any], where: str = "model"):
     """The model built from ``config`` on the meta device (no memory), with the class
-    :func:`model_class_for` picks."""
+    :func:`model_class_for` picks; ``where`` names the command in a refusal."""
     import torch
     from transformers import AutoConfig
 
@@ -145,7 +145,7 @@ def meta_model(config: Mapping[str, Any]):
     try:
         cfg = AutoConfig.for_model(model_type, **data)
     except Exception as exc:
-        raise SpectrumError(f"transformers does not know this config ({exc})") from exc
+        raise unknown_model(where, dict(config), exc, can_trust=False) from exc
     cls = model_class_for(cfg)
     with torch.device("meta"):
         try:

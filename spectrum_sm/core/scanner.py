@@ -30,7 +30,8 @@ from typing import Any
 from . import selection as sel
 from .atomic import ensure_output_dir, output_lock, write_files_atomically
 from .errors import SpectrumError
-from .names import TOWERS, ModelNames, model_names
+from .names import ModelNames, model_names
+from .options import ScanOptions
 from .progress import Progress
 from .snr import (
     GramAccumulator,
@@ -57,8 +58,6 @@ from .weights import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_MB = 64
-PRECISIONS = ("certified", "float64")
 #: Weights whose short side is at most this are computed in float64 straight away: their
 #: eigenvalues cost next to nothing, and 1-D norms all score alike (1.0), so they tie.
 FLOAT64_BELOW = 128
@@ -141,7 +140,7 @@ class ScanResult:
     def manifest(self) -> dict[str, Any]:
         import torch
 
-        from .. import __version__
+        from .version import __version__
 
         config = self.config or {}
         return {
@@ -674,50 +673,35 @@ def _read_headers(source: ShardSource, shards: list[str]) -> tuple[list[TensorIn
 
 def scan_source(
     source: ShardSource,
-    top_percent: float = sel.DEFAULT_TOP_PERCENT,
+    options: ScanOptions | None = None,
     *,
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str] | None = None,
-    embeddings: bool = True,
-    exact: bool = False,
-    precision: str = "certified",
-    certify_percents: Iterable[float] = (),
-    towers: Iterable[str] = ("language",),
-    device: str = "auto",
-    chunk_mb: int = DEFAULT_CHUNK_MB,
     output_dir: str | Path | None = None,
     show_progress: bool = True,
 ) -> ScanResult:
-    """Scan a checkpoint source; see :func:`spectrum_sm.scan` for the arguments."""
+    """Scan a checkpoint source with :class:`ScanOptions` (validated when built)."""
 
     started = time.perf_counter()
-    top_percent = sel.check_percent(top_percent)
-    percents = sorted({top_percent, *(sel.check_percent(p) for p in certify_percents)})
-    include, exclude = list(include or []), list(exclude or [])
-    towers = _check_towers(towers)
-    if precision not in PRECISIONS:
-        raise SpectrumError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if chunk_mb <= 0:
-        raise SpectrumError(f"chunk size must be positive, got {chunk_mb} MB")
+    options = options or ScanOptions()
+    top_percent = sel.check_percent(options.top_percent)
+    percents = sorted({top_percent, *(sel.check_percent(p) for p in options.certify_percents)})
     lock = None
     if output_dir is not None:
         # Fail before an hour of work, not after; and keep a second scan out of this folder.
         lock = output_lock(ensure_output_dir(output_dir), wait=False)
         lock.__enter__()
     try:
-        device = resolve_device(device)
         result = _scan(
             source,
             top_percent,
             percents,
-            include=include,
-            exclude=exclude,
-            embeddings=embeddings,
-            exact=exact,
-            precision=precision,
-            towers=towers,
-            device=device,
-            chunk_mb=chunk_mb,
+            include=list(options.include),
+            exclude=list(options.exclude),
+            embeddings=options.embeddings,
+            exact=options.exact,
+            precision=options.precision,
+            towers=options.resolved_towers(),
+            device=resolve_device(options.device),
+            chunk_mb=options.chunk_mb,
             show_progress=show_progress,
         )
         result.seconds = time.perf_counter() - started
@@ -728,17 +712,6 @@ def scan_source(
             lock.__exit__(None, None, None)
     log.info("scanned %d weights in %.1f s", len(result.scores), result.seconds)
     return result
-
-
-def _check_towers(towers: Iterable[str]) -> list[str]:
-    chosen = [t.strip() for t in ([towers] if isinstance(towers, str) else towers) if t.strip()]
-    if "all" in chosen:
-        return list(TOWERS)
-    unknown = [t for t in chosen if t not in TOWERS]
-    if unknown or not chosen:
-        got = ", ".join(chosen) or "none"
-        raise SpectrumError(f"towers must be 'all' or some of {', '.join(TOWERS)}, got {got}")
-    return chosen
 
 
 def _scan(

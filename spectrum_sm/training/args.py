@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from ..core.container import default_checkpoint_dir, env_path
-from ..core.errors import SpectrumError
+from ..core.errors import SpectrumError, did_you_mean
 
 METHODS = ("spectrum", "full", "lora", "qlora")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+#: What a model computes in; ``auto`` picks bf16 where the GPU has it.
+COMPUTE_PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", *COMPUTE_PRECISIONS)
 DISTRIBUTIONS = ("auto", "ddp", "fsdp", "zero3")
+#: What a job's launcher runs: zero3 needs ``accelerate launch`` with DeepSpeed, which it is not.
+JOB_DISTRIBUTIONS = tuple(d for d in DISTRIBUTIONS if d != "zero3")
 #: Shorter windows leave a chat row hardly any assistant token to learn from.
 MIN_SEQ_LENGTH = 16
 
@@ -28,34 +32,53 @@ MIN_SEQ_LENGTH = 16
 class TrainArgs:
     model_name_or_path: str | None = field(
         default_factory=lambda: env_path("SM_CHANNEL_MODEL"),
-        metadata={"help": "model folder or Hub id (default: the 'model' channel)"},
+        metadata={
+            "roles": ("job",),
+            "help": "model folder or Hub id (default: the 'model' channel)",
+        },
     )
     spectrum_config: str | None = field(
         default_factory=lambda: env_path("SM_CHANNEL_SPECTRUM"),
-        metadata={"help": "layer file, or a folder holding one (default: the 'spectrum' channel)"},
+        metadata={
+            "roles": ("job",),
+            "help": "layer file, or a folder holding one (default: the 'spectrum' channel)",
+        },
     )
     train_data: str | None = field(
         default_factory=lambda: env_path("SM_CHANNEL_TRAIN"),
         metadata={
+            "roles": ("job",),
             "help": "jsonl/json/parquet/csv/arrow file or folder, save_to_disk folder or Hub "
-            "dataset id (default: the 'train' channel)"
+            "dataset id (default: the 'train' channel)",
         },
     )
     validation_data: str | None = field(
         default_factory=lambda: env_path("SM_CHANNEL_VALIDATION"),
-        metadata={"help": "validation data (default: the 'validation' channel, if any)"},
+        metadata={
+            "roles": ("job",),
+            "help": "validation data (default: the 'validation' channel, if any)",
+        },
     )
     output_dir: str = field(
         default_factory=lambda: env_path("SM_MODEL_DIR") or "output",
-        metadata={"help": "where the fine-tuned model goes (default: SM_MODEL_DIR)"},
+        metadata={
+            "roles": ("job",),
+            "help": "where the fine-tuned model goes (default: SM_MODEL_DIR)",
+        },
     )
     checkpoint_dir: str | None = field(
         default_factory=default_checkpoint_dir,
-        metadata={"help": "checkpoints for resume (default: /opt/ml/checkpoints in a job)"},
+        metadata={
+            "roles": ("job",),
+            "help": "checkpoints for resume (default: /opt/ml/checkpoints in a job)",
+        },
     )
     tensorboard_dir: str = field(
         default_factory=lambda: env_path("SM_TENSORBOARD_DIR") or "",
-        metadata={"help": "write TensorBoard scalars here (default: the job's tensorboard dir)"},
+        metadata={
+            "roles": ("job",),
+            "help": "write TensorBoard scalars here (default: the job's tensorboard dir)",
+        },
     )
     resume_from: str = field(
         default_factory=lambda: env_path("SM_CHANNEL_RESUME") or "",
@@ -64,53 +87,109 @@ class TrainArgs:
             "job's 'resume' channel)"
         },
     )
-    method: str = field(default="spectrum", metadata={"help": "spectrum | full | lora | qlora"})
+    method: str = field(
+        default="spectrum",
+        metadata={"roles": ("fingerprint",), "help": "spectrum | full | lora | qlora"},
+    )
     distribution: str = field(
         default="auto",
         metadata={"help": "ddp | fsdp (FSDP2) | zero3 | auto (the planner's choice for the GPU)"},
     )
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: use epochs"})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps < 0"})
+    max_steps: int = field(
+        default=-1,
+        metadata={"roles": ("fingerprint", "budget"), "help": "optimizer steps; -1: use epochs"},
+    )
+    num_train_epochs: float = field(
+        default=1.0,
+        metadata={"roles": ("fingerprint", "budget"), "help": "epochs when max_steps < 0"},
+    )
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: never)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
-    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps for warmup"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    per_device_train_batch_size: int = field(default=1, metadata={"help": "micro-batch size"})
-    per_device_eval_batch_size: int = field(default=1, metadata={"help": "eval batch size"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches/step"})
-    max_seq_length: int = field(default=2048, metadata={"help": "tokens per example"})
+    learning_rate: float = field(
+        default=2e-5, metadata={"roles": ("fingerprint",), "help": "peak learning rate"}
+    )
+    weight_decay: float = field(
+        default=0.0, metadata={"roles": ("fingerprint",), "help": "AdamW weight decay"}
+    )
+    warmup_ratio: float = field(
+        default=0.03, metadata={"roles": ("fingerprint",), "help": "share of steps for warmup"}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"roles": ("fingerprint",), "help": "gradient clipping norm"}
+    )
+    per_device_train_batch_size: int = field(
+        default=1, metadata={"roles": ("fingerprint", "budget"), "help": "micro-batch size"}
+    )
+    per_device_eval_batch_size: int = field(
+        default=1, metadata={"roles": ("budget",), "help": "eval batch size"}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"roles": ("fingerprint", "budget"), "help": "micro-batches/step"}
+    )
+    max_seq_length: int = field(
+        default=2048, metadata={"roles": ("fingerprint", "budget"), "help": "tokens per example"}
+    )
     precision: str = field(
-        default="auto", metadata={"help": "bf16 | fp16 | fp32 | auto (bf16 on a capable GPU)"}
+        default="auto",
+        metadata={
+            "roles": ("fingerprint",),
+            "help": "bf16 | fp16 | fp32 | auto (bf16 on a capable GPU)",
+        },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "non-reentrant"})
-    packing: bool = field(default=False, metadata={"help": "concatenate examples into blocks"})
+    packing: bool = field(
+        default=False,
+        metadata={"roles": ("fingerprint", "budget"), "help": "concatenate examples into blocks"},
+    )
     train_split: str = field(
-        default="train", metadata={"help": "split of a Hub dataset or a DatasetDict folder"}
+        default="train",
+        metadata={
+            "roles": ("fingerprint", "budget"),
+            "help": "split of a Hub dataset or a DatasetDict folder",
+        },
     )
     validation_split: str = field(
-        default="validation", metadata={"help": "split of the validation data"}
+        default="validation",
+        metadata={"roles": ("budget",), "help": "split of the validation data"},
     )
     validation_share: float = field(
         default=0.0,
         metadata={
+            "roles": ("budget",),
             "help": "without validation data: hold out this share of the training rows (the "
-            "same rows for the same data and seed) and validate on them"
+            "same rows for the same data and seed) and validate on them",
         },
     )
-    dataset_config: str = field(default="", metadata={"help": "a Hub dataset's config name"})
+    dataset_config: str = field(
+        default="", metadata={"roles": ("fingerprint",), "help": "a Hub dataset's config name"}
+    )
     columns: str = field(
-        default="", metadata={"help": "rename fields, e.g. prompt=question,completion=answer"}
+        default="",
+        metadata={
+            "roles": ("fingerprint",),
+            "help": "rename fields, e.g. prompt=question,completion=answer",
+        },
     )
     prompt_template: str = field(
-        default="", metadata={"help": "format string over a row's fields, e.g. '{question}'"}
+        default="",
+        metadata={
+            "roles": ("fingerprint",),
+            "help": "format string over a row's fields, e.g. '{question}'",
+        },
     )
     completion_template: str = field(
-        default="", metadata={"help": "format string for the answer, e.g. '{answers[text][0]}'"}
+        default="",
+        metadata={
+            "roles": ("fingerprint",),
+            "help": "format string for the answer, e.g. '{answers[text][0]}'",
+        },
     )
     system_prompt: str = field(
-        default="", metadata={"help": "system message for rows built from templates"}
+        default="",
+        metadata={
+            "roles": ("fingerprint",),
+            "help": "system message for rows built from templates",
+        },
     )
     num_proc: int = field(
         default=0, metadata={"help": "tokenizing processes per host (0: its cores, at most 8)"}
@@ -118,28 +197,38 @@ class TrainArgs:
     assistant_only_loss: bool = field(
         default=True,
         metadata={
-            "help": "loss only on what the assistant writes (messages rows), as TRL masks it"
+            "roles": ("fingerprint",),
+            "help": "loss only on what the assistant writes (messages rows), as TRL masks it",
         },
     )
     chat_template_path: str | None = field(
         default_factory=lambda: env_path("SM_CHANNEL_CHAT_TEMPLATE"),
         metadata={
+            "roles": ("job",),
             "help": "a .jinja chat template (or a folder holding one) used instead of the "
             "tokenizer's to render and mask chat rows, e.g. one with {% generation %} blocks "
-            "(default: the 'chat_template' channel, if any)"
+            "(default: the 'chat_template' channel, if any)",
         },
     )
-    seed: int = field(default=42, metadata={"help": "seed for data order and init"})
+    seed: int = field(
+        default=42,
+        metadata={"roles": ("fingerprint", "budget"), "help": "seed for data order and init"},
+    )
     logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
-    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: at end)"})
+    eval_steps: int = field(
+        default=0, metadata={"roles": ("budget",), "help": "evaluate every N steps (0: at end)"}
+    )
     name_prefix: str = field(
         default="", metadata={"help": "rewrite 'model.' in layer entries (multimodal models)"}
     )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_r: int = field(default=16, metadata={"roles": ("fingerprint",), "help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"roles": ("fingerprint",), "help": "LoRA alpha"})
+    lora_dropout: float = field(
+        default=0.0, metadata={"roles": ("fingerprint",), "help": "LoRA dropout"}
+    )
     lora_target_modules: str = field(
-        default="all-linear", metadata={"help": "LoRA targets (comma list or all-linear)"}
+        default="all-linear",
+        metadata={"roles": ("fingerprint",), "help": "LoRA targets (comma list or all-linear)"},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "for custom models"})
 
@@ -319,9 +408,17 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     return TrainArgs(**given)
 
 
-#: Set by the job itself from its channels and config, never by hyperparameters.
-JOB_SET = ("model_name_or_path", "spectrum_config", "train_data", "validation_data", "output_dir",
-           "checkpoint_dir", "tensorboard_dir", "chat_template_path")  # fmt: skip
+def with_role(role: str) -> tuple[str, ...]:
+    """The TrainArgs fields that carry a role in their metadata: ``fingerprint`` (changes what a
+    run computes: resuming is only right between equal ones), ``budget`` (what makes compared
+    runs comparable: one method may not change it) or ``job`` (set by the job itself from its
+    channels and config, never by hyperparameters)."""
+    return tuple(
+        f.name for f in dataclasses.fields(TrainArgs) if role in f.metadata.get("roles", ())
+    )
+
+
+JOB_SET = with_role("job")
 
 
 def check_hyperparameters(
@@ -330,13 +427,10 @@ def check_hyperparameters(
     """Parse a job's hyperparameters exactly as train.py will (names, types, ranges), on the
     client, so a typo fails before anything is uploaded or paid for. Paths the job fills in from
     its channels are stood in for."""
-    import difflib
-
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     for name in hyperparameters:
         if name not in known:
-            match = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            hint = did_you_mean(name, known)
             raise SpectrumError(f"{where}: train.py has no argument {name!r}{hint}")
     argv = [part for name, value in hyperparameters.items() for part in (f"--{name}", value)]
     try:

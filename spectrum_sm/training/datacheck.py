@@ -6,8 +6,6 @@ truncation as train.py, with the counts of rows read, kept and dropped (by reaso
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError, first_sentence
@@ -90,33 +88,28 @@ def check_data(
         system_prompt,
         read_chat_template(chat_template) if chat_template else "",
     )
-    with tempfile.TemporaryDirectory(prefix="spectrum-data-") as scratch:
-        source = data
-        if data.startswith("s3://"):  # what the job's channel would hold
-            from ..aws.local import download_prefix
-
-            source = str(Path(scratch) / "data")
-            if download_prefix(data, Path(source)) == 0:
-                raise SpectrumError(f"{data}: no such S3 object or prefix")
-        dataset = load_split(source, split=split, name=dataset_config or None)
-        _, counts = prepare_split(dataset, tokenizer, options, split=split, require_rows=False)
-        examples, rendered = [], []
-        for index in range(min(rows, len(dataset))):
-            encoded = encode_row(dataset[index], index, tokenizer, options)
-            ids, labels = encoded["input_ids"], encoded["labels"]
-            pieces = _pieces(tokenizer, ids, labels) if ids else []
-            loss_ids = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
-            examples.append(
-                {
-                    "row": index,
-                    "trained_text": tokenizer.decode(loss_ids),
-                    "trained_parts": [text for text, flag in pieces if flag],
-                    "tokens": len(ids),
-                    "loss_tokens": encoded["loss_tokens"],
-                    "drop_reason": encoded["drop_reason"],
-                }
-            )
-            rendered.append(pieces)
+    if data.startswith("s3://"):
+        # Reading S3 is the jobs layer's: spectrum_sm.check_data downloads it first.
+        raise SpectrumError(f"{data}: download it first (spectrum_sm.check_data does)")
+    dataset = load_split(data, split=split, name=dataset_config or None)
+    _, counts = prepare_split(dataset, tokenizer, options, split=split, require_rows=False)
+    examples, rendered = [], []
+    for index in range(min(rows, len(dataset))):
+        encoded = encode_row(dataset[index], index, tokenizer, options)
+        ids, labels = encoded["input_ids"], encoded["labels"]
+        pieces = _pieces(tokenizer, ids, labels) if ids else []
+        loss_ids = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+        examples.append(
+            {
+                "row": index,
+                "trained_text": tokenizer.decode(loss_ids),
+                "trained_parts": [text for text, flag in pieces if flag],
+                "tokens": len(ids),
+                "loss_tokens": encoded["loss_tokens"],
+                "drop_reason": encoded["drop_reason"],
+            }
+        )
+        rendered.append(pieces)
     report = {
         "loss_mask": mask_source(tokenizer, options, dataset.column_names) or None,
         "rows_read": counts.rows_read,

@@ -726,13 +726,21 @@ def auto_distribution(args, dist) -> str:
 
     if not torch.cuda.is_available():
         return "ddp"
-    from ..plan import load_config, plan_distribution
+    from ..core.selection import DEFAULT_TOP_PERCENT, percent_in_path
+    from .memory import load_config, plan_distribution
 
+    percent = DEFAULT_TOP_PERCENT
+    if args.method == "spectrum":
+        from ..core.freeze import find_layer_file
+
+        # The planner counts the share the layer file's name says it holds (a file named
+        # otherwise: the default share).
+        percent = percent_in_path(str(find_layer_file(args.spectrum_config))) or percent
     gib = torch.cuda.get_device_properties(dist.device).total_memory / 1024**3
     choice = plan_distribution(
         load_config(str(args.model_name_or_path)),
         method=args.method,
-        percent=30,
+        percent=percent,
         gpus=dist.world_size,
         gpu_gib=gib,
         precision=resolve_precision(args.precision),

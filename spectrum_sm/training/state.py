@@ -31,6 +31,7 @@ from typing import Any
 from ..core.errors import SpectrumError
 from ..core.weights import sha256_file as file_digest
 from ..core.weights import visible_files
+from .args import with_role
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -55,34 +56,6 @@ class TrainingState:
 
 
 # -- run fingerprint -------------------------------------------------------------------------
-
-#: Hyperparameters that change what a run computes (not where it writes or how often it logs).
-RESULT_HYPERPARAMETERS = (
-    "method",
-    "learning_rate",
-    "weight_decay",
-    "warmup_ratio",
-    "max_grad_norm",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_seq_length",
-    "max_steps",
-    "num_train_epochs",
-    "precision",
-    "packing",
-    "assistant_only_loss",
-    "train_split",
-    "dataset_config",
-    "columns",
-    "prompt_template",
-    "completion_template",
-    "system_prompt",
-    "seed",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-)
 
 
 def folder_digest(path: str | Path | None) -> str | None:
@@ -120,7 +93,8 @@ def run_fingerprint(args, world_size: int) -> dict[str, Any]:
         # A Hub dataset id has no local files to hash: its name stands for it.
         "train_data": folder_digest(args.train_data) or str(args.train_data),
         "processes": world_size,
-        **{name: getattr(args, name) for name in RESULT_HYPERPARAMETERS},
+        # The hyperparameters that change what a run computes (the role is declared on TrainArgs).
+        **{name: getattr(args, name) for name in with_role("fingerprint")},
     }
     if getattr(args, "validation_share", 0):  # it removes rows from training; absent when 0,
         fingerprint["validation_share"] = args.validation_share  # as checkpoints before it

@@ -1,0 +1,22 @@
+"""Plan a job and stage it (unless a dry run), as the launch path does before it submits:
+tests that inspect a staged request and the S3 objects it left, without sending it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spectrum_sm.aws.pipeline import plan_analysis, plan_training, stage
+
+
+def prepare_analysis(config, *, dry_run: bool, local: bool) -> dict[str, Any]:
+    job = plan_analysis(config, dry_run=dry_run, local=local)
+    if not dry_run:
+        stage(job)
+    return job.request
+
+
+def prepare_training(config, *, spectrum_uri, dry_run: bool, local: bool) -> dict[str, Any]:
+    job = plan_training(config, spectrum_uri=spectrum_uri, dry_run=dry_run, local=local)
+    if not dry_run:
+        stage(job)
+    return job.request

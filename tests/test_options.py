@@ -1,0 +1,132 @@
+"""Each option is declared once: the scan's in ScanOptions, the trainer's roles on TrainArgs.
+Every reader (Python API, CLI, analysis config, request, analyze.py, reuse key) follows the one
+declaration, so a field added there reaches all of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from spectrum_sm.api import scan_options_from
+from spectrum_sm.aws.config import AnalysisConfig
+from spectrum_sm.cli import build_parser
+from spectrum_sm.core.errors import SpectrumError
+from spectrum_sm.core.options import ScanOptions, scan_fields
+from spectrum_sm.training.args import TrainArgs, with_role
+
+ROOT = Path(__file__).resolve().parents[1]
+SCAN = [f.name for f in scan_fields()]
+
+
+def _analyze():
+    spec = importlib.util.spec_from_file_location("analyze", ROOT / "entrypoints" / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_scan_option_reaches_every_reader():
+    config_fields = {f.name for f in dataclasses.fields(AnalysisConfig)}
+    assert set(SCAN) <= config_fields
+    scan_help = build_parser()._subparsers._group_actions[0].choices["scan"].format_help()
+    for name in SCAN:
+        flag = "--no-embeddings" if name == "embeddings" else f"--{name.replace('_', '-')}"
+        assert flag in scan_help, flag
+    # A job's hyperparameters are parsed by analyze.py's generated parser, one field each.
+    values = {
+        "top_percent": "30",
+        "include": "self_attn.*,mlp.*",
+        "exclude": "*norm*",
+        "embeddings": "false",
+        "exact": "true",
+        "precision": "float64",
+        "certify_percents": "10,50",
+        "towers": "language,vision",
+        "device": "cpu",
+        "chunk_mb": "8",
+    }
+    assert sorted(values) == sorted(SCAN)
+    argv = ["--model_name_or_path", "m"] + [x for k, v in values.items() for x in (f"--{k}", v)]
+    parsed = _analyze().parse_args(argv).scan
+    assert parsed == ScanOptions(
+        top_percent=30.0,
+        include=["self_attn.*", "mlp.*"],
+        exclude=["*norm*"],
+        embeddings=False,
+        exact=True,
+        precision="float64",
+        certify_percents=[10.0, 50.0],
+        towers=["language", "vision"],
+        device="cpu",
+        chunk_mb=8,
+    )
+
+
+def test_the_analysis_request_carries_every_set_scan_option(monkeypatch):
+    from spectrum_sm.aws.requests import build_analysis_request
+
+    config = AnalysisConfig(
+        model="s3://bucket/model/",
+        output_s3="s3://bucket/out",
+        role="arn:aws:iam::123456789012:role/r",
+        include=["self_attn.*"],
+        towers=["all"],
+        chunk_mb=16,
+        device="cpu",
+    )
+    hps = build_analysis_request(config, name="a-analysis-1")["HyperParameters"]
+    monkeypatch.setenv("SM_CHANNEL_MODEL", "/opt/ml/input/data/model")  # an S3 model: a channel
+    argv = [x for k, v in hps.items() for x in (f"--{k}", v)]
+    parsed = _analyze().parse_args(argv).scan
+    assert parsed == ScanOptions(include=["self_attn.*"], towers=["all"], chunk_mb=16, device="cpu")
+    assert json.loads(json.dumps(hps))  # text only, as SageMaker takes it
+
+
+def test_the_reuse_key_follows_result_options_only():
+    from spectrum_sm.aws.pipeline import analysis_key
+
+    base = AnalysisConfig(model="m", output_s3="s3://b/o")
+    fingerprint = {"kind": "hub", "id": "m", "sha": "0" * 40}
+    key = analysis_key(base, fingerprint)
+    assert analysis_key(dataclasses.replace(base, device="cpu", chunk_mb=8), fingerprint) == key
+    for change in ({"exact": True}, {"towers": ["all"]}, {"include": ["mlp.*"]}):
+        assert analysis_key(dataclasses.replace(base, **change), fingerprint) != key, change
+
+
+def test_scan_options_refuse_what_the_scan_cannot_do():
+    for bad, fragment in (
+        ({"top_percent": 0}, "top_percent must be in"),
+        ({"towers": ["speech"]}, "towers must be some of language"),
+        ({"precision": "float16"}, "precision must be one of certified"),
+        ({"exact": "false"}, "exact must be bool"),
+        ({"chunk_mb": 0}, "chunk_mb must be at least 1"),
+    ):
+        with pytest.raises(SpectrumError, match=fragment):
+            ScanOptions(**bad)
+    with pytest.raises(SpectrumError, match="scan has no option 'tower' \\(did you mean 'towers'"):
+        scan_options_from(50, {"tower": "all"})
+    assert scan_options_from(50, {"towers": "all", "include": "mlp.*"}).towers == ["all"]
+
+
+def test_train_args_roles_keep_the_fingerprint_of_earlier_checkpoints():
+    # Checkpoints written before the roles moved onto TrainArgs carry exactly these keys: a
+    # change here makes every earlier checkpoint unresumable, so it must be deliberate.
+    assert set(with_role("fingerprint")) == {
+        "method", "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm",
+        "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length",
+        "max_steps", "num_train_epochs", "precision", "packing", "assistant_only_loss",
+        "train_split", "dataset_config", "columns", "prompt_template", "completion_template",
+        "system_prompt", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    }  # fmt: skip
+    assert set(with_role("job")) == {
+        "model_name_or_path", "spectrum_config", "train_data", "validation_data", "output_dir",
+        "checkpoint_dir", "tensorboard_dir", "chat_template_path",
+    }  # fmt: skip
+    known = {f.name for f in dataclasses.fields(TrainArgs)}
+    roles = {r for f in dataclasses.fields(TrainArgs) for r in f.metadata.get("roles", ())}
+    assert roles == {"fingerprint", "budget", "job"}
+    assert set(with_role("budget")) <= known
