@@ -151,3 +151,25 @@ def test_data_check_names_the_setting_when_nothing_is_left(setup, tmp_path):
     assert proc.returncode == 1
     assert "max_seq_length 16 cuts every row" in proc.stderr and "Traceback" not in proc.stderr
     assert "truncated away" in proc.stdout
+
+
+def test_data_check_reads_s3_data_as_the_job_s_channel_would_hold_it(setup, s3_bucket):
+    """``spectrum_sm.check_data`` (and the CLI) download an s3:// prefix first, then read it
+    with the job's loader: the training layer itself never talks to S3."""
+    import boto3
+
+    import spectrum_sm
+    from spectrum_sm.core.errors import SpectrumError
+    from spectrum_sm.training.datacheck import check_data as check_local
+
+    rows = len(_rows(setup))
+    boto3.client("s3").upload_file(str(setup["train"]), s3_bucket, "data/train.jsonl")
+    uri = f"s3://{s3_bucket}/data/"
+    report = spectrum_sm.check_data(uri, str(setup["model"]), rows=1)
+    assert report["rows_read"] == rows and report["rows_kept"] == rows
+    cli = run_cli("data-check", uri, "--model", str(setup["model"]), "--rows", "1")
+    assert cli.returncode == 0, cli.stderr
+    with pytest.raises(SpectrumError, match="download it first"):
+        check_local(uri, str(setup["model"]))
+    with pytest.raises(SpectrumError, match="no such S3 object or prefix"):
+        spectrum_sm.check_data(f"s3://{s3_bucket}/nothing/", str(setup["model"]))

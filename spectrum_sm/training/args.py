@@ -16,6 +16,7 @@ from typing import Any
 
 from ..core.container import default_checkpoint_dir, env_path
 from ..core.errors import SpectrumError, did_you_mean
+from ..core.options import parse_bool
 
 METHODS = ("spectrum", "full", "lora", "qlora")
 #: What a model computes in; ``auto`` picks bf16 where the GPU has it.
@@ -365,15 +366,6 @@ class TrainArgs:
         return problems
 
 
-def _bool(text: str) -> bool:
-    value = str(text).strip().strip('"').lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _str(text: str) -> str:
     # SageMaker SDK v3 JSON-encodes non-strings; a JSON string stays quoted in some paths.
     return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == '"' else text
@@ -392,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for item in dataclasses.fields(TrainArgs):
         # Annotations are strings here ("int", "str | None", ...).
-        kind: Any = {"int": int, "float": float, "bool": _bool}.get(
+        kind: Any = {"int": int, "float": float, "bool": parse_bool}.get(
             str(item.type).split(" ")[0], _str
         )
         # argparse %-formats help text; a template's literal "{% ... %}" must reach it escaped.
