@@ -24,12 +24,13 @@ from test_train import changed_tensors, model_tensors
 from spectrum_sm.aws.config import load_pipeline
 from spectrum_sm.comparison import (
     Method,
-    _common_recipe,
+    Run,
     compare,
     parse_methods,
     qlora_problem,
     render_table,
 )
+from spectrum_sm.comparison.run import _common_recipe
 from spectrum_sm.core.errors import SpectrumError
 from spectrum_sm.prices import AS_OF, job_cost, load_prices
 
@@ -72,6 +73,53 @@ def test_shipped_prices_are_dated_and_cost_follows_billable_seconds():
     assert cost is None and "no price for ml.g5.xlarge in eu-west-1" in basis
     cost, basis = job_cost(table, "us-east-1", "ml.g5.xlarge", 1, 60, billed=False)
     assert "estimate" in basis
+
+
+def test_the_figure_prices_a_run_as_its_row_does():
+    """The cost-against-loss curve is :func:`job_cost` at each point, like the row's cost: a
+    billed run's billable share of its time (spot savings) throughout, nothing without a price."""
+    from spectrum_sm.comparison.render import _cost_curve
+
+    table = load_prices()
+    run = Run(
+        Method("full"),
+        region="us-east-1",
+        instance_type="ml.g5.xlarge",
+        instance_count=2,
+        job_seconds=400,
+        billable_seconds=360,
+        billed=True,
+    )
+    run.cost_usd, _ = job_cost(table, run.region, run.instance_type, 2, 360, billed=True)
+    assert run.cost_usd == pytest.approx(360 * 2 * 1.408 / 3600)
+    curve = _cost_curve(run, [0.0, 200.0, 400.0], table)
+    assert curve == [0.0, pytest.approx(run.cost_usd / 2), run.cost_usd]  # its end: its row
+    unpriced = Run(Method("full"), region="eu-west-1", instance_type="ml.g5.xlarge")
+    assert _cost_curve(unpriced, [0.0, 60.0], table) is None
+
+
+def test_the_lines_train_py_writes_are_the_lines_compare_reads(tmp_path):
+    """One grammar: the metric lines of :mod:`spectrum_sm.training.metrics`, as train.py logs
+    them, are what compare reads from a log without TensorBoard files."""
+    from spectrum_sm.comparison.collect import STEP_LINE, _log_points
+    from spectrum_sm.training import metrics
+
+    assert STEP_LINE is metrics.STEP_LINE
+    log = tmp_path / "job-1" / "output" / "job.log"
+    log.parent.mkdir(parents=True)
+    stamp = "2026-12-07 05:40:10,123 INFO "  # train.py's logging format
+    lines = [
+        metrics.train_line(1, 2.5, 1e-3, 0.75, 1234.5, 1.25),
+        metrics.train_line(2, 0.5, 2.5e-4, 1e-8, 1200.0, 1.25),
+        metrics.eval_line(2, 1.875),
+    ]
+    log.write_text("loading the model\n" + "".join(f"{stamp}{line}\n" for line in lines))
+    points = _log_points(Run(Method("full"), job="job-1"), local=True, workdir=tmp_path)
+    assert points == [
+        (None, 1, "train", 2.5),
+        (None, 2, "train", 0.5),
+        (None, 2, "eval", 1.875),
+    ]
 
 
 def test_a_price_file_overrides_the_table(tmp_path):
@@ -578,7 +626,7 @@ def test_sagemaker_jobs_are_sent_together_and_followed_until_each_ends(
     from moto.sagemaker.models import sagemaker_backends
 
     from spectrum_sm.aws.jobs import TrainingJob
-    from spectrum_sm.comparison import _run_on_sagemaker
+    from spectrum_sm.comparison.run import _run_on_sagemaker
 
     overrides = _toy_overrides(tmp_path, s3_bucket, role=True)
     runs = compare(

@@ -6,7 +6,12 @@ captures it from CloudWatch (SageMaker ``MetricDefinitions``).
 
 from __future__ import annotations
 
+import re
+
 NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+#: The step and its loss that start :func:`train_line` and :func:`eval_line` (groups: step,
+#: ``train_loss`` or ``eval_loss``, value): what ``compare`` reads from a log without TensorBoard.
+STEP_LINE = re.compile(rf"step=(\d+) (train_loss|eval_loss)={NUMBER}")
 
 #: SageMaker MetricDefinitions matching :func:`train_line` and :func:`eval_line`.
 METRIC_DEFINITIONS = [

@@ -1,0 +1,262 @@
+"""What finished jobs left: each run's report, job description, cost and loss curves (from
+TensorBoard files in S3, else the metric lines of its log: :mod:`spectrum_sm.training.metrics`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import SpectrumError
+from ..core.selection import percent_in_path
+from ..prices import PriceTable, job_cost, load_prices
+from ..training.metrics import STEP_LINE
+from .methods import METHODS, Method, Run
+from .render import Comparison, write_outputs
+
+log = logging.getLogger(__name__)
+
+
+def collect(
+    jobs: Sequence[str],
+    *,
+    local: bool = False,
+    workdir: str | Path = "spectrum-sm-jobs",
+    output_dir: str | Path | None = None,
+    prices: str | Path | PriceTable | None = None,
+    region: str = "",
+) -> Comparison:
+    """The comparison of finished training jobs, by name: each job's method and percent come
+    from its own request, its numbers from its report, curves and description."""
+    if not jobs:
+        raise SpectrumError("--collect needs at least one training job name")
+    table = prices if isinstance(prices, PriceTable) else load_prices(prices)
+    runs = [_describe_run(name, local=local, workdir=workdir, region=region) for name in jobs]
+    _collect_all(runs, table, local=local, workdir=workdir)
+    result = Comparison(runs, table)
+    stamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+    write_outputs(result, Path(output_dir) if output_dir else Path("spectrum-sm-compare") / stamp)
+    return result
+
+
+def _collect_all(runs: list[Run], table: PriceTable, *, local: bool, workdir: str | Path) -> None:
+    """Collect every completed run; one whose outputs cannot be read is marked failed (with why)
+    and the others are still shown."""
+    for run in runs:
+        if run.status != "completed":
+            continue
+        try:
+            _collect_run(run, table, local=local, workdir=workdir)
+        except SpectrumError as exc:
+            run.status, run.reason = "failed", f"cannot collect its results: {exc}"
+            log.error("%s: %s", run.method.label, run.reason)
+
+
+def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -> Run:
+    """A Run for an existing job, from its request (method, channels, instance) and status."""
+    description = _describe(name, local=local, workdir=workdir)
+    if local:
+        folder = Path(workdir) / name
+        if not (folder / "job.json").is_file():
+            raise SpectrumError(f"no local job {name} in {Path(workdir).resolve()}")
+        request = json.loads((folder / "job.json").read_text())
+        status = description.get("TrainingJobStatus", "Failed")
+        region = region or _config_region(request)
+    else:
+        request = description
+        status = description["TrainingJobStatus"]
+        region = region or description.get("TrainingJobArn", "::::").split(":")[3]
+    hps = request.get("HyperParameters", {})
+    method_name = hps.get("method", "")
+    if method_name not in METHODS:
+        raise SpectrumError(
+            f"job {name} is not a spectrum-sm training job (method {method_name!r})"
+        )
+    percent = None
+    if method_name == "spectrum":
+        channels = {c["ChannelName"]: c for c in request.get("InputDataConfig", [])}
+        uri = channels.get("spectrum", {}).get("DataSource", {}).get("S3DataSource", {})
+        percent = percent_in_path(uri.get("S3Uri", ""))
+    resources = request.get("ResourceConfig", {})
+    run = Run(
+        Method(method_name, percent),
+        job=name,
+        region=region or "us-east-1",
+        instance_type=resources.get("InstanceType", ""),
+        instance_count=int(resources.get("InstanceCount", 1)),
+        request=request,
+        description=description,
+    )
+    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    if status == "Completed":
+        run.status, run.model_s3 = "completed", f"{output}/{name}/output/model/"
+    elif status in ("Failed", "Stopped"):
+        run.status = "failed"
+        run.reason = f"{status}: {description.get('FailureReason', 'no reason given')}"
+    else:
+        run.status, run.reason = "submitted", f"still {status}"
+    return run
+
+
+def _describe(job: str, *, local: bool, workdir: str | Path) -> dict[str, Any]:
+    """What DescribeTrainingJob says of a job (a local one: its ``description.json``)."""
+    if local:
+        path = Path(workdir) / job / "description.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+    from ..aws.jobs import TrainingJob
+
+    return TrainingJob(job).describe()
+
+
+def _config_region(request: dict[str, Any]) -> str:
+    """The region of the config a local job was staged with (its copy next to the outputs), or
+    the environment's."""
+    import os
+
+    import yaml
+
+    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    uri = f"{output}/{request['TrainingJobName']}/spectrum-sm-config.yaml"
+    try:
+        return str(yaml.safe_load(_read_object(uri)).get("region", ""))
+    except Exception as exc:  # gone or unreadable: the region only prices the run
+        log.info("no config copy at %s (%s); region from the environment", uri, exc)
+        return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
+
+
+def _collect_run(run: Run, table: PriceTable, *, local: bool, workdir: str | Path) -> None:
+    """Fill a completed run's numbers from its report, description, curves; price it."""
+    run.report = _read_json(run.model_s3 + "training_report.json")
+    description = run.description or _describe(run.job, local=local, workdir=workdir)
+    if local:
+        folder = Path(workdir) / run.job
+        run.model_dir = str((folder / "model").resolve())
+        run.job_seconds = description.get("TrainingWallSeconds")
+        run.billable_seconds, run.billed = None, False
+        started = _epoch(description.get("TrainingStartTime"))
+        seconds_for_cost = run.job_seconds
+    else:
+        run.job_seconds = description.get("TrainingTimeInSeconds")
+        run.billable_seconds = description.get("BillableTimeInSeconds")
+        run.billed = True
+        started = _epoch(description.get("TrainingStartTime"))
+        seconds_for_cost = run.billable_seconds
+    if run.method.name == "spectrum" and run.method.percent is None:
+        percent = percent_in_path(str(run.report.get("layer_file") or ""))
+        run.method = Method("spectrum", percent)
+    run.cost_usd, run.cost_basis = job_cost(
+        table,
+        run.region,
+        run.instance_type,
+        run.instance_count,
+        seconds_for_cost,
+        billed=run.billed,
+    )
+    run.curves, run.curve_source = _curves(run, started, local=local, workdir=workdir)
+
+
+def _epoch(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    return dt.datetime.fromisoformat(str(value)).timestamp()
+
+
+def _read_object(uri: str) -> bytes:
+    from ..aws.s3 import describe_client_error, s3_client, split_s3_uri
+
+    bucket, key = split_s3_uri(uri)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:
+        raise describe_client_error(exc, uri) from exc
+
+
+def _read_json(uri: str) -> dict[str, Any]:
+    try:
+        return json.loads(_read_object(uri))
+    except ValueError as exc:
+        raise SpectrumError(f"{uri}: not valid JSON ({exc})") from exc
+
+
+def _curves(
+    run: Run, started: float | None, *, local: bool, workdir: str | Path
+) -> tuple[dict[str, list[list[float]]], str]:
+    """``{"train": [[seconds, step, loss]...], "eval": [...]}``, seconds since the job started:
+    from its TensorBoard files in S3, else from the metric lines of its log."""
+    request = run.request or {}
+    tensorboard = request.get("TensorBoardOutputConfig", {}).get("S3OutputPath")
+    points = _tensorboard_points(tensorboard) if tensorboard else None
+    source = "tensorboard"
+    if not points:
+        points, source = _log_points(run, local=local, workdir=workdir), "log lines"
+    curves: dict[str, list[list[float]]] = {"train": [], "eval": []}
+    timed = started is not None and all(p[0] is not None for p in points)
+    if not timed:  # no time stamps: the run's training seconds spread over its steps
+        source += " (time by step)"
+    total_steps = max((p[1] for p in points), default=0) or 1
+    train_seconds = float(run.report.get("seconds") or 0)
+    for wall, step, kind, loss in sorted(points, key=lambda p: (p[2], p[1], p[0] or 0)):
+        seconds = wall - started if timed else step / total_steps * train_seconds
+        curves[kind].append([round(seconds, 3), step, loss])
+    return curves, source
+
+
+def _tensorboard_points(uri: str) -> list[tuple[float | None, int, str, float]] | None:
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        log.warning("tensorboard is not installed: loss curves from the logs instead")
+        return None
+    from ..aws.local import download_prefix
+
+    with tempfile.TemporaryDirectory(prefix="spectrum-tb-") as tmp:
+        try:
+            download_prefix(uri, Path(tmp))
+        except SpectrumError:
+            return None
+        points = []
+        for folder in sorted({p.parent for p in Path(tmp).rglob("events.out.tfevents*")}):
+            events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+            events.Reload()
+            tags = events.Tags().get("scalars", [])
+            for tag, kind in (("train/loss", "train"), ("eval/loss", "eval")):
+                if tag in tags:
+                    points += [(e.wall_time, e.step, kind, e.value) for e in events.Scalars(tag)]
+    return points
+
+
+def _log_points(
+    run: Run, *, local: bool, workdir: str | Path
+) -> list[tuple[float | None, int, str, float]]:
+    """The ``step=N train_loss=X`` / ``eval_loss=X`` lines train.py writes (:data:`STEP_LINE`):
+    the local job's log file, or CloudWatch with each event's time."""
+    lines: list[tuple[float | None, str]] = []
+    if local:
+        path = Path(workdir) / run.job / "output" / "job.log"
+        if path.is_file():
+            lines = [(None, line) for line in path.read_text().splitlines()]
+    else:
+        lines = _cloudwatch_lines(run.job)
+    points = []
+    for wall, line in lines:
+        for match in STEP_LINE.finditer(line):
+            kind = "train" if match.group(2) == "train_loss" else "eval"
+            points.append((wall, int(match.group(1)), kind, float(match.group(3))))
+    return points
+
+
+def _cloudwatch_lines(job: str) -> list[tuple[float | None, str]]:
+    from ..aws.jobs import TrainingJob
+
+    try:
+        events = TrainingJob(job).log_events()
+    except Exception as exc:
+        log.warning("cannot read the logs of %s: %s", job, exc)
+        return []
+    return [(event["timestamp"] / 1000, event["message"]) for event in events]

@@ -1,0 +1,368 @@
+"""Running a comparison: one shared analysis, then one training job per method with everything
+else equal; in parallel on SageMaker, one after another locally."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..aws.config import (
+    PipelineConfig,
+    TrainingConfig,
+    has_cuda,
+    load_pipeline,
+    training_instance_types,
+)
+from ..core.errors import SpectrumError
+from ..core.selection import layer_folder
+from ..prices import PriceTable, load_prices
+from .collect import _collect_all
+from .methods import (
+    DEFAULT_METHODS,
+    INSTANCE_SETTINGS,
+    Method,
+    Run,
+    parse_method_settings,
+    parse_methods,
+)
+from .render import Comparison, _upload_outputs, write_outputs
+
+log = logging.getLogger(__name__)
+
+#: Validation points per run when the config sets no ``eval_steps``: enough for a curve.
+EVALS_PER_RUN = 8
+#: Held out of the training rows when the config names no validation data.
+VALIDATION_SHARE = 0.05
+
+
+def compare(
+    config: PipelineConfig | str | Path,
+    methods: str | Sequence[str] = DEFAULT_METHODS,
+    *,
+    overrides: Sequence[str] = (),
+    method_settings: Sequence[str] = (),
+    local: bool = False,
+    dry_run: bool = False,
+    workdir: str | Path = "spectrum-sm-jobs",
+    output_dir: str | Path | None = None,
+    prices: str | Path | PriceTable | None = None,
+    wait: bool = True,
+    logs: bool = True,
+) -> Comparison:
+    """Train each method on the same data after one shared analysis; collect and show them.
+
+    ``config`` is a pipeline config (or its YAML path plus ``overrides``); its training section
+    is the common recipe, and only ``method`` (and the layer file) differs between runs, plus
+    ``method_settings`` such as ``"lora.learning_rate=2e-4"`` (never steps, batch, sequence
+    length, seed or evaluation: the budget stays equal). It needs ``training.validation_data``:
+    every method is scored on the same held-out tokens.
+    ``dry_run`` builds and validates every request (``Run.request``) and uploads nothing.
+    A method that cannot run where asked (QLoRA without CUDA, a job the memory planner says
+    does not fit) is ``skipped`` with its reason; a run that fails is ``failed`` and the others
+    go on. Unless ``dry_run`` (or ``wait`` is false on SageMaker), the table (text, markdown,
+    CSV) and the figure are written to ``output_dir`` and next to the outputs in S3.
+    """
+    from ..aws.pipeline import plan_analysis_step, stage
+    from ..aws.requests import job_name
+
+    if not isinstance(config, PipelineConfig):
+        config = load_pipeline(config, list(overrides))
+    elif overrides:
+        raise SpectrumError("overrides apply to a config file; change the PipelineConfig instead")
+    if config.percent_conflict():  # compare's percents come from --methods and analysis
+        raise SpectrumError(config.percent_conflict())
+    table = prices if isinstance(prices, PriceTable) else load_prices(prices)
+    chosen = parse_methods(methods, default_percent=config.analysis.top_percent)
+    per_method = parse_method_settings(method_settings, chosen)
+    training = _common_recipe(config.training)
+    percents = sorted({m.percent for m in chosen if m.percent is not None})
+    step = None
+    if percents:
+        # The analysis's own percent is its top-level layer file; only the others need a folder
+        # each, so a comparison at that percent alone reuses a plain analysis of the model.
+        extra = [p for p in percents if p != config.analysis.top_percent]
+        analysis = dataclasses.replace(
+            config.analysis,
+            layer_percents=extra,
+            certify_percents=sorted({*config.analysis.certify_percents, *extra}),
+        )
+        step = plan_analysis_step(
+            analysis, reuse=config.reuse_analysis, dry_run=dry_run, local=local
+        )
+
+    def plan(method: Method) -> Run:
+        return _plan_run(method, training, step, per_method[method], local=local, dry_run=dry_run)
+
+    # Spectrum runs first: when none of them can run, the analysis is left out before the other
+    # runs are pointed at the checkpoint it would have staged.
+    spectrum = {m: plan(m) for m in chosen if m.name == "spectrum"}
+    if step is not None and not any(run.prepared for run in spectrum.values()):
+        log.warning("no Spectrum run can run here: the analysis is left out")
+        step = None
+    runs = [spectrum[m] if m in spectrum else plan(m) for m in chosen]
+    result = Comparison(runs, table)
+    if step is not None:
+        result.analysis = {
+            "job": step.name,
+            "reused": step.reused is not None,
+            "layer_dir": step.layer_dir,
+            "request": step.job.request if step.job else None,
+        }
+    if dry_run:
+        return result
+    planned = [run for run in runs if run.status == "planned"]
+    if not planned:
+        raise SpectrumError(
+            "no method can run here: "
+            + "; ".join(f"{run.method.label}: {run.reason}" for run in runs)
+        )
+    # Everything validated above; only now the uploads, then the jobs.
+    if step is not None:
+        step.stage()
+    for run in planned:
+        stage(run.prepared)
+    if step is not None:
+        step.run(local=local, workdir=workdir, logs=logs)
+    if local:
+        _run_locally(planned, workdir, logs=logs)
+    else:
+        _run_on_sagemaker(planned, wait=wait)
+        if not wait:
+            return result
+    compare_id = job_name(config.training.base_job_name, "compare")
+    output = Path(output_dir) if output_dir else Path("spectrum-sm-compare") / compare_id
+    _collect_all(runs, table, local=local, workdir=workdir)
+    write_outputs(result, output)
+    _upload_outputs(
+        result,
+        f"{config.training.output_s3.rstrip('/')}/compare/{compare_id}/",
+        config.training.output_kms_key,
+    )
+    return result
+
+
+def _common_recipe(training: TrainingConfig) -> TrainingConfig:
+    """The training config every run shares: held-out rows (the config's validation data, else
+    the same share of the training rows for every run), TensorBoard on (the curves), and a
+    validation curve when the config asks for none."""
+    hyperparameters = dict(training.hyperparameters)
+    if not training.validation_data and not hyperparameters.get("validation_share"):
+        hyperparameters["validation_share"] = VALIDATION_SHARE
+        log.info(
+            "no validation_data: every run holds out the same %d%% of the training rows "
+            "(validation_share) and is scored on them",
+            round(100 * VALIDATION_SHARE),
+        )
+    try:
+        steps = int(hyperparameters.get("max_steps", -1))
+        evaluating = int(hyperparameters.get("eval_steps", 0) or 0)
+    except (TypeError, ValueError):
+        return training  # train.py's parser names the bad value when the jobs are planned
+    if not evaluating:
+        if steps > 0:
+            hyperparameters["eval_steps"] = max(1, steps // EVALS_PER_RUN)
+            log.info(
+                "eval_steps %d: a validation curve of %d points per run",
+                hyperparameters["eval_steps"],
+                steps // hyperparameters["eval_steps"],
+            )
+        else:
+            log.warning("no max_steps and no eval_steps: validation only at the end of each run")
+    return dataclasses.replace(training, hyperparameters=hyperparameters, tensorboard=True)
+
+
+def _plan_run(
+    method: Method,
+    training: TrainingConfig,
+    step,
+    settings: dict[str, Any],
+    *,
+    local: bool,
+    dry_run: bool,
+) -> Run:
+    from ..aws.config import replace_checked, validate
+    from ..aws.pipeline import plan_training
+    from ..aws.requests import DoesNotFit
+
+    own = {k: v for k, v in settings.items() if k in INSTANCE_SETTINGS}
+    hyperparameters = {
+        **training.hyperparameters,
+        **{k: v for k, v in settings.items() if k not in INSTANCE_SETTINGS},
+    }
+    config = replace_checked(training, own, f"--method-set {method.label}") if own else training
+    _keep_global_batch(hyperparameters, training, config, method, local=local)
+    config = dataclasses.replace(
+        config,
+        method=method.name,
+        top_percent=method.percent if method.percent is not None else training.top_percent,
+        hyperparameters=hyperparameters,
+    )
+    run = Run(
+        method,
+        region=config.region,
+        instance_type=config.instance_type,
+        instance_count=config.instance_count,
+    )
+    if method.name == "qlora" and config.instance_type in training_instance_types():
+        # where it cannot run (which validation would refuse): a skip; a typo is an error
+        problem = qlora_problem(config.instance_type, local=local)
+        if problem:
+            run.status, run.reason = "skipped", problem
+            log.warning("%s skipped: %s", method.label, problem)
+            return run
+    validate(config, need_role=not local)  # a wrong setting is an error, never a skip
+    spectrum_uri = None
+    if method.percent is not None:
+        spectrum_uri = step.layer_dir
+        if method.percent != step.config.top_percent:
+            spectrum_uri = f"{step.layer_dir.rstrip('/')}/{layer_folder(method.percent)}/"
+    try:
+        prepared = plan_training(
+            config, spectrum_uri=spectrum_uri, dry_run=dry_run, local=local, kind=method.slug
+        )
+    except DoesNotFit as exc:
+        run.status, run.reason = "skipped", str(exc)
+        log.warning("%s skipped: %s", method.label, exc)
+        return run
+    if step is not None:
+        step.train_from_staged_model(prepared, config.model)
+    run.prepared = prepared
+    run.request = prepared.request
+    run.job = prepared.request["TrainingJobName"]
+    return run
+
+
+def processes(config: TrainingConfig, *, local: bool) -> int:
+    """How many training processes a job has: one per GPU on SageMaker; locally the config's
+    ``processes_per_host`` (default 1) per host."""
+    per_host = (config.processes_per_host or 1) if local else config.gpus_per_host()
+    return per_host * config.instance_count
+
+
+def _keep_global_batch(
+    hyperparameters: dict[str, Any],
+    common: TrainingConfig,
+    own: TrainingConfig,
+    method: Method,
+    *,
+    local: bool,
+) -> None:
+    """On a different number of processes, scale gradient accumulation so that every step
+    still sees the common recipe's global batch (the same tokens per step, the same budget)."""
+    mine, theirs = processes(own, local=local), processes(common, local=local)
+    if mine == theirs:
+        return
+    try:
+        accumulation = int(hyperparameters.get("gradient_accumulation_steps", 1))
+    except (TypeError, ValueError):
+        return  # train.py's parser names the bad value
+    total = accumulation * theirs
+    if total % mine:
+        raise SpectrumError(
+            f"--method-set: {method.label} runs {mine} processes, the others {theirs}; the "
+            f"global batch of {theirs} x accumulation {accumulation} cannot be split over "
+            f"{mine}: choose gradient_accumulation_steps (--set) so that {mine} divides "
+            f"{theirs} x it"
+        )
+    hyperparameters["gradient_accumulation_steps"] = total // mine
+    log.info(
+        "%s: %d processes instead of %d, gradient accumulation %d instead of %d (same global "
+        "batch)",
+        method.label,
+        mine,
+        theirs,
+        total // mine,
+        accumulation,
+    )
+
+
+def qlora_problem(instance_type: str, *, local: bool) -> str | None:
+    """Why QLoRA cannot run where asked (it needs CUDA and bitsandbytes), or None."""
+    if not local:
+        if not has_cuda(instance_type):
+            return f"QLoRA needs a CUDA GPU; {instance_type} has none"
+        return None
+    from ..aws.local import container_python
+
+    probe = (
+        "import importlib.util, torch; "
+        "print(torch.cuda.is_available(), importlib.util.find_spec('bitsandbytes') is not None)"
+    )
+    try:
+        out = subprocess.run(
+            [container_python(), "-c", probe], capture_output=True, text=True, timeout=120
+        ).stdout.split()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot check for CUDA here ({exc})"
+    if out[:1] != ["True"]:
+        return "QLoRA needs a CUDA GPU (4-bit bitsandbytes weights); this machine has none"
+    if out[1:2] != ["True"]:
+        return "QLoRA needs bitsandbytes, which is not installed here"
+    return None
+
+
+def _run_locally(runs: list[Run], workdir: str | Path, *, logs: bool) -> None:
+    """One after another: a failed run is recorded and the next one starts."""
+    from ..aws.jobs import JobFailed
+    from ..aws.local import run_local
+
+    for run in runs:
+        log.info("comparison: %s (%s)", run.method.label, run.job)
+        try:
+            job = run_local(run.request, workdir, stream_logs=logs)  # type: ignore[arg-type]
+        except JobFailed as exc:
+            run.status, run.reason = "failed", exc.reason.strip() or "failed"
+            log.error("%s failed: %s", run.method.label, run.reason)
+            continue
+        run.status, run.model_s3 = "completed", job.model_s3
+
+
+def _run_on_sagemaker(runs: list[Run], *, wait: bool, poll_s: float = 30.0) -> None:
+    """Submit every job, then follow them all until each ends."""
+    from ..aws.jobs import TERMINAL, TrainingJob, submit
+
+    handles: dict[str, TrainingJob] = {}
+    for run in runs:
+        try:
+            handles[run.job] = submit(run.request)  # type: ignore[arg-type]
+        except SpectrumError as exc:  # e.g. a quota: the jobs already sent go on
+            run.status, run.reason = "failed", f"not submitted: {exc}"
+            log.error("%s: %s", run.method.label, run.reason)
+            continue
+        run.status = "submitted"
+        log.info("submitted %s: %s", run.method.label, run.job)
+    if not wait:
+        return
+    pending = {run.job: run for run in runs if run.job in handles}
+    try:
+        while pending:
+            for name, run in list(pending.items()):
+                description = handles[name].describe()
+                status = description["TrainingJobStatus"]
+                if status not in TERMINAL:
+                    continue
+                del pending[name]
+                run.description = description
+                if status == "Completed":
+                    run.status = "completed"
+                    run.model_s3 = handles[name].outputs["model"]
+                else:
+                    run.status = "failed"
+                    reason = description.get("FailureReason", "no reason given")
+                    run.reason = f"{status}: {reason}"
+                log.info("%s: %s (%d still running)", run.method.label, status, len(pending))
+            if pending:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        names = " ".join(handles)
+        log.warning(
+            "interrupted: the jobs keep running on SageMaker; when they end: spectrum-sm "
+            "compare --collect %s",
+            names,
+        )
+        raise
