@@ -179,12 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument(
         "config", nargs="?", help="pipeline YAML (its training section is the common recipe)"
     )
+    from .comparison.methods import DEFAULT_METHODS
+    from .training.args import METHODS
+
+    others = ", ".join(m for m in METHODS if m != "spectrum")
     comparison.add_argument(
         "--methods",
-        default="spectrum,qlora",
+        default=DEFAULT_METHODS,
         metavar="M,M",
         help="spectrum:P (any number of percents; spectrum alone: the analysis's top_percent), "
-        "lora, qlora, full (default: spectrum,qlora)",
+        f"{others} (default: {DEFAULT_METHODS})",
     )
     comparison.add_argument(
         "--set",

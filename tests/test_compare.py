@@ -101,7 +101,7 @@ def test_the_figure_prices_a_run_as_its_row_does():
 def test_the_lines_train_py_writes_are_the_lines_compare_reads(tmp_path):
     """One grammar: the metric lines of :mod:`spectrum_sm.training.metrics`, as train.py logs
     them, are what compare reads from a log without TensorBoard files."""
-    from spectrum_sm.comparison.collect import STEP_LINE, _log_points
+    from spectrum_sm.comparison.collection import STEP_LINE, _log_points
     from spectrum_sm.training import metrics
 
     assert STEP_LINE is metrics.STEP_LINE

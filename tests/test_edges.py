@@ -306,9 +306,8 @@ def test_every_command_defaults_to_the_same_percent():
     from spectrum_sm import api
     from spectrum_sm.aws.config import AnalysisConfig, TrainingConfig
     from spectrum_sm.cli import build_parser
-    from spectrum_sm.core.selection import DEFAULT_TOP_PERCENT
-
     from spectrum_sm.core.options import ScanOptions
+    from spectrum_sm.core.selection import DEFAULT_TOP_PERCENT
 
     parser = build_parser()
     defaults = {

@@ -316,6 +316,7 @@ def build_training_request(
 
 # --- validation against botocore's service model -------------------------------------------
 
+
 def _input_shape():
     return sagemaker_service_model().operation_model("CreateTrainingJob").input_shape
 

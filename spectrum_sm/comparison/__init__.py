@@ -12,13 +12,13 @@ seconds x the instance's price from :mod:`spectrum_sm.prices`.
 :func:`collect` rebuilds the same table and figure later from finished jobs' names.
 
 Modules, each importing only those before it: ``methods`` (the ``--methods``/``--method-set``
-grammar, a run's record) <- ``render`` (table, figure, files) <- ``collect`` (finished jobs) <-
-``run`` (the jobs). ``comparison.collect`` is the function; ``from .collect import`` the module.
+grammar, a run's record) <- ``render`` (table, figure, files) <- ``collection`` (finished jobs)
+<- ``run`` (the jobs).
 """
 
 from __future__ import annotations
 
-from .collect import collect
+from .collection import collect
 from .methods import (
     DEFAULT_METHODS,
     METHODS,

@@ -8,27 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..aws.config import TrainingConfig
-from ..core.errors import SpectrumError
+from ..core.errors import SpectrumError, did_you_mean
 from ..core.selection import check_percent, format_percent
 from ..core.yamlio import load_yaml
+from ..training.args import METHODS, with_role
 
-METHODS = ("spectrum", "lora", "qlora", "full")
 DEFAULT_METHODS = "spectrum,qlora"  # Spectrum at the analysis's top_percent
-#: What makes the runs comparable: a per-method setting may not change these.
-SHARED_BUDGET = (
-    "max_steps",
-    "num_train_epochs",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_seq_length",
-    "packing",
-    "seed",
-    "eval_steps",
-    "per_device_eval_batch_size",
-    "train_split",
-    "validation_split",
-    "validation_share",
-)
+#: What makes the runs comparable: a per-method setting may not change these (the role is
+#: declared on TrainArgs' fields).
+SHARED_BUDGET = with_role("budget")
 #: Job settings one method may have on its own (QLoRA on a smaller GPU). A different process
 #: count keeps the global batch: gradient accumulation is scaled to match.
 INSTANCE_SETTINGS = (
@@ -73,12 +61,9 @@ def parse_methods(spec: str | Iterable[str], default_percent: float | None = Non
         name, sep, percent = part.partition(":")
         name = name.strip().lower()
         if name not in METHODS:
-            import difflib
-
-            close = difflib.get_close_matches(name, METHODS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            named = ", ".join("spectrum:P" if m == "spectrum" else m for m in METHODS)
             raise SpectrumError(
-                f"--methods: unknown method {name!r}{hint}; methods: spectrum:P, lora, qlora, full"
+                f"--methods: unknown method {name!r}{did_you_mean(name, METHODS)}; methods: {named}"
             )
         if name != "spectrum" and sep:
             raise SpectrumError(f"--methods: {part!r}: only spectrum takes a percent")

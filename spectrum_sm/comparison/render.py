@@ -230,8 +230,7 @@ def write_outputs(result: Comparison, output_dir: Path) -> None:
 
 def _upload_outputs(result: Comparison, uri: str, kms_key: str) -> None:
     """A copy next to the jobs' outputs, so a notebook finds it later."""
-    from ..aws.local import upload_folder
-    from ..aws.s3 import sse_arguments
+    from ..aws.s3 import sse_arguments, upload_folder
 
     try:
         upload_folder(result.output_dir, uri, extra_args=sse_arguments(kms_key))  # type: ignore[arg-type]

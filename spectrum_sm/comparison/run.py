@@ -11,17 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..aws.config import (
-    PipelineConfig,
-    TrainingConfig,
-    has_cuda,
-    load_pipeline,
-    training_instance_types,
-)
+from ..aws.config import PipelineConfig, TrainingConfig, load_pipeline, training_instance_types
 from ..core.errors import SpectrumError
+from ..core.instances import has_cuda
 from ..core.selection import layer_folder
 from ..prices import PriceTable, load_prices
-from .collect import _collect_all
+from .collection import _collect_all
 from .methods import (
     DEFAULT_METHODS,
     INSTANCE_SETTINGS,

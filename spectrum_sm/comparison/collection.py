@@ -213,7 +213,7 @@ def _tensorboard_points(uri: str) -> list[tuple[float | None, int, str, float]] 
     except ImportError:
         log.warning("tensorboard is not installed: loss curves from the logs instead")
         return None
-    from ..aws.local import download_prefix
+    from ..aws.s3 import download_prefix
 
     with tempfile.TemporaryDirectory(prefix="spectrum-tb-") as tmp:
         try:
