@@ -416,14 +416,20 @@ def test_shipped_accelerate_configs_load(name):
 def test_hold_out_is_the_same_disjoint_split_for_the_same_seed():
     from spectrum_sm.training.data import hold_out
 
-    rows = list(range(40))
+    rows = [f"row {i}" for i in range(40)]  # rows unlike their positions: a slip shows
     train, held = hold_out(rows, 0.1, seed=42)
     assert len(held) == 4 and len(train) == 36
     assert set(train).isdisjoint(held) and set(train) | set(held) == set(rows)
+    assert list(held) == [r for r in rows if r in set(held)]  # in the data's order
     again_train, again_held = hold_out(rows, 0.1, seed=42)
     assert list(again_held) == list(held) and list(again_train) == list(train)
     assert list(hold_out(rows, 0.1, seed=7)[1]) != list(held)
-    assert held[0:2] == [held[0], held[1]]
+    # evaluate() slices the held-out rows per rank (rows[rank::world]) and takes rows[:1]
+    # for a rank with none: slices give the rows themselves, as a list's would.
+    rows_held = list(held)
+    for world in (1, 2, 3):
+        assert [held[r::world] for r in range(world)] == [rows_held[r::world] for r in range(world)]
+    assert held[:1] == rows_held[:1] and held[9:] == []
     from spectrum_sm.core.errors import SpectrumError
 
     with pytest.raises(SpectrumError, match="leaves none to train on"):
