@@ -173,3 +173,38 @@ def test_data_check_reads_s3_data_as_the_job_s_channel_would_hold_it(setup, s3_b
         check_local(uri, str(setup["model"]))
     with pytest.raises(SpectrumError, match="no such S3 object or prefix"):
         spectrum_sm.check_data(f"s3://{s3_bucket}/nothing/", str(setup["model"]))
+
+
+def test_the_analyze_command_takes_the_pipeline_s_one_path(moto_server, tmp_path):
+    """``spectrum-sm analyze`` plans, stages and executes as ``run`` does: a second analysis
+    of the same bytes and settings is reused (it used to submit a new, paid job every time)."""
+    import boto3
+
+    from spectrum_sm.toy import make_toy_training_setup
+
+    paths = make_toy_training_setup(tmp_path / "toy", layers=2, rows=4)
+    boto3.client("s3").create_bucket(Bucket="analyze-once")
+
+    def analyze():
+        proc = run_cli(
+            "analyze",
+            str(EXAMPLES / "local-tiny.yaml"),
+            "--local",
+            *("--workdir", str(tmp_path / "jobs")),
+            *("--set", "common.output_s3=s3://analyze-once/x"),
+            *("--set", f"analysis.model={paths['model']}"),
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = analyze()
+    assert first["reused"] is False and first["status"] == "Completed"
+    assert (
+        first["layer_dir"].startswith("s3://analyze-once/x/") and first["job"] in first["layer_dir"]
+    )
+    layer_files = boto3.client("s3").list_objects_v2(
+        Bucket="analyze-once", Prefix=first["layer_dir"].split("/", 3)[3]
+    )
+    assert any(o["Key"].endswith("percent.yaml") for o in layer_files.get("Contents", []))
+    second = analyze()
+    assert second["reused"] is True and second["job"] == first["job"]
