@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tracemalloc
 
 import pytest
 import torch
 import yaml
 from factories import planted_checkpoint, tiny_qwen3
 from reference_spectrum import reference_scan, reference_select
+from safetensors.torch import save_file
 
 import spectrum_sm
 from spectrum_sm.core.selection import EMBEDDING_ENTRIES
@@ -225,22 +227,46 @@ def test_select_reads_a_reference_results_file(tmp_path):
     ]
 
 
-def test_scan_holds_only_chunks_not_the_model(tmp_path, monkeypatch):
-    """The reader never has more than a few chunks in flight (bounded queue)."""
+def _float32_checkpoint(path, shapes):
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(*shape, generator=gen) for name, shape in shapes.items()}
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model_type": "probe"}))
+    return path
+
+
+def test_scan_memory_is_two_chunks_of_a_tall_weight_or_one_wide_weight_whole(tmp_path, monkeypatch):
+    """Peak memory, measured, while each kind of weight is scanned (one worker; the scan runs
+    one per core). Stored in float32, a weight's bytes are the reader's buffers (bytearrays,
+    which tracemalloc sees) and the float32 blocks scored are those very buffers; torch's own
+    allocations (the Gram matrix, short x short) are not traced. A tall weight is read in
+    chunks along its long side: two chunks in memory at most (the one scored, the next read).
+    A wide weight is read whole (``scanner._chunks``) and cut into column blocks, so the true
+    bound is the largest wide weight, not the chunk size: the memory still follows the largest
+    tensor and the number of workers, never the model."""
     from spectrum_sm.core import scanner
 
-    model = tiny_qwen3(tmp_path / "m", layers=2, hidden=128, intermediate=256, vocab=2048)
-    largest = 0
-    original = scanner.GramAccumulator.add
+    monkeypatch.setattr(scanner, "_worker_count", lambda device: 1)
+    tall = {f"model.layers.{i}.mlp.up_proj.weight": (8192, 128) for i in range(4)}
+    wide = {"model.layers.3.mlp.down_proj.weight": (128, 8192)}
+    tall_model = _float32_checkpoint(tmp_path / "tall", tall)
+    wide_model = _float32_checkpoint(tmp_path / "wide", {**dict(list(tall.items())[:3]), **wide})
+    weight = 8192 * 128 * 4  # 4 MiB; each model holds 16 MiB
+    chunk = 1024 * 1024 // 8 * 4  # chunk_mb=1: 1 MiB of float64 elements, here in float32
+    slack = 256 * 1024  # headers, the result, the logging: measured ~40 KiB
 
-    def spy(self, chunk):
-        nonlocal largest
-        largest = max(largest, chunk.numel())
-        return original(self, chunk)
+    def peak(model) -> int:
+        tracemalloc.start()
+        try:
+            spectrum_sm.scan(model, 50, chunk_mb=1, hash_files=False, show_progress=False)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
 
-    monkeypatch.setattr(scanner.GramAccumulator, "add", spy)
-    spectrum_sm.scan(model, 50, chunk_mb=1, show_progress=False)
-    assert largest <= 1024 * 1024 // 8 + 2048  # one chunk of 1 MB in float64 (plus a row)
+    spectrum_sm.scan(tall_model, 50, hash_files=False, show_progress=False)  # lazy imports
+    assert peak(tall_model) <= 2 * chunk + slack
+    assert weight <= peak(wide_model) <= weight + chunk + slack
 
 
 def _arch_configs():
