@@ -9,6 +9,8 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -247,7 +249,19 @@ def test_gpt_neox_head_is_not_called_tied(tmp_path):
 
 
 def test_dense_checkpoints_name_weights_without_building_the_model(tmp_path):
-    """Plain model.* + lm_head checkpoints load unchanged: no transformers import needed."""
+    """Plain model.* + lm_head checkpoints load unchanged: their names are the checkpoint's,
+    and transformers (seconds of imports, then the model on the meta device) is never imported:
+    checked in a fresh interpreter, whose ``sys.modules`` holds only what the scan imported."""
     model = tiny_qwen3(tmp_path / "m")
-    result = spectrum_sm.scan(model, 50, show_progress=False)
-    assert result.names_source == "checkpoint names"
+    code = (
+        "import json, sys, spectrum_sm\n"
+        f"result = spectrum_sm.scan({str(model)!r}, 50, show_progress=False)\n"
+        "loaded = sorted(m for m in sys.modules if m.partition('.')[0] == 'transformers')\n"
+        "print(json.dumps([result.names_source, loaded]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source, loaded = json.loads(proc.stdout.splitlines()[-1])
+    assert loaded == [] and source == "checkpoint names"
