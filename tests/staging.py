@@ -20,3 +20,15 @@ def prepare_training(config, *, spectrum_uri, dry_run: bool, local: bool) -> dic
     if not dry_run:
         stage(job)
     return job.request
+
+
+def load_entrypoint(name: str):
+    """``entrypoints/<name>.py`` as a module, as the job's code channel ships it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "entrypoints" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

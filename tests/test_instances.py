@@ -3,8 +3,9 @@ only real SageMaker training instance types."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from staging import load_entrypoint
 
 from spectrum_sm.aws.config import TrainingConfig, training_instance_types
 from spectrum_sm.core.instances import INSTANCES, has_cuda, has_instance_storage, instance
@@ -12,13 +13,6 @@ from spectrum_sm.plan import CANDIDATES
 from spectrum_sm.prices import SHIPPED
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _launch():
-    spec = importlib.util.spec_from_file_location("launch", ROOT / "entrypoints" / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_row_is_a_training_instance_type_the_service_accepts():
@@ -51,7 +45,7 @@ def test_gpus_per_host_come_from_the_table():
 def test_the_launcher_sets_efa_from_the_table(monkeypatch):
     for name in ("FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA", "RDMAV_FORK_SAFE"):
         monkeypatch.delenv(name, raising=False)
-    env = _launch().network_environment
+    env = load_entrypoint("launch").network_environment
     assert env({"current_instance_type": "ml.p4d.24xlarge"})["FI_EFA_USE_DEVICE_RDMA"] == "1"
     g5 = env({"current_instance_type": "ml.g5.48xlarge"})
     assert g5["FI_PROVIDER"] == "efa" and "FI_EFA_USE_DEVICE_RDMA" not in g5

@@ -5,11 +5,11 @@ declaration, so a field added there reaches all of them."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from staging import load_entrypoint
 
 from spectrum_sm.api import scan_options_from
 from spectrum_sm.aws.config import AnalysisConfig
@@ -20,13 +20,6 @@ from spectrum_sm.training.args import TrainArgs, with_role
 
 ROOT = Path(__file__).resolve().parents[1]
 SCAN = [f.name for f in scan_fields()]
-
-
-def _analyze():
-    spec = importlib.util.spec_from_file_location("analyze", ROOT / "entrypoints" / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_scan_option_reaches_every_reader():
@@ -51,7 +44,7 @@ def test_every_scan_option_reaches_every_reader():
     }
     assert sorted(values) == sorted(SCAN)
     argv = ["--model_name_or_path", "m"] + [x for k, v in values.items() for x in (f"--{k}", v)]
-    parsed = _analyze().parse_args(argv).scan
+    parsed = load_entrypoint("analyze").parse_args(argv).scan
     assert parsed == ScanOptions(
         top_percent=30.0,
         include=["self_attn.*", "mlp.*"],
@@ -81,7 +74,7 @@ def test_the_analysis_request_carries_every_set_scan_option(monkeypatch):
     hps = build_analysis_request(config, name="a-analysis-1")["HyperParameters"]
     monkeypatch.setenv("SM_CHANNEL_MODEL", "/opt/ml/input/data/model")  # an S3 model: a channel
     argv = [x for k, v in hps.items() for x in (f"--{k}", v)]
-    parsed = _analyze().parse_args(argv).scan
+    parsed = load_entrypoint("analyze").parse_args(argv).scan
     assert parsed == ScanOptions(include=["self_attn.*"], towers=["all"], chunk_mb=16, device="cpu")
     assert json.loads(json.dumps(hps))  # text only, as SageMaker takes it
 
