@@ -399,18 +399,50 @@ def test_container_defaults_come_from_sm_environment(setup, tmp_path):
     assert (tmp_path / "sm-model" / "training_report.json").exists()
 
 
-@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "zero3.yaml"])
-def test_shipped_accelerate_configs_load(name):
-    from accelerate.commands.config.config_args import load_config_from_file
+ACCELERATE_CONFIGS = sorted((ROOT / "entrypoints" / "accelerate").glob("*.yaml"))
 
-    path = ROOT / "entrypoints" / "accelerate" / name
-    assert path.read_text().startswith("# accelerate launch --config_file entrypoints/accelerate/")
-    config = load_config_from_file(str(path))
-    assert config.num_processes == 8 and config.mixed_precision == "bf16"
-    if name == "fsdp.yaml":
-        assert config.fsdp_config["fsdp_use_orig_params"] is True
-    if name == "zero3.yaml":
-        assert config.deepspeed_config["zero_stage"] == 3
+
+@pytest.mark.parametrize("distribution", ["fsdp", "ddp"])
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda path: path.name)
+def test_train_runs_under_each_shipped_accelerate_config(setup, tmp_path, config, distribution):
+    """``accelerate launch --config_file <it> entrypoints/train.py``, as each file's first line
+    says, on 2 CPU processes (gloo): train.py trains the selected tensors and no others, under
+    FSDP2 (each rank's checkpoint holds its row shard of every trained parameter) and under DDP
+    (rank 0 holds them whole)."""
+    command = f"# accelerate launch --config_file entrypoints/accelerate/{config.name} "
+    assert config.read_text().startswith(command + "entrypoints/train.py")
+    launcher = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)),
+        *("--num_processes", "2", "--main_process_port", str(free_port())),
+    ]
+    args = base_args(
+        setup,
+        tmp_path,
+        *("--max_steps", "4", "--per_device_train_batch_size", "2"),
+        *("--distribution", distribution, "--checkpoint_dir", str(tmp_path / "ck")),
+        *("--save_steps", "4"),
+    )
+    proc = run_train(args, launcher=launcher, timeout_s=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "model" / "training_report.json").read_text())
+    assert report["processes"] == 2 and report["distribution"] == distribution
+    assert report["steps"] == 4
+    assert changed_tensors(setup["model"], tmp_path / "model") == SELECTED
+    rows = {name: tensor.shape[0] for name, tensor in model_tensors(setup["model"]).items()}
+    checkpoint = tmp_path / "ck" / "checkpoint-00000004"
+    held = [
+        {
+            name.removeprefix("param/"): tensor.shape[0]
+            for name, tensor in load_file(str(checkpoint / f"rank-{rank:05d}.safetensors")).items()
+            if name.startswith("param/")
+        }
+        for rank in (0, 1)
+    ]
+    if distribution == "fsdp":
+        assert set(held[0]) == set(held[1]) == SELECTED
+        assert all(held[0][n] + held[1][n] == rows[n] and held[1][n] > 0 for n in SELECTED)
+    else:
+        assert held == [{n: rows[n] for n in SELECTED}, {}]
 
 
 def test_hold_out_is_the_same_disjoint_split_for_the_same_seed():
