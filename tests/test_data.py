@@ -13,7 +13,6 @@ from spectrum_sm.training.data import (
     IGNORE_INDEX,
     DataOptions,
     encode_row,
-    load_rows,
     load_split,
     parse_columns,
     prepare_split,
@@ -21,6 +20,14 @@ from spectrum_sm.training.data import (
 )
 
 ROWS = [{"text": "a"}, {"text": "b c"}, {"text": "d"}]
+
+
+def load_rows(path):
+    """A source's rows as train.py reads them (:func:`load_split`), each without the fields
+    Arrow filled with None because other rows have them."""
+    return [{k: v for k, v in row.items() if v is not None} for row in load_split(path)]
+
+
 CHAT = [
     {"role": "system", "content": "You add numbers."},
     {"role": "user", "content": "What is 2 plus 3?"},
@@ -236,10 +243,19 @@ def test_a_hub_dataset_id_goes_to_load_dataset_with_its_config_and_split(
 
 
 def test_packing_cuts_the_kept_rows_into_full_blocks():
+    """Through prepare_split, as train.py packs (--packing): the kept rows' tokens and labels,
+    end to end, cut into blocks of max_length; the partial block at the end is left out."""
     import datasets
 
     tokenizer = tokenizer_for("chatml", ["one two three four five"] * 20)
-    data = datasets.Dataset.from_list([{"text": "one two three four five"}] * 40)
+    rows = [{"text": "one two three four five"}] * 36 + [{"text": ""}]  # the last is dropped
+    data = datasets.Dataset.from_list(rows)
+    plain, _ = prepare_split(data, tokenizer, DataOptions(16))
     packed, counts = prepare_split(data, tokenizer, DataOptions(16), packing=True)
-    assert counts.rows_kept == 40 and len(packed) > 0
+    assert counts.rows_kept == 36 == len(plain) and counts.dropped == {"empty": 1}
+    ids = [t for e in plain for t in e.input_ids]
+    labels = [t for e in plain for t in e.labels]
+    assert len(packed) == len(ids) // 16 > 1
     assert all(len(e.input_ids) == 16 == len(e.labels) for e in packed)
+    assert [t for e in packed for t in e.input_ids] == ids[: 16 * len(packed)]
+    assert [t for e in packed for t in e.labels] == labels[: 16 * len(packed)]

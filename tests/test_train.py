@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from spectrum_sm.toy import make_toy_training_setup
-from spectrum_sm.training.data import IGNORE_INDEX, build_examples, tokenize_row
+from spectrum_sm.training.data import IGNORE_INDEX, DataOptions, encode_row
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,20 +130,18 @@ def test_assistant_only_loss_masks_the_prompt(setup):
             {"role": "assistant", "content": "5 plus 3 is 8."},
         ]
     }
-    example = tokenize_row(row, 0, tokenizer, 512)
+    example = encode_row(row, 0, tokenizer, DataOptions(512))
     learned = [
         t
-        for t, label in zip(example.input_ids, example.labels, strict=True)
+        for t, label in zip(example["input_ids"], example["labels"], strict=True)
         if label != IGNORE_INDEX
     ]
     assert tokenizer.decode(learned) == "5 plus 3 is 8.<|im_end|>"  # the marker, not the newline
-    everything = tokenize_row(row, 0, tokenizer, 512, assistant_only=False)
-    assert IGNORE_INDEX not in everything.labels
-    pc = tokenize_row({"prompt": "Q: 2+2?", "completion": " 4"}, 1, tokenizer, 512)
-    kept = [t for t, label in zip(pc.input_ids, pc.labels, strict=True) if label != IGNORE_INDEX]
-    assert tokenizer.decode(kept) == " 4<|im_end|>"
-    packed = build_examples([{"text": "one two three"}] * 10, tokenizer, 16, packing=True)
-    assert all(len(e.input_ids) == 16 for e in packed)
+    everything = encode_row(row, 0, tokenizer, DataOptions(512, assistant_only=False))
+    assert IGNORE_INDEX not in everything["labels"]
+    pc = encode_row({"prompt": "Q: 2+2?", "completion": " 4"}, 1, tokenizer, DataOptions(512))
+    pairs = zip(pc["input_ids"], pc["labels"], strict=True)
+    assert tokenizer.decode([t for t, label in pairs if label != IGNORE_INDEX]) == " 4<|im_end|>"
 
 
 def test_spectrum_trains_exactly_the_selected_tensors(setup, tmp_path):

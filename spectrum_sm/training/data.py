@@ -315,11 +315,6 @@ def _nonempty(dataset, where):
     return dataset
 
 
-def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a data source as dicts (fields a row lacks are left out)."""
-    return [_present(row) for row in load_split(path)]
-
-
 # --- row shapes --------------------------------------------------------------------------------
 
 
@@ -519,14 +514,6 @@ def _encode_messages(row: dict[str, Any], index: int, tokenizer: Any, options: D
     except SpectrumError as exc:
         raise SpectrumError(f"data row {index}: {exc}") from None
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
-
-
-def tokenize_row(
-    row: dict[str, Any], index: int, tokenizer: Any, max_length: int, assistant_only: bool = True
-) -> Example:
-    """Token ids and labels of one row (no loss: all labels ``-100``), truncated."""
-    out = encode_row(row, index, tokenizer, DataOptions(max_length, assistant_only))
-    return Example(out["input_ids"], out["labels"])
 
 
 # --- preparing a split -------------------------------------------------------------------
@@ -733,31 +720,6 @@ def nothing_left(split: str, counts: Counts, options: DataOptions) -> str:
             "every token with --assistant_only_loss false"
         )
     return f"{head}: the rows are empty"
-
-
-def build_examples(
-    rows: Sequence[dict[str, Any]],
-    tokenizer: Any,
-    max_length: int,
-    *,
-    assistant_only: bool = True,
-    packing: bool = False,
-) -> list[Example]:
-    """In-memory rows -> examples (small sets and tests); :func:`prepare_split` for real data."""
-    options = DataOptions(max_length, assistant_only)
-    encoded = [encode_row(r, i, tokenizer, options) for i, r in enumerate(rows)]
-    examples = [Example(e["input_ids"], e["labels"]) for e in encoded if not e["drop_reason"]]
-    if not examples:
-        reasons = Counter(e["drop_reason"] for e in encoded)
-        counts = Counts(len(rows), 0, dict(reasons), 0)
-        raise SpectrumError(nothing_left("train", counts, options))
-    if not packing:
-        return examples
-    packed = _pack(
-        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]},
-        max_length,
-    )
-    return [Example(i, lab) for i, lab in zip(packed["input_ids"], packed["labels"], strict=True)]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
