@@ -273,20 +273,22 @@ def model_names(
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """transformers warns about configs built from partial dicts (token ids outside a tiny
-    vocabulary and the like); none of it matters for naming."""
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def quiet_logger(name: str, level: int):
+    """Logger ``name`` at ``level`` or above while the block runs, as it was after: a library's
+    lines that do not matter here, or that only repeat an error we report in one line."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(max(before, level))
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(before)
 
 
 def _with_transformers(config, tensors, multimodal) -> ModelNames:
-    with _quiet_transformers():
+    # transformers warns about configs built from partial dicts (token ids outside a tiny
+    # vocabulary and the like); none of it matters for naming.
+    with quiet_logger("transformers", logging.ERROR):
         model = meta_model(config)
     converter = _Converter(model)
     targets, unresolved = {}, []

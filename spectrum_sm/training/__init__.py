@@ -1,5 +1,7 @@
-"""Reusable pieces of the training job (data, arguments, checkpoints, metrics).
+"""The training job: arguments, data, chat masks, the memory planner, checkpoints and metrics, and
+the loop itself in :mod:`.recipe` (``entrypoints/train.py`` parses the arguments and calls
+:func:`.recipe.run`).
 
-The loop itself is written out plainly in ``entrypoints/train.py``. Nothing here imports boto3 or
-the SageMaker SDK; transformers and accelerate load inside the functions that need them.
+Nothing here imports boto3 or the SageMaker SDK; transformers and accelerate load inside the
+functions that need them.
 """

@@ -42,6 +42,7 @@ from typing import Any
 from ..core.errors import SpectrumError
 from ..core.hub import is_hub_id as hub_rule
 from ..core.hub import require_hub
+from ..core.names import quiet_logger
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -225,19 +226,6 @@ def _first_bad_json_line(files: list[Path]) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def _quiet_datasets():
-    """``datasets`` logs a reader's failure at ERROR before raising it; the raised error
-    becomes our one line, so its log lines would only say the same thing twice."""
-    library = logging.getLogger("datasets")
-    level = library.level
-    library.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        library.setLevel(level)
-
-
 def is_hub_id(source: str) -> bool:
     """A Hub dataset id by the Hub's rule, not a data file name that does not exist."""
     return hub_rule(str(source)) and Path(str(source)).suffix not in BUILDERS
@@ -278,7 +266,9 @@ def load_split(source: str | Path, *, split: str = "train", name: str | None = N
                     _first_bad_json_line(readable) or f"{path}: not valid JSON ({exc})"
                 ) from None
         try:
-            with _quiet_datasets():  # its own "Failed to load JSON" lines: we say it in one
+            # datasets logs a reader's failure at ERROR before raising it ("Failed to load
+            # JSON"); the raised error becomes our one line, so its lines would say it twice.
+            with quiet_logger("datasets", logging.CRITICAL):
                 loaded = datasets.load_dataset(
                     builder,
                     data_files=[str(f) for f in readable],
