@@ -194,9 +194,8 @@ class Recipe:
         requested = self.args.distribution
         if requested == "zero3":
             raise SpectrumError(
-                "distribution zero3 runs through accelerate launch with "
-                "entrypoints/accelerate/zero3.yaml and DeepSpeed, not through train.py's own "
-                "loop; use fsdp, which shards the same state"
+                "distribution zero3 (DeepSpeed) is not supported by train.py; use fsdp, which "
+                "shards the same state"
             )
         if requested != "auto":
             return requested
