@@ -43,6 +43,15 @@ def _configs():
             **TEXT, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
         ),
         "mixtral": lambda: T.MixtralConfig(**TEXT, num_local_experts=4, num_experts_per_tok=2),
+        # Experts stored fused and 3-D (gate and up interleaved), with biases; widths divide by
+        # 32, MXFP4's block, so tests can quantize it (tests/test_mxfp4.py).
+        "gpt-oss": lambda: T.GptOssConfig(
+            **{**TEXT, "intermediate_size": 64},
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=16,
+        ),
         "qwen2.5-vl": lambda: T.Qwen2_5_VLConfig(
             text_config=dict(**TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
             vision_config=dict(
@@ -115,7 +124,9 @@ def _configs():
 
 FAMILIES = list(_configs())
 MULTIMODAL = {"qwen2.5-vl", "qwen3-vl", "llama3.2-vision", "gemma3-vl"}
-MOE = {"qwen3-moe", "mixtral"}
+MOE = {"qwen3-moe", "mixtral", "gpt-oss"}
+#: Families whose checkpoints store experts fused (one 3-D tensor per layer and projection).
+FUSED_EXPERTS = {"gpt-oss"}
 
 
 def make_family(name: str, path: Path, seed: int = 0) -> dict[str, Path]:

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 import yaml
-from families import FAMILIES, MOE, MULTIMODAL, make_family
+from families import FAMILIES, FUSED_EXPERTS, MOE, MULTIMODAL, make_family
 from reference_spectrum import reference_scan, reference_select
 from safetensors.torch import load_file
 from test_train import run_train
@@ -31,13 +31,16 @@ def stored_tensors(folder):
 def expected_changes(result, stored: set[str]) -> set[str]:
     """Stored tensor names a training run on ``result``'s layer file must change: a module
     entry trains the module's weight and bias (axolotl's and the reference's semantics), a
-    sliced entry only its expert's stored weight."""
+    sliced entry only its expert's stored weight (and, where experts are stored fused, the
+    fused tensor and its bias: :func:`expected_expert_slices` says which experts in them)."""
     chosen = [m for modules in result.selection().values() for m in modules]
     expected = set()
     for module in chosen:
         score = result.scores[module]
         if score.entry.startswith("^"):
             expected.add(score.stored)
+            if "(_bias)?$" in score.entry:
+                expected.add(score.stored + "_bias")
         else:
             prefix = score.stored.removesuffix(".weight") + "."
             expected |= {n for n in stored if n.startswith(prefix)}
@@ -46,6 +49,30 @@ def expected_changes(result, stored: set[str]) -> set[str]:
         if module in result.scores:
             expected.add(result.scores[module].stored)
     return expected
+
+
+def expected_expert_slices(result) -> set[tuple[str, int]]:
+    """(stored fused tensor, expert) pairs the selection trains: each selected expert's row of
+    the weight and of its bias."""
+    slices = set()
+    for modules in result.selection().values():
+        for module in modules:
+            score = result.scores[module]
+            if "(_bias)?$" in score.entry:
+                expert = int(module.split(".")[-2])
+                slices |= {(score.stored, expert), (score.stored + "_bias", expert)}
+    return slices
+
+
+def changed_expert_slices(before, after) -> set[tuple[str, int]]:
+    """(fused expert tensor, expert) pairs whose row changed."""
+    return {
+        (n, e)
+        for n, t in before.items()
+        if ".experts." in n
+        for e in range(t.shape[0])
+        if not torch.equal(t[e], after[n][e])
+    }
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -144,7 +171,15 @@ def test_layer_file_trains_exactly_the_weights_it_names(family, tmp_path):
         dead |= {n for n in expected if ".layers.1." in n}
     assert changed <= expected
     assert expected - changed <= dead
-    if name in MOE:
+    if name in FUSED_EXPERTS:
+        # Stored fused too: compare expert by expert, weights and biases.
+        slices = changed_expert_slices(before, after)
+        expected_slices = expected_expert_slices(ours)
+        assert slices <= expected_slices
+        assert any(n.endswith("_bias") for n, _ in slices)
+        all_slices = {(n, e) for n, t in before.items() if ".experts." in n for e in range(4)}
+        assert all_slices - expected_slices  # some experts are not selected, and stay put
+    elif name in MOE:
         # Fused 3-D parameters trained by slice: the other experts are bit-identical.
         assert any(".experts." in n for n in changed)
         assert any(".experts." in n and n not in changed for n in before)

@@ -62,6 +62,35 @@ def test_bin_checkpoints_score_like_safetensors(tiny_model, tmp_path, shards):
     assert any(name.endswith(".bin") for name in files)
 
 
+def test_fused_expert_bin_checkpoint_scores_like_safetensors(tmp_path):
+    """gpt-oss's 3-D expert tensors read expert by expert from a .bin shard too."""
+    from families import make_family
+
+    model = make_family("gpt-oss", tmp_path / "st")["model"]
+    binary = as_bin(model, tmp_path / "bin")
+    ours = spectrum_sm.scan(binary, 50, show_progress=False)
+    reference = spectrum_sm.scan(model, 50, show_progress=False)
+    assert scores(ours) == scores(reference)
+    assert "model.layers.3.mlp.experts.3.down_proj" in ours.scores
+
+
+def test_fused_expert_tensors_stored_as_integers_are_refused(tmp_path):
+    model = tmp_path / "int-experts"
+    model.mkdir()
+    save_file(
+        {
+            "model.layers.0.mlp.experts.down_proj": torch.randint(-8, 8, (4, 32, 16)).to(
+                torch.int8
+            ),
+            "model.layers.0.mlp.router.weight": torch.randn(4, 16),
+        },
+        str(model / "model.safetensors"),
+    )
+    (model / "config.json").write_text('{"model_type": "planted"}')
+    with pytest.raises(spectrum_sm.SpectrumError, match=r"experts\.down_proj \(I8\)"):
+        spectrum_sm.scan(model, 50, show_progress=False)
+
+
 class _Boom:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['BOOM_MARKER']}",))

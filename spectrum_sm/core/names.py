@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import mxfp4
 from .errors import SpectrumError, unknown_model
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ _INPUT_EMBEDDING_SUFFIXES = (
     "tok_embeddings.weight",
 )
 _OUTPUT_HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
+#: A fused expert parameter's bias is the parameter's name and this (gpt-oss: ``gate_up_proj``
+#: and ``gate_up_proj_bias``, both ``[experts, ...]``).
+EXPERT_BIAS_SUFFIX = "_bias"
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,12 @@ class Target:
 
     ``index`` is empty for a whole parameter; for a fused expert it is ``(expert,)`` (a whole
     row of dimension 0) or ``(expert, start, stop)`` (rows ``start:stop`` of dimension 1 in it).
+    ``with_bias``: the expert's row of the parameter's bias (``param`` + ``_bias``) trains too.
     """
 
     param: str
     index: tuple[int, ...] = ()
+    with_bias: bool = False
 
     @property
     def module(self) -> str:
@@ -63,7 +69,10 @@ class Target:
         if not self.index:
             return self.module
         if len(self.index) == 1:
-            return f"^{self.param}$[{self.index[0]}]"
+            # One entry for weight and bias: a module entry trains both, and so does this one
+            # (the group is a plain regular expression to freeze_except and axolotl alike).
+            bias = f"({EXPERT_BIAS_SUFFIX})?" if self.with_bias else ""
+            return f"^{self.param}{bias}$[{self.index[0]}]"
         expert, start, stop = self.index
         return f"^{self.param}$[{expert}, {start}:{stop}]"
 
@@ -93,6 +102,15 @@ class ModelNames:
         fused_module = target.param.rsplit(".", 1)[0]
         leaf = stored.removesuffix(".weight").rsplit(".", 1)[-1]
         return f"{fused_module}.{target.index[0]}.{leaf}"
+
+    def expert(self, stored: str, expert: int, with_bias: bool) -> tuple[str, Target]:
+        """The module name and target of expert ``expert`` of a fused 3-D expert tensor stored
+        as is (gpt-oss's ``mlp.experts.gate_up_proj``, or its MXFP4 ``_blocks``): named
+        ``...mlp.experts.3.gate_up_proj``, as per-expert modules of other MoE families are, so
+        its type is per expert; the target is the expert's row of the loaded parameter."""
+        param = self.target(stored).param
+        fused_module, leaf = param.rsplit(".", 1)
+        return f"{fused_module}.{expert}.{leaf}", Target(param, (expert,), with_bias)
 
     def tower(self, stored: str) -> str:
         return tower_of(self.target(stored).param) if self.multimodal else "language"
@@ -179,6 +197,10 @@ class _Converter:
 
     def resolve(self, stored: str, shapes: Mapping[str, tuple[int, ...]]) -> Target | None:
         """The target of ``stored``; ``shapes`` holds the stored shapes (for fused offsets)."""
+        base = mxfp4.base_name(stored)
+        if base is not None and stored not in self._state:
+            # MXFP4 blocks and scales load into the parameter they are named after.
+            return self.resolve(base, shapes)
         key, pattern = self._rename(
             stored, self._renamings, self._converters, self._prefix, self._state
         )
@@ -345,5 +367,6 @@ def _from_checkpoint(config, tensors, multimodal) -> ModelNames:
     tied = embedding is not None and (head is None or tie_flag)
     if tied and head is None:
         head = "lm_head.weight"  # the alias transformers gives the shared matrix
-    targets = {n: Target(n) for n in names}
+    # MXFP4 blocks and scales are named after the parameter they load into.
+    targets = {n: Target(mxfp4.base_name(n) or n) for n in names}
     return ModelNames(targets, embedding, head, tied, multimodal, "checkpoint names")

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import mxfp4
 from . import selection as sel
 from .atomic import ensure_output_dir, output_lock, write_files_atomically
 from .errors import SpectrumError
-from .names import ModelNames, model_names
+from .names import EXPERT_BIAS_SUFFIX, ModelNames, model_names
 from .options import ScanOptions
 from .progress import Progress
 from .snr import (
@@ -65,8 +66,9 @@ FLOAT64_BELOW = 128
 #: eigensolver saves only ~25% there (1.3x at 4096, against 1.7x at 1024), while its error
 #: bound, which grows with n, would send most weights to a float64 recheck.
 FLOAT64_EIGEN_FROM = 2048
-#: Quantization methods whose weights cannot be scored from the checkpoint as stored.
-_PACKED_QUANTIZATION = {"gptq", "awq", "bitsandbytes", "mxfp4", "hqq", "aqlm", "eetq", "quanto"}
+#: Quantization methods whose weights cannot be scored from the checkpoint as stored (MXFP4
+#: experts can: they are dequantized, see :mod:`spectrum_sm.core.mxfp4`).
+_PACKED_QUANTIZATION = {"gptq", "awq", "bitsandbytes", "hqq", "aqlm", "eetq", "quanto"}
 
 
 @dataclass
@@ -257,6 +259,28 @@ class _Weight:
     entry: str
     scale: TensorInfo | None = None  # the dequantization scale of an FP8 or integer weight
     block: tuple[int, int] | None = None  # its block shape, when the scale is per block
+    expert: int | None = None  # one expert of a fused 3-D expert tensor (gpt-oss)
+    mxfp4: bool = False  # that tensor is MXFP4 blocks, ``scale`` its E8M0 scales
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The matrix scored: the stored weight, or one expert as the loaded model holds it."""
+        if self.mxfp4:
+            _, rows, groups, _ = self.info.shape
+            return (groups * mxfp4.GROUP, rows)
+        if self.expert is not None:
+            return self.info.shape[1:]
+        return self.info.shape
+
+    @property
+    def dtype(self) -> str:
+        return "MXFP4" if self.mxfp4 else self.info.dtype
+
+    @property
+    def bf16_exact(self) -> bool:
+        """Whether every value is a bf16 value: bf16 weights, and MXFP4 ones (an FP4 value has
+        two significant bits, its scale is a power of two)."""
+        return self.mxfp4 or (self.info.dtype == "BF16" and self.scale is None)
 
 
 @dataclass
@@ -266,9 +290,14 @@ class _Plan:
     skipped: list[str]
 
 
+def _quant_method(config: dict[str, Any] | None) -> str:
+    quant = (config or {}).get("quantization_config") or {}
+    return str(quant.get("quant_method", "")).lower() if isinstance(quant, dict) else ""
+
+
 def _check_quantization(config: dict[str, Any] | None) -> None:
     quant = (config or {}).get("quantization_config") or {}
-    method = str(quant.get("quant_method", "")).lower()
+    method = _quant_method(config)
     if method in _PACKED_QUANTIZATION or quant.get("load_in_4bit") or quant.get("load_in_8bit"):
         raise SpectrumError(
             f"the checkpoint is quantized with {method or 'bitsandbytes'}: its weights are packed "
@@ -294,11 +323,25 @@ def _plan(
         log.info("%s", note)
     head_param = names.output_head
     block_size = _block_size(config)
-    skipped, weights, refused = [], [], []
+    packed_mxfp4 = _quant_method(config) == mxfp4.QUANT_METHOD
+    skipped, weights, refused, malformed = [], [], [], []
     left_out: dict[str, int] = {}
     for info in infos:
-        if not info.name.endswith(".weight"):
+        fused = _fused_experts(info, by_name, packed_mxfp4)
+        if fused is None and not info.name.endswith(".weight"):
             continue  # biases, buffers and the scales of quantized weights
+        if fused is not None:
+            kind, why = fused
+            tower = names.tower(info.name)
+            if tower not in towers:
+                left_out[tower] = left_out.get(tower, 0) + info.shape[0]
+            elif kind == "refused":
+                refused.append(f"{info.name} ({info.dtype})")
+            elif kind == "malformed":
+                malformed.append(f"{info.name}: {why}")
+            else:
+                weights += _expert_weights(info, by_name, names, tower, kind == "mxfp4")
+            continue
         stored_module = info.name[: -len(".weight")]
         target = names.target(info.name)
         if names.tied and target.param == head_param != names.input_embedding:
@@ -330,6 +373,11 @@ def _plan(
                 block,
             )
         )
+    if malformed:
+        raise SpectrumError(
+            f"{len(malformed)} MXFP4 tensors are not in the fused-expert layout this scan "
+            f"dequantizes (transformers' gpt-oss layout), e.g. {'; '.join(malformed[:3])}"
+        )
     if refused:
         raise SpectrumError(
             f"{len(refused)} weights are stored as integers or 8-bit floats without a scale "
@@ -353,6 +401,68 @@ def _plan(
     for reason in skipped:
         log.info("skipped %s", reason)
     return _Plan(weights, names, skipped)
+
+
+def _fused_experts(
+    info: TensorInfo, by_name: dict[str, TensorInfo], packed: bool
+) -> tuple[str, str] | None:
+    """``(kind, why)`` for a stored tensor that holds every expert of a layer in one (gpt-oss
+    stores ``mlp.experts.gate_up_proj`` ``[experts, hidden, 2 * inter]`` so, or as MXFP4
+    ``gate_up_proj_blocks`` and ``_scales``); ``None`` for any other tensor (weights, biases,
+    scales, buffers). ``kind``: ``float`` and ``mxfp4`` are scored, ``refused`` is stored as
+    integers or FP8 without a scale we apply, ``malformed`` MXFP4 blocks say ``why``."""
+    base = mxfp4.base_name(info.name)
+    if info.name.endswith(mxfp4.BLOCKS_SUFFIX):
+        scales = by_name.get(base + mxfp4.SCALES_SUFFIX)
+        if not packed and (scales is None or info.dtype != "U8"):
+            return None  # a tensor that merely ends in _blocks, in a checkpoint not MXFP4
+        why = mxfp4.check_layout(info.shape, scales.shape if scales is not None else None)
+        if why is None and (info.dtype, scales.dtype) != ("U8", "U8"):
+            why = f"dtypes {info.dtype} and {scales.dtype}, not U8"
+        if why is None and scales.shard != info.shard:
+            why = f"its _scales are in another shard ({scales.shard})"
+        return ("malformed", why) if why else ("mxfp4", "")
+    parts = info.name.split(".")
+    if (
+        len(info.shape) != 3
+        or len(parts) < 2
+        or parts[-2] != "experts"
+        or parts[-1] in ("weight", "bias")
+        or parts[-1].endswith(EXPERT_BIAS_SUFFIX)
+        or "scale" in parts[-1]  # the scales of quantized experts, read with their weights
+        or info.numel == 0
+    ):
+        return None
+    float_ = info.dtype in FLOAT_DTYPES and info.dtype not in FP8_DTYPES
+    return ("float", "") if float_ else ("refused", "")
+
+
+def _expert_weights(
+    info: TensorInfo, by_name: dict[str, TensorInfo], names: ModelNames, tower: str, packed: bool
+) -> list[_Weight]:
+    """One weight per expert of a fused expert tensor, named and typed per expert (as the
+    reference named experts when they were modules); each selects the expert's row of the
+    loaded parameter and of its bias, when it has one ("handled like weights")."""
+    base = mxfp4.base_name(info.name) if packed else info.name
+    with_bias = base + EXPERT_BIAS_SUFFIX in by_name
+    scale = by_name[base + mxfp4.SCALES_SUFFIX] if packed else None
+    weights = []
+    for expert in range(info.shape[0]):
+        module, target = names.expert(info.name, expert, with_bias)
+        kind = module_type(module)
+        weights.append(
+            _Weight(
+                info,
+                module,
+                kind if tower == "language" else f"{tower}:{kind}",
+                tower,
+                target.entry(),
+                scale,
+                expert=expert,
+                mxfp4=packed,
+            )
+        )
+    return weights
 
 
 def _block_size(config: dict[str, Any] | None) -> tuple[int, int] | None:
@@ -387,8 +497,8 @@ def _scale_of(
     return None, None
 
 
-def _cost(info: TensorInfo) -> float:
-    n, m = as_matrix_shape(info.shape)
+def _cost(weight: _Weight) -> float:
+    n, m = as_matrix_shape(weight.shape)
     short, long_ = min(n, m), max(n, m)
     return long_ * short * short + short**3
 
@@ -418,11 +528,24 @@ def _dequantize(rows, weight: _Weight, start: int, scale):
 def _chunks(reader, weight: _Weight, scale, chunk_elements: int, whole: bool):
     """The weight as ``(k, short)`` float32 blocks along its long side (or whole)."""
     info = weight.info
-    n, m = as_matrix_shape(info.shape)
+    n, m = as_matrix_shape(weight.shape)
+    if weight.mxfp4:
+        # One expert dequantized whole, as the loaded model holds it: the same blocks, in the
+        # same order, as the bf16 checkpoint of the same values gives (so the same scores).
+        expert = _mxfp4_expert(reader, weight, chunk_elements)
+
+        def read(start: int, count: int):
+            return expert[start : start + count]
+    else:
+        first = 0 if weight.expert is None else weight.expert * n  # rows of earlier experts
+
+        def read(start: int, count: int):
+            return _dequantize(reader.rows(info, first + start, count), weight, start, scale)
+
     if whole or n < m:
         # Wide weights are read whole (at most the largest tensor) and cut into transposed
         # column blocks.
-        matrix = _dequantize(reader.rows(info, 0, n), weight, 0, scale)
+        matrix = read(0, n)
         if whole:
             yield matrix
             return
@@ -432,8 +555,20 @@ def _chunks(reader, weight: _Weight, scale, chunk_elements: int, whole: bool):
         return
     step = max(1, chunk_elements // m)
     for start in range(0, n, step):
-        rows = min(step, n - start)
-        yield _dequantize(reader.rows(info, start, rows), weight, start, scale)
+        yield read(start, min(step, n - start))
+
+
+def _mxfp4_expert(reader, weight: _Weight, chunk_elements: int):
+    """One expert of an MXFP4 fused tensor, dequantized to float32 ``[32 * groups, rows]``
+    from its own blocks and scales (read alone: never the other experts)."""
+    _, rows, groups, width = weight.info.shape
+    blocks = reader.rows(weight.info, weight.expert * rows * groups, rows * groups)
+    scales = reader.rows(weight.scale, weight.expert * rows, rows)
+    return mxfp4.expert_matrix(
+        blocks.reshape(rows, groups, width),
+        scales.reshape(rows, groups),
+        rows_per_step=chunk_elements // (groups * mxfp4.GROUP),
+    )
 
 
 def _score_tensor(
@@ -451,13 +586,13 @@ def _score_tensor(
 
     started = time.perf_counter()
     info = weight.info
-    n, m = as_matrix_shape(info.shape)
+    n, m = as_matrix_shape(weight.shape)
     short, long = min(n, m), max(n, m)
     float32 = precision == "certified" and short > FLOAT64_BELOW and not exact
     bounds, error = None, 0.0
     with torch.no_grad(), shard.reader() as reader:
         scale = None
-        if weight.scale is not None:
+        if weight.scale is not None and not weight.mxfp4:
             scale = reader.rows(weight.scale, 0, max(1, weight.scale.shape[0])).to(torch.float32)
             scale = scale.reshape(weight.scale.shape) if weight.scale.shape else scale.reshape(())
         dtype = torch.float32 if float32 else torch.float64
@@ -482,13 +617,14 @@ def _score_tensor(
                 score = snr_from_singular_values(acc.singular_values(), n, m)
                 bounds = (score, score)
         except (ValueError, RuntimeError) as exc:  # torch.linalg errors are RuntimeErrors
-            raise SpectrumError(f"{info.shard}: tensor {info.name!r}: {exc}") from exc
+            where = info.name if weight.expert is None else f"{info.name} (expert {weight.expert})"
+            raise SpectrumError(f"{info.shard}: tensor {where!r}: {exc}") from exc
     return TensorScore(
         weight.module,
         weight.type,
         score,
-        info.shape,
-        info.dtype,
+        tuple(weight.shape),
+        weight.dtype,
         time.perf_counter() - started,
         precision=_precision_label(exact, float32, short),
         bounds=bounds,
@@ -566,10 +702,7 @@ def _run_pipeline(
     pool = ThreadPoolExecutor(workers, thread_name_prefix="spectrum-worker")
     if workers > 1:
         torch.set_num_threads(1)
-    bf16_only = (
-        all(w.info.dtype == "BF16" and w.scale is None for w in weights)
-        and precision == "certified"
-    )
+    bf16_only = all(w.bf16_exact for w in weights) and precision == "certified"
     matmul_mode = _bf16_exact_matmul(bf16_only)
     matmul_mode.__enter__()
 
@@ -587,7 +720,7 @@ def _run_pipeline(
                 nxt = shards[index + 1]
                 fetches[nxt] = fetcher.submit(fetch_and_open, nxt)
             # Largest first, so the pool does not end on one big weight with idle cores.
-            tasks = sorted(by_shard[shard], key=lambda w: _cost(w.info), reverse=True)
+            tasks = sorted(by_shard[shard], key=_cost, reverse=True)
             futures = {
                 pool.submit(
                     _score_tensor,
@@ -607,7 +740,7 @@ def _run_pipeline(
                 for future in as_completed(done):
                     score = future.result()
                     scores[score.module] = score
-                    progress.update(_cost(done[future].info), score.module)
+                    progress.update(_cost(done[future]), score.module)
                 if done_shard not in opened:
                     done_handle.close()
                     source.release(done_shard)
@@ -761,7 +894,7 @@ def _scan(
         if pause_hashing is not None:
             pause_hashing()
         progress = Progress(
-            sum(_cost(w.info) for w in plan.weights), len(plan.weights), "SNR scan", show_progress
+            sum(_cost(w) for w in plan.weights), len(plan.weights), "SNR scan", show_progress
         )
         try:
             scores = _run_pipeline(
@@ -836,7 +969,7 @@ def _certify(
             ", ".join(doubtful[:3]) + (", ..." if len(doubtful) > 3 else ""),
         )
         progress = Progress(
-            sum(_cost(w.info) for w in weights), len(weights), "float64 recheck", show_progress
+            sum(_cost(w) for w in weights), len(weights), "float64 recheck", show_progress
         )
         try:
             again = _run_pipeline(

@@ -497,6 +497,8 @@ class _SafetensorsReader:
         self.shard, self.handle = shard, handle
 
     def rows(self, info: TensorInfo, start: int, count: int):
+        """Rows ``start:start+count`` of the last dimension, the leading ones flattened (one
+        expert of a fused ``[experts, n, m]`` tensor is rows ``e*n`` to ``(e+1)*n``)."""
         import torch
 
         m = info.shape[-1] if info.shape else 1
@@ -556,8 +558,9 @@ class TorchBinShard:
         yield self
 
     def rows(self, info: TensorInfo, start: int, count: int):
+        """Rows of the last dimension, the leading ones flattened (as safetensors reads do)."""
         tensor = self._state[info.name]
-        matrix = tensor.reshape(1, -1) if tensor.ndim == 1 else tensor.reshape(tensor.shape[0], -1)
+        matrix = tensor.reshape(1, -1) if tensor.ndim <= 1 else tensor.reshape(-1, tensor.shape[-1])
         return matrix[start : start + count]
 
     def close(self) -> None:
