@@ -162,6 +162,25 @@ def test_mxfp4_scan_scores_equal_the_scan_of_the_dequantized_checkpoint(checkpoi
     assert record["dtype"] == "MXFP4"
     assert record["stored"] == "model.layers.1.mlp.experts.down_proj_blocks"
     assert record["entry"] == "^model.layers.1.mlp.experts.down_proj(_bias)?$[2]"
+    # select at another percent reads the entries back from the manifest.
+    again = spectrum_sm.select(packed.files["results"], 25, output_dir=tmp_path / "c")
+    assert again.read_text() == packed.layer_file_text(25)
+
+
+def test_without_transformers_the_entries_are_the_same(checkpoints, monkeypatch):
+    """The analysis's CPU image has no transformers: stored names are kept, and gpt-oss stores
+    its experts under the loaded names, so the layer file is the same."""
+    from spectrum_sm.core import names
+
+    with_transformers = spectrum_sm.scan(checkpoints["mxfp4"], 50, show_progress=False)
+
+    def no_transformers(*args):
+        raise ImportError("transformers")
+
+    monkeypatch.setattr(names, "_with_transformers", no_transformers)
+    stored_names = spectrum_sm.scan(checkpoints["mxfp4"], 50, show_progress=False)
+    assert stored_names.names_source == "checkpoint names"
+    assert stored_names.layer_file_text() == with_transformers.layer_file_text()
 
 
 def test_mxfp4_exact_and_float64_modes_match_the_dequantized_checkpoint(checkpoints):
@@ -182,7 +201,7 @@ def test_mxfp4_blocks_without_scales_are_refused_by_name(checkpoints, tmp_path):
         spectrum_sm.scan(broken, 50, show_progress=False)
     message = str(info.value)
     assert "model.layers.2.mlp.experts.down_proj_blocks: it has no _scales tensor" in message
-    assert "1 MXFP4 tensors are not in the fused-expert layout" in message
+    assert message.startswith("MXFP4 tensors not in the layout this scan dequantizes")
 
 
 def test_mxfp4_experts_are_read_one_at_a_time(tmp_path, monkeypatch):
@@ -229,7 +248,7 @@ def test_other_packed_formats_stay_refused(checkpoints, tmp_path, method):
 
 
 def test_training_loads_mxfp4_dequantized_and_trains_the_selected_slices(checkpoints, tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from spectrum_sm.core.freeze import freeze_except
     from spectrum_sm.training.loading import dequantized_load_kwargs
@@ -237,9 +256,15 @@ def test_training_loads_mxfp4_dequantized_and_trains_the_selected_slices(checkpo
     config = json.loads((checkpoints["mxfp4"] / "config.json").read_text())
     kwargs = dequantized_load_kwargs(config)
     assert kwargs["quantization_config"].dequantize is True
+    # recipe.load_model holds transformers' config object, not the dict.
+    loaded_config = AutoConfig.from_pretrained(checkpoints["mxfp4"])
+    assert dequantized_load_kwargs(loaded_config)["quantization_config"].dequantize is True
     model = AutoModelForCausalLM.from_pretrained(
         checkpoints["mxfp4"], dtype=torch.bfloat16, **kwargs
     )
+    # A plain model now: saved after training, it is an ordinary bf16 checkpoint.
+    assert not getattr(model, "is_quantized", False)
+    assert getattr(model.config, "quantization_config", None) is None
     stored = load_file(checkpoints["mxfp4"] / "model.safetensors")
     params = dict(model.named_parameters())
     for layer in range(4):
@@ -275,6 +300,55 @@ def test_training_loads_mxfp4_dequantized_and_trains_the_selected_slices(checkpo
         for regions in report.partial.values()
         for region in regions
     )
+
+
+def test_train_py_trains_an_mxfp4_checkpoint_from_its_own_scan(checkpoints, tmp_path):
+    """train.py on the MXFP4 checkpoint with the layer file of its scan: the output is a plain
+    bf16 checkpoint (the dequantized one's tensors), and only the selected experts' rows, of
+    weights and biases, changed. (On this CPU, without Triton, transformers dequantizes on its
+    own; :func:`dequantized_load_kwargs` makes it so where its kernels are installed too.)"""
+    from test_families import changed_expert_slices
+    from test_train import run_train
+
+    result = spectrum_sm.scan(checkpoints["mxfp4"], 50, output_dir=tmp_path, show_progress=False)
+    out = tmp_path / "trained"
+    proc = run_train(
+        [
+            "--model_name_or_path",
+            str(checkpoints["mxfp4"]),
+            "--spectrum_config",
+            str(result.files["layers"]),
+            "--train_data",
+            str(checkpoints["bf16"].parent / "train.jsonl"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--learning_rate",
+            "3e-3",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_seq_length",
+            "64",
+            "--warmup_ratio",
+            "0",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = load_file(checkpoints["dequantized"] / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert set(after) == set(before)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    selected = set()
+    for modules in result.selection().values():
+        for module in modules:
+            score = result.scores[module]
+            if ".experts." in module:
+                base, expert = score.stored.removesuffix("_blocks"), int(module.split(".")[-2])
+                selected |= {(base, expert), (base + "_bias", expert)}
+    changed = changed_expert_slices(before, after)
+    assert changed and changed <= selected
+    assert any(name.endswith("_bias") for name, _ in changed)
 
 
 def test_other_checkpoints_load_as_before():

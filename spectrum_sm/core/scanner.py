@@ -374,9 +374,10 @@ def _plan(
             )
         )
     if malformed:
+        more = f"; and {len(malformed) - 3} more" if len(malformed) > 3 else ""
         raise SpectrumError(
-            f"{len(malformed)} MXFP4 tensors are not in the fused-expert layout this scan "
-            f"dequantizes (transformers' gpt-oss layout), e.g. {'; '.join(malformed[:3])}"
+            "MXFP4 tensors not in the layout this scan dequantizes (transformers' gpt-oss "
+            f"experts): {'; '.join(malformed[:3])}{more}"
         )
     if refused:
         raise SpectrumError(
