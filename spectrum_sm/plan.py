@@ -18,6 +18,7 @@ from .training.memory import (
     build_meta,
     count_parameters,
     estimate_memory,
+    method_counts,
 )
 
 #: The instance types the planner recommends from (cheapest first by the prices). Not
@@ -61,11 +62,7 @@ def plan(
         )
     meta, cfg = build_meta(model_config(model))
     counts = count_parameters(meta, percent, lora_rank)
-    methods = {
-        "spectrum": counts.trainable_params,
-        "full": counts.full_params,
-        "lora": counts.lora_params,
-    }
+    methods = {m: method_counts(counts, m)[0] for m in ("spectrum", "full", "lora")}
     instances = []
     from .prices import load_prices
 
@@ -86,6 +83,7 @@ def plan(
                 checkpointing=checkpointing,
                 gpus=gpus,
                 sharded=sharded and gpus > 1,
+                counts=counts,
             )
             fits[method] = {
                 "per_gpu_gib": round(est.total_gib, 2),
@@ -111,6 +109,7 @@ def plan(
                 seq=seq,
                 batch=batch,
                 checkpointing=checkpointing,
+                counts=counts,
             )
         )
         for m, t in methods.items()
@@ -128,7 +127,9 @@ def plan(
         "instances": instances,
         "assumptions": (
             f"{precision} compute, frozen weights in {precision}, trainable weights with float32 "
-            f"master copies, float32 gradients, AdamW (8 bytes per trainable parameter); "
+            f"master copies, float32 gradients, AdamW (8 bytes per trainable parameter, 4 per "
+            f"tensor); fused MoE experts frozen whole, their selected slices trainable in "
+            f"float32, plus one layer's composed expert weights and gradients (docs/moe.md); "
             f"sequence {seq} x batch {batch}, gradient checkpointing "
             f"{'on' if checkpointing else 'off'}; FSDP/ZeRO-3 sharding over an instance's GPUs "
             f"{'on' if sharded else 'off'}; {CUDA_OVERHEAD_GIB} GiB CUDA overhead; fits means "

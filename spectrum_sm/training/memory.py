@@ -12,6 +12,8 @@ benchmark. The job's request builder and the recipe's ``distribution: auto`` bot
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from ..core.hub import hub_file, is_local
 from ..core.names import meta_model
 from ..core.snr import module_type
 
+log = logging.getLogger(__name__)
 GIB = 1024**3
 #: Bytes of saved activations per token per layer, in units of the compute dtype's size:
 #: without checkpointing ~ 18 * hidden + 4 * intermediate (attention and MLP inputs, outputs
@@ -42,6 +45,96 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
         "head_dim": 128,
         "max_position_embeddings": 40960,
         "rope_theta": 1_000_000,
+        "tie_word_embeddings": False,
+    },
+    # huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json (architecture fields).
+    "Qwen/Qwen3-30B-A3B": {
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1_000_000,
+        "rms_norm_eps": 1e-6,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+    },
+    # huggingface.co/openai/gpt-oss-20b/blob/main/config.json: experts stored in MXFP4 (the scan
+    # dequantizes them; training loads them dequantized), hence its quantization_config.
+    "openai/gpt-oss-20b": {
+        "model_type": "gpt_oss",
+        "architectures": ["GptOssForCausalLM"],
+        "vocab_size": 201088,
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "num_local_experts": 32,
+        "num_experts_per_tok": 4,
+        "experts_per_token": 4,
+        "attention_bias": True,
+        "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * 12,
+        "max_position_embeddings": 131072,
+        "initial_context_length": 4096,
+        "rope_theta": 150000,
+        "rope_scaling": {
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "rope_type": "yarn",
+            "truncate": False,
+        },
+        "rms_norm_eps": 1e-5,
+        "swiglu_limit": 7.0,
+        "router_aux_loss_coef": 0.9,
+        "output_router_logits": False,
+        "pad_token_id": 199999,
+        "eos_token_id": 200002,
+        "tie_word_embeddings": False,
+        "quantization_config": {
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ],
+            "quant_method": "mxfp4",
+        },
+    },
+    # huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json.
+    "mistralai/Mixtral-8x7B-v0.1": {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1e6,
+        "rms_norm_eps": 1e-5,
+        "router_aux_loss_coef": 0.02,
+        "sliding_window": None,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "tie_word_embeddings": False,
     },
 }
@@ -78,6 +171,12 @@ def build_meta(config: dict[str, Any]):
 
 @dataclass
 class Counts:
+    """Exact parameter counts of a model at a top percent (see :func:`count_parameters`).
+
+    ``trainable_params`` includes ``expert_trainable_params``: the selected elements of fused
+    expert parameters, which train as slices of parameters that otherwise stay frozen.
+    """
+
     total_params: int
     trainable_params: int  # spectrum at the percent, with the embedding entries
     trainable_params_no_embeddings: int
@@ -85,36 +184,244 @@ class Counts:
     lora_params: int
     embedding_params: int
     tied_embeddings: bool
+    #: Every element of the fused expert parameters (and their fused biases).
+    expert_params: int = 0
+    #: The selected ones among them, at the percent.
+    expert_trainable_params: int = 0
+    #: The largest layer's fused expert elements (what one layer composes while it runs).
+    expert_layer_params: int = 0
+    #: Tensors the optimizer holds (one ``step`` each): spectrum, full and LoRA.
+    trainable_tensors: int = 0
+    full_tensors: int = 0
+    lora_tensors: int = 0
+
+
+@dataclass
+class _Module:
+    """One module the scan scores: its size as a layer-file entry trains it, and its tensors."""
+
+    elements: int
+    tensors: int
+    fused: str | None = None  # the fused parameter it is a slice of (one per layer and leaf)
+
+
+def _converters(model) -> list[Any]:
+    """transformers' checkpoint conversions of ``model`` that stack per-expert weights into a
+    fused parameter (``MergeModulelist``, then ``Concatenate`` of gate and up): the stored
+    per-expert modules each fused parameter holds. Others do not describe experts."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:
+        return []
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except (AttributeError, TypeError, ValueError) as exc:
+        log.debug("no conversion mapping for %s: %s", type(model).__name__, exc)
+        return []
+    allowed = (["MergeModulelist"], ["MergeModulelist", "Concatenate"])
+    return [
+        t
+        for t in transforms
+        if isinstance(t, WeightConverter) and [type(op).__name__ for op in t.operations] in allowed
+    ]
+
+
+def _targets(converter, name: str) -> bool:
+    for target in converter.target_patterns:
+        pattern = re.escape(target.lstrip(".")).replace(r"\*", r"\d+")
+        if re.search(rf"(?:^|\.){pattern}$", name):
+            return True
+    return False
+
+
+@dataclass
+class FusedExperts:
+    """What the scan scores in one fused 3-D expert parameter: per expert, ``parts`` as
+    ``(stored leaf, elements its entry trains)``; ``bias``: the fused bias trained by rows."""
+
+    parts: list[tuple[str, int]]
+    bias: str | None = None
+
+
+def expert_modules(model) -> dict[str, FusedExperts]:
+    """Fused 3-D expert parameter -> the per-expert modules the scan scores in it.
+
+    Where transformers fuses stored per-expert weights while loading (Qwen3-MoE's
+    ``experts.E.gate_proj`` and ``up_proj`` into ``experts.gate_up_proj``, Mixtral's ``w1``/``w3``),
+    its conversion mapping names the stored leaves, each an equal share of dimension 1. A 3-D
+    parameter stored fused (gpt-oss) is scored per expert under its own leaf; its bias
+    (``<name>_bias``, ``[experts, ...]``) trains with the expert's row, so the row counts it.
+    """
+    from ..core.names import EXPERT_BIAS_SUFFIX
+
+    converters = _converters(model)
+    params = dict(model.named_parameters())
+    out: dict[str, FusedExperts] = {}
+    for name, param in params.items():
+        if param.ndim != 3 or param.numel() == 0:
+            continue
+        experts, rows, cols = param.shape
+        converter = next((c for c in converters if _targets(c, name)), None)
+        if converter is not None and rows % len(converter.source_patterns) == 0:
+            share = rows // len(converter.source_patterns) * cols
+            leaves = [
+                s.split("*.", 1)[-1].removesuffix(".weight") for s in converter.source_patterns
+            ]
+            out[name] = FusedExperts([(leaf, share) for leaf in leaves])
+            continue
+        bias_name = name + EXPERT_BIAS_SUFFIX
+        bias = params.get(bias_name)
+        if bias is not None and bias.ndim >= 1 and bias.shape[0] == experts:
+            out[name] = FusedExperts(
+                [(name.rsplit(".", 1)[-1], rows * cols + bias[0].numel())], bias_name
+            )
+        else:
+            out[name] = FusedExperts([(name.rsplit(".", 1)[-1], rows * cols)])
+    return out
+
+
+def _layer_of(name: str) -> str:
+    """``model.layers.7`` for ``model.layers.7.mlp.experts.down_proj``: the name up to its first
+    index (the decoder layer FSDP wraps and checkpointing recomputes)."""
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+    return ".".join(parts[: index + 1])
 
 
 def count_parameters(model, percent: float, lora_rank: int = 16) -> Counts:
-    """Exact counts: Spectrum keeps ``int(n * percent / 100)`` modules of each type."""
+    """Exact counts of what trains at ``percent``, as the scan selects and ``freeze_except``
+    trains (``tests/test_moe_plan.py`` holds them equal on every family).
+
+    The scan scores each stored 1-D or 2-D weight of the language model as a module and keeps
+    ``int(n * percent / 100)`` modules of each type (the name after the first index); a selected
+    module trains its weight and bias. Stored per-expert weights are modules of their own, each
+    (expert, projection) its own type over the layers, and train as slices of the fused
+    parameter. The embedding entries train the input and output embeddings.
+    """
     import torch
 
-    unique = {id(p): (n, p) for n, p in model.named_parameters()}
-    total = sum(p.numel() for _, p in unique.values())
-    by_type: dict[str, list[int]] = {}
-    embed_ids = set()
-    for name, param in unique.values():
-        if not name.endswith(".weight"):
+    from ..core.names import is_multimodal, tower_of
+
+    named = list(model.named_parameters())  # unique: a tied head appears once
+    total = sum(p.numel() for _, p in named)
+    multimodal = is_multimodal(model.config.to_dict())
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    embed_ids = {id(m.weight) for m in (inp, out) if m is not None}
+    fused = expert_modules(model)
+    fused_biases = {f.bias for f in fused.values() if f.bias}
+    sizes = {name: p.numel() for name, p in named}
+    # A module entry trains every parameter under the module's name.
+    under: dict[str, list[int]] = {}
+    for name, param in named:
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            under.setdefault(".".join(parts[:depth]), []).append(param.numel())
+    by_type: dict[str, list[_Module]] = {}
+    embedding_types: set[str] = set()
+    expert_total, expert_layers = 0, {}
+    for name, param in named:
+        if multimodal and tower_of(name) != "language":
+            continue  # the scan scores the language model unless told otherwise
+        if name in fused:
+            experts = fused[name]
+            elements = param.numel() + (sizes[experts.bias] if experts.bias else 0)
+            expert_total += elements
+            layer = _layer_of(name)
+            expert_layers[layer] = expert_layers.get(layer, 0) + elements
+            module = name.rsplit(".", 1)[0]
+            for expert in range(param.shape[0]):
+                for leaf, size in experts.parts:
+                    kind = module_type(f"{module}.{expert}.{leaf}")
+                    by_type.setdefault(kind, []).append(_Module(size, 1, module_type(name)))
+            continue
+        if name in fused_biases or not name.endswith(".weight"):
+            continue
+        if param.ndim not in (1, 2) or param.numel() == 0:
             continue
         module = name[: -len(".weight")]
-        if module.endswith("embed_tokens") or module == "lm_head":
-            embed_ids.add(id(param))
-            continue
-        by_type.setdefault(module_type(module), []).append(param.numel())
-    selected = 0
-    for sizes in by_type.values():
-        keep = int(len(sizes) * percent / 100)
-        selected += sum(sorted(sizes, reverse=True)[:keep])  # equal within a type in practice
-    embeddings = sum(unique[i][1].numel() for i in embed_ids)
-    lora = 0
+        kind = module_type(module)
+        by_type.setdefault(kind, []).append(_Module(sum(under[module]), len(under[module])))
+        if id(param) in embed_ids:
+            embedding_types.add(kind)
+    selected = embedding_selected = expert_selected = tensors = 0
+    slices_by_fused: dict[str, int] = {}
+    for kind, modules in by_type.items():
+        keep = sorted(modules, key=lambda m: m.elements, reverse=True)[
+            : int(len(modules) * percent / 100)
+        ]
+        elements = sum(m.elements for m in keep)
+        selected += elements
+        if kind in embedding_types:
+            embedding_selected += elements  # the embedding entries train these anyway
+        elif keep and keep[0].fused:
+            expert_selected += elements
+            slices_by_fused[keep[0].fused] = slices_by_fused.get(keep[0].fused, 0) + len(keep)
+        else:
+            tensors += sum(m.tensors for m in keep)
+    # One trainable tensor per fused parameter holding slices: at most one per layer (and its
+    # bias), however many slices it holds; which layers have some depends on the scores.
+    fused_per_type: dict[str, int] = {}
+    for name in fused:
+        if not multimodal or tower_of(name) == "language":
+            fused_per_type[module_type(name)] = fused_per_type.get(module_type(name), 0) + 1
+    for kind, slices in slices_by_fused.items():
+        has_bias = any(f.bias for n, f in fused.items() if module_type(n) == kind)
+        tensors += min(slices, fused_per_type[kind]) * (2 if has_bias else 1)
+    embeddings = sum(p.numel() for _, p in named if id(p) in embed_ids)
+    lora = lora_tensors = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
             lora += lora_rank * (module.in_features + module.out_features)
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+            lora_tensors += 2
     tied = out is not None and inp is not None and out.weight is inp.weight
-    return Counts(total, selected + embeddings, selected, total, lora, embeddings, tied)
+    return Counts(
+        total_params=total,
+        trainable_params=selected - embedding_selected + embeddings,
+        trainable_params_no_embeddings=selected,
+        full_params=total,
+        lora_params=lora,
+        embedding_params=embeddings,
+        tied_embeddings=tied,
+        expert_params=expert_total,
+        expert_trainable_params=expert_selected,
+        expert_layer_params=max(expert_layers.values(), default=0),
+        trainable_tensors=tensors + len(embed_ids),
+        full_tensors=len(named),
+        lora_tensors=lora_tensors,
+    )
+
+
+#: AdamW's state per trainable element (``exp_avg`` and ``exp_avg_sq``, float32) and per
+#: trainable tensor (``step``, a float32 scalar tensor): torch.optim.AdamW's defaults.
+ADAM_MOMENT_BYTES, ADAM_STEP_BYTES = 8, 4
+#: A trainable element's float32 master copy and float32 gradient.
+MASTER_BYTES, GRADIENT_BYTES = 4, 4
+
+
+def optimizer_state_bytes(trainable_elements: int, trainable_tensors: int) -> int:
+    """AdamW's optimizer state, in bytes, for this many trainable elements and tensors."""
+    return ADAM_MOMENT_BYTES * trainable_elements + ADAM_STEP_BYTES * trainable_tensors
+
+
+def selection_optimizer_bytes(report) -> int:
+    """The planner's optimizer-state bytes (one full copy: DDP's, or all FSDP ranks' shards
+    together) for a selection applied by :func:`spectrum_sm.core.freeze.freeze_except`, from
+    its :class:`~spectrum_sm.core.freeze.FreezeReport`: each trainable parameter is one tensor
+    (a fused parameter's selected elements are one slice parameter)."""
+    return optimizer_state_bytes(report.trainable_params, len(report.trainable))
+
+
+def method_counts(counts: Counts, method: str) -> tuple[int, int]:
+    """``(trainable elements, trainable tensors)`` of ``method`` (spectrum at the counted
+    percent with the embedding entries; full; lora and qlora at the counted rank)."""
+    if method == "spectrum":
+        return counts.trainable_params, counts.trainable_tensors
+    if method == "full":
+        return counts.full_params, counts.full_tensors
+    if method in ("lora", "qlora"):
+        return counts.lora_params, counts.lora_tensors
+    raise SpectrumError(f"unknown method {method!r}")
 
 
 @dataclass
@@ -126,6 +433,8 @@ class Estimate:
     optimizer_gib: float
     activations_gib: float
     overhead_gib: float
+    #: While a layer runs: composed copies of its fused expert parameters and their gradients.
+    transient_gib: float = 0.0
 
     @property
     def total_gib(self) -> float:
@@ -135,7 +444,19 @@ class Estimate:
             + self.optimizer_gib
             + self.activations_gib
             + self.overhead_gib
+            + self.transient_gib
         )
+
+
+def _mlp_width(cfg, moe: bool) -> int:
+    """Intermediate width a token's MLP activations have: the dense MLP's, or for a MoE the
+    ``k`` experts it is routed to (and a shared expert's, where there is one)."""
+    hidden = cfg.hidden_size
+    if not moe:
+        return getattr(cfg, "intermediate_size", None) or 4 * hidden
+    k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "experts_per_token", 1) or 1
+    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    return k * width + (getattr(cfg, "shared_expert_intermediate_size", None) or 0)
 
 
 def estimate_memory(
@@ -151,19 +472,36 @@ def estimate_memory(
     gpus: int = 1,
     sharded: bool = False,
     overhead_gib: float = CUDA_OVERHEAD_GIB,
+    counts: Counts | None = None,
 ) -> Estimate:
-    """Per-GPU memory of one training step (see the module docstring for the model)."""
+    """Per-GPU memory of one training step (see the module docstring and ``docs/moe.md``).
+
+    With ``counts`` (:func:`count_parameters`), fused expert parameters follow the slice
+    mechanism (spectrum) and AdamW's ``step`` tensors are counted; without, every trainable
+    parameter is a whole dense one.
+    """
     low = 4 if precision == "fp32" else 2
     shard = gpus if sharded else 1
     adapters = method in ("lora", "qlora")
-    frozen = total - trainable if not adapters else total
+    experts = counts.expert_trainable_params if counts is not None and method == "spectrum" else 0
+    tensors = method_counts(counts, method)[1] if counts is not None else 0
+    # A fused expert parameter with selected slices stays frozen, whole, in the compute dtype;
+    # its selected elements are a float32 parameter of their own (master, gradient, moments).
+    frozen = total if adapters else total - (trainable - experts)
     # QLoRA stores the frozen base in NF4 with double-quantized scales: ~4.5 bits a weight.
     frozen_bytes = 0.5625 if method == "qlora" else low
-    weights = (frozen * frozen_bytes + trainable * 4) / shard
-    gradients = trainable * 4 / shard
-    optimizer = trainable * 8 / shard
+    weights = (frozen * frozen_bytes + trainable * MASTER_BYTES) / shard
+    gradients = trainable * GRADIENT_BYTES / shard
+    # Moments shard with their parameters; every rank keeps each tensor's step scalar.
+    optimizer = optimizer_state_bytes(trainable, 0) / shard + optimizer_state_bytes(0, tensors)
+    transient = 0
+    if experts:
+        layer = counts.expert_layer_params * low
+        # A composed copy of each fused parameter and its gradient while a layer runs; without
+        # checkpointing every layer's composed copies are saved for backward.
+        transient = 2 * layer if checkpointing else counts.expert_params * low + layer
     hidden = cfg.hidden_size
-    intermediate = getattr(cfg, "intermediate_size", 4 * hidden)
+    intermediate = _mlp_width(cfg, bool(counts is not None and counts.expert_params))
     layers = cfg.num_hidden_layers
     tokens = seq * batch
     per_layer = (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * intermediate) * tokens * low
@@ -185,6 +523,7 @@ def estimate_memory(
         optimizer / GIB,
         activations / GIB,
         overhead_gib,
+        transient / GIB,
     )
 
 
@@ -204,13 +543,10 @@ def plan_distribution(
     does; ``fits`` says whether either does, with the planner's per-GPU numbers."""
     meta, cfg = build_meta(config)
     counts = count_parameters(meta, percent)
-    trainable = {
-        "spectrum": counts.trainable_params,
-        "full": counts.full_params,
-        "lora": counts.lora_params,
-        "qlora": counts.lora_params,
-    }[method]
-    common = dict(precision=precision, seq=seq, batch=batch, checkpointing=checkpointing)
+    trainable = method_counts(counts, method)[0]
+    common = dict(
+        precision=precision, seq=seq, batch=batch, checkpointing=checkpointing, counts=counts
+    )
     ddp = estimate_memory(cfg, counts.total_params, trainable, method, gpus=gpus, **common)
     fsdp = estimate_memory(
         cfg, counts.total_params, trainable, method, gpus=gpus, sharded=gpus > 1, **common
