@@ -11,8 +11,10 @@ closest real names, and a plain module name must end at a name boundary (``model
 matches ``model.layers.1.*``, never ``model.layers.10.*``). An entry in the checkpoint's naming
 (``model.layers.0.block_sparse_moe.experts.3.w1``, as the reference's published Mixtral results
 have it) is translated to the loaded model's parameter and slice by transformers' own mapping.
-A sliced parameter trains only its slices: the other elements get no gradient, and the caller
-keeps them out of weight decay (:attr:`FreezeReport.partial`), so they do not change at all.
+A sliced parameter trains only its slices (:mod:`spectrum_sm.core.slices`): the fused parameter
+is frozen and its selected elements become one trainable parameter beside it, so the optimizer
+holds state for them only and the other elements never change. Merge them back with
+:func:`spectrum_sm.core.slices.merge_slices` before ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -158,8 +160,12 @@ def freeze_except(
     checkpoint names are translated to the loaded model's). Raises :class:`SpectrumError`
     naming every entry that matches nothing.
     """
+    from .slices import install_slices, installed_slices, merge_slices
+
     if isinstance(entries, (str, Path)):
         entries = read_layer_file(entries)
+    if installed_slices(model):  # frozen before: start from the plain model again
+        merge_slices(model)
     # Aliases too: a tied lm_head.weight appears only with remove_duplicate=False.
     named = list(model.named_parameters(remove_duplicate=False))
     canonical = {id(p): n for n, p in model.named_parameters()}
@@ -192,20 +198,18 @@ def freeze_except(
         raise SpectrumError(_unmatched_message(unmatched, [n for n, _ in named], name_prefix))
     for ident in whole:
         parts.pop(ident, None)  # a whole-parameter entry wins over its slices
-    trainable_ids = whole | set(parts)
     for _, param in named:
-        param.requires_grad_(id(param) in trainable_ids)
+        param.requires_grad_(id(param) in whole)
     unique = {id(p): p for _, p in named}
-    partial = {}
-    for ident, regions in parts.items():
-        param = unique[ident]
-        param.register_hook(_keep_regions(tuple(regions)))
-        partial[canonical[ident]] = regions
+    all_params = sum(p.numel() for p in unique.values())  # before the slices join the model
+    partial = {canonical[ident]: regions for ident, regions in parts.items()}
+    install_slices(model, partial)
+    trained = {id(p): p for p in model.parameters() if p.requires_grad}
     report = FreezeReport(
-        trainable=[n for n, p in model.named_parameters() if id(p) in trainable_ids],
-        trainable_params=sum(unique[i].numel() for i in whole)
-        + sum(_region_size(unique[i], r) for i, r in parts.items()),
-        all_params=sum(p.numel() for p in unique.values()),
+        trainable=[n for n, p in model.named_parameters() if p.requires_grad],
+        # Counted on the model object: what the optimizer will hold state for.
+        trainable_params=sum(p.numel() for p in trained.values()),
+        all_params=all_params,
         tied=sorted(set(tied)),
         partial=partial,
         translated=translated,
@@ -243,48 +247,6 @@ def _check_index(entry: str, name: str, param, index: tuple[slice, ...]) -> None
                 f"layer file entry {entry!r}: slice out of range for {name} of shape "
                 f"{list(param.shape)}"
             )
-
-
-def _region_size(param, regions) -> int:
-    """Elements in the union of ``regions`` (slices of the leading dimensions), counted on a
-    mask of those dimensions only, never of the whole parameter."""
-    import math
-
-    import torch
-
-    depth = max(len(r) for r in regions)
-    mask = torch.zeros(param.shape[:depth], dtype=torch.bool)
-    for region in regions:
-        mask[region] = True
-    return int(mask.sum()) * math.prod(param.shape[depth:])
-
-
-def _keep_regions(regions: tuple[tuple[slice, ...], ...]):
-    """A gradient hook that keeps ``regions`` and zeroes the rest (a new tensor: the hook may
-    not change the gradient in place)."""
-
-    def hook(grad):
-        kept = grad.new_zeros(grad.shape)
-        for region in regions:
-            kept[region] = grad[region]
-        return kept
-
-    return hook
-
-
-def region_weight_decay(model: torch.nn.Module, partial: dict, factor: float) -> None:
-    """Decoupled weight decay (``p *= factor``) on the trained regions of partly trained
-    parameters only; the optimizer gives them no decay of its own."""
-    import torch
-
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, regions in partial.items():
-            param = params.get(name)
-            if param is None:  # a wrapper renamed it (DDP's "module." prefix)
-                param = next(p for n, p in params.items() if n.endswith("." + name))
-            for region in regions:
-                param.data[region] *= factor
 
 
 def _unmatched_message(unmatched: Iterable[str], names: list[str], prefix: str | None) -> str:

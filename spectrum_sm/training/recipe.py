@@ -362,12 +362,6 @@ class Recipe:
         model = load_model(args, DTYPES[base], self.config)
         self.save_dtype = checkpoint_dtype(self.config, getattr(torch, DTYPES[base]))
         model, self.freeze_report, self.layer_file = select_trainable(model, args)
-        self.partial = getattr(self.freeze_report, "partial", {}) or {}
-        if self.partial and self.sharded:
-            raise SpectrumError(
-                "layer files with parameter slices (fused MoE experts) train with ddp only so "
-                "far; set distribution ddp"
-            )
         if args.method in ("lora", "qlora") and self.sharded:
             raise SpectrumError(f"method {args.method} trains with ddp; set distribution ddp")
         # Frozen weights stay in the dtype they were loaded in; trainable ones get float32
@@ -405,18 +399,11 @@ class Recipe:
         from transformers import get_cosine_schedule_with_warmup
 
         args = self.args
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.trainable = trainable
-        # Partly trained parameters (fused expert slices) get no decay from the optimizer: it
-        # would shrink their frozen elements too. Their slices are decayed by hand, and their
-        # frozen elements see zero gradients and zero optimizer state, so they never change.
-        partial_ids = {id(p) for n, p in self.unwrapped.named_parameters() if n in self.partial}
-        groups = [
-            {"params": [p for p in trainable if id(p) not in partial_ids]},
-            {"params": [p for p in trainable if id(p) in partial_ids], "weight_decay": 0.0},
-        ]
+        # Fused expert slices are parameters of their own (core.slices): the optimizer holds
+        # state for the selected elements only, and their frozen fused weights get none.
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]],
+            self.trainable,
             lr=args.learning_rate,
             weight_decay=args.weight_decay,
         )
@@ -547,7 +534,7 @@ class Recipe:
         """One optimizer step over an accumulation group; returns (mean loss, tokens)."""
         import torch
 
-        args, dist = self.args, self.dist
+        dist = self.dist
         local_items = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in group)
         local_tokens = sum(int(b["attention_mask"].sum()) for _, b in group)
         global_items, global_tokens = dist.sum([float(local_items), float(local_tokens)])
@@ -574,14 +561,6 @@ class Recipe:
                 f"the training diverged at step {self.state.step + 1}: loss {mean_loss}, "
                 f"gradient norm {grad_norm} (learning rate {self.scheduler.get_last_lr()[0]:g}); "
                 "nothing was saved. Lower learning_rate or max_grad_norm"
-            )
-        if self.partial and args.weight_decay:
-            from ..core.freeze import region_weight_decay
-
-            region_weight_decay(
-                self.unwrapped,
-                self.partial,
-                1.0 - self.scheduler.get_last_lr()[0] * args.weight_decay,
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -675,7 +654,13 @@ class Recipe:
             "seconds": round(seconds, 2),
         }
         self.dist.barrier()
+        from ..core.slices import installed_slices, merge_slices, merged_state_dict
+
         full_state = gathered_state(self.model) if self.sharded else None
+        if full_state is not None and installed_slices(self.unwrapped):
+            full_state = merged_state_dict(full_state, installed_slices(self.unwrapped))
+        elif self.dist.is_main:
+            merge_slices(self.unwrapped)  # the trained slices back into their fused weights
         if self.dist.is_main:
             save_model(
                 self.unwrapped,

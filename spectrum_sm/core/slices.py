@@ -1,0 +1,168 @@
+"""Trainable slices of frozen fused parameters: optimizer memory only for the selected experts.
+
+A fused MoE expert parameter (``mlp.experts.gate_up_proj``, ``[experts, rows, cols]``) of which a
+layer file selects some slices stays frozen, in the dtype it was loaded in. The selected elements
+are copied into one new trainable parameter per fused parameter (``gate_up_proj_spectrum_slices``,
+``[selected rows, cols]``), and a forward pre-hook on the owning module writes them into a
+composed copy of the fused weight (``torch.index_put``, out of place) that the module's own
+forward reads under the parameter's name for that call. So:
+
+- a selected element costs the optimizer's float32 master, gradient and two AdamW moments
+  (16 bytes) besides its frozen stored copy; an unselected one only its stored copy;
+- while a layer runs, one composed copy of its fused weight and that copy's gradient exist
+  (the compute dtype); with gradient checkpointing one layer at a time;
+- the fused parameter never changes, so the frozen slices stay bit-identical, and the slice
+  parameters are ordinary parameters: DDP averages them, FSDP2 shards them on their first
+  dimension like any other, AdamW decays them (the fused weight gets no decay at all);
+- :func:`merge_slices` (before ``save_pretrained``) or :func:`merged_state_dict` (a gathered
+  state dict) writes the trained values back, and the model is a plain transformers model again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+#: The name a fused parameter's trainable slices get on the same module.
+SUFFIX = "_spectrum_slices"
+#: The model attribute holding the installed slices (fused parameter name -> Slices).
+ATTRIBUTE = "_spectrum_slices"
+
+
+@dataclass
+class Slices:
+    """One fused parameter's trainable slices: ``index`` selects them (leading dimensions)."""
+
+    module: str  # the module owning the fused parameter
+    leaf: str  # the fused parameter's name on it
+    index: tuple[Any, ...]  # CPU index tensors over the leading dimensions
+    handles: list[Any] = field(default_factory=list, repr=False)
+    _on_device: dict[Any, tuple[Any, ...]] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.leaf}" if self.module else self.leaf
+
+    @property
+    def slice_name(self) -> str:
+        return self.name + SUFFIX
+
+    @property
+    def size(self) -> int:
+        return int(self.index[0].numel())
+
+    def index_on(self, device) -> tuple[Any, ...]:
+        if device not in self._on_device:  # moved once per device, not once per forward
+            self._on_device[device] = tuple(i.to(device) for i in self.index)
+        return self._on_device[device]
+
+
+def selection_index(shape: Sequence[int], regions: Sequence[tuple[slice, ...]]):
+    """Index tensors (one per leading dimension the regions slice) of the union of ``regions``,
+    in row-major order, from a mask of those dimensions only."""
+    import torch
+
+    depth = max(len(r) for r in regions)
+    mask = torch.zeros(tuple(shape[:depth]), dtype=torch.bool)
+    for region in regions:
+        mask[region] = True
+    return mask.nonzero(as_tuple=True)
+
+
+def install_slices(model: torch.nn.Module, parts: dict[str, Sequence[tuple[slice, ...]]]):
+    """Freeze each named fused parameter and give its ``regions`` one trainable tensor (see the
+    module docstring). Returns the installed :class:`Slices` by fused parameter name."""
+    import torch
+
+    installed = getattr(model, ATTRIBUTE, None) or {}
+    for name, regions in parts.items():
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        fused = module._parameters[leaf]
+        index = selection_index(fused.shape, regions)
+        with torch.no_grad():
+            values = fused.detach()[index].clone()
+        fused.requires_grad_(False)
+        module.register_parameter(leaf + SUFFIX, torch.nn.Parameter(values, requires_grad=True))
+        slices = Slices(module_name, leaf, index)
+        slices.handles = [
+            module.register_forward_pre_hook(_compose(slices)),
+            module.register_forward_hook(_release(slices)),
+        ]
+        installed[name] = slices
+    # A plain attribute, not a module or parameter: it is no part of the state dict.
+    object.__setattr__(model, ATTRIBUTE, installed)
+    return installed
+
+
+def _compose(slices: Slices):
+    import torch
+
+    def hook(module, args):
+        fused = module._parameters[slices.leaf]
+        values = module._parameters[slices.leaf + SUFFIX]
+        # Out of place: the fused weight itself stays untouched; only the values get gradients.
+        composed = torch.index_put(
+            fused.detach(), slices.index_on(fused.device), values.to(fused.dtype)
+        )
+        # An instance attribute wins over the module's parameter lookup for this forward.
+        module.__dict__[slices.leaf] = composed
+
+    return hook
+
+
+def _release(slices: Slices):
+    def hook(module, args, output):
+        module.__dict__.pop(slices.leaf, None)
+
+    return hook
+
+
+def installed_slices(model: torch.nn.Module) -> dict[str, Slices]:
+    return getattr(model, ATTRIBUTE, None) or {}
+
+
+def merge_slices(model: torch.nn.Module) -> None:
+    """Write the trained slices into their fused parameters and remove the slice parameters and
+    hooks: the model is a plain model again (``save_pretrained`` writes its usual files)."""
+    import torch
+
+    for slices in installed_slices(model).values():
+        module = model.get_submodule(slices.module)
+        fused = module._parameters[slices.leaf]
+        values = module._parameters.pop(slices.leaf + SUFFIX)
+        with torch.no_grad():
+            fused.data[slices.index_on(fused.device)] = values.detach().to(fused.dtype)
+        for handle in slices.handles:
+            handle.remove()
+        module.__dict__.pop(slices.leaf, None)
+    object.__setattr__(model, ATTRIBUTE, {})
+
+
+def merged_state_dict(state: dict[str, Any], slices: dict[str, Slices]) -> dict[str, Any]:
+    """A full (gathered) state dict with the slice entries written into their fused weights."""
+    state = dict(state)
+    for name, item in slices.items():
+        values = state.pop(item.slice_name)
+        fused = state[name].clone()
+        fused[item.index_on(fused.device)] = values.to(fused.dtype)
+        state[name] = fused
+    return state
+
+
+def trained_values(model: torch.nn.Module, name: str):
+    """The current value of a fused parameter with its trained slices in (a new tensor)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    item = installed_slices(model).get(name)
+    fused = params[name].detach()
+    if item is None:
+        return fused.clone()
+    return torch.index_put(
+        fused, item.index_on(fused.device), params[item.slice_name].detach().to(fused.dtype)
+    )
