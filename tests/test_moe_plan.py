@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from spectrum_sm.training.memory import (
     selection_optimizer_bytes,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 #: Dense families beside the MoE ones: biases trained with their weight (gpt-neox), a tied head.
 DENSE = ("qwen3-dense", "qwen3-tied", "gpt-neox")
 #: Ten layers, so 10% keeps one module of each type (the families' four would keep none).
@@ -138,3 +141,59 @@ def test_planner_counts_what_trains_in_the_other_families(name, tmp_path):
         assert counts.trainable_params == report.trainable_params, percent
         assert counts.trainable_params == trainable_on_model(model, report), percent
         assert counts.trainable_tensors == len(report.trainable), percent
+
+
+MOE_EXAMPLES = {
+    "qwen3-30b-a3b.yaml": "Qwen/Qwen3-30B-A3B",
+    "gpt-oss-20b.yaml": "openai/gpt-oss-20b",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("example", sorted(MOE_EXAMPLES))
+def test_moe_example_dry_run_trains_where_the_planner_says_it_fits(example):
+    """Offline (the configs ship with the planner): the header command plans fsdp on the
+    example's instance, the planner's per-GPU number is under 90% of its GPUs, and `plan`
+    recommends that instance for the example's sequence and batch."""
+    import yaml
+    from factories import run_cli
+
+    from spectrum_sm.core.instances import INSTANCES
+
+    path = ROOT / "examples" / example
+    assert path.read_text().startswith(f"# spectrum-sm run examples/{example} --dry-run")
+    proc = run_cli("run", str(path), "--dry-run", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    training = json.loads(proc.stdout)["training"]
+    assert training["HyperParameters"]["distribution"] == "fsdp"
+    config = yaml.safe_load(path.read_text())["training"]
+    assert training["ResourceConfig"]["InstanceType"] == config["instance_type"]
+    row = INSTANCES[config["instance_type"]]
+    match = re.search(r"fsdp over (\d+) GPUs ([0-9.]+) GiB", proc.stderr)
+    assert match and int(match.group(1)) == row.gpus, proc.stderr
+    assert float(match.group(2)) <= 0.9 * row.gpu_gib
+    hps = config["hyperparameters"]
+    result = plan(
+        MOE_EXAMPLES[example],
+        config.get("top_percent", 30),
+        seq=hps["max_seq_length"],
+        batch=hps["per_device_train_batch_size"],
+    )
+    assert result["recommended"]["spectrum"] == config["instance_type"]
+    planned = next(i for i in result["instances"] if i["instance_type"] == row.name)
+    assert planned["methods"]["spectrum"]["per_gpu_gib"] == pytest.approx(
+        float(match.group(2)), abs=0.06
+    )
+
+
+@pytest.mark.parametrize("model", sorted(MOE_EXAMPLES.values()))
+def test_plan_cli_on_moe_models_counts_experts(model):
+    from factories import run_cli
+
+    proc = run_cli("plan", model, "--top-percent", "30", "--json", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["expert_trainable_params"] > 0.8 * (
+        result["trainable_params"] - result["embedding_params"]
+    )
+    assert result["recommended"]["spectrum"] is not None
