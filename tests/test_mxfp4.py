@@ -356,3 +356,27 @@ def test_other_checkpoints_load_as_before():
 
     assert dequantized_load_kwargs({"model_type": "qwen3"}) == {}
     assert dequantized_load_kwargs({"quantization_config": {"quant_method": "fp8"}}) == {}
+
+
+def test_qlora_on_an_mxfp4_checkpoint_is_refused_with_a_message(checkpoints, tmp_path):
+    """QLoRA would quantize the dequantized experts again (transformers raises a ValueError of
+    two quantization configs): train.py says so in one line, before any CUDA check."""
+    from test_train import run_train
+
+    proc = run_train(
+        [
+            "--model_name_or_path",
+            str(checkpoints["mxfp4"]),
+            "--method",
+            "qlora",
+            "--train_data",
+            str(checkpoints["bf16"].parent / "train.jsonl"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "1",
+        ]
+    )
+    assert proc.returncode != 0
+    assert "method qlora cannot load an MXFP4 checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr

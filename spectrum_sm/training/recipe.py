@@ -657,10 +657,12 @@ class Recipe:
         from ..core.slices import installed_slices, merge_slices, merged_state_dict
 
         full_state = gathered_state(self.model) if self.sharded else None
-        if full_state is not None and installed_slices(self.unwrapped):
-            full_state = merged_state_dict(full_state, installed_slices(self.unwrapped))
-        elif self.dist.is_main:
-            merge_slices(self.unwrapped)  # the trained slices back into their fused weights
+        if self.dist.is_main:  # (the gathered state is rank 0's alone: empty elsewhere)
+            # The trained slices go back into their fused weights.
+            if full_state is not None:
+                full_state = merged_state_dict(full_state, installed_slices(self.unwrapped))
+            else:
+                merge_slices(self.unwrapped)
         if self.dist.is_main:
             save_model(
                 self.unwrapped,
@@ -744,10 +746,18 @@ def load_model(args, dtype_name: str, config):
     import transformers
 
     from ..core.names import model_class_for
+    from .loading import dequantized_load_kwargs
 
     dtype = getattr(torch, dtype_name)
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     kwargs = {key: dtype, "trust_remote_code": args.trust_remote_code}
+    # MXFP4 (gpt-oss) loads dequantized, trainable; packed for Triton kernels it would not be.
+    kwargs.update(dequantized_load_kwargs(config))
+    if args.method == "qlora" and "quantization_config" in kwargs:
+        raise SpectrumError(
+            "method qlora cannot load an MXFP4 checkpoint (it would quantize it a second time); "
+            "use spectrum, full or lora"
+        )
     if args.method == "qlora":
         if not torch.cuda.is_available():
             raise SpectrumError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels)")
@@ -856,7 +866,7 @@ def shard_model(model, dist, precision: str):
 
 
 def gathered_state(model) -> dict[str, Any]:
-    """The full state dict of a sharded model, gathered on every process (to the CPU)."""
+    """The full state dict of a sharded model, gathered to rank 0's CPU (empty elsewhere)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(
@@ -894,15 +904,18 @@ def evaluate(recipe: Recipe, examples) -> float:
 
 
 def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state this process holds (its own shards under FSDP), measured on
+    the optimizer's tensors."""
     import torch
 
     inner = getattr(optimizer, "optimizer", optimizer)
-    return sum(
-        value.numel() * value.element_size()
-        for state in inner.state.values()
-        for value in state.values()
-        if isinstance(value, torch.Tensor)
-    )
+    total = 0
+    for state in inner.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor
+                total += local.numel() * local.element_size()
+    return total
 
 
 def save_model(

@@ -198,8 +198,15 @@ def _restore_optimizer(optimizer, params, tensors, meta) -> None:
                 if hasattr(param, "device_mesh") and value.ndim > 0:
                     from torch.distributed.tensor import DTensor
 
+                    # The parameter's global shape, given: FSDP2 shards unevenly (a 1-row slice
+                    # tensor over 2 ranks is 1 row and 0 rows), which from_local cannot infer.
                     value = DTensor.from_local(
-                        value, param.device_mesh, param.placements, run_check=False
+                        value,
+                        param.device_mesh,
+                        param.placements,
+                        run_check=False,
+                        shape=param.shape,
+                        stride=param.stride(),
                     )
             state[name] = value
         optimizer.state[param] = state
