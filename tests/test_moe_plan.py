@@ -18,11 +18,11 @@ from spectrum_sm.core.freeze import freeze_except
 from spectrum_sm.core.names import model_class_for
 from spectrum_sm.plan import plan
 from spectrum_sm.training.memory import (
+    adamw_state_bytes,
     build_meta,
     count_parameters,
     load_config,
     method_counts,
-    optimizer_state_bytes,
     selection_optimizer_bytes,
 )
 
@@ -98,13 +98,13 @@ def test_planner_counts_what_the_layer_file_trains(scanned, percent, tmp_path):
         # Which layers hold slices depends on the scores: the planner's tensor count (one
         # step scalar each) is a bound, and its optimizer bytes one the real selection meets.
         assert counts.trainable_tensors >= len(report.trainable)
-        assert selection_optimizer_bytes(report) <= optimizer_state_bytes(
+        assert selection_optimizer_bytes(report) <= adamw_state_bytes(
             *method_counts(counts, "spectrum")
         )
     else:
         assert not report.partial and counts.expert_params == 0
         assert counts.trainable_tensors == len(report.trainable)
-        assert selection_optimizer_bytes(report) == optimizer_state_bytes(
+        assert selection_optimizer_bytes(report) == adamw_state_bytes(
             *method_counts(counts, "spectrum")
         )
 

@@ -21,6 +21,7 @@ from spectrum_sm.core.slices import (
     selection_index,
     trained_values,
 )
+from spectrum_sm.training.memory import adamw_state_bytes, build_meta, count_parameters, load_config
 from spectrum_sm.training.recipe import optimizer_state_bytes
 
 pytestmark = pytest.mark.integration
@@ -77,6 +78,15 @@ def test_optimizer_holds_state_only_for_the_selected_slices(family):
     # Measured on the optimizer: two float32 moments per trained element and a float32 step
     # per trained tensor, nothing for the unselected expert elements.
     assert optimizer_state_bytes(optimizer) == 8 * report.trainable_params + 4 * len(trainable)
+    # The planner, from config.json alone, counts the same elements; its bytes are what the
+    # optimizer allocated (its tensor count, one step scalar each, is a bound: which layers
+    # hold a selected expert depends on the scores).
+    counts = count_parameters(build_meta(load_config(str(paths["model"])))[0], 30)
+    assert counts.trainable_params == report.trainable_params
+    assert optimizer_state_bytes(optimizer) == adamw_state_bytes(
+        counts.trainable_params, len(trainable)
+    )
+    assert len(trainable) <= counts.trainable_tensors
     whole = sum(dict(model.named_parameters())[n].numel() for n in slices)
     selected = sum(s.size for s in slices.values())
     assert 0 < selected < whole

@@ -399,7 +399,7 @@ ADAM_MOMENT_BYTES, ADAM_STEP_BYTES = 8, 4
 MASTER_BYTES, GRADIENT_BYTES = 4, 4
 
 
-def optimizer_state_bytes(trainable_elements: int, trainable_tensors: int) -> int:
+def adamw_state_bytes(trainable_elements: int, trainable_tensors: int) -> int:
     """AdamW's optimizer state, in bytes, for this many trainable elements and tensors."""
     return ADAM_MOMENT_BYTES * trainable_elements + ADAM_STEP_BYTES * trainable_tensors
 
@@ -409,7 +409,7 @@ def selection_optimizer_bytes(report) -> int:
     together) for a selection applied by :func:`spectrum_sm.core.freeze.freeze_except`, from
     its :class:`~spectrum_sm.core.freeze.FreezeReport`: each trainable parameter is one tensor
     (a fused parameter's selected elements are one slice parameter)."""
-    return optimizer_state_bytes(report.trainable_params, len(report.trainable))
+    return adamw_state_bytes(report.trainable_params, len(report.trainable))
 
 
 def method_counts(counts: Counts, method: str) -> tuple[int, int]:
@@ -493,7 +493,7 @@ def estimate_memory(
     weights = (frozen * frozen_bytes + trainable * MASTER_BYTES) / shard
     gradients = trainable * GRADIENT_BYTES / shard
     # Moments shard with their parameters; every rank keeps each tensor's step scalar.
-    optimizer = optimizer_state_bytes(trainable, 0) / shard + optimizer_state_bytes(0, tensors)
+    optimizer = adamw_state_bytes(trainable, 0) / shard + adamw_state_bytes(0, tensors)
     transient = 0
     if experts:
         layer = counts.expert_layer_params * low
