@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument(
             "--no-logs",
             action="store_true",
-            help="SageMaker: do not stream CloudWatch logs while waiting",
+            help="do not stream the jobs' logs (CloudWatch, or a local job's output)",
         )
     comparison = commands.add_parser(
         "compare",
@@ -507,8 +507,11 @@ def _run_data_check(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from .aws.pipeline import launcher_for
     from .comparison import collect, compare
     from .core.errors import SpectrumError
+
+    launcher = launcher_for(args.local, args.workdir)
 
     if args.collect:
         if args.config or args.dry_run or args.set or args.method_set:
@@ -517,8 +520,7 @@ def _run_compare(args: argparse.Namespace) -> int:
             )
         result = collect(
             args.collect,
-            local=args.local,
-            workdir=args.workdir,
+            launcher=launcher,
             output_dir=args.output_dir,
             prices=args.prices,
             region=args.region,
@@ -531,9 +533,8 @@ def _run_compare(args: argparse.Namespace) -> int:
             args.methods,
             overrides=args.set,
             method_settings=args.method_set,
-            local=args.local,
+            launcher=launcher,
             dry_run=args.dry_run,
-            workdir=args.workdir,
             output_dir=args.output_dir,
             prices=args.prices,
             wait=not args.no_wait,
@@ -580,12 +581,10 @@ def _run_jobs(args: argparse.Namespace) -> int:
     from .aws.config import load_pipeline
 
     config = load_pipeline(args.config, args.set)
-    local, dry = args.local, args.dry_run
-    wait, logs = not args.no_wait, not args.no_logs
+    launcher = pipeline.launcher_for(args.local, args.workdir)
+    dry, wait, logs = args.dry_run, not args.no_wait, not args.no_logs
     if args.command == "run":
-        result = pipeline.run_pipeline(
-            config, local=local, dry_run=dry, workdir=args.workdir, wait=wait, logs=logs
-        )
+        result = pipeline.run_pipeline(config, dry_run=dry, wait=wait, logs=logs, launcher=launcher)
         if dry:
             print(json.dumps(result, indent=2))
         else:
@@ -593,19 +592,21 @@ def _run_jobs(args: argparse.Namespace) -> int:
         return 0
     if args.command == "analyze":
         step = pipeline.plan_analysis_step(
-            config.analysis, reuse=config.reuse_analysis, dry_run=dry, local=local
+            config.analysis, reuse=config.reuse_analysis, dry_run=dry, launcher=launcher
         )
         if dry:
             assert step.job is not None  # a dry run looks nothing up: always a new job
             print(json.dumps(step.job.request, indent=2))
             return 0
-        result = step.launch(local=local, workdir=args.workdir, logs=logs, wait=wait)
+        result = step.launch(launcher, logs=logs, wait=wait)
     else:
-        job = pipeline.plan_training(config.training, spectrum_uri=None, dry_run=dry, local=local)
+        job = pipeline.plan_training(
+            config.training, spectrum_uri=None, dry_run=dry, launcher=launcher
+        )
         if dry:
             print(json.dumps(job.request, indent=2))
             return 0
-        result = pipeline.run_job(job, local=local, workdir=args.workdir, wait=wait, logs=logs)
+        result = pipeline.run_job(job, launcher, wait=wait, logs=logs)
     print(json.dumps(result))
     return 0
 

@@ -114,7 +114,9 @@ def test_the_lines_train_py_writes_are_the_lines_compare_reads(tmp_path):
         metrics.eval_line(2, 1.875),
     ]
     log.write_text("loading the model\n" + "".join(f"{stamp}{line}\n" for line in lines))
-    points = _log_points(Run(Method("full"), job="job-1"), local=True, workdir=tmp_path)
+    from spectrum_sm.aws.local import LocalJob
+
+    points = _log_points(LocalJob(tmp_path / "job-1"))
     assert points == [
         (None, 1, "train", 2.5),
         (None, 2, "train", 0.5),
@@ -230,15 +232,18 @@ def test_the_common_recipe_has_held_out_rows_and_a_validation_curve():
     assert _common_recipe(mine).hyperparameters["eval_steps"] == 5
 
 
-def test_qlora_needs_a_gpu_where_it_runs():
-    assert qlora_problem("ml.g5.xlarge", local=False) is None
-    assert qlora_problem("ml.p4d.24xlarge", local=False) is None
-    assert "has none" in qlora_problem("ml.m5.xlarge", local=False)
-    assert "has none" in qlora_problem("ml.trn1.2xlarge", local=False)
+def test_qlora_needs_a_gpu_where_it_runs(tmp_path):
+    from spectrum_sm.aws.jobs import SageMaker
+    from spectrum_sm.aws.local import Local
+
+    assert qlora_problem("ml.g5.xlarge") is None  # SageMaker unless told otherwise
+    assert qlora_problem("ml.p4d.24xlarge", SageMaker()) is None
+    assert "has none" in qlora_problem("ml.m5.xlarge")
+    assert "has none" in qlora_problem("ml.trn1.2xlarge")
     import torch
 
-    if not torch.cuda.is_available():
-        assert "CUDA" in qlora_problem("ml.g5.xlarge", local=True)
+    if not torch.cuda.is_available():  # this machine's, whatever the instance type says
+        assert "CUDA" in qlora_problem("ml.g5.xlarge", Local(tmp_path))
 
 
 def _toy_overrides(tmp_path: Path, bucket: str = "", *, role: bool = False) -> list[str]:
@@ -625,8 +630,8 @@ def test_sagemaker_jobs_are_sent_together_and_followed_until_each_ends(
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.sagemaker.models import sagemaker_backends
 
-    from spectrum_sm.aws.jobs import TrainingJob
-    from spectrum_sm.comparison.run import _run_on_sagemaker
+    from spectrum_sm.aws.jobs import SageMaker, TrainingJob
+    from spectrum_sm.comparison.run import _run_all
 
     overrides = _toy_overrides(tmp_path, s3_bucket, role=True)
     runs = compare(
@@ -651,7 +656,7 @@ def test_sagemaker_jobs_are_sent_together_and_followed_until_each_ends(
         return real(self)
 
     monkeypatch.setattr(TrainingJob, "describe", describe)
-    _run_on_sagemaker(runs, wait=True, poll_s=0.01)
+    _run_all(runs, SageMaker(), wait=True, poll_s=0.01)
     lora, full = runs
     assert lora.status == "completed" and lora.model_s3.endswith(f"/{lora.job}/output/model/")
     assert full.status == "failed" and full.reason == "Failed: CUDA out of memory"

@@ -1,4 +1,6 @@
-"""Following SageMaker jobs: a small job handle over boto3 (describe, wait with logs, stop).
+"""Following jobs: one handle interface (:class:`JobHandle`: describe, wait with logs, stop,
+outputs) for SageMaker jobs (:class:`TrainingJob`, over boto3) and local ones, and the choice of
+where jobs run (:class:`Launcher`).
 
 Jobs are sent by :func:`submit` through the SageMaker SDK v3 (:mod:`.sdk`). Following stays
 ours: the SDK's ``TrainingJob.wait`` draws a live panel (not for pipes or notebooks' logs),
@@ -45,38 +47,48 @@ def _client(service: str):
     return boto3.client(service)
 
 
-class TrainingJob:
-    """A SageMaker training job: ``describe``, ``wait(logs=True)``, ``stop``, ``outputs``."""
+class JobHandle:
+    """One job, wherever it runs: ``describe``, ``status``, ``wait(logs=True)``, ``stop``,
+    ``log_events``, ``outputs``, ``layer_file``, ``snr_table``.
 
-    def __init__(self, name: str, sagemaker=None, logs=None) -> None:
+    :class:`TrainingJob` asks SageMaker; :class:`~spectrum_sm.aws.local.LocalJob` reads the
+    folder the local runner writes. ``describe`` answers DescribeTrainingJob's fields (the
+    request as sent, ``TrainingJobStatus``, ``FailureReason``, times), so everything above the
+    launcher reads a job one way.
+    """
+
+    name: str
+    #: The service bills the job: its ``BillableTimeInSeconds`` prices it. A local run has no
+    #: bill; its cost is an estimate from wall time.
+    billed = True
+    #: Where the trained model is on this machine ("" when only in S3).
+    model_dir = ""
+
+    def __init__(self, name: str) -> None:
         self.name = name
-        self._sm = sagemaker or _client("sagemaker")
-        self._logs = logs
         self._log_tail: list[str] = []
-        self._tokens: dict[str, str] = {}
-
-    @classmethod
-    def attach(cls, name: str) -> TrainingJob:
-        """A handle on an existing job (from another process or notebook)."""
-        job = cls(name)
-        job.describe()
-        return job
 
     def describe(self) -> dict[str, Any]:
-        try:
-            return self._sm.describe_training_job(TrainingJobName=self.name)
-        except Exception as exc:
-            raise SpectrumError(f"cannot describe job {self.name}: {exc}") from exc
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def log_events(self, *, from_start: bool = False) -> list[dict[str, Any]]:
+        """Log events this handle has not returned yet (all of them, from the start, with
+        ``from_start``), across the job's hosts: ``message`` and ``timestamp`` (ms since the
+        epoch; None where the job recorded no time, as in a local job's log file)."""
+        raise NotImplementedError
 
     @property
     def status(self) -> str:
         return self.describe()["TrainingJobStatus"]
 
-    def stop(self) -> None:
-        try:
-            self._sm.stop_training_job(TrainingJobName=self.name)
-        except Exception as exc:
-            raise SpectrumError(f"cannot stop job {self.name}: {exc}") from exc
+    @property
+    def region(self) -> str:
+        """The job's region, from its ARN ("" when it has none)."""
+        parts = self.describe().get("TrainingJobArn", "").split(":")
+        return parts[3] if len(parts) > 3 else ""
 
     def wait(
         self,
@@ -86,7 +98,8 @@ class TrainingJob:
         timeout_s: float | None = None,
         echo: Callable[[str], None] = print,
     ) -> dict[str, Any]:
-        """Block until the job ends; stream its CloudWatch log lines when ``logs``.
+        """Block until the job ends (a finished one returns at once); echo its log lines not
+        seen yet when ``logs``.
 
         Raises :class:`JobFailed` (FailureReason and last log lines) when it fails or is stopped,
         :class:`JobTimeout` when ``timeout_s`` passes first.
@@ -114,45 +127,15 @@ class TrainingJob:
                 raise JobTimeout(f"job {self.name} still {status} after {timeout_s:.0f} s")
             time.sleep(poll_s)
 
-    def _logs_client(self):
-        if self._logs is None:
-            self._logs = _client("logs")
-        return self._logs
-
-    def log_events(self) -> list[dict[str, Any]]:
-        """CloudWatch events this handle has not returned yet (``timestamp`` in ms,
-        ``message``), across the job's log streams (one per instance), each read to its end."""
-        client = self._logs_client()
-        events: list[dict[str, Any]] = []
-        try:
-            streams = client.describe_log_streams(
-                logGroupName=LOG_GROUP, logStreamNamePrefix=self.name + "/"
-            ).get("logStreams", [])
-        except Exception:  # no log group yet (the job has not started): nothing to show
-            return events
-        for stream in streams:
-            name = stream["logStreamName"]
-            while True:
-                kwargs = {"logGroupName": LOG_GROUP, "logStreamName": name, "startFromHead": True}
-                if name in self._tokens:
-                    kwargs["nextToken"] = self._tokens[name]
-                response = client.get_log_events(**kwargs)
-                self._tokens[name] = response["nextForwardToken"]
-                page = response.get("events", [])
-                events += page
-                if not page:  # the stream's end (for now): the same token comes back
-                    break
-        return events
-
     def _new_log_lines(self) -> list[str]:
-        """Lines not seen yet, across the job's log streams (one per instance)."""
+        """Lines not seen yet, across the job's hosts."""
         lines = [event["message"] for event in self.log_events()]
         self._log_tail = (self._log_tail + lines)[-40:]
         return lines
 
     def _fetch_tail(self) -> list[str]:
-        self._tokens.clear()
-        self._new_log_lines()
+        lines = [event["message"] for event in self.log_events(from_start=True)]
+        self._log_tail = lines[-40:]
         return self._log_tail
 
     @property
@@ -203,6 +186,128 @@ class TrainingJob:
             "snr_results_*.json",
         )
         return json.loads(text)
+
+
+class TrainingJob(JobHandle):
+    """A SageMaker training job, followed over boto3 (CloudWatch for its logs)."""
+
+    def __init__(self, name: str, sagemaker=None, logs=None) -> None:
+        super().__init__(name)
+        self._sm = sagemaker or _client("sagemaker")
+        self._logs = logs
+        self._tokens: dict[str, str] = {}
+
+    @classmethod
+    def attach(cls, name: str) -> TrainingJob:
+        """A handle on an existing job (from another process or notebook)."""
+        job = cls(name)
+        job.describe()
+        return job
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            return self._sm.describe_training_job(TrainingJobName=self.name)
+        except Exception as exc:
+            raise SpectrumError(f"cannot describe job {self.name}: {exc}") from exc
+
+    def stop(self) -> None:
+        try:
+            self._sm.stop_training_job(TrainingJobName=self.name)
+        except Exception as exc:
+            raise SpectrumError(f"cannot stop job {self.name}: {exc}") from exc
+
+    def _logs_client(self):
+        if self._logs is None:
+            self._logs = _client("logs")
+        return self._logs
+
+    def log_events(self, *, from_start: bool = False) -> list[dict[str, Any]]:
+        """CloudWatch events (``timestamp`` in ms, ``message``) across the job's log streams (one
+        per instance), each read to its end."""
+        if from_start:
+            self._tokens.clear()
+        client = self._logs_client()
+        events: list[dict[str, Any]] = []
+        try:
+            streams = client.describe_log_streams(
+                logGroupName=LOG_GROUP, logStreamNamePrefix=self.name + "/"
+            ).get("logStreams", [])
+        except Exception:  # no log group yet (the job has not started): nothing to show
+            return events
+        for stream in streams:
+            name = stream["logStreamName"]
+            while True:
+                kwargs = {"logGroupName": LOG_GROUP, "logStreamName": name, "startFromHead": True}
+                if name in self._tokens:
+                    kwargs["nextToken"] = self._tokens[name]
+                response = client.get_log_events(**kwargs)
+                self._tokens[name] = response["nextForwardToken"]
+                page = response.get("events", [])
+                events += page
+                if not page:  # the stream's end (for now): the same token comes back
+                    break
+        return events
+
+
+class Launcher:
+    """Where jobs run, chosen once (:func:`spectrum_sm.aws.pipeline.launcher_for`): SageMaker
+    (:class:`SageMaker`) or this machine (:class:`~spectrum_sm.aws.local.Local`). Planning asks
+    it what the place needs; ``launch`` sends a staged request and gives its :class:`JobHandle`,
+    and everything after reads the handle."""
+
+    #: Requests name an execution role (SageMaker assumes it; a local run needs none).
+    needs_role = True
+    #: ``launch`` returns only once the job has ended (this machine runs it in the foreground),
+    #: so not waiting changes nothing.
+    launch_waits = False
+
+    def processes_per_host(self, config) -> int:
+        """How many training processes each host of ``config`` runs."""
+        raise NotImplementedError
+
+    def prepare_training(self, request: dict[str, Any], config) -> None:
+        """What a training request needs here beyond what the request builder wrote."""
+
+    def qlora_problem(self, instance_type: str) -> str | None:
+        """Why QLoRA (4-bit bitsandbytes weights on CUDA) cannot run here, or None."""
+        raise NotImplementedError
+
+    def launch(self, request: dict[str, Any], *, logs: bool = True) -> JobHandle:
+        """Start a staged request; a job that then fails is reported by its handle."""
+        raise NotImplementedError
+
+    def attach(self, name: str) -> JobHandle:
+        """A handle on an existing job, by name."""
+        raise NotImplementedError
+
+    def place(self) -> dict[str, str]:
+        """What a caller needs to find the jobs again, besides their names."""
+        return {}
+
+
+class SageMaker(Launcher):
+    """Jobs on SageMaker: sent by :func:`submit`, followed by :class:`TrainingJob`."""
+
+    def __init__(self, boto_session=None) -> None:
+        self._session = boto_session
+
+    def processes_per_host(self, config) -> int:
+        return config.gpus_per_host()
+
+    def qlora_problem(self, instance_type: str) -> str | None:
+        from ..core.instances import has_cuda
+
+        if not has_cuda(instance_type):
+            return f"QLoRA needs a CUDA GPU; {instance_type} has none"
+        return None
+
+    def launch(self, request: dict[str, Any], *, logs: bool = True) -> TrainingJob:
+        return submit(request, self._session)
+
+    def attach(self, name: str) -> TrainingJob:
+        if self._session is not None:
+            return TrainingJob(name, sagemaker=self._session.client("sagemaker"))
+        return TrainingJob(name)
 
 
 def submit(request: dict[str, Any], boto_session=None) -> TrainingJob:

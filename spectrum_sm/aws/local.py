@@ -10,6 +10,11 @@ exactly as in the container, and the model folder is uploaded to the S3 layout t
 its own launch.py, rendezvousing on this machine over gloo. With a ``CheckpointConfig`` every
 host's checkpoint folder is filled from the S3 prefix before the start and synced back to it
 while the job runs, as SageMaker does, so a killed job's successor resumes from S3.
+
+A local job is followed through the same handle interface as a SageMaker one
+(:class:`~.jobs.JobHandle`): :class:`LocalJob` reads the folder (``job.json``: the request;
+``description.json``: status, times, FailureReason; each host's ``output/job.log``) and S3, and
+:class:`Local` is the launcher that plans for this machine and runs jobs here.
 """
 
 from __future__ import annotations
@@ -23,13 +28,12 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.container import kill_with_parent
 from ..core.errors import SpectrumError
-from .jobs import JobFailed
+from .jobs import TERMINAL, JobHandle, Launcher
 from .s3 import (
     download_prefix,
     s3_client,
@@ -39,18 +43,173 @@ from .s3 import (
 )
 
 log = logging.getLogger(__name__)
+#: Written by :meth:`LocalJob.stop` before it signals the runner: the job ends Stopped.
+STOP_REQUESTED = "stop-requested"
 
 
-@dataclass
-class LocalJob:
-    """What a local run produced (the fields a DescribeTrainingJob would answer)."""
+class LocalJob(JobHandle):
+    """A job run (or running) on this machine, read from its folder: ``job.json`` (the request),
+    ``description.json`` (status, times, FailureReason: what the runner recorded), each host's
+    ``output/job.log``; its outputs are in S3 where the runner uploaded them, as for a
+    SageMaker job."""
 
-    name: str
-    status: str
-    root: Path
-    model_s3: str
-    failure_reason: str = ""
-    log_tail: list[str] = field(default_factory=list)
+    billed = False
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder).resolve()
+        super().__init__(self.folder.name)
+        self._read: dict[Path, int] = {}  # log lines already returned, per host's log
+        self._region: str | None = None
+
+    def _roots(self) -> list[Path]:
+        """Each host's /opt/ml: the job's folder, or algo-1/, algo-2/, ... for several hosts."""
+        hosts = [p for p in self.folder.glob("algo-*") if p.name[5:].isdigit()]
+        return sorted(hosts, key=lambda p: int(p.name[5:])) or [self.folder]
+
+    def describe(self) -> dict[str, Any]:
+        """The request as run (``job.json``) and what the runner recorded of how it went
+        (``description.json``), as DescribeTrainingJob answers both."""
+        request, state = self.folder / "job.json", self.folder / "description.json"
+        if not request.is_file() and not state.is_file():
+            raise SpectrumError(f"no local job {self.name} in {self.folder.parent}")
+        description = {
+            **(json.loads(request.read_text()) if request.is_file() else {}),
+            **(json.loads(state.read_text()) if state.is_file() else {}),
+        }
+        description["TrainingJobName"] = self.name
+        if "TrainingJobStatus" not in description:
+            description["TrainingJobStatus"] = "Failed"
+            description["FailureReason"] = "the local run recorded no status (description.json)"
+        runner = description.pop("LocalRunnerPid", None)
+        if description["TrainingJobStatus"] == "InProgress" and not _alive(runner):
+            description["TrainingJobStatus"] = "Failed"
+            description["FailureReason"] = (
+                f"the local runner (pid {runner}) ended without recording how the job ended"
+            )
+        return description
+
+    def stop(self) -> None:
+        """As StopTrainingJob: SIGTERM to the runner, which passes it to every host's launcher
+        and records the job Stopped. A job that has ended is refused, as SageMaker does."""
+        state = self.folder / "description.json"
+        runner = json.loads(state.read_text()).get("LocalRunnerPid") if state.is_file() else None
+        status = self.status
+        if status != "InProgress" or not _alive(runner):
+            raise SpectrumError(f"cannot stop job {self.name}: it is {status}")
+        (self.folder / STOP_REQUESTED).touch()
+        try:
+            os.kill(runner, signal.SIGTERM)
+        except OSError as exc:
+            raise SpectrumError(f"cannot stop job {self.name}: {exc}") from exc
+
+    def log_events(self, *, from_start: bool = False) -> list[dict[str, Any]]:
+        """Each host's ``output/job.log`` (algo-1 first), lines not returned yet; complete
+        lines only while the job runs. The file records no times: ``timestamp`` is None."""
+        running = None
+        events: list[dict[str, Any]] = []
+        for root in self._roots():
+            path = root / "output" / "job.log"
+            if not path.is_file():
+                continue
+            lines = path.read_text(errors="replace").splitlines(keepends=True)
+            if lines and not lines[-1].endswith("\n"):
+                if running is None:
+                    running = self.status not in TERMINAL
+                if running:
+                    lines.pop()  # still being written
+            start = 0 if from_start else self._read.get(path, 0)
+            events += [{"timestamp": None, "message": line.rstrip("\n")} for line in lines[start:]]
+            self._read[path] = len(lines)
+        return events
+
+    @property
+    def model_dir(self) -> str:  # type: ignore[override]
+        return str(self._roots()[0] / "model")
+
+    @property
+    def region(self) -> str:
+        """The region of the config the job was staged with (its copy next to the outputs),
+        else the environment's."""
+        if self._region is None:
+            self._region = _config_region(self.describe())
+        return self._region
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _config_region(request: dict[str, Any]) -> str:
+    import yaml
+
+    from .s3 import describe_client_error
+
+    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    uri = f"{output}/{request['TrainingJobName']}/spectrum-sm-config.yaml"
+    bucket, key = split_s3_uri(uri)
+    try:
+        try:
+            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            raise describe_client_error(exc, uri) from exc
+        return str(yaml.safe_load(body).get("region", ""))
+    except Exception as exc:  # gone or unreadable: the region only prices the run
+        log.info("no config copy at %s (%s); region from the environment", uri, exc)
+        return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
+
+
+class Local(Launcher):
+    """Jobs on this machine, one after another, in folders under ``workdir``."""
+
+    needs_role = False
+    launch_waits = True
+
+    def __init__(self, workdir: str | Path = "spectrum-sm-jobs") -> None:
+        self.workdir = Path(workdir)
+
+    def processes_per_host(self, config) -> int:
+        return config.processes_per_host or 1
+
+    def prepare_training(self, request: dict[str, Any], config) -> None:
+        # This machine, not the instance type's GPU count, sets the local process count.
+        request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(self.processes_per_host(config))
+
+    def qlora_problem(self, instance_type: str) -> str | None:
+        probe = (
+            "import importlib.util, torch; "
+            "print(torch.cuda.is_available(), importlib.util.find_spec('bitsandbytes') is not None)"
+        )
+        try:
+            out = subprocess.run(
+                [container_python(), "-c", probe], capture_output=True, text=True, timeout=120
+            ).stdout.split()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"cannot check for CUDA here ({exc})"
+        if out[:1] != ["True"]:
+            return "QLoRA needs a CUDA GPU (4-bit bitsandbytes weights); this machine has none"
+        if out[1:2] != ["True"]:
+            return "QLoRA needs bitsandbytes, which is not installed here"
+        return None
+
+    def launch(self, request: dict[str, Any], *, logs: bool = True) -> LocalJob:
+        return run_local(request, self.workdir, stream_logs=logs)
+
+    def attach(self, name: str) -> LocalJob:
+        job = LocalJob(self.workdir / name)
+        if not (job.folder / "job.json").is_file():
+            raise SpectrumError(f"no local job {name} in {job.folder.parent}")
+        return job
+
+    def place(self) -> dict[str, str]:
+        return {"workdir": str(self.workdir.resolve())}
 
 
 def _prepare(request: dict[str, Any], root: Path, host: str, hosts: list[str], data: Path) -> None:
@@ -149,23 +308,33 @@ class _CheckpointSync:
 def run_local(
     request: dict[str, Any], workdir: str | Path, *, stream_logs: bool = True
 ) -> LocalJob:
-    """Run ``request`` here; raise :class:`SpectrumError` carrying FailureReason if it fails."""
+    """Run ``request`` here, in the foreground, and return its handle: Completed, or Failed or
+    Stopped with its FailureReason (its ``wait`` raises :class:`~.jobs.JobFailed` then, as a
+    SageMaker job's does). A request that cannot start (its folder exists, a channel cannot be
+    downloaded, no launch.py) raises :class:`SpectrumError`."""
     name = request["TrainingJobName"]
     base = Path(workdir).resolve() / name
     if base.exists():
         raise SpectrumError(f"local job folder {base} already exists (job names are unique)")
     base.mkdir(parents=True)
-    # What DescribeTrainingJob would answer: the request as run.
+    # What DescribeTrainingJob would answer: the request as run, and (description.json) how
+    # it went: InProgress while this process runs it.
     (base / "job.json").write_text(json.dumps(request, indent=2) + "\n")
+    started = time.time()
+    _describe(base, "InProgress", started)
     count = request["ResourceConfig"]["InstanceCount"]
     hosts = [f"algo-{i + 1}" for i in range(count)]
     roots = {h: base if count == 1 else base / h for h in hosts}
     first = roots[hosts[0]]
-    for host in hosts:
-        _prepare(request, roots[host], host, hosts, first)
-    launcher = first / "input" / "data" / "code" / "entrypoints" / "launch.py"
-    if not launcher.is_file():
-        raise SpectrumError(f"the code channel has no entrypoints/launch.py ({launcher})")
+    try:
+        for host in hosts:
+            _prepare(request, roots[host], host, hosts, first)
+        launcher = first / "input" / "data" / "code" / "entrypoints" / "launch.py"
+        if not launcher.is_file():
+            raise SpectrumError(f"the code channel has no entrypoints/launch.py ({launcher})")
+    except Exception as exc:
+        _describe(base, "Failed", started, time.time(), str(exc))
+        raise
     sync = None
     if request.get("CheckpointConfig"):
         sync = _CheckpointSync(
@@ -174,7 +343,6 @@ def run_local(
         sync.restore()
         sync.start()
     port = _free_port()
-    started = time.time()
     tail: deque[str] = deque(maxlen=40)
     procs = {}
     try:
@@ -203,6 +371,9 @@ def run_local(
                 preexec_fn=kill_with_parent,
             )
         codes = _follow(procs, roots, name, tail, stream_logs)
+    except BaseException as exc:
+        _describe(base, "Failed", started, time.time(), f"local runner: {exc!r}")
+        raise
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -210,47 +381,67 @@ def run_local(
         if sync is not None:
             sync.stop()
     ended = time.time()
-    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
-    model_s3 = f"{output}/{name}/output/model/"
     failed = [h for h in hosts if codes[h] != 0]
-    if failed:
+    if (base / STOP_REQUESTED).is_file():
+        _describe(base, "Stopped", started, ended, "stopped on request")
+        log.info("local job %s stopped", name)
+    elif failed:
         host = failed[0]
         failure = roots[host] / "output" / "failure"
         reason = failure.read_text() if failure.is_file() else f"exit status {codes[host]}"
         _describe(base, "Failed", started, ended, reason)
-        raise JobFailed(name, "Failed", reason, list(tail))
-    # As the service does: outputs encrypted with the job's output key, when it has one.
-    extra = sse_arguments(request["OutputDataConfig"].get("KmsKeyId", ""))
-    upload_folder(first / "model", model_s3, extra_args=extra)
-    tensorboard = request.get("TensorBoardOutputConfig")
-    if tensorboard and (first / "output" / "tensorboard").is_dir():
-        upload_folder(
-            first / "output" / "tensorboard", tensorboard["S3OutputPath"], extra_args=extra
-        )
-    _describe(base, "Completed", started, ended)
-    log.info("local job %s completed; model at %s", name, model_s3)
-    return LocalJob(name, "Completed", first, model_s3, "", list(tail))
+    else:
+        output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+        model_s3 = f"{output}/{name}/output/model/"
+        # As the service does: outputs encrypted with the job's output key, when it has one.
+        extra = sse_arguments(request["OutputDataConfig"].get("KmsKeyId", ""))
+        tensorboard = request.get("TensorBoardOutputConfig")
+        try:
+            upload_folder(first / "model", model_s3, extra_args=extra)
+            if tensorboard and (first / "output" / "tensorboard").is_dir():
+                upload_folder(
+                    first / "output" / "tensorboard", tensorboard["S3OutputPath"], extra_args=extra
+                )
+        except Exception as exc:
+            _describe(base, "Failed", started, ended, f"uploading the outputs: {exc}")
+            raise
+        _describe(base, "Completed", started, ended)
+        log.info("local job %s completed; model at %s", name, model_s3)
+    job = LocalJob(base)
+    if stream_logs:
+        job.log_events()  # echoed as they came: not new to this handle
+    job._log_tail = list(tail)  # the hosts' last lines, in the order they came
+    return job
 
 
-def _describe(base: Path, status: str, started: float, ended: float, reason: str = "") -> None:
+def _describe(
+    base: Path, status: str, started: float, ended: float | None = None, reason: str = ""
+) -> None:
     """``description.json``: the DescribeTrainingJob fields a local run can answer (status,
-    times), so a finished local job can be collected later like a SageMaker one."""
+    times, FailureReason), so a local job is described, waited for and collected like a
+    SageMaker one (:class:`LocalJob`). While it runs, the runner's pid (to stop it, and to
+    tell a run that died from one in progress)."""
     import datetime as dt
 
     def iso(stamp: float) -> str:
         return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat()
 
-    description = {
+    description: dict[str, Any] = {
         "TrainingJobName": base.name,
         "TrainingJobStatus": status,
         "TrainingStartTime": iso(started),
-        "TrainingEndTime": iso(ended),
-        "TrainingTimeInSeconds": max(1, round(ended - started)),
-        "TrainingWallSeconds": round(ended - started, 3),
     }
+    if ended is None:
+        description["LocalRunnerPid"] = os.getpid()
+    else:
+        description["TrainingEndTime"] = iso(ended)
+        description["TrainingTimeInSeconds"] = max(1, round(ended - started))
+        description["TrainingWallSeconds"] = round(ended - started, 3)
     if reason:
         description["FailureReason"] = reason
-    (base / "description.json").write_text(json.dumps(description, indent=2) + "\n")
+    partial = base / ".description.json.partial"  # a reader never sees half a file
+    partial.write_text(json.dumps(description, indent=2) + "\n")
+    os.replace(partial, base / "description.json")
 
 
 #: A job on SageMaker never sees the launching user's Hub token; locally it does not either
@@ -304,7 +495,8 @@ def _follow(procs, roots, name: str, tail: deque, stream_logs: bool) -> dict[str
 
 def _pump(proc, root: Path, host: str, name: str, tail: deque, stream_logs: bool) -> None:
     label = name if host == "algo-1" else f"{name}/{host}"
-    with open(root / "output" / "job.log", "w") as job_log:
+    # Line-buffered: a handle (this process or another) reads the log while the job runs.
+    with open(root / "output" / "job.log", "w", buffering=1) as job_log:
         for line in proc.stdout:
             job_log.write(line)
             tail.append(line.rstrip("\n"))

@@ -35,6 +35,7 @@ from .config import (
     to_yaml,
     validate,
 )
+from .jobs import Launcher, SageMaker
 from .requests import (
     analysis_output_uri,
     analysis_prefix,
@@ -233,8 +234,24 @@ def check_role(role: str) -> None:
         )
 
 
-def _check_account(config: JobConfig, *, local: bool, dry_run: bool) -> None:
-    if not local and not dry_run and config.validate_role:
+def launcher_for(
+    local: bool = False, workdir: str | Path = "spectrum-sm-jobs", launcher: Launcher | None = None
+) -> Launcher:
+    """Where jobs run, chosen once: ``launcher`` when given, else this machine (``local``, job
+    folders under ``workdir``) or SageMaker. Everything after asks the launcher and reads the
+    job handles it gives."""
+    if launcher is not None:
+        return launcher
+    if local:
+        from .local import Local
+
+        return Local(workdir)
+    return SageMaker()
+
+
+def _check_account(config: JobConfig, launcher: Launcher, *, dry_run: bool) -> None:
+    validate(config, need_role=launcher.needs_role)
+    if launcher.needs_role and not dry_run and config.validate_role:
         check_role(config.role)
 
 
@@ -242,21 +259,23 @@ def plan_analysis(
     config: AnalysisConfig,
     *,
     dry_run: bool,
-    local: bool,
+    local: bool = False,
+    launcher: Launcher | None = None,
     reuse_key: str | None = None,
     stage_model_s3: str = "",
 ) -> PreparedJob:
-    """The analysis job, validated; nothing uploaded. ``reuse_key`` (the model content and
-    settings) travels to the job, whose manifest records it."""
-    validate(config, need_role=not local)
-    _check_account(config, local=local, dry_run=dry_run)
+    """The analysis job, validated for where it runs (:func:`launcher_for`); nothing uploaded.
+    ``reuse_key`` (the model content and settings) travels to the job, whose manifest records
+    it."""
+    launcher = launcher_for(local, launcher=launcher)
+    _check_account(config, launcher, dry_run=dry_run)
     name = job_name(config.base_job_name, "analysis")
     inputs, uploads, markers = _plan_inputs(config, {"model": config.model}, dry_run=dry_run)
     staged = dataclasses.replace(config, model=inputs["model"])
     request = build_analysis_request(
         staged,
         name=name,
-        need_role=not local,
+        need_role=launcher.needs_role,
         reuse_key=reuse_key or "",
         stage_model_s3=stage_model_s3,
     )
@@ -315,13 +334,15 @@ def plan_training(
     *,
     spectrum_uri: str | None,
     dry_run: bool,
-    local: bool,
+    local: bool = False,
+    launcher: Launcher | None = None,
     kind: str = "train",
 ) -> PreparedJob:
-    """The training job, validated (hyperparameters with train.py's parser); nothing uploaded.
-    ``kind`` is the job name's middle part (``<base>-<kind>-<random>-<time>``)."""
-    validate(config, need_role=not local)
-    _check_account(config, local=local, dry_run=dry_run)
+    """The training job, validated (hyperparameters with train.py's parser) for where it runs
+    (:func:`launcher_for`); nothing uploaded. ``kind`` is the job name's middle part
+    (``<base>-<kind>-<random>-<time>``)."""
+    launcher = launcher_for(local, launcher=launcher)
+    _check_account(config, launcher, dry_run=dry_run)
     _check_trl()
     name = job_name(config.base_job_name, kind)
     # The planner reads config.json where the user put the model, before any upload.
@@ -348,10 +369,10 @@ def plan_training(
         chat_template=inputs["chat_template"],
         spectrum_config=spectrum_uri or inputs.get("spectrum", ""),
     )
-    request = build_training_request(staged, name=name, need_role=not local, distribution=planned)
-    if local:
-        # This machine, not the instance type's GPU count, sets the local process count.
-        request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.processes_per_host or 1)
+    request = build_training_request(
+        staged, name=name, need_role=launcher.needs_role, distribution=planned
+    )
+    launcher.prepare_training(request, config)
     return PreparedJob(request, staged, uploads, markers)
 
 
@@ -509,68 +530,60 @@ def record_analysis(config: AnalysisConfig, key: str | None, job: str, layer_dir
 
 
 def execute(
-    request: dict[str, Any],
-    *,
-    local: bool,
-    workdir: str | Path = "spectrum-sm-jobs",
-    wait: bool = True,
-    logs: bool = True,
+    request: dict[str, Any], launcher: Launcher, *, wait: bool = True, logs: bool = True
 ) -> dict[str, str]:
-    """Run a staged request here (local) or on SageMaker; returns its name, status and model
-    prefix. Every job of every command (run, analyze, train, compare, the notebook) ends here."""
-    if local:
-        from .local import run_local
-
-        job = run_local(request, workdir)
-        return {"job": job.name, "status": job.status, "model_s3": job.model_s3}
-    from .jobs import submit
-
-    handle = submit(request)
-    status = handle.wait(logs=logs)["TrainingJobStatus"] if wait else "Submitted"
+    """Launch a staged request where ``launcher`` runs jobs and, when ``wait``, follow its handle
+    to the end (:class:`~.jobs.JobFailed` when it fails); returns its name, status
+    (``Submitted`` when not waited for) and model prefix. Every job of every command (run,
+    analyze, train, compare, the notebook) starts here."""
+    handle = launcher.launch(request, logs=logs)
+    status = "Submitted"
+    if wait or launcher.launch_waits:
+        status = handle.wait(logs=logs)["TrainingJobStatus"]
     return {"job": handle.name, "status": status, "model_s3": handle.outputs["model"]}
 
 
 def run_job(
-    job: PreparedJob,
-    *,
-    local: bool,
-    workdir: str | Path = "spectrum-sm-jobs",
-    wait: bool = True,
-    logs: bool = True,
+    job: PreparedJob, launcher: Launcher, *, wait: bool = True, logs: bool = True
 ) -> dict[str, str]:
     """Stage a planned job's inputs and code, then :func:`execute` it."""
     stage(job)
-    return execute(job.request, local=local, workdir=workdir, wait=wait, logs=logs)
+    return execute(job.request, launcher, wait=wait, logs=logs)
 
 
 def launch_analysis(
     config: AnalysisConfig,
     *,
-    local: bool,
+    local: bool = False,
     workdir: str | Path = "spectrum-sm-jobs",
     logs: bool = True,
     reuse: bool = True,
     wait: bool = True,
+    launcher: Launcher | None = None,
 ) -> dict[str, Any]:
-    """Run (or reuse) the analysis job; returns its name, the S3 prefix of the layer file and,
-    for a Hub model staged in S3 (``stage_model``), ``model_s3``: give it to the training job
-    as its model (no Hub, no token there)."""
-    step = plan_analysis_step(config, reuse=reuse, dry_run=False, local=local)
-    return step.launch(local=local, workdir=workdir, logs=logs, wait=wait)
+    """Run (or reuse) the analysis job here (``local``) or on SageMaker; returns its name, the
+    S3 prefix of the layer file and, for a Hub model staged in S3 (``stage_model``),
+    ``model_s3``: give it to the training job as its model (no Hub, no token there)."""
+    launcher = launcher_for(local, workdir, launcher)
+    step = plan_analysis_step(config, reuse=reuse, dry_run=False, launcher=launcher)
+    return step.launch(launcher, logs=logs, wait=wait)
 
 
 def launch_training(
     config: TrainingConfig,
     spectrum_uri: str | None,
     *,
-    local: bool,
+    local: bool = False,
     workdir: str | Path = "spectrum-sm-jobs",
     wait: bool = True,
     logs: bool = True,
+    launcher: Launcher | None = None,
 ) -> dict[str, Any]:
-    """Run the training job on a layer file in S3; returns its name, status and model location."""
-    job = plan_training(config, spectrum_uri=spectrum_uri, dry_run=False, local=local)
-    return run_job(job, local=local, workdir=workdir, wait=wait, logs=logs)
+    """Run the training job on a layer file in S3, here (``local``) or on SageMaker; returns its
+    name, status and model location."""
+    launcher = launcher_for(local, workdir, launcher)
+    job = plan_training(config, spectrum_uri=spectrum_uri, dry_run=False, launcher=launcher)
+    return run_job(job, launcher, wait=wait, logs=logs)
 
 
 def _with_percent(config: PipelineConfig) -> TrainingConfig:
@@ -644,13 +657,13 @@ class AnalysisStep:
         if self.job is not None:
             stage(self.job)
 
-    def run(self, *, local: bool, workdir: str | Path, logs: bool, wait: bool = True) -> str:
+    def run(self, launcher: Launcher, *, logs: bool, wait: bool = True) -> str:
         """Run the planned analysis (nothing when reused) and remember it under its key once it
         finished; returns its status."""
         if self.job is None:
             return "Reused"
-        ran = execute(self.job.request, local=local, workdir=workdir, logs=logs, wait=wait)
-        if not wait:  # not finished: nothing to reuse yet
+        ran = execute(self.job.request, launcher, logs=logs, wait=wait)
+        if ran["status"] == "Submitted":  # not finished: nothing to reuse yet
             log.info(
                 "analysis %s submitted; not waiting, so it is not recorded for reuse", self.name
             )
@@ -662,16 +675,14 @@ class AnalysisStep:
             )
         return ran["status"]
 
-    def launch(
-        self, *, local: bool, workdir: str | Path, logs: bool, wait: bool = True
-    ) -> dict[str, Any]:
+    def launch(self, launcher: Launcher, *, logs: bool, wait: bool = True) -> dict[str, Any]:
         """Stage and run it (or nothing, when reused); returns its name, layer file prefix,
         status and, for a staged Hub model, ``model_s3``."""
         if self.reused:
             model = {"model_s3": self.stage_uri} if self.staged_already else {}
             return {"job": self.name, "layer_dir": self.layer_dir, "reused": True, **model}
         self.stage()
-        status = self.run(local=local, workdir=workdir, logs=logs, wait=wait)
+        status = self.run(launcher, logs=logs, wait=wait)
         model = {"model_s3": self.stage_uri} if self.stage_uri else {}
         return {
             "job": self.name,
@@ -683,10 +694,10 @@ class AnalysisStep:
 
 
 def plan_analysis_step(
-    config: AnalysisConfig, *, reuse: bool, dry_run: bool, local: bool
+    config: AnalysisConfig, *, reuse: bool, dry_run: bool, launcher: Launcher
 ) -> AnalysisStep:
     """Find a reusable analysis (unless ``dry_run`` or not ``reuse``) or plan a new one."""
-    validate(config, need_role=not local)  # before any Hub or S3 lookup uses its fields
+    validate(config, need_role=launcher.needs_role)  # before any Hub or S3 lookup uses it
     key, stage_uri, staged_already = _identify(config, dry_run=dry_run)
     reused = find_reusable_analysis(config, key) if not dry_run and reuse and key else None
     if reused:
@@ -696,7 +707,7 @@ def plan_analysis_step(
     job = plan_analysis(
         config,
         dry_run=dry_run,
-        local=local,
+        launcher=launcher,
         reuse_key=key,
         stage_model_s3="" if staged_already else stage_uri,
     )
@@ -709,11 +720,12 @@ def plan_analysis_step(
 def run_pipeline(
     config: PipelineConfig,
     *,
-    local: bool,
+    local: bool = False,
     dry_run: bool,
     workdir: str | Path = "spectrum-sm-jobs",
     wait: bool = True,
     logs: bool = True,
+    launcher: Launcher | None = None,
 ) -> dict[str, Any]:
     """Analysis, then training on its layer file.
 
@@ -723,16 +735,17 @@ def run_pipeline(
     ``config.reuse_analysis``. A Hub model is staged in S3 by the analysis job (unless
     ``analysis.stage_model`` is false) and the training job reads it from there. Both jobs are
     validated before anything is looked up or uploaded, and staged before the first is
-    submitted.
+    submitted. ``launcher`` (:func:`launcher_for`) stands for ``local`` and ``workdir``.
     """
+    launcher = launcher_for(local, workdir, launcher)
     if config.percent_conflict():  # before any lookup or upload
         raise SpectrumError(config.percent_conflict())
-    validate(config.training, need_role=not local)
+    validate(config.training, need_role=launcher.needs_role)
     step = plan_analysis_step(
-        config.analysis, reuse=config.reuse_analysis, dry_run=dry_run, local=local
+        config.analysis, reuse=config.reuse_analysis, dry_run=dry_run, launcher=launcher
     )
     training = plan_training(
-        _with_percent(config), spectrum_uri=step.layer_dir, dry_run=dry_run, local=local
+        _with_percent(config), spectrum_uri=step.layer_dir, dry_run=dry_run, launcher=launcher
     )
     staged_model = step.train_from_staged_model(training, config.training.model)
     if dry_run:
@@ -740,8 +753,8 @@ def run_pipeline(
         return {"analysis": step.job.request, "training": training.request}
     step.stage()
     stage(training)
-    step.run(local=local, workdir=workdir, logs=logs)
-    trained = execute(training.request, local=local, workdir=workdir, wait=wait, logs=logs)
+    step.run(launcher, logs=logs)
+    trained = execute(training.request, launcher, wait=wait, logs=logs)
     result = {
         "analysis_job": step.name,
         "analysis_reused": step.reused is not None,
@@ -751,6 +764,4 @@ def run_pipeline(
     }
     if staged_model:
         result["staged_model_s3"] = step.stage_uri
-    if local:
-        result["workdir"] = str(Path(workdir).resolve())
-    return result
+    return {**result, **launcher.place()}

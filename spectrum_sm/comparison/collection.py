@@ -1,5 +1,6 @@
 """What finished jobs left: each run's report, job description, cost and loss curves (from
-TensorBoard files in S3, else the metric lines of its log: :mod:`spectrum_sm.training.metrics`)."""
+TensorBoard files in S3, else the metric lines of its log: :mod:`spectrum_sm.training.metrics`),
+all read through the job's handle (:class:`~spectrum_sm.aws.jobs.JobHandle`), wherever it ran."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..aws.jobs import JobHandle, Launcher
 from ..core.errors import SpectrumError
 from ..core.selection import percent_in_path
 from ..prices import PriceTable, job_cost, load_prices
@@ -29,47 +31,45 @@ def collect(
     output_dir: str | Path | None = None,
     prices: str | Path | PriceTable | None = None,
     region: str = "",
+    launcher: Launcher | None = None,
 ) -> Comparison:
     """The comparison of finished training jobs, by name: each job's method and percent come
-    from its own request, its numbers from its report, curves and description."""
+    from its own request, its numbers from its report, curves and description. The jobs ran
+    here (``local``, in folders under ``workdir``) or on SageMaker; ``launcher``
+    (:func:`~spectrum_sm.aws.pipeline.launcher_for`) stands for both."""
+    from ..aws.pipeline import launcher_for
+
     if not jobs:
         raise SpectrumError("--collect needs at least one training job name")
+    launcher = launcher_for(local, workdir, launcher)
     table = prices if isinstance(prices, PriceTable) else load_prices(prices)
-    runs = [_describe_run(name, local=local, workdir=workdir, region=region) for name in jobs]
-    _collect_all(runs, table, local=local, workdir=workdir)
+    runs = [_describe_run(launcher.attach(name), region=region) for name in jobs]
+    _collect_all(runs, table, launcher)
     result = Comparison(runs, table)
     stamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
     write_outputs(result, Path(output_dir) if output_dir else Path("spectrum-sm-compare") / stamp)
     return result
 
 
-def _collect_all(runs: list[Run], table: PriceTable, *, local: bool, workdir: str | Path) -> None:
+def _collect_all(runs: list[Run], table: PriceTable, launcher: Launcher) -> None:
     """Collect every completed run; one whose outputs cannot be read is marked failed (with why)
     and the others are still shown."""
     for run in runs:
         if run.status != "completed":
             continue
         try:
-            _collect_run(run, table, local=local, workdir=workdir)
+            _collect_run(run, table, launcher.attach(run.job))
         except SpectrumError as exc:
             run.status, run.reason = "failed", f"cannot collect its results: {exc}"
             log.error("%s: %s", run.method.label, run.reason)
 
 
-def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -> Run:
-    """A Run for an existing job, from its request (method, channels, instance) and status."""
-    description = _describe(name, local=local, workdir=workdir)
-    if local:
-        folder = Path(workdir) / name
-        if not (folder / "job.json").is_file():
-            raise SpectrumError(f"no local job {name} in {Path(workdir).resolve()}")
-        request = json.loads((folder / "job.json").read_text())
-        status = description.get("TrainingJobStatus", "Failed")
-        region = region or _config_region(request)
-    else:
-        request = description
-        status = description["TrainingJobStatus"]
-        region = region or description.get("TrainingJobArn", "::::").split(":")[3]
+def _describe_run(job: JobHandle, *, region: str) -> Run:
+    """A Run for an existing job, from its request (method, channels, instance) and status, as
+    its description echoes them."""
+    request = description = job.describe()
+    status = description["TrainingJobStatus"]
+    name = job.name
     hps = request.get("HyperParameters", {})
     method_name = hps.get("method", "")
     if method_name not in METHODS:
@@ -85,15 +85,14 @@ def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -
     run = Run(
         Method(method_name, percent),
         job=name,
-        region=region or "us-east-1",
+        region=region or job.region or "us-east-1",
         instance_type=resources.get("InstanceType", ""),
         instance_count=int(resources.get("InstanceCount", 1)),
         request=request,
         description=description,
     )
-    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
     if status == "Completed":
-        run.status, run.model_s3 = "completed", f"{output}/{name}/output/model/"
+        run.status, run.model_s3 = "completed", job.outputs["model"]
     elif status in ("Failed", "Stopped"):
         run.status = "failed"
         run.reason = f"{status}: {description.get('FailureReason', 'no reason given')}"
@@ -102,49 +101,19 @@ def _describe_run(name: str, *, local: bool, workdir: str | Path, region: str) -
     return run
 
 
-def _describe(job: str, *, local: bool, workdir: str | Path) -> dict[str, Any]:
-    """What DescribeTrainingJob says of a job (a local one: its ``description.json``)."""
-    if local:
-        path = Path(workdir) / job / "description.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-    from ..aws.jobs import TrainingJob
-
-    return TrainingJob(job).describe()
-
-
-def _config_region(request: dict[str, Any]) -> str:
-    """The region of the config a local job was staged with (its copy next to the outputs), or
-    the environment's."""
-    import os
-
-    import yaml
-
-    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
-    uri = f"{output}/{request['TrainingJobName']}/spectrum-sm-config.yaml"
-    try:
-        return str(yaml.safe_load(_read_object(uri)).get("region", ""))
-    except Exception as exc:  # gone or unreadable: the region only prices the run
-        log.info("no config copy at %s (%s); region from the environment", uri, exc)
-        return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
-
-
-def _collect_run(run: Run, table: PriceTable, *, local: bool, workdir: str | Path) -> None:
-    """Fill a completed run's numbers from its report, description, curves; price it."""
+def _collect_run(run: Run, table: PriceTable, job: JobHandle) -> None:
+    """Fill a completed run's numbers from its report, description, curves; price it: billed
+    jobs by their billable seconds, the others (local) by wall seconds, as an estimate."""
     run.report = _read_json(run.model_s3 + "training_report.json")
-    description = run.description or _describe(run.job, local=local, workdir=workdir)
-    if local:
-        folder = Path(workdir) / run.job
-        run.model_dir = str((folder / "model").resolve())
-        run.job_seconds = description.get("TrainingWallSeconds")
-        run.billable_seconds, run.billed = None, False
-        started = _epoch(description.get("TrainingStartTime"))
-        seconds_for_cost = run.job_seconds
-    else:
-        run.job_seconds = description.get("TrainingTimeInSeconds")
-        run.billable_seconds = description.get("BillableTimeInSeconds")
-        run.billed = True
-        started = _epoch(description.get("TrainingStartTime"))
-        seconds_for_cost = run.billable_seconds
+    description = run.description or job.describe()
+    run.model_dir = job.model_dir
+    run.billed = job.billed
+    # A local run records its wall time to the millisecond; SageMaker whole seconds.
+    run.job_seconds = description.get(
+        "TrainingWallSeconds", description.get("TrainingTimeInSeconds")
+    )
+    run.billable_seconds = description.get("BillableTimeInSeconds") if job.billed else None
+    started = _epoch(description.get("TrainingStartTime"))
     if run.method.name == "spectrum" and run.method.percent is None:
         percent = percent_in_path(str(run.report.get("layer_file") or ""))
         run.method = Method("spectrum", percent)
@@ -153,10 +122,10 @@ def _collect_run(run: Run, table: PriceTable, *, local: bool, workdir: str | Pat
         run.region,
         run.instance_type,
         run.instance_count,
-        seconds_for_cost,
+        run.billable_seconds if job.billed else run.job_seconds,
         billed=run.billed,
     )
-    run.curves, run.curve_source = _curves(run, started, local=local, workdir=workdir)
+    run.curves, run.curve_source = _curves(run, started, job)
 
 
 def _epoch(value: Any) -> float | None:
@@ -185,7 +154,7 @@ def _read_json(uri: str) -> dict[str, Any]:
 
 
 def _curves(
-    run: Run, started: float | None, *, local: bool, workdir: str | Path
+    run: Run, started: float | None, job: JobHandle
 ) -> tuple[dict[str, list[list[float]]], str]:
     """``{"train": [[seconds, step, loss]...], "eval": [...]}``, seconds since the job started:
     from its TensorBoard files in S3, else from the metric lines of its log."""
@@ -194,7 +163,7 @@ def _curves(
     points = _tensorboard_points(tensorboard) if tensorboard else None
     source = "tensorboard"
     if not points:
-        points, source = _log_points(run, local=local, workdir=workdir), "log lines"
+        points, source = _log_points(job), "log lines"
     curves: dict[str, list[list[float]]] = {"train": [], "eval": []}
     timed = started is not None and all(p[0] is not None for p in points)
     if not timed:  # no time stamps: the run's training seconds spread over its steps
@@ -231,32 +200,20 @@ def _tensorboard_points(uri: str) -> list[tuple[float | None, int, str, float]] 
     return points
 
 
-def _log_points(
-    run: Run, *, local: bool, workdir: str | Path
-) -> list[tuple[float | None, int, str, float]]:
-    """The ``step=N train_loss=X`` / ``eval_loss=X`` lines train.py writes (:data:`STEP_LINE`):
-    the local job's log file, or CloudWatch with each event's time."""
-    lines: list[tuple[float | None, str]] = []
-    if local:
-        path = Path(workdir) / run.job / "output" / "job.log"
-        if path.is_file():
-            lines = [(None, line) for line in path.read_text().splitlines()]
-    else:
-        lines = _cloudwatch_lines(run.job)
+def _log_points(job: JobHandle) -> list[tuple[float | None, int, str, float]]:
+    """The ``step=N train_loss=X`` / ``eval_loss=X`` lines train.py writes (:data:`STEP_LINE`),
+    from the job's log events, each with its time in seconds where the log has one (CloudWatch
+    does; a local job's log file does not)."""
+    try:
+        events = job.log_events(from_start=True)
+    except Exception as exc:
+        log.warning("cannot read the logs of %s: %s", job.name, exc)
+        return []
     points = []
-    for wall, line in lines:
-        for match in STEP_LINE.finditer(line):
+    for event in events:
+        stamp = event.get("timestamp")
+        wall = None if stamp is None else stamp / 1000
+        for match in STEP_LINE.finditer(event["message"]):
             kind = "train" if match.group(2) == "train_loss" else "eval"
             points.append((wall, int(match.group(1)), kind, float(match.group(3))))
     return points
-
-
-def _cloudwatch_lines(job: str) -> list[tuple[float | None, str]]:
-    from ..aws.jobs import TrainingJob
-
-    try:
-        events = TrainingJob(job).log_events()
-    except Exception as exc:
-        log.warning("cannot read the logs of %s: %s", job, exc)
-        return []
-    return [(event["timestamp"] / 1000, event["message"]) for event in events]

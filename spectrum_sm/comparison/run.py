@@ -1,19 +1,20 @@
 """Running a comparison: one shared analysis, then one training job per method with everything
-else equal; in parallel on SageMaker, one after another locally."""
+else equal. Where they run is the launcher's business (chosen once, in :func:`compare`): every
+job is launched, then every handle followed until its job ends; so they run in parallel on
+SageMaker and one after another locally (a local launch returns when its job has ended)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..aws.config import PipelineConfig, TrainingConfig, load_pipeline, training_instance_types
+from ..aws.jobs import Launcher
 from ..core.errors import SpectrumError
-from ..core.instances import has_cuda
 from ..core.selection import layer_folder
 from ..prices import PriceTable, load_prices
 from .collection import _collect_all
@@ -48,6 +49,7 @@ def compare(
     prices: str | Path | PriceTable | None = None,
     wait: bool = True,
     logs: bool = True,
+    launcher: Launcher | None = None,
 ) -> Comparison:
     """Train each method on the same data after one shared analysis; collect and show them.
 
@@ -61,10 +63,13 @@ def compare(
     does not fit) is ``skipped`` with its reason; a run that fails is ``failed`` and the others
     go on. Unless ``dry_run`` (or ``wait`` is false on SageMaker), the table (text, markdown,
     CSV) and the figure are written to ``output_dir`` and next to the outputs in S3.
+    The jobs run here (``local``, in folders under ``workdir``) or on SageMaker; ``launcher``
+    (:func:`~spectrum_sm.aws.pipeline.launcher_for`) stands for both.
     """
-    from ..aws.pipeline import plan_analysis_step, stage
+    from ..aws.pipeline import launcher_for, plan_analysis_step, stage
     from ..aws.requests import job_name
 
+    launcher = launcher_for(local, workdir, launcher)
     if not isinstance(config, PipelineConfig):
         config = load_pipeline(config, list(overrides))
     elif overrides:
@@ -87,11 +92,11 @@ def compare(
             certify_percents=sorted({*config.analysis.certify_percents, *extra}),
         )
         step = plan_analysis_step(
-            analysis, reuse=config.reuse_analysis, dry_run=dry_run, local=local
+            analysis, reuse=config.reuse_analysis, dry_run=dry_run, launcher=launcher
         )
 
     def plan(method: Method) -> Run:
-        return _plan_run(method, training, step, per_method[method], local=local, dry_run=dry_run)
+        return _plan_run(method, training, step, per_method[method], launcher, dry_run=dry_run)
 
     # Spectrum runs first: when none of them can run, the analysis is left out before the other
     # runs are pointed at the checkpoint it would have staged.
@@ -122,16 +127,14 @@ def compare(
     for run in planned:
         stage(run.prepared)
     if step is not None:
-        step.run(local=local, workdir=workdir, logs=logs)
-    if local:
-        _run_locally(planned, workdir, logs=logs)
-    else:
-        _run_on_sagemaker(planned, wait=wait)
-        if not wait:
-            return result
+        step.run(launcher, logs=logs)
+    wait = wait or launcher.launch_waits
+    _run_all(planned, launcher, wait=wait, logs=logs)
+    if not wait:
+        return result
     compare_id = job_name(config.training.base_job_name, "compare")
     output = Path(output_dir) if output_dir else Path("spectrum-sm-compare") / compare_id
-    _collect_all(runs, table, local=local, workdir=workdir)
+    _collect_all(runs, table, launcher)
     write_outputs(result, output)
     _upload_outputs(
         result,
@@ -176,8 +179,8 @@ def _plan_run(
     training: TrainingConfig,
     step,
     settings: dict[str, Any],
+    launcher: Launcher,
     *,
-    local: bool,
     dry_run: bool,
 ) -> Run:
     from ..aws.config import replace_checked, validate
@@ -190,7 +193,7 @@ def _plan_run(
         **{k: v for k, v in settings.items() if k not in INSTANCE_SETTINGS},
     }
     config = replace_checked(training, own, f"--method-set {method.label}") if own else training
-    _keep_global_batch(hyperparameters, training, config, method, local=local)
+    _keep_global_batch(hyperparameters, training, config, method, launcher)
     config = dataclasses.replace(
         config,
         method=method.name,
@@ -205,12 +208,12 @@ def _plan_run(
     )
     if method.name == "qlora" and config.instance_type in training_instance_types():
         # where it cannot run (which validation would refuse): a skip; a typo is an error
-        problem = qlora_problem(config.instance_type, local=local)
+        problem = launcher.qlora_problem(config.instance_type)
         if problem:
             run.status, run.reason = "skipped", problem
             log.warning("%s skipped: %s", method.label, problem)
             return run
-    validate(config, need_role=not local)  # a wrong setting is an error, never a skip
+    validate(config, need_role=launcher.needs_role)  # a wrong setting: an error, never a skip
     spectrum_uri = None
     if method.percent is not None:
         spectrum_uri = step.layer_dir
@@ -218,7 +221,7 @@ def _plan_run(
             spectrum_uri = f"{step.layer_dir.rstrip('/')}/{layer_folder(method.percent)}/"
     try:
         prepared = plan_training(
-            config, spectrum_uri=spectrum_uri, dry_run=dry_run, local=local, kind=method.slug
+            config, spectrum_uri=spectrum_uri, dry_run=dry_run, launcher=launcher, kind=method.slug
         )
     except DoesNotFit as exc:
         run.status, run.reason = "skipped", str(exc)
@@ -232,24 +235,19 @@ def _plan_run(
     return run
 
 
-def processes(config: TrainingConfig, *, local: bool) -> int:
-    """How many training processes a job has: one per GPU on SageMaker; locally the config's
-    ``processes_per_host`` (default 1) per host."""
-    per_host = (config.processes_per_host or 1) if local else config.gpus_per_host()
-    return per_host * config.instance_count
-
-
 def _keep_global_batch(
     hyperparameters: dict[str, Any],
     common: TrainingConfig,
     own: TrainingConfig,
     method: Method,
-    *,
-    local: bool,
+    launcher: Launcher,
 ) -> None:
-    """On a different number of processes, scale gradient accumulation so that every step
-    still sees the common recipe's global batch (the same tokens per step, the same budget)."""
-    mine, theirs = processes(own, local=local), processes(common, local=local)
+    """On a different number of processes (one per GPU on SageMaker; locally the config's
+    ``processes_per_host``, per host), scale gradient accumulation so that every step still
+    sees the common recipe's global batch (the same tokens per step, the same budget)."""
+    mine, theirs = (
+        launcher.processes_per_host(config) * config.instance_count for config in (own, common)
+    )
     if mine == theirs:
         return
     try:
@@ -276,56 +274,27 @@ def _keep_global_batch(
     )
 
 
-def qlora_problem(instance_type: str, *, local: bool) -> str | None:
-    """Why QLoRA cannot run where asked (it needs CUDA and bitsandbytes), or None."""
-    if not local:
-        if not has_cuda(instance_type):
-            return f"QLoRA needs a CUDA GPU; {instance_type} has none"
-        return None
-    from ..aws.local import container_python
+def qlora_problem(instance_type: str, launcher: Launcher | None = None) -> str | None:
+    """Why QLoRA cannot run on ``instance_type`` where ``launcher`` runs jobs (default:
+    SageMaker; it needs CUDA and bitsandbytes), or None."""
+    from ..aws.jobs import SageMaker
 
-    probe = (
-        "import importlib.util, torch; "
-        "print(torch.cuda.is_available(), importlib.util.find_spec('bitsandbytes') is not None)"
-    )
-    try:
-        out = subprocess.run(
-            [container_python(), "-c", probe], capture_output=True, text=True, timeout=120
-        ).stdout.split()
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"cannot check for CUDA here ({exc})"
-    if out[:1] != ["True"]:
-        return "QLoRA needs a CUDA GPU (4-bit bitsandbytes weights); this machine has none"
-    if out[1:2] != ["True"]:
-        return "QLoRA needs bitsandbytes, which is not installed here"
-    return None
+    return (launcher or SageMaker()).qlora_problem(instance_type)
 
 
-def _run_locally(runs: list[Run], workdir: str | Path, *, logs: bool) -> None:
-    """One after another: a failed run is recorded and the next one starts."""
-    from ..aws.jobs import JobFailed
-    from ..aws.local import run_local
+def _run_all(
+    runs: list[Run], launcher: Launcher, *, wait: bool, logs: bool = True, poll_s: float = 30.0
+) -> None:
+    """Launch every job, then follow every handle until its job ends. A job that cannot be
+    launched (e.g. a quota) or that fails is recorded with its reason and the others go on."""
+    from ..aws.jobs import TERMINAL, JobHandle
 
+    handles: dict[str, JobHandle] = {}
     for run in runs:
         log.info("comparison: %s (%s)", run.method.label, run.job)
         try:
-            job = run_local(run.request, workdir, stream_logs=logs)  # type: ignore[arg-type]
-        except JobFailed as exc:
-            run.status, run.reason = "failed", exc.reason.strip() or "failed"
-            log.error("%s failed: %s", run.method.label, run.reason)
-            continue
-        run.status, run.model_s3 = "completed", job.model_s3
-
-
-def _run_on_sagemaker(runs: list[Run], *, wait: bool, poll_s: float = 30.0) -> None:
-    """Submit every job, then follow them all until each ends."""
-    from ..aws.jobs import TERMINAL, TrainingJob, submit
-
-    handles: dict[str, TrainingJob] = {}
-    for run in runs:
-        try:
-            handles[run.job] = submit(run.request)  # type: ignore[arg-type]
-        except SpectrumError as exc:  # e.g. a quota: the jobs already sent go on
+            handles[run.job] = launcher.launch(run.request, logs=logs)  # type: ignore[arg-type]
+        except SpectrumError as exc:  # the jobs already sent go on
             run.status, run.reason = "failed", f"not submitted: {exc}"
             log.error("%s: %s", run.method.label, run.reason)
             continue
@@ -350,13 +319,14 @@ def _run_on_sagemaker(runs: list[Run], *, wait: bool, poll_s: float = 30.0) -> N
                     run.status = "failed"
                     reason = description.get("FailureReason", "no reason given")
                     run.reason = f"{status}: {reason}"
+                    log.error("%s failed: %s", run.method.label, run.reason)
                 log.info("%s: %s (%d still running)", run.method.label, status, len(pending))
             if pending:
                 time.sleep(poll_s)
     except KeyboardInterrupt:
         names = " ".join(handles)
         log.warning(
-            "interrupted: the jobs keep running on SageMaker; when they end: spectrum-sm "
+            "interrupted: the jobs that were sent keep running; when they end: spectrum-sm "
             "compare --collect %s",
             names,
         )
