@@ -374,6 +374,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         ("full", result["full_params"]),
         (f"lora r={args.lora_rank}", result["lora_params"]),
     ]
+    if result.get("expert_params"):  # MoE: how much of Spectrum's count is expert slices
+        rows.insert(2, ("spectrum, expert slices", result["expert_trainable_params"]))
     for label, count in rows:
         print(f"  {label:24} trainable {count:>16,}  ({100 * count / total:6.2f}%)")
     print(

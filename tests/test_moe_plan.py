@@ -197,3 +197,14 @@ def test_plan_cli_on_moe_models_counts_experts(model):
         result["trainable_params"] - result["embedding_params"]
     )
     assert result["recommended"]["spectrum"] is not None
+
+
+def test_plan_cli_text_shows_the_expert_slices_of_spectrums_count():
+    from factories import run_cli
+
+    proc = run_cli("plan", "Qwen/Qwen3-30B-A3B", "--top-percent", "30", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "spectrum, expert slices" in x)
+    assert "8,455,716,864" in line
+    dense = run_cli("plan", "Qwen/Qwen3-8B", "--top-percent", "30", env={"HF_HUB_OFFLINE": "1"})
+    assert dense.returncode == 0 and "expert slices" not in dense.stdout
