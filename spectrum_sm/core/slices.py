@@ -91,7 +91,11 @@ def install_slices(model: torch.nn.Module, parts: dict[str, Sequence[tuple[slice
         slices = Slices(module_name, leaf, index)
         slices.handles = [
             module.register_forward_pre_hook(_compose(slices)),
-            module.register_forward_hook(_release(slices)),
+            # always_call: activation checkpointing stops a recomputed forward early (an
+            # exception inside it) once it has what backward needs; without this the composed
+            # copy would outlive its layer until the next step (measured: one more copy of all
+            # the experts held between steps).
+            module.register_forward_hook(_release(slices), always_call=True),
         ]
         installed[name] = slices
     # A plain attribute, not a module or parameter: it is no part of the state dict.
