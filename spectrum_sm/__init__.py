@@ -18,6 +18,7 @@ _LAZY = {
     "select_layers": "spectrum_sm.core.selection",
     "load_results": "spectrum_sm.core.selection",
     "freeze_except": "spectrum_sm.core.freeze",
+    "merge_slices": "spectrum_sm.core.slices",
     "load_pipeline": "spectrum_sm.aws.config",
     "run_pipeline": "spectrum_sm.aws.pipeline",
     "TrainingJob": "spectrum_sm.aws.jobs",
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .core.freeze import freeze_except
     from .core.scanner import ScanResult
     from .core.selection import load_results, select_layers
+    from .core.slices import merge_slices
 
 __all__ = [
     "ScanResult",
@@ -49,6 +51,7 @@ __all__ = [
     "freeze_except",
     "load_pipeline",
     "load_results",
+    "merge_slices",
     "run_pipeline",
     "scan",
     "select",

@@ -17,7 +17,6 @@ from spectrum_sm.core.names import model_class_for
 from spectrum_sm.core.slices import (
     SUFFIX,
     installed_slices,
-    merge_slices,
     selection_index,
     trained_values,
 )
@@ -146,7 +145,7 @@ def test_a_merged_model_saves_as_a_plain_model(family, tmp_path):
     spectrum_sm.freeze_except(model, layers)
     names = set(installed_slices(model))
     expected = {n: trained_values(model, n) for n in names}
-    merge_slices(model)
+    spectrum_sm.merge_slices(model)  # the public name, for users' own training loops
     assert not installed_slices(model)
     assert not any(n.endswith(SUFFIX) for n, _ in model.named_parameters())
     model.save_pretrained(tmp_path / "merged")
