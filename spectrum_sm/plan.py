@@ -17,8 +17,7 @@ from .training.memory import (
     Estimate,
     build_meta,
     count_parameters,
-    estimate_memory,
-    method_counts,
+    estimate_method,
 )
 
 #: The instance types the planner recommends from (cheapest first by the prices). Not
@@ -62,7 +61,8 @@ def plan(
         )
     meta, cfg = build_meta(model_config(model))
     counts = count_parameters(meta, percent, lora_rank)
-    methods = {m: method_counts(counts, m)[0] for m in ("spectrum", "full", "lora")}
+    methods = ("spectrum", "full", "lora")
+    settings = dict(precision=precision, seq=seq, batch=batch, checkpointing=checkpointing)
     instances = []
     from .prices import load_prices
 
@@ -71,20 +71,9 @@ def plan(
         gpus, gib = INSTANCES[name].gpus, INSTANCES[name].gpu_gib
         price = prices.hourly("us-east-1", name)
         fits = {}
-        for method, trainable in methods.items():
-            est = estimate_memory(
-                cfg,
-                counts.total_params,
-                trainable,
-                method,
-                precision=precision,
-                seq=seq,
-                batch=batch,
-                checkpointing=checkpointing,
-                gpus=gpus,
-                sharded=sharded and gpus > 1,
-                counts=counts,
-            )
+        sharding = sharded and gpus > 1
+        for method in methods:
+            est = estimate_method(cfg, counts, method, gpus=gpus, sharded=sharding, **settings)
             fits[method] = {
                 "per_gpu_gib": round(est.total_gib, 2),
                 "fits": est.total_gib <= 0.9 * gib,
@@ -98,22 +87,7 @@ def plan(
                 "methods": fits,
             }
         )
-    single = {
-        m: asdict(
-            estimate_memory(
-                cfg,
-                counts.total_params,
-                t,
-                m,
-                precision=precision,
-                seq=seq,
-                batch=batch,
-                checkpointing=checkpointing,
-                counts=counts,
-            )
-        )
-        for m, t in methods.items()
-    }
+    single = {m: asdict(estimate_method(cfg, counts, m, **settings)) for m in methods}
     return {
         "model": model,
         "top_percent": percent,

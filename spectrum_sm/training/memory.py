@@ -527,6 +527,13 @@ def estimate_memory(
     )
 
 
+def estimate_method(cfg, counts: Counts, method: str, **settings: Any) -> Estimate:
+    """:func:`estimate_memory` of ``method`` for a model counted by :func:`count_parameters`
+    (``settings``: its keywords, e.g. ``precision``, ``seq``, ``gpus``, ``sharded``)."""
+    trainable = method_counts(counts, method)[0]
+    return estimate_memory(cfg, counts.total_params, trainable, method, counts=counts, **settings)
+
+
 def plan_distribution(
     config: dict[str, Any],
     *,
@@ -543,14 +550,9 @@ def plan_distribution(
     does; ``fits`` says whether either does, with the planner's per-GPU numbers."""
     meta, cfg = build_meta(config)
     counts = count_parameters(meta, percent)
-    trainable = method_counts(counts, method)[0]
-    common = dict(
-        precision=precision, seq=seq, batch=batch, checkpointing=checkpointing, counts=counts
-    )
-    ddp = estimate_memory(cfg, counts.total_params, trainable, method, gpus=gpus, **common)
-    fsdp = estimate_memory(
-        cfg, counts.total_params, trainable, method, gpus=gpus, sharded=gpus > 1, **common
-    )
+    settings = dict(precision=precision, seq=seq, batch=batch, checkpointing=checkpointing)
+    ddp = estimate_method(cfg, counts, method, gpus=gpus, **settings)
+    fsdp = estimate_method(cfg, counts, method, gpus=gpus, sharded=gpus > 1, **settings)
     limit = 0.9 * gpu_gib
     numbers = {"ddp_gib": round(ddp.total_gib, 1), "fsdp_gib": round(fsdp.total_gib, 1)}
     if ddp.total_gib <= limit or method in ("lora", "qlora"):
