@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-from families import MOE, make_family
-from test_families import expected_changes
+from families import FUSED_EXPERTS, MOE, make_family
+from test_families import changed_expert_slices, expected_changes, expected_expert_slices
 from test_recipe import torchrun
 from test_train import TRAIN, model_tensors, run_train
 
@@ -80,6 +80,8 @@ def test_two_processes_fsdp_and_ddp_match_one_process_and_change_only_the_slices
         changed = {n for n in before if not torch.equal(before[n], after[n])}
         assert changed <= expected, (name, key, changed - expected)
         assert any(".experts." in n for n in changed), (name, key)
+        if name in FUSED_EXPERTS:  # stored fused: the rows of unselected experts stay too
+            assert changed_expert_slices(before, after) <= expected_expert_slices(result), key
         # Trained tensors agree with one process up to float32 summation order. AdamW turns a
         # round-off in a near-zero gradient into a whole step, and a router's logits pick the
         # experts, so the bound is relative to the update: measured at most 0.2% of it (a rank

@@ -195,3 +195,47 @@ def test_the_prepared_gpu_check_runs_as_written_at_toy_widths():
     assert 0 < spectrum["trainable_params"] < full["trainable_params"]
     assert spectrum["optimizer_state_bytes"] < 0.5 * full["optimizer_state_bytes"]
     assert spectrum["planned_gib"] > 0 and full["planned_gib"] > 0
+
+
+def test_save_pretrained_without_merging_keeps_the_training(family, tmp_path):
+    """A user's own loop (or HF Trainer) saves without merge_slices: state_dict() folds the
+    trained values into the fused weights, and loading a plain state dict refreshes them."""
+    _, paths, layers = family
+    model = load(paths, torch.float32)
+    spectrum_sm.freeze_except(model, layers)
+    train_steps(model, [p for p in model.parameters() if p.requires_grad], steps=1)
+    names = set(installed_slices(model))
+    expected = {n: trained_values(model, n) for n in names}
+    assert not any(k.endswith(SUFFIX) for k in model.state_dict())
+    model.save_pretrained(tmp_path / "saved")
+    again = load({"model": tmp_path / "saved"}, torch.float32)
+    params = dict(again.named_parameters())
+    assert all(torch.equal(params[n], expected[n]) for n in names)
+    fresh = load(paths, torch.float32)
+    spectrum_sm.freeze_except(fresh, layers)
+    fresh.load_state_dict(again.state_dict())  # strict: the slice keys are not asked for
+    assert all(torch.equal(trained_values(fresh, n), expected[n]) for n in names)
+
+
+def test_a_sliced_tied_embedding_trains_through_both_of_its_uses(tmp_path):
+    """axolotl's example entry on a tied model: the lm_head's use of the embedding must reach
+    the slice's gradient too (the masked whole parameter is the reference)."""
+    paths = make_family("qwen3-tied", tmp_path)
+    layer_file = tmp_path / "rows.yaml"
+    layer_file.write_text("unfrozen_parameters:\n- ^model.embed_tokens.weight$[0:32]\n")
+    model = load(paths, torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reference = copy.deepcopy(model)
+    spectrum_sm.freeze_except(model, layer_file)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)
+    )
+    model(input_ids=ids, labels=ids).loss.backward()
+    (item,) = installed_slices(model).values()
+    ours = dict(model.named_parameters())[item.slice_name].grad
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    weight = reference.model.embed_tokens.weight
+    weight.requires_grad_(True)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    assert torch.allclose(ours, weight.grad[:32], rtol=1e-5, atol=1e-7)

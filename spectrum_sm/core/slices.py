@@ -14,8 +14,13 @@ forward reads under the parameter's name for that call. So:
 - the fused parameter never changes, so the frozen slices stay bit-identical, and the slice
   parameters are ordinary parameters: DDP averages them, FSDP2 shards them on their first
   dimension like any other, AdamW decays them (the fused weight gets no decay at all);
-- :func:`merge_slices` (before ``save_pretrained``) or :func:`merged_state_dict` (a gathered
-  state dict) writes the trained values back, and the model is a plain transformers model again.
+- ``state_dict()`` is a plain model's (the trained values folded into the fused weight), so
+  ``save_pretrained`` and Trainer's saves keep the training, and ``load_state_dict`` of a plain
+  state dict refreshes the slices; :func:`merge_slices` makes the model plain again, and
+  :func:`merged_state_dict` folds a gathered FSDP2 state dict (sharded tensors are not folded);
+- every module holding the parameter (a tied ``lm_head``) reads the composed weight;
+- the slice parameter has the fused weight's dtype; train.py makes it float32 like every
+  trainable weight.
 """
 
 from __future__ import annotations
@@ -81,21 +86,31 @@ def install_slices(model: torch.nn.Module, parts: dict[str, Sequence[tuple[slice
     installed = getattr(model, ATTRIBUTE, None) or {}
     for name, regions in parts.items():
         module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        fused = module._parameters[leaf]
+        owner = model.get_submodule(module_name)
+        fused = owner._parameters[leaf]
         index = selection_index(fused.shape, regions)
         with torch.no_grad():
             values = fused.detach()[index].clone()
         fused.requires_grad_(False)
-        module.register_parameter(leaf + SUFFIX, torch.nn.Parameter(values, requires_grad=True))
+        owner.register_parameter(leaf + SUFFIX, torch.nn.Parameter(values, requires_grad=True))
         slices = Slices(module_name, leaf, index)
-        slices.handles = [
-            module.register_forward_pre_hook(_compose(slices)),
-            # always_call: activation checkpointing stops a recomputed forward early (an
-            # exception inside it) once it has what backward needs; without this the composed
-            # copy would outlive its layer until the next step (measured: one more copy of all
-            # the experts held between steps).
-            module.register_forward_hook(_release(slices), always_call=True),
+        # Every module holding this parameter (a tied lm_head holds the embedding's) reads the
+        # composed weight, so both uses train the one slice parameter.
+        for holder, holder_leaf in _holders(model, fused):
+            slices.handles += [
+                holder.register_forward_pre_hook(_compose(slices, owner, holder_leaf)),
+                # always_call: activation checkpointing stops a recomputed forward early (an
+                # exception inside it) once it has what backward needs; without this the
+                # composed copy would outlive its layer until the next step (measured: one
+                # more copy of all the experts held between steps).
+                holder.register_forward_hook(_release(holder_leaf), always_call=True),
+            ]
+        # state_dict() stays a plain model's (the trained values in the fused weight, no slice
+        # key), so save_pretrained, Trainer.save_model and push_to_hub save the training;
+        # load_state_dict refreshes the slices from an incoming fused weight.
+        slices.handles += [
+            owner.register_state_dict_post_hook(_fold(slices)),
+            owner._register_load_state_dict_pre_hook(_unfold(slices, owner)),
         ]
         installed[name] = slices
     # A plain attribute, not a module or parameter: it is no part of the state dict.
@@ -103,25 +118,63 @@ def install_slices(model: torch.nn.Module, parts: dict[str, Sequence[tuple[slice
     return installed
 
 
-def _compose(slices: Slices):
+def _holders(model, param) -> list[tuple[Any, str]]:
+    return [
+        (module, leaf)
+        for module in {id(m): m for m in model.modules()}.values()
+        for leaf, held in module._parameters.items()
+        if held is param
+    ]
+
+
+def _compose(slices: Slices, owner, leaf: str):
     import torch
 
     def hook(module, args):
-        fused = module._parameters[slices.leaf]
-        values = module._parameters[slices.leaf + SUFFIX]
+        fused = module._parameters[leaf]
+        values = owner._parameters[slices.leaf + SUFFIX]
         # Out of place: the fused weight itself stays untouched; only the values get gradients.
         composed = torch.index_put(
             fused.detach(), slices.index_on(fused.device), values.to(fused.dtype)
         )
         # An instance attribute wins over the module's parameter lookup for this forward.
-        module.__dict__[slices.leaf] = composed
+        module.__dict__[leaf] = composed
 
     return hook
 
 
-def _release(slices: Slices):
+def _release(leaf: str):
     def hook(module, args, output):
-        module.__dict__.pop(slices.leaf, None)
+        module.__dict__.pop(leaf, None)
+
+    return hook
+
+
+def _fold(slices: Slices):
+    import torch
+
+    def hook(module, state, prefix, local_metadata):
+        key, slice_key = prefix + slices.leaf, prefix + slices.leaf + SUFFIX
+        if key not in state or slice_key not in state:
+            return
+        fused, values = state[key], state[slice_key]
+        if hasattr(fused, "device_mesh") or hasattr(values, "device_mesh"):
+            return  # FSDP2 shards: the recipe merges the gathered state (merged_state_dict)
+        state[key] = torch.index_put(
+            fused.detach(), slices.index_on(fused.device), values.detach().to(fused.dtype)
+        )
+        del state[slice_key]
+
+    return hook
+
+
+def _unfold(slices: Slices, owner):
+    def hook(state, prefix, *args):
+        key, slice_key = prefix + slices.leaf, prefix + slices.leaf + SUFFIX
+        if key in state and slice_key not in state:
+            current = owner._parameters[slices.leaf + SUFFIX]
+            incoming = state[key]
+            state[slice_key] = incoming[slices.index_on(incoming.device)].to(current.dtype)
 
     return hook
 
@@ -143,7 +196,8 @@ def merge_slices(model: torch.nn.Module) -> None:
             fused.data[slices.index_on(fused.device)] = values.detach().to(fused.dtype)
         for handle in slices.handles:
             handle.remove()
-        module.__dict__.pop(slices.leaf, None)
+        for holder, leaf in _holders(model, fused):
+            holder.__dict__.pop(leaf, None)
     object.__setattr__(model, ATTRIBUTE, {})
 
 
@@ -151,6 +205,8 @@ def merged_state_dict(state: dict[str, Any], slices: dict[str, Slices]) -> dict[
     """A full (gathered) state dict with the slice entries written into their fused weights."""
     state = dict(state)
     for name, item in slices.items():
+        if item.slice_name not in state:  # folded already (an unsharded state_dict())
+            continue
         values = state.pop(item.slice_name)
         fused = state[name].clone()
         fused[item.index_on(fused.device)] = values.to(fused.dtype)
