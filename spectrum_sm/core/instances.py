@@ -39,40 +39,54 @@ class Instance:
         return has_instance_storage(self.name)
 
 
-def _table(*rows: Instance) -> dict[str, Instance]:
-    return {row.name: row for row in rows}
+def _table(text: str) -> dict[str, Instance]:
+    """The rows of a text table (below), keyed by instance type; ``#`` starts a comment."""
+    rows = {}
+    for line in text.splitlines():
+        if not line.split("#")[0].strip():
+            continue
+        name, gpus, gpu_gib, host_gib, *efa = line.split("#")[0].split()
+        rows[f"ml.{name}"] = Instance(
+            f"ml.{name}", int(gpus), int(gpu_gib), int(host_gib), bool(efa), efa == ["rdma"]
+        )
+    return rows
 
 
+#: EFA: "efa" (EFA for NCCL, the SDK's SM_EFA_NCCL_INSTANCES), "rdma" (EFA with device RDMA
+#: too, SM_EFA_RDMA_INSTANCES) or nothing. Memory in whole GiB.
 INSTANCES: dict[str, Instance] = _table(
-    Instance("ml.m5.large", 0, 0, 8),
-    Instance("ml.m5.xlarge", 0, 0, 16),
-    Instance("ml.m5.2xlarge", 0, 0, 32),
-    Instance("ml.m5.4xlarge", 0, 0, 64),
-    Instance("ml.m5.12xlarge", 0, 0, 192),
-    Instance("ml.c5.xlarge", 0, 0, 8),
-    Instance("ml.c5.2xlarge", 0, 0, 16),
-    Instance("ml.g4dn.xlarge", 1, 16, 16),
-    Instance("ml.g4dn.2xlarge", 1, 16, 32),
-    Instance("ml.g4dn.8xlarge", 1, 16, 128, efa=True),
-    Instance("ml.g4dn.12xlarge", 4, 16, 192, efa=True),
-    Instance("ml.g5.xlarge", 1, 24, 16),
-    Instance("ml.g5.2xlarge", 1, 24, 32),
-    Instance("ml.g5.4xlarge", 1, 24, 64),
-    Instance("ml.g5.8xlarge", 1, 24, 128),
-    Instance("ml.g5.12xlarge", 4, 24, 192),
-    Instance("ml.g5.16xlarge", 1, 24, 256),
-    Instance("ml.g5.24xlarge", 4, 24, 384),
-    Instance("ml.g5.48xlarge", 8, 24, 768, efa=True),
-    Instance("ml.g6e.xlarge", 1, 48, 32),
-    Instance("ml.g6e.2xlarge", 1, 48, 64),
-    Instance("ml.g6e.12xlarge", 4, 48, 384),
-    Instance("ml.g6e.48xlarge", 8, 48, 1536),
-    Instance("ml.p3dn.24xlarge", 8, 32, 768, efa=True),
-    Instance("ml.p4d.24xlarge", 8, 40, 1152, efa=True, efa_rdma=True),
-    Instance("ml.p4de.24xlarge", 8, 80, 1152, efa=True, efa_rdma=True),
-    Instance("ml.p5.48xlarge", 8, 80, 2048, efa=True, efa_rdma=True),
-    Instance("ml.p5e.48xlarge", 8, 141, 2048, efa=True, efa_rdma=True),
-    Instance("ml.trn1.32xlarge", 0, 0, 512, efa=True, efa_rdma=True),  # Trainium, not CUDA
+    """
+# type (less ml.)  GPUs  GiB/GPU  host GiB  EFA
+m5.large           0     0      8
+m5.xlarge          0     0     16
+m5.2xlarge         0     0     32
+m5.4xlarge         0     0     64
+m5.12xlarge        0     0    192
+c5.xlarge          0     0      8
+c5.2xlarge         0     0     16
+g4dn.xlarge        1    16     16
+g4dn.2xlarge       1    16     32
+g4dn.8xlarge       1    16    128  efa
+g4dn.12xlarge      4    16    192  efa
+g5.xlarge          1    24     16
+g5.2xlarge         1    24     32
+g5.4xlarge         1    24     64
+g5.8xlarge         1    24    128
+g5.12xlarge        4    24    192
+g5.16xlarge        1    24    256
+g5.24xlarge        4    24    384
+g5.48xlarge        8    24    768  efa
+g6e.xlarge         1    48     32
+g6e.2xlarge        1    48     64
+g6e.12xlarge       4    48    384
+g6e.48xlarge       8    48   1536
+p3dn.24xlarge      8    32    768  efa
+p4d.24xlarge       8    40   1152  rdma
+p4de.24xlarge      8    80   1152  rdma
+p5.48xlarge        8    80   2048  rdma
+p5e.48xlarge       8   141   2048  rdma
+trn1.32xlarge      0     0    512  rdma  # Trainium, not CUDA
+"""
 )
 
 

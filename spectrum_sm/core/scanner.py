@@ -361,17 +361,8 @@ def _plan(
                 refused.append(f"{info.name} ({info.dtype})")
                 continue
         module = names.module(info.name)
-        kind = module_type(module)
         weights.append(
-            _Weight(
-                info,
-                module,
-                kind if tower == "language" else f"{tower}:{kind}",
-                tower,
-                target.entry(),
-                scale,
-                block,
-            )
+            _Weight(info, module, _type_of(module, tower), tower, target.entry(), scale, block)
         )
     if malformed:
         more = f"; and {len(malformed) - 3} more" if len(malformed) > 3 else ""
@@ -402,6 +393,13 @@ def _plan(
     for reason in skipped:
         log.info("skipped %s", reason)
     return _Plan(weights, names, skipped)
+
+
+def _type_of(module: str, tower: str) -> str:
+    """A weight's type: its module's, with the tower before it outside the language model
+    (``vision:qkv``)."""
+    kind = module_type(module)
+    return kind if tower == "language" else f"{tower}:{kind}"
 
 
 def _fused_experts(
@@ -450,18 +448,9 @@ def _expert_weights(
     weights = []
     for expert in range(info.shape[0]):
         module, target = names.expert(info.name, expert, with_bias)
-        kind = module_type(module)
+        kind = _type_of(module, tower)
         weights.append(
-            _Weight(
-                info,
-                module,
-                kind if tower == "language" else f"{tower}:{kind}",
-                tower,
-                target.entry(),
-                scale,
-                expert=expert,
-                mxfp4=packed,
-            )
+            _Weight(info, module, kind, tower, target.entry(), scale, expert=expert, mxfp4=packed)
         )
     return weights
 
