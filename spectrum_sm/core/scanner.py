@@ -671,10 +671,12 @@ def _run_pipeline(
     precision: str,
     exact: bool,
     chunk_elements: int,
-    progress: Progress,
+    label: str,
+    show_progress: bool,
     opened: dict[str, Any] | None = None,
 ) -> dict[str, TensorScore]:
-    """Fetch shards one ahead, score their weights on a pool of workers, release shards."""
+    """Fetch shards one ahead, score their weights on a pool of workers, release shards
+    (behind a progress bar or log lines named ``label``)."""
     import torch
 
     by_shard: dict[str, list[_Weight]] = {}
@@ -701,6 +703,7 @@ def _run_pipeline(
             return opened[shard]
         return open_shard(source.fetch(shard), f"{source.location}/{shard}")
 
+    progress = Progress(sum(_cost(w) for w in weights), len(weights), label, show_progress)
     try:
         fetches: dict[str, Future] = {shards[0]: fetcher.submit(fetch_and_open, shards[0])}
         in_flight: list[tuple[str, Any, dict[Future, _Weight]]] = []
@@ -738,6 +741,7 @@ def _run_pipeline(
         stop.set()
         raise
     finally:
+        progress.close()
         pool.shutdown(wait=True, cancel_futures=True)
         fetcher.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads_before)
@@ -880,25 +884,18 @@ def _scan(
             method,
         )
         chunk_elements = chunk_mb * 1024 * 1024 // 8
-        pause_hashing = getattr(source, "pause_hashing", None)
-        if pause_hashing is not None:
-            pause_hashing()
-        progress = Progress(
-            sum(_cost(w) for w in plan.weights), len(plan.weights), "SNR scan", show_progress
+        _pause_hashing(source)
+        scores = _run_pipeline(
+            source,
+            plan.weights,
+            device=device,
+            precision=precision,
+            exact=exact,
+            chunk_elements=chunk_elements,
+            label="SNR scan",
+            show_progress=show_progress,
+            opened=opened,
         )
-        try:
-            scores = _run_pipeline(
-                source,
-                plan.weights,
-                device=device,
-                precision=precision,
-                exact=exact,
-                chunk_elements=chunk_elements,
-                progress=progress,
-                opened=opened,
-            )
-        finally:
-            progress.close()
         recomputed = []
         if precision == "certified" and not exact:
             recomputed = _certify(
@@ -908,9 +905,7 @@ def _scan(
     finally:
         for handle in opened.values():
             handle.close()
-        pause_hashing = getattr(source, "pause_hashing", None)
-        if pause_hashing is not None:
-            pause_hashing()  # a failed scan must not leave a hashing thread behind
+        _pause_hashing(source)  # a failed scan must not leave a hashing thread behind
     ordered = {m: scores[m] for m in sorted(scores, key=natural_key)}
     return ScanResult(
         model_name=source.name,
@@ -933,6 +928,14 @@ def _scan(
         certified_percents=percents if not exact and precision == "certified" else [],
         recomputed=recomputed,
     )
+
+
+def _pause_hashing(source: ShardSource) -> None:
+    """Pause a source's background hashing of shards, where it has one (before BLAS workers
+    start, and when a scan ends)."""
+    pause_hashing = getattr(source, "pause_hashing", None)
+    if pause_hashing is not None:
+        pause_hashing()
 
 
 def _certify(
@@ -958,22 +961,17 @@ def _certify(
             "" if len(weights) == 1 else "s",
             ", ".join(doubtful[:3]) + (", ..." if len(doubtful) > 3 else ""),
         )
-        progress = Progress(
-            sum(_cost(w) for w in weights), len(weights), "float64 recheck", show_progress
+        again = _run_pipeline(
+            source,
+            weights,
+            device=device,
+            precision="float64",
+            exact=False,
+            chunk_elements=chunk_elements,
+            label="float64 recheck",
+            show_progress=show_progress,
+            opened=opened,
         )
-        try:
-            again = _run_pipeline(
-                source,
-                weights,
-                device=device,
-                precision="float64",
-                exact=False,
-                chunk_elements=chunk_elements,
-                progress=progress,
-                opened=opened,
-            )
-        finally:
-            progress.close()
         for module, score in again.items():
             low, high = scores[module].bounds
             if not low <= score.snr <= high:  # the error model failed: say so, loudly
