@@ -9,10 +9,10 @@ explicit ``image_uri``. The SDK is imported only here, when a request is built.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from ..core.errors import SpectrumError
+from ..core.names import quiet_logger
 
 #: The Hugging Face training image: transformers 5.3.0 on PyTorch 2.9.0, Python 3.12.
 TRANSFORMERS_VERSION = "5.3.0"
@@ -73,13 +73,6 @@ def default_image(region: str, instance_type: str, *, job: str) -> str:
     return floating.rsplit(":", 1)[0] + ":" + CPU_IMAGE_TAG
 
 
-@contextlib.contextmanager
 def quiet_sdk():
     """Hide the SDK's INFO lines (every defaulted argument) for the duration of a call."""
-    sdk_logger = logging.getLogger("sagemaker")
-    level = sdk_logger.level
-    sdk_logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        sdk_logger.setLevel(level)
+    return quiet_logger("sagemaker", logging.WARNING)

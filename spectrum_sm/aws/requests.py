@@ -338,13 +338,27 @@ def validate_request(request: dict[str, Any]) -> None:
         raise SpectrumError("invalid CreateTrainingJob request: " + "; ".join(problems[:10]))
 
 
+#: What a value of each shape type must be, and how the problem says it is not.
+_EXPECTED = {
+    "structure": (dict, "an object"),
+    "list": (list, "a list"),
+    "map": (dict, "a mapping"),
+    "string": (str, "a string"),
+    "integer": (int, "an integer"),
+    "long": (int, "an integer"),
+    "boolean": (bool, "true or false"),
+}
+
+
 def _walk(shape, value, where: str, problems: list[str]) -> None:
     meta = shape.metadata
     kind = shape.type_name
+    expected, called = _EXPECTED.get(kind, (object, ""))
+    # bool is an int in Python, never in the API
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        problems.append(f"{where}: expected {called}")
+        return
     if kind == "structure":
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected an object")
-            return
         for member in shape.required_members:
             if member not in value:
                 problems.append(f"{where}.{member}: required")
@@ -354,24 +368,15 @@ def _walk(shape, value, where: str, problems: list[str]) -> None:
                 continue
             _walk(shape.members[key], item, f"{where}.{key}", problems)
     elif kind == "list":
-        if not isinstance(value, list):
-            problems.append(f"{where}: expected a list")
-            return
         _size(meta, len(value), where, "items", problems)
         for index, item in enumerate(value):
             _walk(shape.member, item, f"{where}[{index}]", problems)
     elif kind == "map":
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping")
-            return
         _size(meta, len(value), where, "entries", problems)
         for key, item in value.items():
             _walk(shape.key, key, f"{where} key {key!r}", problems)
             _walk(shape.value, item, f"{where}[{key!r}]", problems)
     elif kind == "string":
-        if not isinstance(value, str):
-            problems.append(f"{where}: expected a string")
-            return
         _size(meta, len(value), where, "characters", problems)
         if shape.enum and value not in shape.enum:
             choices = (
@@ -382,12 +387,7 @@ def _walk(shape, value, where: str, problems: list[str]) -> None:
         if pattern and not _full_match(pattern, value):
             problems.append(f"{where}: {value[:80]!r} does not match {pattern}")
     elif kind in ("integer", "long"):
-        if not isinstance(value, int) or isinstance(value, bool):
-            problems.append(f"{where}: expected an integer")
-            return
         _size(meta, value, where, "", problems)
-    elif kind == "boolean" and not isinstance(value, bool):
-        problems.append(f"{where}: expected true or false")
 
 
 def _size(meta: dict, size: int, where: str, unit: str, problems: list[str]) -> None:

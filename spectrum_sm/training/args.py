@@ -23,215 +23,129 @@ METHODS = ("spectrum", "full", "lora", "qlora")
 COMPUTE_PRECISIONS = ("bf16", "fp16", "fp32")
 PRECISIONS = ("auto", *COMPUTE_PRECISIONS)
 DISTRIBUTIONS = ("auto", "ddp", "fsdp", "zero3")
-#: What a job's launcher runs: zero3 needs ``accelerate launch`` with DeepSpeed, which it is not.
+#: What a job may ask for: train.py refuses zero3 (DeepSpeed) with a message pointing to fsdp,
+#: which shards the same state, so a job request never carries it.
 JOB_DISTRIBUTIONS = tuple(d for d in DISTRIBUTIONS if d != "zero3")
 #: Shorter windows leave a chat row hardly any assistant token to learn from.
 MIN_SEQ_LENGTH = 16
 
 
+def _arg(default: Any, help: str, *roles: str) -> Any:
+    """A TrainArgs field: its default (a callable one is called per instance, so the container's
+    environment is read when the arguments are), its help text and its roles (:func:`with_role`)."""
+    metadata = {"help": help, "roles": roles}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainArgs:
-    model_name_or_path: str | None = field(
-        default_factory=lambda: env_path("SM_CHANNEL_MODEL"),
-        metadata={
-            "roles": ("job",),
-            "help": "model folder or Hub id (default: the 'model' channel)",
-        },
+    model_name_or_path: str | None = _arg(
+        lambda: env_path("SM_CHANNEL_MODEL"),
+        "model folder or Hub id (default: the 'model' channel)",
+        "job",
     )
-    spectrum_config: str | None = field(
-        default_factory=lambda: env_path("SM_CHANNEL_SPECTRUM"),
-        metadata={
-            "roles": ("job",),
-            "help": "layer file, or a folder holding one (default: the 'spectrum' channel)",
-        },
+    spectrum_config: str | None = _arg(
+        lambda: env_path("SM_CHANNEL_SPECTRUM"),
+        "layer file, or a folder holding one (default: the 'spectrum' channel)",
+        "job",
     )
-    train_data: str | None = field(
-        default_factory=lambda: env_path("SM_CHANNEL_TRAIN"),
-        metadata={
-            "roles": ("job",),
-            "help": "jsonl/json/parquet/csv/arrow file or folder, save_to_disk folder or Hub "
-            "dataset id (default: the 'train' channel)",
-        },
+    train_data: str | None = _arg(
+        lambda: env_path("SM_CHANNEL_TRAIN"),
+        "jsonl/json/parquet/csv/arrow file or folder, save_to_disk folder or Hub "
+        "dataset id (default: the 'train' channel)",
+        "job",
     )
-    validation_data: str | None = field(
-        default_factory=lambda: env_path("SM_CHANNEL_VALIDATION"),
-        metadata={
-            "roles": ("job",),
-            "help": "validation data (default: the 'validation' channel, if any)",
-        },
+    validation_data: str | None = _arg(
+        lambda: env_path("SM_CHANNEL_VALIDATION"),
+        "validation data (default: the 'validation' channel, if any)",
+        "job",
     )
-    output_dir: str = field(
-        default_factory=lambda: env_path("SM_MODEL_DIR") or "output",
-        metadata={
-            "roles": ("job",),
-            "help": "where the fine-tuned model goes (default: SM_MODEL_DIR)",
-        },
+    output_dir: str = _arg(
+        lambda: env_path("SM_MODEL_DIR") or "output",
+        "where the fine-tuned model goes (default: SM_MODEL_DIR)",
+        "job",
     )
-    checkpoint_dir: str | None = field(
-        default_factory=default_checkpoint_dir,
-        metadata={
-            "roles": ("job",),
-            "help": "checkpoints for resume (default: /opt/ml/checkpoints in a job)",
-        },
+    checkpoint_dir: str | None = _arg(
+        default_checkpoint_dir,
+        "checkpoints for resume (default: /opt/ml/checkpoints in a job)",
+        "job",
     )
-    tensorboard_dir: str = field(
-        default_factory=lambda: env_path("SM_TENSORBOARD_DIR") or "",
-        metadata={
-            "roles": ("job",),
-            "help": "write TensorBoard scalars here (default: the job's tensorboard dir)",
-        },
+    tensorboard_dir: str = _arg(
+        lambda: env_path("SM_TENSORBOARD_DIR") or "",
+        "write TensorBoard scalars here (default: the job's tensorboard dir)",
+        "job",
     )
-    resume_from: str = field(
-        default_factory=lambda: env_path("SM_CHANNEL_RESUME") or "",
-        metadata={
-            "help": "continue another run from its checkpoint folder (on purpose; default: the "
-            "job's 'resume' channel)"
-        },
+    resume_from: str = _arg(
+        lambda: env_path("SM_CHANNEL_RESUME") or "",
+        "continue another run from its checkpoint folder (on purpose; default: the "
+        "job's 'resume' channel)",
     )
-    method: str = field(
-        default="spectrum",
-        metadata={"roles": ("fingerprint",), "help": "spectrum | full | lora | qlora"},
+    method: str = _arg("spectrum", "spectrum | full | lora | qlora", "fingerprint")
+    distribution: str = _arg(
+        "auto", "ddp | fsdp (FSDP2) | zero3 | auto (the planner's choice for the GPU)"
     )
-    distribution: str = field(
-        default="auto",
-        metadata={"help": "ddp | fsdp (FSDP2) | zero3 | auto (the planner's choice for the GPU)"},
+    max_steps: int = _arg(-1, "optimizer steps; -1: use epochs", "fingerprint", "budget")
+    num_train_epochs: float = _arg(1.0, "epochs when max_steps < 0", "fingerprint", "budget")
+    save_steps: int = _arg(0, "checkpoint every N steps (0: never)")
+    save_total_limit: int = _arg(2, "checkpoints kept")
+    learning_rate: float = _arg(2e-5, "peak learning rate", "fingerprint")
+    weight_decay: float = _arg(0.0, "AdamW weight decay", "fingerprint")
+    warmup_ratio: float = _arg(0.03, "share of steps for warmup", "fingerprint")
+    max_grad_norm: float = _arg(1.0, "gradient clipping norm", "fingerprint")
+    per_device_train_batch_size: int = _arg(1, "micro-batch size", "fingerprint", "budget")
+    per_device_eval_batch_size: int = _arg(1, "eval batch size", "budget")
+    gradient_accumulation_steps: int = _arg(1, "micro-batches/step", "fingerprint", "budget")
+    max_seq_length: int = _arg(2048, "tokens per example", "fingerprint", "budget")
+    precision: str = _arg(
+        "auto", "bf16 | fp16 | fp32 | auto (bf16 on a capable GPU)", "fingerprint"
     )
-    max_steps: int = field(
-        default=-1,
-        metadata={"roles": ("fingerprint", "budget"), "help": "optimizer steps; -1: use epochs"},
+    gradient_checkpointing: bool = _arg(False, "non-reentrant")
+    packing: bool = _arg(False, "concatenate examples into blocks", "fingerprint", "budget")
+    train_split: str = _arg(
+        "train", "split of a Hub dataset or a DatasetDict folder", "fingerprint", "budget"
     )
-    num_train_epochs: float = field(
-        default=1.0,
-        metadata={"roles": ("fingerprint", "budget"), "help": "epochs when max_steps < 0"},
+    validation_split: str = _arg("validation", "split of the validation data", "budget")
+    validation_share: float = _arg(
+        0.0,
+        "without validation data: hold out this share of the training rows (the "
+        "same rows for the same data and seed) and validate on them",
+        "budget",
     )
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: never)"})
-    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
-    learning_rate: float = field(
-        default=2e-5, metadata={"roles": ("fingerprint",), "help": "peak learning rate"}
+    dataset_config: str = _arg("", "a Hub dataset's config name", "fingerprint")
+    columns: str = _arg("", "rename fields, e.g. prompt=question,completion=answer", "fingerprint")
+    prompt_template: str = _arg(
+        "", "format string over a row's fields, e.g. '{question}'", "fingerprint"
     )
-    weight_decay: float = field(
-        default=0.0, metadata={"roles": ("fingerprint",), "help": "AdamW weight decay"}
+    completion_template: str = _arg(
+        "", "format string for the answer, e.g. '{answers[text][0]}'", "fingerprint"
     )
-    warmup_ratio: float = field(
-        default=0.03, metadata={"roles": ("fingerprint",), "help": "share of steps for warmup"}
+    system_prompt: str = _arg("", "system message for rows built from templates", "fingerprint")
+    num_proc: int = _arg(0, "tokenizing processes per host (0: its cores, at most 8)")
+    assistant_only_loss: bool = _arg(
+        True,
+        "loss only on what the assistant writes (messages rows), as TRL masks it",
+        "fingerprint",
     )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"roles": ("fingerprint",), "help": "gradient clipping norm"}
+    chat_template_path: str | None = _arg(
+        lambda: env_path("SM_CHANNEL_CHAT_TEMPLATE"),
+        "a .jinja chat template (or a folder holding one) used instead of the "
+        "tokenizer's to render and mask chat rows, e.g. one with {% generation %} blocks "
+        "(default: the 'chat_template' channel, if any)",
+        "job",
     )
-    per_device_train_batch_size: int = field(
-        default=1, metadata={"roles": ("fingerprint", "budget"), "help": "micro-batch size"}
+    seed: int = _arg(42, "seed for data order and init", "fingerprint", "budget")
+    logging_steps: int = _arg(10, "log every N steps")
+    eval_steps: int = _arg(0, "evaluate every N steps (0: at end)", "budget")
+    name_prefix: str = _arg("", "rewrite 'model.' in layer entries (multimodal models)")
+    lora_r: int = _arg(16, "LoRA rank", "fingerprint")
+    lora_alpha: int = _arg(32, "LoRA alpha", "fingerprint")
+    lora_dropout: float = _arg(0.0, "LoRA dropout", "fingerprint")
+    lora_target_modules: str = _arg(
+        "all-linear", "LoRA targets (comma list or all-linear)", "fingerprint"
     )
-    per_device_eval_batch_size: int = field(
-        default=1, metadata={"roles": ("budget",), "help": "eval batch size"}
-    )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"roles": ("fingerprint", "budget"), "help": "micro-batches/step"}
-    )
-    max_seq_length: int = field(
-        default=2048, metadata={"roles": ("fingerprint", "budget"), "help": "tokens per example"}
-    )
-    precision: str = field(
-        default="auto",
-        metadata={
-            "roles": ("fingerprint",),
-            "help": "bf16 | fp16 | fp32 | auto (bf16 on a capable GPU)",
-        },
-    )
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "non-reentrant"})
-    packing: bool = field(
-        default=False,
-        metadata={"roles": ("fingerprint", "budget"), "help": "concatenate examples into blocks"},
-    )
-    train_split: str = field(
-        default="train",
-        metadata={
-            "roles": ("fingerprint", "budget"),
-            "help": "split of a Hub dataset or a DatasetDict folder",
-        },
-    )
-    validation_split: str = field(
-        default="validation",
-        metadata={"roles": ("budget",), "help": "split of the validation data"},
-    )
-    validation_share: float = field(
-        default=0.0,
-        metadata={
-            "roles": ("budget",),
-            "help": "without validation data: hold out this share of the training rows (the "
-            "same rows for the same data and seed) and validate on them",
-        },
-    )
-    dataset_config: str = field(
-        default="", metadata={"roles": ("fingerprint",), "help": "a Hub dataset's config name"}
-    )
-    columns: str = field(
-        default="",
-        metadata={
-            "roles": ("fingerprint",),
-            "help": "rename fields, e.g. prompt=question,completion=answer",
-        },
-    )
-    prompt_template: str = field(
-        default="",
-        metadata={
-            "roles": ("fingerprint",),
-            "help": "format string over a row's fields, e.g. '{question}'",
-        },
-    )
-    completion_template: str = field(
-        default="",
-        metadata={
-            "roles": ("fingerprint",),
-            "help": "format string for the answer, e.g. '{answers[text][0]}'",
-        },
-    )
-    system_prompt: str = field(
-        default="",
-        metadata={
-            "roles": ("fingerprint",),
-            "help": "system message for rows built from templates",
-        },
-    )
-    num_proc: int = field(
-        default=0, metadata={"help": "tokenizing processes per host (0: its cores, at most 8)"}
-    )
-    assistant_only_loss: bool = field(
-        default=True,
-        metadata={
-            "roles": ("fingerprint",),
-            "help": "loss only on what the assistant writes (messages rows), as TRL masks it",
-        },
-    )
-    chat_template_path: str | None = field(
-        default_factory=lambda: env_path("SM_CHANNEL_CHAT_TEMPLATE"),
-        metadata={
-            "roles": ("job",),
-            "help": "a .jinja chat template (or a folder holding one) used instead of the "
-            "tokenizer's to render and mask chat rows, e.g. one with {% generation %} blocks "
-            "(default: the 'chat_template' channel, if any)",
-        },
-    )
-    seed: int = field(
-        default=42,
-        metadata={"roles": ("fingerprint", "budget"), "help": "seed for data order and init"},
-    )
-    logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
-    eval_steps: int = field(
-        default=0, metadata={"roles": ("budget",), "help": "evaluate every N steps (0: at end)"}
-    )
-    name_prefix: str = field(
-        default="", metadata={"help": "rewrite 'model.' in layer entries (multimodal models)"}
-    )
-    lora_r: int = field(default=16, metadata={"roles": ("fingerprint",), "help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"roles": ("fingerprint",), "help": "LoRA alpha"})
-    lora_dropout: float = field(
-        default=0.0, metadata={"roles": ("fingerprint",), "help": "LoRA dropout"}
-    )
-    lora_target_modules: str = field(
-        default="all-linear",
-        metadata={"roles": ("fingerprint",), "help": "LoRA targets (comma list or all-linear)"},
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "for custom models"})
+    trust_remote_code: bool = _arg(False, "for custom models")
 
     def __post_init__(self) -> None:
         problems = []
