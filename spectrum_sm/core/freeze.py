@@ -13,8 +13,9 @@ matches ``model.layers.1.*``, never ``model.layers.10.*``). An entry in the chec
 have it) is translated to the loaded model's parameter and slice by transformers' own mapping.
 A sliced parameter trains only its slices (:mod:`spectrum_sm.core.slices`): the fused parameter
 is frozen and its selected elements become one trainable parameter beside it, so the optimizer
-holds state for them only and the other elements never change. Merge them back with
-:func:`spectrum_sm.core.slices.merge_slices` before ``save_pretrained``.
+holds state for them only and the other elements never change. ``state_dict()`` (and so
+``save_pretrained``) folds the trained values back into the fused weight;
+:func:`spectrum_sm.core.slices.merge_slices` makes the model plain again.
 """
 
 from __future__ import annotations

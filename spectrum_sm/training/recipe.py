@@ -663,7 +663,6 @@ class Recipe:
                 full_state = merged_state_dict(full_state, installed_slices(self.unwrapped))
             else:
                 merge_slices(self.unwrapped)
-        if self.dist.is_main:
             save_model(
                 self.unwrapped,
                 self.tokenizer,
