@@ -6,17 +6,13 @@ rank, and resumes bit-identically after kill -9 of the whole process group."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 from families import FUSED_EXPERTS, MOE, make_family
 from test_families import changed_expert_slices, expected_changes, expected_expert_slices
 from test_recipe import torchrun
-from test_train import TRAIN, model_tensors, run_train
+from test_train import TRAIN, kill_at_first_checkpoint, model_tensors, run_train
 
 import spectrum_sm
 
@@ -114,20 +110,7 @@ def test_fsdp_kill_minus_nine_and_rerun_gives_identical_weights(moe, tmp_path):
     killed = tmp_path / "killed"
     ck = killed / "ck"
     args = args_for(paths, result, killed, "--checkpoint_dir", str(ck), *extra)
-    group = subprocess.Popen(
-        [*torchrun(), str(TRAIN), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 400
-    while not (ck.exists() and any(p.name.startswith("checkpoint-") for p in ck.iterdir())):
-        assert group.poll() is None, "finished before any checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    os.killpg(group.pid, signal.SIGKILL)  # torchrun and both workers
-    group.wait()
+    kill_at_first_checkpoint([*torchrun(), str(TRAIN), *args], ck)  # torchrun and both workers
     proc = run_train(args, launcher=torchrun())
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert 0 < report(killed)["resumed_from_step"] < 24, name

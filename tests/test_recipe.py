@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from test_train import (
     changed_tensors,
     free_port,
     job_root,
+    kill_at_first_checkpoint,
     model_tensors,
     run_train,
     signal_at,
@@ -101,20 +101,7 @@ def test_fsdp_kill_minus_nine_and_rerun_gives_identical_weights(setup, tmp_path)
         "--distribution",
         "fsdp",
     ]
-    group = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 400
-    while not (ck.exists() and any(p.name.startswith("checkpoint-") for p in ck.iterdir())):
-        assert group.poll() is None, "finished before any checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    os.killpg(group.pid, signal.SIGKILL)  # the whole process group: torchrun and both workers
-    group.wait()
+    kill_at_first_checkpoint(cmd, ck)  # the whole process group: torchrun and both workers
     assert not list((killed / "model").iterdir())  # locked from the start, nothing saved yet
     saved = next(p for p in ck.iterdir() if p.name.startswith("checkpoint-"))
     # Each rank wrote its own shard; nothing in a checkpoint needs unpickling.

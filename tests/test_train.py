@@ -88,6 +88,26 @@ def run_train(args, env=None, launcher=None, timeout_s=600):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def kill_at_first_checkpoint(cmd: list[str], checkpoint_dir: Path, timeout_s: float = 400) -> None:
+    """Start ``cmd`` in its own process group, wait for its first checkpoint folder, then
+    SIGKILL the whole group (a launcher and all its workers)."""
+    group = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout_s
+    ck = checkpoint_dir
+    while not (ck.exists() and any(p.name.startswith("checkpoint-") for p in ck.iterdir())):
+        assert group.poll() is None, "finished before any checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(group.pid, signal.SIGKILL)
+    group.wait()
+
+
 #: The weight tensors the ``setup`` layer file unfreezes.
 SELECTED = {
     "lm_head.weight",
@@ -220,20 +240,7 @@ def test_kill_minus_nine_and_resume_gives_identical_weights(setup, tmp_path):
     killed = tmp_path / "killed"
     ck = killed / "ck"
     cmd = base_args(setup, killed, "--checkpoint_dir", str(ck), *args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen(
-        [sys.executable, str(TRAIN), *cmd],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    deadline = time.monotonic() + 300
-    while not (ck.exists() and any(p.name.startswith("checkpoint-") for p in ck.iterdir())):
-        assert child.poll() is None, "finished before any checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_at_first_checkpoint([sys.executable, str(TRAIN), *cmd], ck)
     assert not list((killed / "model").iterdir())  # locked from the start, nothing saved yet
     proc = run_train(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
