@@ -65,6 +65,13 @@ class Slices:
             self._on_device[device] = tuple(i.to(device) for i in self.index)
         return self._on_device[device]
 
+    def compose(self, fused, values):
+        """A new tensor: ``fused`` with ``values`` at the selected positions (out of place, so
+        the fused weight itself stays untouched; only ``values`` can carry a gradient)."""
+        import torch
+
+        return torch.index_put(fused.detach(), self.index_on(fused.device), values.to(fused.dtype))
+
 
 def selection_index(shape: Sequence[int], regions: Sequence[tuple[slice, ...]]):
     """Index tensors (one per leading dimension the regions slice) of the union of ``regions``,
@@ -128,17 +135,12 @@ def _holders(model, param) -> list[tuple[Any, str]]:
 
 
 def _compose(slices: Slices, owner, leaf: str):
-    import torch
 
     def hook(module, args):
         fused = module._parameters[leaf]
         values = owner._parameters[slices.leaf + SUFFIX]
-        # Out of place: the fused weight itself stays untouched; only the values get gradients.
-        composed = torch.index_put(
-            fused.detach(), slices.index_on(fused.device), values.to(fused.dtype)
-        )
         # An instance attribute wins over the module's parameter lookup for this forward.
-        module.__dict__[leaf] = composed
+        module.__dict__[leaf] = slices.compose(fused, values)
 
     return hook
 
@@ -151,7 +153,6 @@ def _release(leaf: str):
 
 
 def _fold(slices: Slices):
-    import torch
 
     def hook(module, state, prefix, local_metadata):
         key, slice_key = prefix + slices.leaf, prefix + slices.leaf + SUFFIX
@@ -160,9 +161,7 @@ def _fold(slices: Slices):
         fused, values = state[key], state[slice_key]
         if hasattr(fused, "device_mesh") or hasattr(values, "device_mesh"):
             return  # FSDP2 shards: the recipe merges the gathered state (merged_state_dict)
-        state[key] = torch.index_put(
-            fused.detach(), slices.index_on(fused.device), values.detach().to(fused.dtype)
-        )
+        state[key] = slices.compose(fused, values.detach())
         del state[slice_key]
 
     return hook
@@ -208,21 +207,16 @@ def merged_state_dict(state: dict[str, Any], slices: dict[str, Slices]) -> dict[
         if item.slice_name not in state:  # folded already (an unsharded state_dict())
             continue
         values = state.pop(item.slice_name)
-        fused = state[name].clone()
-        fused[item.index_on(fused.device)] = values.to(fused.dtype)
-        state[name] = fused
+        state[name] = item.compose(state[name], values)
     return state
 
 
 def trained_values(model: torch.nn.Module, name: str):
     """The current value of a fused parameter with its trained slices in (a new tensor)."""
-    import torch
 
     params = dict(model.named_parameters())
     item = installed_slices(model).get(name)
     fused = params[name].detach()
     if item is None:
         return fused.clone()
-    return torch.index_put(
-        fused, item.index_on(fused.device), params[item.slice_name].detach().to(fused.dtype)
-    )
+    return item.compose(fused, params[item.slice_name].detach())
