@@ -153,3 +153,15 @@ def make_family(name: str, path: Path, seed: int = 0) -> dict[str, Path]:
     data = path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"model": model_dir, "train": data}
+
+
+def make_scanned_family(name: str, path: Path, percent: float = 30):
+    """:func:`make_family` and the real scan of it at ``percent``: ``(paths, result)``, with
+    ``paths["layers"]`` the scan's layer file (the ``setup`` shape of test_train's helpers)."""
+    import spectrum_sm
+
+    paths = make_family(name, path)
+    result = spectrum_sm.scan(
+        paths["model"], percent, output_dir=path / "scan", show_progress=False
+    )
+    return {**paths, "layers": result.files["layers"]}, result

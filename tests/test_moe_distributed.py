@@ -9,46 +9,18 @@ import json
 
 import pytest
 import torch
-from families import FUSED_EXPERTS, MOE, make_family
+from families import FUSED_EXPERTS, MOE, make_scanned_family
 from test_families import changed_expert_slices, expected_changes, expected_expert_slices
 from test_recipe import torchrun
-from test_train import TRAIN, kill_at_first_checkpoint, model_tensors, run_train
-
-import spectrum_sm
+from test_train import TRAIN, base_args, kill_at_first_checkpoint, model_tensors, run_train
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module", params=sorted(MOE))
 def moe(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    paths = make_family(request.param, root)
-    result = spectrum_sm.scan(paths["model"], 30, output_dir=root / "scan", show_progress=False)
+    paths, result = make_scanned_family(request.param, tmp_path_factory.mktemp(request.param))
     return request.param, paths, result
-
-
-def args_for(paths, result, out, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path",
-        str(paths["model"]),
-        "--spectrum_config",
-        str(result.files["layers"]),
-        "--train_data",
-        str(paths["train"]),
-        "--output_dir",
-        str(out / "model"),
-        "--learning_rate",
-        "3e-3",
-        "--max_seq_length",
-        "64",
-        "--seed",
-        "7",
-        "--precision",
-        "fp32",
-        "--warmup_ratio",
-        "0",
-        *extra,
-    ]
 
 
 def report(out) -> dict:
@@ -60,7 +32,7 @@ def test_two_processes_fsdp_and_ddp_match_one_process_and_change_only_the_slices
     runs = {}
     for distribution, processes, batch in (("fsdp", 2, "2"), ("ddp", 2, "2"), ("ddp", 1, "4")):
         out = tmp_path / f"{distribution}-{processes}"
-        args = args_for(paths, result, out, "--max_steps", "6", "--per_device_train_batch_size")
+        args = base_args(paths, out, "--max_steps", "6", "--per_device_train_batch_size")
         proc = run_train(
             [*args, batch, "--distribution", distribution],
             launcher=torchrun(processes) if processes > 1 else None,
@@ -97,19 +69,19 @@ def test_two_processes_fsdp_and_ddp_match_one_process_and_change_only_the_slices
 
 
 def test_fsdp_kill_minus_nine_and_rerun_gives_identical_weights(moe, tmp_path):
-    name, paths, result = moe
+    name, paths, _ = moe
     extra = ["--per_device_train_batch_size", "2", "--max_steps", "24", "--save_steps", "4"]
     extra += ["--distribution", "fsdp"]
     reference = tmp_path / "reference"
     proc = run_train(
-        args_for(paths, result, reference, "--checkpoint_dir", str(reference / "ck"), *extra),
+        base_args(paths, reference, "--checkpoint_dir", str(reference / "ck"), *extra),
         launcher=torchrun(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     killed = tmp_path / "killed"
     ck = killed / "ck"
-    args = args_for(paths, result, killed, "--checkpoint_dir", str(ck), *extra)
+    args = base_args(paths, killed, "--checkpoint_dir", str(ck), *extra)
     kill_at_first_checkpoint([*torchrun(), str(TRAIN), *args], ck)  # torchrun and both workers
     proc = run_train(args, launcher=torchrun())
     assert proc.returncode == 0, proc.stderr[-4000:]

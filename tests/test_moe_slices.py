@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from families import MOE, make_family
+from families import MOE, make_family, make_scanned_family
 
 import spectrum_sm
 from spectrum_sm.core.names import model_class_for
@@ -28,10 +28,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module", params=sorted(MOE))
 def family(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    paths = make_family(request.param, root)
-    result = spectrum_sm.scan(paths["model"], 30, output_dir=root / "scan", show_progress=False)
-    return request.param, paths, result.files["layers"]
+    paths, _ = make_scanned_family(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, paths, paths["layers"]
 
 
 def load(paths, dtype):
