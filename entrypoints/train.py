@@ -21,7 +21,7 @@ from pathlib import Path
 # The job's code folder ships spectrum_sm next to entrypoints/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spectrum_sm.core.container import die_with_parent, write_failure
+from spectrum_sm.core.container import die_with_parent, exit_job, write_failure
 from spectrum_sm.core.errors import SpectrumError
 
 
@@ -54,4 +54,4 @@ def fail(reason: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_job(main())

@@ -329,6 +329,33 @@ def test_two_processes_with_gloo(setup, tmp_path):
     assert changed_tensors(setup["model"], tmp_path / "model") == SELECTED
 
 
+@pytest.mark.parametrize("world_size, teardown", [("1", True), ("2", False)])
+def test_a_worker_of_a_process_group_ends_without_teardown_and_loses_no_output(
+    world_size, teardown, tmp_path
+):
+    """train.py ends through exit_job: a torchrun worker skips interpreter teardown (where a
+    gloo thread letting go of a collective aborted finished runs) yet keeps its exit code and
+    every buffered line; a single process ends normally (atexit handlers run)."""
+    marker = tmp_path / "atexit-ran"
+    script = (
+        "import atexit, logging, sys\n"
+        "from spectrum_sm.core.container import exit_job\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+        "logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='%(message)s')\n"
+        "logging.info('logged')\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "exit_job(3)\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "logged\nbuffered, no newline"
+    assert marker.exists() == teardown
+    assert "exit_job(main())" in TRAIN.read_text()
+
+
 def test_lora_and_full_run_through_the_same_loop(setup, tmp_path):
     for method in ("lora", "full"):
         out = tmp_path / method
