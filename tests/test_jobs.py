@@ -607,3 +607,39 @@ def test_credentials_are_recognised_by_whole_name_parts_and_by_shape():
         (problem,) = secret_problems(analysis(environment={key: value}))
         assert f"environment.{key} looks like a credential" in problem
         assert value not in problem  # never echoed
+
+
+def test_each_job_is_validated_once(tmp_path, monkeypatch):
+    """One check per job, before any lookup: the analysis, the training job and every run of a
+    comparison each validated once (it was two or three times: the step, the plan, the
+    request builder)."""
+    from spectrum_sm.aws import config as config_module
+    from spectrum_sm.aws.pipeline import (
+        launcher_for,
+        plan_analysis_step,
+        plan_training,
+        run_pipeline,
+    )
+    from spectrum_sm.comparison import compare
+
+    checked: list[str] = []
+    problems = config_module.JobConfig.problems
+
+    def counting(self, need_role):
+        checked.append(type(self).__name__)
+        return problems(self, need_role)
+
+    monkeypatch.setattr(config_module.JobConfig, "problems", counting)
+    config = load_pipeline(EXAMPLES / "qwen3-8b.yaml")
+    run_pipeline(config, dry_run=True)
+    assert sorted(checked) == ["AnalysisConfig", "TrainingConfig"]
+    checked.clear()
+    plan_analysis_step(config.analysis, reuse=True, dry_run=True, launcher=launcher_for())
+    assert checked == ["AnalysisConfig"]
+    checked.clear()
+    plan_training(config.training, spectrum_uri="s3://b/layers/", dry_run=True)
+    assert checked == ["TrainingConfig"]
+    checked.clear()
+    result = compare(config, "spectrum:30,full", dry_run=True)
+    assert [run.status for run in result.runs] == ["planned", "planned"]
+    assert sorted(checked) == ["AnalysisConfig", "TrainingConfig", "TrainingConfig"]

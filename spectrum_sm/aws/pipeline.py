@@ -249,7 +249,9 @@ def launcher_for(
     return SageMaker()
 
 
-def _check_account(config: JobConfig, launcher: Launcher, *, dry_run: bool) -> None:
+def check_job(config: JobConfig, launcher: Launcher, *, dry_run: bool) -> None:
+    """A job's config, validated for where it runs (and its role checked with IAM when it asks
+    for that): once per job, before anything is looked up or uploaded for it."""
     validate(config, need_role=launcher.needs_role)
     if launcher.needs_role and not dry_run and config.validate_role:
         check_role(config.role)
@@ -263,12 +265,14 @@ def plan_analysis(
     launcher: Launcher | None = None,
     reuse_key: str | None = None,
     stage_model_s3: str = "",
+    checked: bool = False,
 ) -> PreparedJob:
-    """The analysis job, validated for where it runs (:func:`launcher_for`); nothing uploaded.
-    ``reuse_key`` (the model content and settings) travels to the job, whose manifest records
-    it."""
+    """The analysis job, validated for where it runs (:func:`launcher_for`; ``checked``: by the
+    caller, with :func:`check_job`); nothing uploaded. ``reuse_key`` (the model content and
+    settings) travels to the job, whose manifest records it."""
     launcher = launcher_for(local, launcher=launcher)
-    _check_account(config, launcher, dry_run=dry_run)
+    if not checked:
+        check_job(config, launcher, dry_run=dry_run)
     name = job_name(config.base_job_name, "analysis")
     inputs, uploads, markers = _plan_inputs(config, {"model": config.model}, dry_run=dry_run)
     staged = dataclasses.replace(config, model=inputs["model"])
@@ -278,6 +282,7 @@ def plan_analysis(
         need_role=launcher.needs_role,
         reuse_key=reuse_key or "",
         stage_model_s3=stage_model_s3,
+        checked=True,
     )
     return PreparedJob(request, staged, uploads, markers)
 
@@ -337,12 +342,14 @@ def plan_training(
     local: bool = False,
     launcher: Launcher | None = None,
     kind: str = "train",
+    checked: bool = False,
 ) -> PreparedJob:
     """The training job, validated (hyperparameters with train.py's parser) for where it runs
-    (:func:`launcher_for`); nothing uploaded. ``kind`` is the job name's middle part
-    (``<base>-<kind>-<random>-<time>``)."""
+    (:func:`launcher_for`; ``checked``: by the caller, with :func:`check_job`); nothing
+    uploaded. ``kind`` is the job name's middle part (``<base>-<kind>-<random>-<time>``)."""
     launcher = launcher_for(local, launcher=launcher)
-    _check_account(config, launcher, dry_run=dry_run)
+    if not checked:
+        check_job(config, launcher, dry_run=dry_run)
     _check_trl()
     name = job_name(config.base_job_name, kind)
     # The planner reads config.json where the user put the model, before any upload.
@@ -370,7 +377,7 @@ def plan_training(
         spectrum_config=spectrum_uri or inputs.get("spectrum", ""),
     )
     request = build_training_request(
-        staged, name=name, need_role=launcher.needs_role, distribution=planned
+        staged, name=name, need_role=launcher.needs_role, distribution=planned, checked=True
     )
     launcher.prepare_training(request, config)
     return PreparedJob(request, staged, uploads, markers)
@@ -697,7 +704,7 @@ def plan_analysis_step(
     config: AnalysisConfig, *, reuse: bool, dry_run: bool, launcher: Launcher
 ) -> AnalysisStep:
     """Find a reusable analysis (unless ``dry_run`` or not ``reuse``) or plan a new one."""
-    validate(config, need_role=launcher.needs_role)  # before any Hub or S3 lookup uses it
+    check_job(config, launcher, dry_run=dry_run)  # before any Hub or S3 lookup uses it
     key, stage_uri, staged_already = _identify(config, dry_run=dry_run)
     reused = find_reusable_analysis(config, key) if not dry_run and reuse and key else None
     if reused:
@@ -710,6 +717,7 @@ def plan_analysis_step(
         launcher=launcher,
         reuse_key=key,
         stage_model_s3="" if staged_already else stage_uri,
+        checked=True,
     )
     name = job.request["TrainingJobName"]
     return AnalysisStep(
@@ -740,12 +748,16 @@ def run_pipeline(
     launcher = launcher_for(local, workdir, launcher)
     if config.percent_conflict():  # before any lookup or upload
         raise SpectrumError(config.percent_conflict())
-    validate(config.training, need_role=launcher.needs_role)
+    check_job(config.training, launcher, dry_run=dry_run)
     step = plan_analysis_step(
         config.analysis, reuse=config.reuse_analysis, dry_run=dry_run, launcher=launcher
     )
     training = plan_training(
-        _with_percent(config), spectrum_uri=step.layer_dir, dry_run=dry_run, launcher=launcher
+        _with_percent(config),
+        spectrum_uri=step.layer_dir,
+        dry_run=dry_run,
+        launcher=launcher,
+        checked=True,
     )
     staged_model = step.train_from_staged_model(training, config.training.model)
     if dry_run:

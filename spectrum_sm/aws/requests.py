@@ -134,11 +134,14 @@ def build_analysis_request(
     need_role: bool = True,
     reuse_key: str = "",
     stage_model_s3: str = "",
+    checked: bool = False,
 ) -> dict[str, Any]:
     """The analysis job's CreateTrainingJob request (validated). ``reuse_key`` (model content,
     settings, scanner version) goes to the job's manifest; ``stage_model_s3`` is where the job
-    copies a Hub checkpoint for the training job."""
-    validate(config, need_role=need_role)
+    copies a Hub checkpoint for the training job. ``checked``: the caller validated ``config``
+    already (the pipeline does, once, before any lookup)."""
+    if not checked:
+        validate(config, need_role=need_role)
     name = name or job_name(config.base_job_name, "analysis")
     code_uri = code_uri or f"{config.output_s3.rstrip('/')}/code/{name}/"
     request = _common(config, name, analysis_prefix(config) + "/", code_uri, "analyze")
@@ -245,14 +248,17 @@ def build_training_request(
     code_uri: str | None = None,
     need_role: bool = True,
     distribution: dict[str, Any] | None = None,
+    checked: bool = False,
 ) -> dict[str, Any]:
     """The training job's CreateTrainingJob request (validated).
 
     ``spectrum_uri`` is the S3 prefix holding the layer file (the analysis job's output); the
     layer list itself never travels as a hyperparameter. ``distribution`` is
-    :func:`resolve_distribution`'s answer when the caller planned already.
+    :func:`resolve_distribution`'s answer when the caller planned already; ``checked``, that
+    the caller validated ``config`` already.
     """
-    validate(config, need_role=need_role)
+    if not checked:
+        validate(config, need_role=need_role)
     name = name or job_name(config.base_job_name, "train")
     code_uri = code_uri or f"{config.output_s3.rstrip('/')}/code/{name}/"
     request = _common(config, name, config.output_s3.rstrip("/") + "/training/", code_uri, "train")

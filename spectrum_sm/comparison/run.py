@@ -183,7 +183,7 @@ def _plan_run(
     *,
     dry_run: bool,
 ) -> Run:
-    from ..aws.config import replace_checked, validate
+    from ..aws.config import replace_checked
     from ..aws.pipeline import plan_training
     from ..aws.requests import DoesNotFit
 
@@ -213,13 +213,12 @@ def _plan_run(
             run.status, run.reason = "skipped", problem
             log.warning("%s skipped: %s", method.label, problem)
             return run
-    validate(config, need_role=launcher.needs_role)  # a wrong setting: an error, never a skip
     spectrum_uri = None
     if method.percent is not None:
         spectrum_uri = step.layer_dir
         if method.percent != step.config.top_percent:
             spectrum_uri = f"{step.layer_dir.rstrip('/')}/{layer_folder(method.percent)}/"
-    try:
+    try:  # a wrong setting is an error (plan_training validates), never a skip
         prepared = plan_training(
             config, spectrum_uri=spectrum_uri, dry_run=dry_run, launcher=launcher, kind=method.slug
         )
