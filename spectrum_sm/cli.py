@@ -59,6 +59,15 @@ def _selection_fields():
     return tuple(f for f in scan_fields() if f.name in ("include", "exclude", "embeddings"))
 
 
+def _data_fields():
+    """train.py's data arguments, which data-check takes as flags."""
+    import dataclasses
+
+    from .training.args import DATA_SETTINGS, TrainArgs
+
+    return tuple(f for f in dataclasses.fields(TrainArgs) if f.name in DATA_SETTINGS)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, whose messages quote the arguments: never a credential among them."""
 
@@ -238,27 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("data", help="file, folder, save_to_disk folder, s3:// prefix or Hub id")
     check.add_argument("--model", required=True, help="model folder or Hub id (its tokenizer)")
-    check.add_argument("--max-seq-length", type=_seq_length, default=2048, metavar="N")
     check.add_argument("--rows", type=int, default=3, metavar="K", help="rows to show (default 3)")
     check.add_argument("--split", default="train", help="Hub or DatasetDict split")
-    check.add_argument("--dataset-config", default="", help="a Hub dataset's config name")
-    check.add_argument("--columns", default="", help="renames, e.g. prompt=question")
-    check.add_argument("--prompt-template", default="", help="e.g. '{context}\\n{question}'")
-    check.add_argument("--completion-template", default="", help="e.g. '{answers[text][0]}'")
-    check.add_argument("--system-prompt", default="")
-    check.add_argument(
-        "--no-assistant-only-loss",
-        dest="assistant_only",
-        action="store_false",
-        help="loss on every token of chat rows",
-    )
-    check.add_argument(
-        "--chat-template",
-        default="",
-        metavar="FILE",
-        help="a .jinja chat template to use instead of the tokenizer's (train.py's "
-        "--chat_template_path), e.g. one with {%% generation %%} blocks",
-    )
+    # train.py's data arguments, as flags: the same names, help and defaults.
+    add_arguments(check, _data_fields(), flags=True, types={"max_seq_length": _seq_length})
     check.add_argument("--json", action="store_true", help="print one JSON object")
     policy = commands.add_parser(
         "iam-policy",
@@ -464,22 +456,10 @@ def _run_data_check(args: argparse.Namespace) -> int:
     from .core.errors import SpectrumError
     from .training.datacheck import render_row
 
-    if args.rows < 0 or args.max_seq_length < 1:
-        raise SpectrumError("--rows must be >= 0 and --max-seq-length >= 1")
-    report = check_data(
-        args.data,
-        args.model,
-        max_length=args.max_seq_length,
-        rows=args.rows,
-        split=args.split,
-        dataset_config=args.dataset_config,
-        columns=args.columns,
-        prompt_template=args.prompt_template,
-        completion_template=args.completion_template,
-        system_prompt=args.system_prompt,
-        assistant_only=args.assistant_only,
-        chat_template=args.chat_template,
-    )
+    if args.rows < 0:
+        raise SpectrumError("--rows must be >= 0")
+    settings = {f.name: getattr(args, f.name) for f in _data_fields()}
+    report = check_data(args.data, args.model, rows=args.rows, split=args.split, **settings)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "rendered"}))
         if report.get("error"):

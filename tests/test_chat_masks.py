@@ -51,7 +51,7 @@ def _check(folder, rows, tmp_path, **options):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return check_data(str(data), str(folder), max_length=4096, rows=len(rows), **options)
+    return check_data(str(data), str(folder), max_seq_length=4096, rows=len(rows), **options)
 
 
 @pytest.mark.parametrize("name", KNOWN_TO_TRL)
@@ -226,7 +226,7 @@ def test_a_row_that_is_not_prefix_preserving_is_refused_by_data_check(tmp_path):
 
 
 def test_a_chat_template_with_generation_blocks_is_the_way_out(tmp_path):
-    """The same rows through ``--chat-template`` with {% generation %} blocks: masked by them."""
+    """The same rows through ``--chat-template-path`` with {% generation %} blocks: masked."""
     tokenizer = tokenizer_for_template(MISTRAL, texts())
     tokenizer.save_pretrained(tmp_path / "tok")
     marked = MISTRAL.replace(
@@ -240,7 +240,7 @@ def test_a_chat_template_with_generation_blocks_is_the_way_out(tmp_path):
     data.write_text(json.dumps(row) + "\n")
     proc = run_cli(
         "data-check", str(data), "--model", str(tmp_path / "tok"),
-        "--chat-template", str(tmp_path / "marked.jinja"), "--json",
+        "--chat-template-path", str(tmp_path / "marked.jinja"), "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -248,7 +248,7 @@ def test_a_chat_template_with_generation_blocks_is_the_way_out(tmp_path):
     assert report["examples"][0]["trained_parts"] == [" It is 5.<|eos|>", " 8.<|eos|>"]
     shown = run_cli(
         "data-check", str(data), "--model", str(tmp_path / "tok"),
-        "--chat-template", str(tmp_path / "marked.jinja"),
+        "--chat-template-path", str(tmp_path / "marked.jinja"),
     )  # fmt: skip
     assert "loss mask: the template's {% generation %} markers" in shown.stdout
 

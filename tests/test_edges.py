@@ -634,7 +634,7 @@ def test_what_cannot_be_a_chat_template_is_refused_naming_the_file(toy, tmp_path
     template = tmp_path / "template.jinja"
     template.write_text(text)
     proc = run_cli("data-check", str(toy["train"]), "--model", str(toy["model"]),
-                   "--chat-template", str(template))  # fmt: skip
+                   "--chat-template-path", str(template))  # fmt: skip
     assert proc.returncode == 1 and fragment in proc.stderr and "template.jinja" in proc.stderr
     assert "data row" not in proc.stderr and "Traceback" not in proc.stderr
 

@@ -121,5 +121,31 @@ def test_train_args_roles_keep_the_fingerprint_of_earlier_checkpoints():
     }  # fmt: skip
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     roles = {r for f in dataclasses.fields(TrainArgs) for r in f.metadata.get("roles", ())}
-    assert roles == {"fingerprint", "budget", "job"}
+    assert roles == {"fingerprint", "budget", "job", "data"}
     assert set(with_role("budget")) <= known
+    # data-check's flags and the client's data check: what the encoder reads (data_options).
+    assert set(with_role("data")) == {
+        "max_seq_length", "dataset_config", "columns", "prompt_template", "completion_template",
+        "system_prompt", "assistant_only_loss", "chat_template_path",
+    }  # fmt: skip
+
+
+def test_data_check_takes_train_pys_data_arguments_by_their_names():
+    """One declaration: data-check's flags, check_data's keywords and the client's check of a
+    job's data are TrainArgs' data fields; a name train.py does not have is refused."""
+    from spectrum_sm.training.args import DATA_SETTINGS
+    from spectrum_sm.training.datacheck import check_data
+
+    parsed = build_parser().parse_args(["data-check", "rows.jsonl", "--model", "m"])
+    assert set(DATA_SETTINGS) <= set(vars(parsed))
+    flags = ["--max-seq-length", "64", "--no-assistant-only-loss", "--columns", "prompt=q"]
+    parsed = build_parser().parse_args(["data-check", "rows.jsonl", "--model", "m", *flags])
+    assert (parsed.max_seq_length, parsed.assistant_only_loss, parsed.columns) == (
+        64,
+        False,
+        "prompt=q",
+    )
+    with pytest.raises(SpectrumError, match=r"'max_length' is not a data setting.*max_seq_length"):
+        check_data("rows.jsonl", "m", max_length=64)
+    with pytest.raises(SpectrumError, match="max_seq_length"):  # train.py's own range check
+        check_data("rows.jsonl", "m", max_seq_length=4)

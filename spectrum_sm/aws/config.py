@@ -22,7 +22,7 @@ from ..core.options import TYPES, ScanOptions, is_percent, type_problems
 from ..core.secrets import secret_fields, secret_message
 from ..core.selection import DEFAULT_TOP_PERCENT
 from ..core.yamlio import load_yaml
-from ..training.args import JOB_DISTRIBUTIONS, METHODS
+from ..training.args import DISTRIBUTION_HELP, JOB_DISTRIBUTIONS, METHOD_HELP, METHODS
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@\-/]{1,512}$")
 S3_URI = re.compile(r"^s3://[^/]+(/.*)?$")
@@ -349,15 +349,12 @@ class TrainingConfig(JobConfig):
             "rows instead of the tokenizer's, e.g. one with {% generation %} blocks"
         },
     )
-    method: str = field(default="spectrum", metadata={"help": "spectrum | full | lora | qlora"})
+    method: str = field(default="spectrum", metadata={"help": METHOD_HELP})
     hyperparameters: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "train.py arguments, e.g. max_steps: 500"}
     )
     processes_per_host: int = field(default=0, metadata={"help": "0: one per GPU"})
-    distribution: str = field(
-        default="auto",
-        metadata={"help": "auto (the planner's choice) | ddp | fsdp (FSDP2 sharding)"},
-    )
+    distribution: str = field(default="auto", metadata={"help": DISTRIBUTION_HELP})
     top_percent: float = field(
         default=DEFAULT_TOP_PERCENT,
         metadata={"help": "the layer file's percent, for the memory planner"},

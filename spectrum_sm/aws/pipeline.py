@@ -311,26 +311,18 @@ def check_training_data(config: TrainingConfig) -> None:
 
 def _data_problem(config: TrainingConfig, args, data: str, split: str) -> str:
     """What is wrong with one local dataset ("" when nothing), read as the job reads it."""
+    from ..training.args import DATA_SETTINGS
     from ..training.data import load_split
     from ..training.datacheck import check_data
 
     if not Path(config.model).expanduser().is_dir():  # no tokenizer here: the files only
         load_split(data, split=split, name=args.dataset_config or None)
         return ""
-    report = check_data(
-        data,
-        config.model,
-        max_length=args.max_seq_length,
-        rows=0,
-        split=split,
-        dataset_config=args.dataset_config,
-        columns=args.columns,
-        prompt_template=args.prompt_template,
-        completion_template=args.completion_template,
-        system_prompt=args.system_prompt,
-        assistant_only=args.assistant_only_loss,
-        chat_template=config.chat_template if not config.chat_template.startswith("s3://") else "",
-    )
+    settings = {name: getattr(args, name) for name in DATA_SETTINGS}
+    # The job reads its template from the chat_template channel; here, the local file (if any).
+    local_template = not config.chat_template.startswith("s3://")
+    settings["chat_template_path"] = config.chat_template if local_template else ""
+    report = check_data(data, config.model, rows=0, split=split, **settings)
     return report.get("error") or ""
 
 

@@ -26,6 +26,13 @@ DISTRIBUTIONS = ("auto", "ddp", "fsdp", "zero3")
 #: What a job may ask for: train.py refuses zero3 (DeepSpeed) with a message pointing to fsdp,
 #: which shards the same state, so a job request never carries it.
 JOB_DISTRIBUTIONS = tuple(d for d in DISTRIBUTIONS if d != "zero3")
+#: Help texts for the choices, built from the tuples above (train.py's and the job config's).
+METHOD_HELP = " | ".join(METHODS)
+DISTRIBUTION_HELP = (
+    " | ".join(JOB_DISTRIBUTIONS) + " (fsdp: FSDP2; auto: the planner's choice for the GPU; "
+    "zero3 is refused, use fsdp)"
+)
+PRECISION_HELP = " | ".join(PRECISIONS) + " (auto: bf16 on a capable GPU)"
 #: Shorter windows leave a chat row hardly any assistant token to learn from.
 MIN_SEQ_LENGTH = 16
 
@@ -82,10 +89,8 @@ class TrainArgs:
         "continue another run from its checkpoint folder (on purpose; default: the "
         "job's 'resume' channel)",
     )
-    method: str = _arg("spectrum", "spectrum | full | lora | qlora", "fingerprint")
-    distribution: str = _arg(
-        "auto", "ddp | fsdp (FSDP2) | zero3 | auto (the planner's choice for the GPU)"
-    )
+    method: str = _arg("spectrum", METHOD_HELP, "fingerprint")
+    distribution: str = _arg("auto", DISTRIBUTION_HELP)
     max_steps: int = _arg(-1, "optimizer steps; -1: use epochs", "fingerprint", "budget")
     num_train_epochs: float = _arg(1.0, "epochs when max_steps < 0", "fingerprint", "budget")
     save_steps: int = _arg(0, "checkpoint every N steps (0: never)")
@@ -97,10 +102,8 @@ class TrainArgs:
     per_device_train_batch_size: int = _arg(1, "micro-batch size", "fingerprint", "budget")
     per_device_eval_batch_size: int = _arg(1, "eval batch size", "budget")
     gradient_accumulation_steps: int = _arg(1, "micro-batches/step", "fingerprint", "budget")
-    max_seq_length: int = _arg(2048, "tokens per example", "fingerprint", "budget")
-    precision: str = _arg(
-        "auto", "bf16 | fp16 | fp32 | auto (bf16 on a capable GPU)", "fingerprint"
-    )
+    max_seq_length: int = _arg(2048, "tokens per example", "fingerprint", "budget", "data")
+    precision: str = _arg("auto", PRECISION_HELP, "fingerprint")
     gradient_checkpointing: bool = _arg(False, "non-reentrant")
     packing: bool = _arg(False, "concatenate examples into blocks", "fingerprint", "budget")
     train_split: str = _arg(
@@ -113,20 +116,25 @@ class TrainArgs:
         "same rows for the same data and seed) and validate on them",
         "budget",
     )
-    dataset_config: str = _arg("", "a Hub dataset's config name", "fingerprint")
-    columns: str = _arg("", "rename fields, e.g. prompt=question,completion=answer", "fingerprint")
+    dataset_config: str = _arg("", "a Hub dataset's config name", "fingerprint", "data")
+    columns: str = _arg(
+        "", "rename fields, e.g. prompt=question,completion=answer", "fingerprint", "data"
+    )
     prompt_template: str = _arg(
-        "", "format string over a row's fields, e.g. '{question}'", "fingerprint"
+        "", "format string over a row's fields, e.g. '{question}'", "fingerprint", "data"
     )
     completion_template: str = _arg(
-        "", "format string for the answer, e.g. '{answers[text][0]}'", "fingerprint"
+        "", "format string for the answer, e.g. '{answers[text][0]}'", "fingerprint", "data"
     )
-    system_prompt: str = _arg("", "system message for rows built from templates", "fingerprint")
+    system_prompt: str = _arg(
+        "", "system message for rows built from templates", "fingerprint", "data"
+    )
     num_proc: int = _arg(0, "tokenizing processes per host (0: its cores, at most 8)")
     assistant_only_loss: bool = _arg(
         True,
-        "loss only on what the assistant writes (messages rows), as TRL masks it",
+        "put the loss only on what the assistant writes (messages rows), as TRL masks it",
         "fingerprint",
+        "data",
     )
     chat_template_path: str | None = _arg(
         lambda: env_path("SM_CHANNEL_CHAT_TEMPLATE"),
@@ -134,6 +142,7 @@ class TrainArgs:
         "tokenizer's to render and mask chat rows, e.g. one with {% generation %} blocks "
         "(default: the 'chat_template' channel, if any)",
         "job",
+        "data",
     )
     seed: int = _arg(42, "seed for data order and init", "fingerprint", "budget")
     logging_steps: int = _arg(10, "log every N steps")
@@ -317,14 +326,35 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
 def with_role(role: str) -> tuple[str, ...]:
     """The TrainArgs fields that carry a role in their metadata: ``fingerprint`` (changes what a
     run computes: resuming is only right between equal ones), ``budget`` (what makes compared
-    runs comparable: one method may not change it) or ``job`` (set by the job itself from its
-    channels and config, never by hyperparameters)."""
+    runs comparable: one method may not change it), ``job`` (set by the job itself from its
+    channels and config, never by hyperparameters) or ``data`` (how rows become examples)."""
     return tuple(
         f.name for f in dataclasses.fields(TrainArgs) if role in f.metadata.get("roles", ())
     )
 
 
 JOB_SET = with_role("job")
+#: How rows become examples: what data-check and the client's data check take, by these names.
+DATA_SETTINGS = with_role("data")
+
+
+def data_settings(given: dict[str, Any], where: str = "data settings") -> TrainArgs:
+    """train.py's arguments with the ``given`` data settings (:data:`DATA_SETTINGS` by name;
+    None keeps the default) validated as train.py validates them: what data-check and the
+    client's check of a job's data read."""
+    unknown = sorted(set(given) - set(DATA_SETTINGS))
+    if unknown:
+        hint = did_you_mean(unknown[0], DATA_SETTINGS)
+        raise SpectrumError(
+            f"{where}: {unknown[0]!r} is not a data setting{hint}; they are: "
+            + ", ".join(DATA_SETTINGS)
+        )
+    values = {k: v for k, v in given.items() if v is not None}
+    stand_ins = {k: f"/opt/ml/job-set/{k}" for k in JOB_SET}
+    try:
+        return TrainArgs(**{**stand_ins, "chat_template_path": "", **values})
+    except SpectrumError as exc:
+        raise SpectrumError(f"{where}: {exc}") from None
 
 
 def check_hyperparameters(

@@ -325,6 +325,23 @@ class DataOptions:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+def data_options(settings: Any) -> DataOptions:
+    """The encoder's options from train.py's data arguments (:data:`~.args.DATA_SETTINGS` of a
+    TrainArgs, or any object with those names); the chat template is read from its path."""
+    from .chat import read_chat_template
+
+    path = settings.chat_template_path
+    return DataOptions(
+        settings.max_seq_length,
+        settings.assistant_only_loss,
+        parse_columns(settings.columns),
+        settings.prompt_template,
+        settings.completion_template,
+        settings.system_prompt,
+        read_chat_template(path) if path else "",
+    )
+
+
 def parse_columns(text: str) -> dict[str, str]:
     """``"prompt=question,completion=answer"`` -> ``{"prompt": "question", ...}``."""
     mapping = {}

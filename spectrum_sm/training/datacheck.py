@@ -10,15 +10,14 @@ from typing import Any
 
 from ..core.errors import SpectrumError, first_sentence
 from ..core.hub import is_local, require_hub
-from .chat import read_chat_template
+from .args import data_settings
 from .data import (
     IGNORE_INDEX,
-    DataOptions,
+    data_options,
     encode_row,
     load_split,
     mask_source,
     nothing_left,
-    parse_columns,
     prepare_split,
 )
 
@@ -61,37 +60,23 @@ def render_row(pieces: list[tuple[str, bool]], *, color: bool) -> str:
 
 
 def check_data(
-    data: str,
-    model: str,
-    *,
-    max_length: int = 2048,
-    rows: int = 3,
-    split: str = "train",
-    dataset_config: str = "",
-    columns: str = "",
-    prompt_template: str = "",
-    completion_template: str = "",
-    system_prompt: str = "",
-    assistant_only: bool = True,
-    chat_template: str = "",
+    data: str, model: str, *, rows: int = 3, split: str = "train", **settings: Any
 ) -> dict[str, Any]:
     """Counts for the whole split and, for its first ``rows`` rows, the text that carries loss.
-    ``chat_template`` is a .jinja file that replaces the tokenizer's template; ``loss_mask`` in
-    the answer says how chat rows' masks were made (see :mod:`.chat`)."""
+    ``settings`` are train.py's data arguments by their names (:data:`~.args.DATA_SETTINGS`:
+    ``max_seq_length``, ``columns``, ``prompt_template``, ``completion_template``,
+    ``system_prompt``, ``assistant_only_loss``, ``dataset_config``, ``chat_template_path``, a
+    .jinja file that replaces the tokenizer's template); unset ones keep train.py's defaults.
+    ``loss_mask`` in the answer says how chat rows' masks were made (see :mod:`.chat`)."""
+    if rows < 0:
+        raise SpectrumError(f"rows must be >= 0, got {rows}")
+    args = data_settings(settings)
     tokenizer = _tokenizer(model)
-    options = DataOptions(
-        max_length,
-        assistant_only,
-        parse_columns(columns),
-        prompt_template,
-        completion_template,
-        system_prompt,
-        read_chat_template(chat_template) if chat_template else "",
-    )
+    options = data_options(args)
     if data.startswith("s3://"):
         # Reading S3 is the jobs layer's: spectrum_sm.check_data downloads it first.
         raise SpectrumError(f"{data}: download it first (spectrum_sm.check_data does)")
-    dataset = load_split(data, split=split, name=dataset_config or None)
+    dataset = load_split(data, split=split, name=args.dataset_config or None)
     _, counts = prepare_split(dataset, tokenizer, options, split=split, require_rows=False)
     examples, rendered = [], []
     for index in range(min(rows, len(dataset))):

@@ -220,15 +220,7 @@ class Recipe:
     def setup_data(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .chat import read_chat_template
-        from .data import (
-            DataOptions,
-            default_num_proc,
-            hold_out,
-            load_split,
-            parse_columns,
-            prepare_split,
-        )
+        from .data import data_options, default_num_proc, hold_out, load_split, prepare_split
 
         args = self.args
         if not is_local(str(args.model_name_or_path), "model_name_or_path") and not hub_offline():
@@ -259,15 +251,7 @@ class Recipe:
                 f"{vocab} rows: token ids past {vocab - 1} would fail; use the model's own "
                 "tokenizer"
             )
-        options = DataOptions(
-            args.max_seq_length,
-            args.assistant_only_loss,
-            parse_columns(args.columns),
-            args.prompt_template,
-            args.completion_template,
-            args.system_prompt,
-            read_chat_template(args.chat_template_path) if args.chat_template_path else "",
-        )
+        options = data_options(args)
         num_proc = args.num_proc or default_num_proc()
 
         def prepare(source: str, split: str, packing: bool):
