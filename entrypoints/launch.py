@@ -27,15 +27,6 @@ SCRIPTS = {"analyze": HERE / "analyze.py", "train": HERE / "train.py"}
 sys.path.insert(0, str(HERE.parent))
 from spectrum_sm.core.instances import instance as instance_row  # noqa: E402
 
-EFA_RDMA_INSTANCES = {
-    "ml.p4d.24xlarge",
-    "ml.p4de.24xlarge",
-    "ml.p5.48xlarge",
-    "ml.p5e.48xlarge",
-    "ml.trn1.32xlarge",
-}
-
-
 SECRET_PREFIX = "SPECTRUM_SM_SECRET_"
 
 

@@ -14,16 +14,21 @@ from families import MOE, make_family, make_scanned_family
 
 import spectrum_sm
 from spectrum_sm.core.names import model_class_for
-from spectrum_sm.core.slices import (
-    SUFFIX,
-    installed_slices,
-    selection_index,
-    trained_values,
-)
+from spectrum_sm.core.slices import SUFFIX, installed_slices, selection_index
 from spectrum_sm.training.memory import adamw_state_bytes, build_meta, count_parameters, load_config
 from spectrum_sm.training.recipe import optimizer_state_bytes
 
 pytestmark = pytest.mark.integration
+
+
+def trained_values(model, name: str):
+    """The current value of a fused parameter with its trained slices in (a new tensor)."""
+    params = dict(model.named_parameters())
+    item = installed_slices(model).get(name)
+    fused = params[name].detach()
+    if item is None:
+        return fused.clone()
+    return item.compose(fused, params[item.slice_name].detach())
 
 
 @pytest.fixture(scope="module", params=sorted(MOE))

@@ -27,6 +27,11 @@ NOT_CONVERTED = [
 ]
 
 
+def dequantize_experts(blocks, scales):
+    """Ours, for a whole fused parameter ``[experts, 32 * groups, rows]`` (float32)."""
+    return mxfp4.dequantize_rows(blocks, scales).transpose(1, 2).contiguous()
+
+
 def reference_dequantize(blocks, scales, dtype=torch.float32):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -112,7 +117,7 @@ def test_dequantization_equals_transformers_reference():
     blocks = torch.randint(0, 256, (3, 40, 4, 16), generator=gen, dtype=torch.uint8)
     # Every finite E8M0 scale (255 is NaN in the format), so the bias and range are checked.
     scales = torch.randint(0, 255, (3, 40, 4), generator=gen, dtype=torch.uint8)
-    ours = mxfp4.dequantize_experts(blocks, scales)
+    ours = dequantize_experts(blocks, scales)
     assert ours.shape == (3, 128, 40) and ours.dtype == torch.float32
     assert torch.equal(ours, reference_dequantize(blocks, scales))
     assert torch.equal(ours.bfloat16(), reference_dequantize(blocks, scales, torch.bfloat16))
@@ -127,7 +132,7 @@ def test_nibble_order_lookup_table_and_scale_bias():
     blocks[..., 0] = 0x21  # low nibble 1 (+0.5) is value 0, high nibble 2 (+1.0) value 1
     blocks[..., 1] = 0xF9  # 9 is -0.5, 15 is -6.0
     scales = torch.full((1, 1, 1), 128, dtype=torch.uint8)  # 2 ** (128 - 127)
-    values = mxfp4.dequantize_experts(blocks, scales)[0, :4, 0]
+    values = dequantize_experts(blocks, scales)[0, :4, 0]
     assert values.tolist() == [1.0, 2.0, -1.0, -12.0]
 
 

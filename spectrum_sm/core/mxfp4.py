@@ -76,12 +76,6 @@ def expert_matrix(blocks: torch.Tensor, scales: torch.Tensor, rows_per_step: int
     return out
 
 
-def dequantize_experts(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The loaded fused parameter ``[experts, 32 * groups, rows]`` (float32) from its stored
-    ``blocks`` and ``scales``: transformers' ``convert_moe_packed_tensors``, in float32."""
-    return dequantize_rows(blocks, scales).transpose(1, 2).contiguous()
-
-
 def check_layout(blocks: tuple[int, ...], scales: tuple[int, ...] | None) -> str | None:
     """Why a ``_blocks`` tensor of shape ``blocks`` (with its ``_scales`` of shape ``scales``)
     is not the fused-expert layout above, or ``None`` when it is."""

@@ -209,14 +209,3 @@ def merged_state_dict(state: dict[str, Any], slices: dict[str, Slices]) -> dict[
         values = state.pop(item.slice_name)
         state[name] = item.compose(state[name], values)
     return state
-
-
-def trained_values(model: torch.nn.Module, name: str):
-    """The current value of a fused parameter with its trained slices in (a new tensor)."""
-
-    params = dict(model.named_parameters())
-    item = installed_slices(model).get(name)
-    fused = params[name].detach()
-    if item is None:
-        return fused.clone()
-    return item.compose(fused, params[item.slice_name].detach())

@@ -404,14 +404,6 @@ def adamw_state_bytes(trainable_elements: int, trainable_tensors: int) -> int:
     return ADAM_MOMENT_BYTES * trainable_elements + ADAM_STEP_BYTES * trainable_tensors
 
 
-def selection_optimizer_bytes(report) -> int:
-    """The planner's optimizer-state bytes (one full copy: DDP's, or all FSDP ranks' shards
-    together) for a selection applied by :func:`spectrum_sm.core.freeze.freeze_except`, from
-    its :class:`~spectrum_sm.core.freeze.FreezeReport`: each trainable parameter is one tensor
-    (a fused parameter's selected elements are one slice parameter)."""
-    return adamw_state_bytes(report.trainable_params, len(report.trainable))
-
-
 def method_counts(counts: Counts, method: str) -> tuple[int, int]:
     """``(trainable elements, trainable tensors)`` of ``method`` (spectrum at the counted
     percent with the embedding entries; full; lora and qlora at the counted rank)."""
