@@ -68,6 +68,15 @@ def _data_fields():
     return tuple(f for f in dataclasses.fields(TrainArgs) if f.name in DATA_SETTINGS)
 
 
+def _plan_fields():
+    """The planner's options, which ``plan`` takes as flags."""
+    import dataclasses
+
+    from .plan import PlanOptions
+
+    return dataclasses.fields(PlanOptions)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, whose messages quote the arguments: never a credential among them."""
 
@@ -279,19 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     planner.add_argument("model", help="folder or config.json path, or Hub id")
     planner.add_argument("--top-percent", type=_percent, default=DEFAULT_TOP_PERCENT, metavar="P")
-    from .training.args import COMPUTE_PRECISIONS
-
-    planner.add_argument("--precision", default="bf16", choices=COMPUTE_PRECISIONS)
-    planner.add_argument("--seq", type=_positive_int, default=2048, help="sequence length")
-    planner.add_argument("--batch", type=_positive_int, default=1, help="micro-batch per GPU")
-    planner.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
-    planner.add_argument(
-        "--no-sharding",
-        dest="sharded",
-        action="store_false",
-        help="no FSDP/ZeRO-3 across an instance's GPUs",
-    )
-    planner.add_argument("--lora-rank", type=_positive_int, default=16)
+    sizes = {"seq": _positive_int, "batch": _positive_int, "lora_rank": _positive_int}
+    add_arguments(planner, _plan_fields(), flags=True, types=sizes)
     planner.add_argument("--json", action="store_true", help="print one JSON object")
 
     demo = commands.add_parser(
@@ -345,16 +343,7 @@ def _run_report(args: argparse.Namespace) -> int:
 def _run_plan(args: argparse.Namespace) -> int:
     from .plan import plan
 
-    result = plan(
-        args.model,
-        args.top_percent,
-        precision=args.precision,
-        seq=args.seq,
-        batch=args.batch,
-        checkpointing=args.checkpointing,
-        lora_rank=args.lora_rank,
-        sharded=args.sharded,
-    )
+    result = plan(args.model, args.top_percent, **given(args, _plan_fields()))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -364,7 +353,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         ("spectrum", result["trainable_params"]),
         ("spectrum, no embeddings", result["trainable_params_no_embeddings"]),
         ("full", result["full_params"]),
-        (f"lora r={args.lora_rank}", result["lora_params"]),
+        (f"lora r={result['lora_rank']}", result["lora_params"]),
     ]
     if result.get("expert_params"):  # MoE: how much of Spectrum's count is expert slices
         rows.insert(2, ("spectrum, expert slices", result["expert_trainable_params"]))

@@ -5,7 +5,7 @@ types fit spectrum / full / LoRA training of a model, from its ``config.json`` a
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .aws.s3 import model_config
@@ -37,32 +37,54 @@ CANDIDATES = (
 )
 
 
-def plan(
-    model: str,
-    percent: float,
-    *,
-    precision: str = "bf16",
-    seq: int = 2048,
-    batch: int = 1,
-    checkpointing: bool = True,
-    lora_rank: int = 16,
-    sharded: bool = True,
-) -> dict[str, Any]:
-    """Counts, estimates and the instances that fit, cheapest first."""
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the planner assumes of a training step: :func:`plan`'s keywords and, generated from
+    these fields, ``spectrum-sm plan``'s flags."""
+
+    precision: str = field(
+        default="bf16", metadata={"help": "compute precision", "choices": COMPUTE_PRECISIONS}
+    )
+    seq: int = field(default=2048, metadata={"help": "sequence length"})
+    batch: int = field(default=1, metadata={"help": "micro-batch per GPU"})
+    checkpointing: bool = field(
+        default=True,
+        metadata={"help": "count gradient checkpointing", "flag": "gradient-checkpointing"},
+    )
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
+    sharded: bool = field(
+        default=True,
+        metadata={"help": "shard with FSDP across an instance's GPUs", "flag": "sharding"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("seq", "batch", "lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpectrumError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if self.precision not in COMPUTE_PRECISIONS:
+            raise SpectrumError(
+                f"precision must be one of {', '.join(COMPUTE_PRECISIONS)}, got {self.precision!r}"
+            )
+
+
+def plan(model: str, percent: float, **options: Any) -> dict[str, Any]:
+    """Counts, estimates and the instances that fit, cheapest first. ``options`` are
+    :class:`PlanOptions`' fields (precision, seq, batch, checkpointing, lora_rank, sharded)."""
     from .core.selection import check_percent
 
     percent = check_percent(percent)
-    for name, value in (("seq", seq), ("batch", batch), ("lora_rank", lora_rank)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SpectrumError(f"{name} must be a whole number of at least 1, got {value!r}")
-    if precision not in COMPUTE_PRECISIONS:
-        raise SpectrumError(
-            f"precision must be one of {', '.join(COMPUTE_PRECISIONS)}, got {precision!r}"
-        )
+    unknown = sorted(set(options) - {f.name for f in fields(PlanOptions)})
+    if unknown:
+        known = ", ".join(f.name for f in fields(PlanOptions))
+        raise SpectrumError(f"plan: unknown option(s) {', '.join(unknown)}; options: {known}")
+    step = PlanOptions(**options)
     meta, cfg = build_meta(model_config(model))
-    counts = count_parameters(meta, percent, lora_rank)
+    counts = count_parameters(meta, percent, step.lora_rank)
     methods = ("spectrum", "full", "lora")
-    settings = dict(precision=precision, seq=seq, batch=batch, checkpointing=checkpointing)
+    settings = dict(
+        precision=step.precision, seq=step.seq, batch=step.batch, checkpointing=step.checkpointing
+    )
     instances = []
     from .prices import load_prices
 
@@ -71,7 +93,7 @@ def plan(
         gpus, gib = INSTANCES[name].gpus, INSTANCES[name].gpu_gib
         price = prices.hourly("us-east-1", name)
         fits = {}
-        sharding = sharded and gpus > 1
+        sharding = step.sharded and gpus > 1
         for method in methods:
             est = estimate_method(cfg, counts, method, gpus=gpus, sharded=sharding, **settings)
             fits[method] = {
@@ -91,6 +113,7 @@ def plan(
     return {
         "model": model,
         "top_percent": percent,
+        **asdict(step),
         **asdict(counts),
         "memory_one_gpu_gib": {m: round(Estimate(**e).total_gib, 2) for m, e in single.items()},
         "memory_one_gpu_breakdown": single,
@@ -100,13 +123,14 @@ def plan(
         },
         "instances": instances,
         "assumptions": (
-            f"{precision} compute, frozen weights in {precision}, trainable weights with float32 "
-            f"master copies, float32 gradients, AdamW (8 bytes per trainable parameter, 4 per "
-            f"tensor); fused MoE experts frozen whole, their selected slices trainable in "
-            f"float32, plus one layer's composed expert weights and gradients (docs/moe.md); "
-            f"sequence {seq} x batch {batch}, gradient checkpointing "
-            f"{'on' if checkpointing else 'off'}; FSDP/ZeRO-3 sharding over an instance's GPUs "
-            f"{'on' if sharded else 'off'}; {CUDA_OVERHEAD_GIB} GiB CUDA overhead; fits means "
-            f"at most 90% of GPU memory; prices: us-east-1 on-demand as of {prices.as_of}."
+            f"{step.precision} compute, frozen weights in {step.precision}, trainable "
+            "weights with float32 master copies, float32 gradients, AdamW (8 bytes per "
+            "trainable parameter, 4 per tensor); fused MoE experts frozen whole, their "
+            "selected slices trainable in float32, plus one layer's composed expert weights "
+            f"and gradients (docs/moe.md); sequence {step.seq} x batch {step.batch}, gradient "
+            f"checkpointing {'on' if step.checkpointing else 'off'}; FSDP sharding over an "
+            f"instance's GPUs {'on' if step.sharded else 'off'}; {CUDA_OVERHEAD_GIB} GiB CUDA "
+            "overhead; fits means at most 90% of GPU memory; prices: us-east-1 on-demand as "
+            f"of {prices.as_of}."
         ),
     }

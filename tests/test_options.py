@@ -149,3 +149,25 @@ def test_data_check_takes_train_pys_data_arguments_by_their_names():
         check_data("rows.jsonl", "m", max_length=64)
     with pytest.raises(SpectrumError, match="max_seq_length"):  # train.py's own range check
         check_data("rows.jsonl", "m", max_seq_length=4)
+
+
+def test_plan_takes_the_planners_options_by_one_declaration():
+    """spectrum-sm plan's flags are PlanOptions' fields (names, defaults left to the dataclass);
+    plan() refuses a keyword that is not one, naming the options."""
+    from spectrum_sm.plan import PlanOptions, plan
+
+    names = {f.name for f in dataclasses.fields(PlanOptions)}
+    flags = ["--no-gradient-checkpointing", "--no-sharding", "--seq", "512", "--lora-rank", "8"]
+    parsed = build_parser().parse_args(["plan", "m", *flags])
+    assert names <= set(vars(parsed))
+    assert (parsed.checkpointing, parsed.sharded, parsed.seq, parsed.lora_rank) == (
+        False,
+        False,
+        512,
+        8,
+    )
+    assert build_parser().parse_args(["plan", "m"]).seq is None  # the default is PlanOptions'
+    with pytest.raises(SpectrumError, match=r"unknown option.*sequence.*options: precision"):
+        plan("m", 30, sequence=512)
+    with pytest.raises(SpectrumError, match="batch must be a whole number"):
+        PlanOptions(batch=0)

@@ -214,7 +214,7 @@ def add_arguments(
     for f in fields:
         kind, meta = str(f.type), f.metadata
         help_text = meta.get("help", "").replace("%", "%%")  # argparse %-formats help
-        name = f.name.replace("_", "-") if flags else f.name
+        name = (meta.get("flag") or f.name.replace("_", "-")) if flags else f.name
         extra: dict[str, Any] = {"default": None, "help": help_text}
         if kind == "bool" and flags:
             default = f.default
