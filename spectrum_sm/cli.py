@@ -445,8 +445,6 @@ def _run_data_check(args: argparse.Namespace) -> int:
     from .core.errors import SpectrumError
     from .training.datacheck import render_row
 
-    if args.rows < 0:
-        raise SpectrumError("--rows must be >= 0")
     settings = {f.name: getattr(args, f.name) for f in _data_fields()}
     report = check_data(args.data, args.model, rows=args.rows, split=args.split, **settings)
     if args.json:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from factories import run_cli
 from staging import load_entrypoint
 
 from spectrum_sm.api import scan_options_from
@@ -149,6 +150,8 @@ def test_data_check_takes_train_pys_data_arguments_by_their_names():
         check_data("rows.jsonl", "m", max_length=64)
     with pytest.raises(SpectrumError, match="max_seq_length"):  # train.py's own range check
         check_data("rows.jsonl", "m", max_seq_length=4)
+    proc = run_cli("data-check", "rows.jsonl", "--model", "m", "--rows", "-1")
+    assert proc.returncode == 1 and "rows must be >= 0, got -1" in proc.stderr, proc.stderr
 
 
 def test_plan_takes_the_planners_options_by_one_declaration():
