@@ -22,7 +22,7 @@ def main() -> None:
 
     config = spectrum_sm.load_pipeline(args.config, args.set)
     config.training.hyperparameters.setdefault("logging_steps", 10)  # code can adjust too
-    result = spectrum_sm.run_pipeline(config, local=args.local, dry_run=args.dry_run)
+    result = spectrum_sm.launch(config, local=args.local, dry_run=args.dry_run)
     if args.dry_run:
         for kind, request in result.items():
             channels = [c["ChannelName"] for c in request["InputDataConfig"]]

@@ -20,6 +20,7 @@ _LAZY = {
     "freeze_except": "spectrum_sm.core.freeze",
     "merge_slices": "spectrum_sm.core.slices",
     "load_pipeline": "spectrum_sm.aws.config",
+    "launch": "spectrum_sm.aws.pipeline",
     "run_pipeline": "spectrum_sm.aws.pipeline",
     "TrainingJob": "spectrum_sm.aws.jobs",
     "submit": "spectrum_sm.aws.jobs",
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .api import check_data, scan, select
     from .aws.config import load_pipeline
     from .aws.jobs import TrainingJob, submit
-    from .aws.pipeline import run_pipeline
+    from .aws.pipeline import launch, run_pipeline
     from .comparison import collect, compare
     from .core.errors import SpectrumError
     from .core.freeze import freeze_except
@@ -49,6 +50,7 @@ __all__ = [
     "collect",
     "compare",
     "freeze_except",
+    "launch",
     "load_pipeline",
     "load_results",
     "merge_slices",

@@ -550,33 +550,16 @@ def _run_jobs(args: argparse.Namespace) -> int:
     from .aws.config import load_pipeline
 
     config = load_pipeline(args.config, args.set)
-    launcher = pipeline.launcher_for(args.local, args.workdir)
-    dry, wait, logs = args.dry_run, not args.no_wait, not args.no_logs
-    if args.command == "run":
-        result = pipeline.run_pipeline(config, dry_run=dry, wait=wait, logs=logs, launcher=launcher)
-        if dry:
-            print(json.dumps(result, indent=2))
-        else:
-            print(json.dumps(result))
-        return 0
-    if args.command == "analyze":
-        step = pipeline.plan_analysis_step(
-            config.analysis, reuse=config.reuse_analysis, dry_run=dry, launcher=launcher
-        )
-        if dry:
-            assert step.job is not None  # a dry run looks nothing up: always a new job
-            print(json.dumps(step.job.request, indent=2))
-            return 0
-        result = step.launch(launcher, logs=logs, wait=wait)
-    else:
-        job = pipeline.plan_training(
-            config.training, spectrum_uri=None, dry_run=dry, launcher=launcher
-        )
-        if dry:
-            print(json.dumps(job.request, indent=2))
-            return 0
-        result = pipeline.run_job(job, launcher, wait=wait, logs=logs)
-    print(json.dumps(result))
+    job = {"run": config, "analyze": config.analysis, "train": config.training}[args.command]
+    result = pipeline.launch(
+        job,
+        dry_run=args.dry_run,
+        wait=not args.no_wait,
+        logs=not args.no_logs,
+        reuse=config.reuse_analysis,
+        launcher=pipeline.launcher_for(args.local, args.workdir),
+    )
+    print(json.dumps(result, indent=2 if args.dry_run else None))
     return 0
 
 

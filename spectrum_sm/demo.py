@@ -95,7 +95,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo in ``workdir``; returns where everything is."""
     from .aws.config import AnalysisConfig, PipelineConfig, TrainingConfig
-    from .aws.pipeline import run_pipeline
+    from .aws.pipeline import launch
     from .aws.s3 import describe_client_error, download_prefix, s3_client
     from .core.atomic import ensure_output_dir
     from .core.selection import load_results, select_layers
@@ -140,7 +140,7 @@ def run_demo(
             ),
             reuse_analysis=False,
         )
-        result = run_pipeline(config, local=True, dry_run=False, workdir=workdir / "jobs")
+        result = launch(config, local=True, workdir=workdir / "jobs")
         analysis_dir, model_dir = workdir / "analysis", workdir / "model"
         download_prefix(result["layer_file_s3"], analysis_dir)
         download_prefix(result["model_s3"], model_dir)

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from spectrum_sm.aws.pipeline import plan_analysis, plan_training, stage
+from spectrum_sm.aws.pipeline import plan_analysis, plan_training
 
 
 def prepare_analysis(config, *, dry_run: bool, local: bool) -> dict[str, Any]:
     job = plan_analysis(config, dry_run=dry_run, local=local)
     if not dry_run:
-        stage(job)
+        job.stage()
     return job.request
 
 
 def prepare_training(config, *, spectrum_uri, dry_run: bool, local: bool) -> dict[str, Any]:
     job = plan_training(config, spectrum_uri=spectrum_uri, dry_run=dry_run, local=local)
     if not dry_run:
-        stage(job)
+        job.stage()
     return job.request
 
 

@@ -312,11 +312,11 @@ def test_the_analysis_job_stages_a_cached_hub_checkpoint(
     assert marker["commit"] == COMMIT
 
 
-def test_launch_analysis_hands_the_staged_hub_model_to_training(moto_server, s3_bucket):
-    """The notebook's path (launch_analysis, then launch_training): a reused analysis of a Hub
+def test_a_lone_analysis_hands_the_staged_hub_model_to_training(moto_server, s3_bucket):
+    """The notebook's path (launch an analysis, then a training job): a reused analysis of a Hub
     commit whose checkpoint is staged returns that S3 copy as the training model."""
     from spectrum_sm.aws.config import AnalysisConfig
-    from spectrum_sm.aws.pipeline import analysis_key, hub_stage_uri, launch_analysis
+    from spectrum_sm.aws.pipeline import analysis_key, hub_stage_uri, launch
 
     config = AnalysisConfig(
         output_s3=f"s3://{s3_bucket}/n", model="org/tiny", revision=COMMIT, top_percent=30
@@ -335,10 +335,10 @@ def test_launch_analysis_hands_the_staged_hub_model_to_training(moto_server, s3_
     )
     staged = hub_stage_uri(config, fingerprint)
     assert staged == f"s3://{s3_bucket}/n/models/org--tiny@{COMMIT[:12]}/"
-    result = launch_analysis(config, local=True)
+    result = launch(config, local=True)
     assert result["reused"] is True and "model_s3" not in result  # nothing staged yet
     s3.put_object(Bucket=s3_bucket, Key=f"n/models/org--tiny@{COMMIT[:12]}.staged.json", Body=b"{}")
-    assert launch_analysis(config, local=True)["model_s3"] == staged
+    assert launch(config, local=True)["model_s3"] == staged
 
 
 def test_a_training_job_carries_its_chat_template_and_the_pinned_trl(

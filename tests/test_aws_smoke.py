@@ -62,7 +62,7 @@ def expected_cost() -> float:
 def test_tiny_pipeline_on_a_real_account(tmp_path):
     from spectrum_sm.aws.config import AnalysisConfig, PipelineConfig, TrainingConfig
     from spectrum_sm.aws.jobs import TERMINAL, submit
-    from spectrum_sm.aws.pipeline import plan_analysis, plan_training, stage
+    from spectrum_sm.aws.pipeline import plan_analysis, plan_training
     from spectrum_sm.aws.requests import analysis_output_uri
     from spectrum_sm.aws.s3 import s3_client, split_s3_uri
     from spectrum_sm.toy import make_toy_training_setup
@@ -105,8 +105,8 @@ def test_tiny_pipeline_on_a_real_account(tmp_path):
         training = plan_training(
             config.training, spectrum_uri=layer_dir, dry_run=False, local=False
         )
-        stage(analysis)
-        stage(training)
+        analysis.stage()
+        training.stage()
         job = submit(analysis.request)
         started.append(job)
         job.wait(logs=True, poll_s=30)

@@ -44,13 +44,13 @@ DESCRIBED = {
 
 @pytest.mark.integration
 def test_a_local_job_answers_as_a_sagemaker_job_does(moto_server, s3_bucket, tmp_path):
-    from spectrum_sm.aws.pipeline import launch_analysis
+    from spectrum_sm.aws.pipeline import launch
 
     config = load_pipeline(
         EXAMPLES / "compare-tiny.yaml", _toy_overrides(tmp_path, s3_bucket, role=True)
     ).analysis
     here = Local(tmp_path / "jobs")
-    ran = launch_analysis(config, launcher=here, reuse=False, logs=False)
+    ran = launch(config, launcher=here, reuse=False, logs=False)
     local = here.attach(ran["job"])
     remote = submit(prepare_analysis(config, dry_run=False, local=False))  # moto: Completed
     put_logs(remote.name, ["scoring", "step=1 train_loss=1.0"])

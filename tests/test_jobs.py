@@ -243,7 +243,7 @@ def test_bad_overrides_fail_the_dry_run_naming_the_key(override, fragment):
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_is_valid(example, tmp_path):
-    from spectrum_sm.aws.pipeline import run_pipeline
+    from spectrum_sm.aws.pipeline import launch
     from spectrum_sm.comparison import compare
 
     header = example.read_text().splitlines()[0]
@@ -265,7 +265,7 @@ def test_every_example_config_is_valid(example, tmp_path):
     config = load_pipeline(example, overrides)
     local = "--local" in header
     if command == "run":
-        requests = list(run_pipeline(config, local=local, dry_run=True).values())
+        requests = list(launch(config, local=local, dry_run=True).values())
     else:
         methods = header.split("--methods ")[1].split()[0]
         result = compare(config, methods, local=local, dry_run=True)
@@ -614,12 +614,7 @@ def test_each_job_is_validated_once(tmp_path, monkeypatch):
     comparison each validated once (it was two or three times: the step, the plan, the
     request builder)."""
     from spectrum_sm.aws import config as config_module
-    from spectrum_sm.aws.pipeline import (
-        launcher_for,
-        plan_analysis_step,
-        plan_training,
-        run_pipeline,
-    )
+    from spectrum_sm.aws.pipeline import launch
     from spectrum_sm.comparison import compare
 
     checked: list[str] = []
@@ -631,13 +626,13 @@ def test_each_job_is_validated_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(config_module.JobConfig, "problems", counting)
     config = load_pipeline(EXAMPLES / "qwen3-8b.yaml")
-    run_pipeline(config, dry_run=True)
+    launch(config, dry_run=True)
     assert sorted(checked) == ["AnalysisConfig", "TrainingConfig"]
     checked.clear()
-    plan_analysis_step(config.analysis, reuse=True, dry_run=True, launcher=launcher_for())
+    launch(config.analysis, dry_run=True)
     assert checked == ["AnalysisConfig"]
     checked.clear()
-    plan_training(config.training, spectrum_uri="s3://b/layers/", dry_run=True)
+    launch(config.training, spectrum_uri="s3://b/layers/", dry_run=True)
     assert checked == ["TrainingConfig"]
     checked.clear()
     result = compare(config, "spectrum:30,full", dry_run=True)

@@ -77,6 +77,20 @@ class PreparedJob:
     def code_uri(self) -> str:
         return self.request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"]
 
+    def stage(self) -> None:
+        """Upload the job's inputs (each content once), its code and its config."""
+        _stage(self)
+
+    def submit(self, launcher: Launcher, *, wait: bool = True, logs: bool = True) -> dict[str, str]:
+        """Send the staged request where ``launcher`` runs jobs and, when ``wait``, follow its
+        handle to the end (:class:`~.jobs.JobFailed` when it fails); returns its name, status
+        (``Submitted`` when not waited for) and model prefix."""
+        handle = launcher.launch(self.request, logs=logs)
+        status = "Submitted"
+        if wait or launcher.launch_waits:
+            status = handle.wait(logs=logs)["TrainingJobStatus"]
+        return {"job": handle.name, "status": status, "model_s3": handle.outputs["model"]}
+
 
 # --- what the model is: the content behind a path, for reuse and staging --------------------
 
@@ -408,8 +422,7 @@ def _exists(uri: str) -> bool:
     return True
 
 
-def stage(job: PreparedJob) -> None:
-    """Upload the job's inputs (each content once), its code and its config."""
+def _stage(job: PreparedJob) -> None:
     from .s3 import upload_folder
 
     extra = sse_arguments(job.config.output_kms_key)
@@ -525,64 +538,57 @@ def record_analysis(config: AnalysisConfig, key: str | None, job: str, layer_dir
     _put(_index_uri(config, key), body, config)
 
 
-# --- running -----------------------------------------------------------------------------
+# --- running: the one path of every job ------------------------------------------------
 
 
-def execute(
-    request: dict[str, Any], launcher: Launcher, *, wait: bool = True, logs: bool = True
-) -> dict[str, str]:
-    """Launch a staged request where ``launcher`` runs jobs and, when ``wait``, follow its handle
-    to the end (:class:`~.jobs.JobFailed` when it fails); returns its name, status
-    (``Submitted`` when not waited for) and model prefix. Every job of every command (run,
-    analyze, train, compare, the notebook) starts here."""
-    handle = launcher.launch(request, logs=logs)
-    status = "Submitted"
-    if wait or launcher.launch_waits:
-        status = handle.wait(logs=logs)["TrainingJobStatus"]
-    return {"job": handle.name, "status": status, "model_s3": handle.outputs["model"]}
-
-
-def run_job(
-    job: PreparedJob, launcher: Launcher, *, wait: bool = True, logs: bool = True
-) -> dict[str, str]:
-    """Stage a planned job's inputs and code, then :func:`execute` it."""
-    stage(job)
-    return execute(job.request, launcher, wait=wait, logs=logs)
-
-
-def launch_analysis(
-    config: AnalysisConfig,
+def launch(
+    config: PipelineConfig | AnalysisConfig | TrainingConfig,
     *,
-    local: bool = False,
-    workdir: str | Path = "spectrum-sm-jobs",
-    logs: bool = True,
-    reuse: bool = True,
-    wait: bool = True,
-    launcher: Launcher | None = None,
-) -> dict[str, Any]:
-    """Run (or reuse) the analysis job here (``local``) or on SageMaker; returns its name, the
-    S3 prefix of the layer file and, for a Hub model staged in S3 (``stage_model``),
-    ``model_s3``: give it to the training job as its model (no Hub, no token there)."""
-    launcher = launcher_for(local, workdir, launcher)
-    step = plan_analysis_step(config, reuse=reuse, dry_run=False, launcher=launcher)
-    return step.launch(launcher, logs=logs, wait=wait)
-
-
-def launch_training(
-    config: TrainingConfig,
-    spectrum_uri: str | None,
-    *,
+    dry_run: bool = False,
     local: bool = False,
     workdir: str | Path = "spectrum-sm-jobs",
     wait: bool = True,
     logs: bool = True,
+    reuse: bool | None = None,
+    spectrum_uri: str | None = None,
     launcher: Launcher | None = None,
 ) -> dict[str, Any]:
-    """Run the training job on a layer file in S3, here (``local``) or on SageMaker; returns its
-    name, status and model location."""
+    """Plan (validate, build the request), stage, submit and follow a job: the one path of
+    ``spectrum-sm run``/``analyze``/``train``, the notebook and Python alike.
+
+    ``config``: a :class:`PipelineConfig` (the analysis, then training on its layer file), an
+    :class:`AnalysisConfig` or a :class:`TrainingConfig` (on the layer file at
+    ``spectrum_uri``, else its ``spectrum_config``). ``dry_run``: build and validate the
+    request(s), send nothing, return them. ``local``: run here through the container contract
+    (job folders under ``workdir``); otherwise on SageMaker (``launcher`` stands for both,
+    :func:`launcher_for`). ``wait``: follow the (training) job to its end. An analysis of the
+    same model content and settings is reused when ``reuse`` (default: the pipeline's
+    ``reuse_analysis``, else true); a Hub model is staged in S3 by the analysis job (unless
+    ``analysis.stage_model`` is false) and the pipeline's training reads it from there, and a
+    lone analysis returns the copy as ``model_s3``. Every job is validated before anything is
+    looked up or uploaded, and staged before the first is submitted.
+    """
     launcher = launcher_for(local, workdir, launcher)
-    job = plan_training(config, spectrum_uri=spectrum_uri, dry_run=False, launcher=launcher)
-    return run_job(job, launcher, wait=wait, logs=logs)
+    if isinstance(config, PipelineConfig):
+        return _launch_pipeline(
+            config,
+            dry_run=dry_run,
+            wait=wait,
+            logs=logs,
+            reuse=config.reuse_analysis if reuse is None else reuse,
+            launcher=launcher,
+        )
+    if isinstance(config, AnalysisConfig):
+        reuse = True if reuse is None else reuse
+        job: AnalysisStep | PreparedJob = plan_analysis_step(
+            config, reuse=reuse, dry_run=dry_run, launcher=launcher
+        )
+    else:
+        job = plan_training(config, spectrum_uri=spectrum_uri, dry_run=dry_run, launcher=launcher)
+    if dry_run:
+        return job.request
+    job.stage()
+    return job.submit(launcher, wait=wait, logs=logs)
 
 
 def _with_percent(config: PipelineConfig) -> TrainingConfig:
@@ -652,40 +658,39 @@ class AnalysisStep:
         _read_model_from(training.request, self.stage_uri)
         return True
 
+    @property
+    def request(self) -> dict[str, Any]:
+        """The planned job's request (a reused analysis has none to send)."""
+        if self.job is None:
+            raise SpectrumError(f"analysis {self.name} is reused: there is no request to send")
+        return self.job.request
+
     def stage(self) -> None:
         if self.job is not None:
-            stage(self.job)
+            self.job.stage()
 
-    def run(self, launcher: Launcher, *, logs: bool, wait: bool = True) -> str:
-        """Run the planned analysis (nothing when reused) and remember it under its key once it
-        finished; returns its status."""
+    def submit(self, launcher: Launcher, *, wait: bool = True, logs: bool = True) -> dict[str, Any]:
+        """Run the staged analysis (nothing when reused) and remember it under its key once it
+        finished; returns its name, status, layer file prefix and, for a staged Hub model,
+        ``model_s3``."""
         if self.job is None:
-            return "Reused"
-        ran = execute(self.job.request, launcher, logs=logs, wait=wait)
+            model = {"model_s3": self.stage_uri} if self.staged_already else {}
+            return {"job": self.name, "layer_dir": self.layer_dir, "reused": True, **model}
+        ran = self.job.submit(launcher, wait=wait, logs=logs)
         if ran["status"] == "Submitted":  # not finished: nothing to reuse yet
             log.info(
                 "analysis %s submitted; not waiting, so it is not recorded for reuse", self.name
             )
-            return ran["status"]
-        record_analysis(self.config, self.key, self.name, self.layer_dir)
-        if ran["model_s3"] != self.layer_dir:  # one name end to end: never train on another's
-            raise SpectrumError(
-                f"analysis {self.name} wrote to {ran['model_s3']}, not {self.layer_dir}"
-            )
-        return ran["status"]
-
-    def launch(self, launcher: Launcher, *, logs: bool, wait: bool = True) -> dict[str, Any]:
-        """Stage and run it (or nothing, when reused); returns its name, layer file prefix,
-        status and, for a staged Hub model, ``model_s3``."""
-        if self.reused:
-            model = {"model_s3": self.stage_uri} if self.staged_already else {}
-            return {"job": self.name, "layer_dir": self.layer_dir, "reused": True, **model}
-        self.stage()
-        status = self.run(launcher, logs=logs, wait=wait)
+        else:
+            record_analysis(self.config, self.key, self.name, self.layer_dir)
+            if ran["model_s3"] != self.layer_dir:  # one name end to end: never train on another's
+                raise SpectrumError(
+                    f"analysis {self.name} wrote to {ran['model_s3']}, not {self.layer_dir}"
+                )
         model = {"model_s3": self.stage_uri} if self.stage_uri else {}
         return {
             "job": self.name,
-            "status": status,
+            "status": ran["status"],
             "layer_dir": self.layer_dir,
             "reused": False,
             **model,
@@ -717,33 +722,20 @@ def plan_analysis_step(
     )
 
 
-def run_pipeline(
+def _launch_pipeline(
     config: PipelineConfig,
     *,
-    local: bool = False,
     dry_run: bool,
-    workdir: str | Path = "spectrum-sm-jobs",
-    wait: bool = True,
-    logs: bool = True,
-    launcher: Launcher | None = None,
+    wait: bool,
+    logs: bool,
+    reuse: bool,
+    launcher: Launcher,
 ) -> dict[str, Any]:
-    """Analysis, then training on its layer file.
-
-    ``dry_run``: build and validate both requests, send nothing, return them. ``local``: run both
-    here through the container contract. Otherwise submit to SageMaker (training waits when
-    ``wait``). An analysis of the same model content and settings is reused when
-    ``config.reuse_analysis``. A Hub model is staged in S3 by the analysis job (unless
-    ``analysis.stage_model`` is false) and the training job reads it from there. Both jobs are
-    validated before anything is looked up or uploaded, and staged before the first is
-    submitted. ``launcher`` (:func:`launcher_for`) stands for ``local`` and ``workdir``.
-    """
-    launcher = launcher_for(local, workdir, launcher)
+    """Analysis, then training on its layer file (:func:`launch`)."""
     if config.percent_conflict():  # before any lookup or upload
         raise SpectrumError(config.percent_conflict())
     check_job(config.training, launcher, dry_run=dry_run)
-    step = plan_analysis_step(
-        config.analysis, reuse=config.reuse_analysis, dry_run=dry_run, launcher=launcher
-    )
+    step = plan_analysis_step(config.analysis, reuse=reuse, dry_run=dry_run, launcher=launcher)
     training = plan_training(
         _with_percent(config),
         spectrum_uri=step.layer_dir,
@@ -753,12 +745,11 @@ def run_pipeline(
     )
     staged_model = step.train_from_staged_model(training, config.training.model)
     if dry_run:
-        assert step.job is not None
-        return {"analysis": step.job.request, "training": training.request}
+        return {"analysis": step.request, "training": training.request}
     step.stage()
-    stage(training)
-    step.run(launcher, logs=logs)
-    trained = execute(training.request, launcher, wait=wait, logs=logs)
+    training.stage()
+    step.submit(launcher, logs=logs)
+    trained = training.submit(launcher, wait=wait, logs=logs)
     result = {
         "analysis_job": step.name,
         "analysis_reused": step.reused is not None,
@@ -769,3 +760,7 @@ def run_pipeline(
     if staged_model:
         result["staged_model_s3"] = step.stage_uri
     return {**result, **launcher.place()}
+
+
+#: The earlier name of :func:`launch` for a whole pipeline, kept for scripts that use it.
+run_pipeline = launch

@@ -66,7 +66,7 @@ def compare(
     The jobs run here (``local``, in folders under ``workdir``) or on SageMaker; ``launcher``
     (:func:`~spectrum_sm.aws.pipeline.launcher_for`) stands for both.
     """
-    from ..aws.pipeline import launcher_for, plan_analysis_step, stage
+    from ..aws.pipeline import launcher_for, plan_analysis_step
     from ..aws.requests import job_name
 
     launcher = launcher_for(local, workdir, launcher)
@@ -125,9 +125,9 @@ def compare(
     if step is not None:
         step.stage()
     for run in planned:
-        stage(run.prepared)
+        run.prepared.stage()
     if step is not None:
-        step.run(launcher, logs=logs)
+        step.submit(launcher, logs=logs)
     wait = wait or launcher.launch_waits
     _run_all(planned, launcher, wait=wait, logs=logs)
     if not wait:
