@@ -56,6 +56,7 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
 
 def planned(paths: dict[str, Path], method: str, args, checkpointing: bool) -> float:
     from spectrum_sm.training.memory import (
+        Step,
         build_meta,
         count_parameters,
         estimate_memory,
@@ -70,10 +71,7 @@ def planned(paths: dict[str, Path], method: str, args, checkpointing: bool) -> f
         counts.total_params,
         trainable,
         method,
-        precision=args.precision,
-        seq=args.seq,
-        batch=args.batch,
-        checkpointing=checkpointing,
+        Step(args.precision, args.seq, args.batch, checkpointing),
         overhead_gib=0.0,
         counts=counts,
     )

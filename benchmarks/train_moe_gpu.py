@@ -55,13 +55,18 @@ def spectrum_entries(config: dict, percent: float = 30) -> list[str]:
 
 
 def planned_gib(config: dict, method: str, args) -> float:
-    from spectrum_sm.training.memory import build_meta, count_parameters, estimate_memory
+    from spectrum_sm.training.memory import Step, build_meta, count_parameters, estimate_memory
 
     meta, cfg = build_meta({**config, "model_type": "qwen3_moe"})
     counts = count_parameters(meta, 30)
     trainable = counts.trainable_params if method == "spectrum" else counts.full_params
     return estimate_memory(
-        cfg, counts.total_params, trainable, method, seq=args.seq, batch=args.batch, counts=counts
+        cfg,
+        counts.total_params,
+        trainable,
+        method,
+        Step(seq=args.seq, batch=args.batch),
+        counts=counts,
     ).total_gib
 
 

@@ -11,10 +11,10 @@ from typing import Any
 from .aws.s3 import model_config
 from .core.errors import SpectrumError
 from .core.instances import INSTANCES
-from .training.args import COMPUTE_PRECISIONS
 from .training.memory import (
     CUDA_OVERHEAD_GIB,
     Estimate,
+    Step,
     build_meta,
     count_parameters,
     estimate_method,
@@ -38,34 +38,16 @@ CANDIDATES = (
 
 
 @dataclass(frozen=True)
-class PlanOptions:
-    """What the planner assumes of a training step: :func:`plan`'s keywords and, generated from
-    these fields, ``spectrum-sm plan``'s flags."""
+class PlanOptions(Step):
+    """What the planner assumes of a training step (:class:`Step`'s shape, LoRA's rank,
+    sharding): :func:`plan`'s keywords and, generated from these fields, ``spectrum-sm plan``'s
+    flags."""
 
-    precision: str = field(
-        default="bf16", metadata={"help": "compute precision", "choices": COMPUTE_PRECISIONS}
-    )
-    seq: int = field(default=2048, metadata={"help": "sequence length"})
-    batch: int = field(default=1, metadata={"help": "micro-batch per GPU"})
-    checkpointing: bool = field(
-        default=True,
-        metadata={"help": "count gradient checkpointing", "flag": "gradient-checkpointing"},
-    )
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     sharded: bool = field(
         default=True,
         metadata={"help": "shard with FSDP across an instance's GPUs", "flag": "sharding"},
     )
-
-    def __post_init__(self) -> None:
-        for name in ("seq", "batch", "lora_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SpectrumError(f"{name} must be a whole number of at least 1, got {value!r}")
-        if self.precision not in COMPUTE_PRECISIONS:
-            raise SpectrumError(
-                f"precision must be one of {', '.join(COMPUTE_PRECISIONS)}, got {self.precision!r}"
-            )
 
 
 def plan(model: str, percent: float, **options: Any) -> dict[str, Any]:
@@ -82,9 +64,6 @@ def plan(model: str, percent: float, **options: Any) -> dict[str, Any]:
     meta, cfg = build_meta(model_config(model))
     counts = count_parameters(meta, percent, step.lora_rank)
     methods = ("spectrum", "full", "lora")
-    settings = dict(
-        precision=step.precision, seq=step.seq, batch=step.batch, checkpointing=step.checkpointing
-    )
     instances = []
     from .prices import load_prices
 
@@ -95,7 +74,7 @@ def plan(model: str, percent: float, **options: Any) -> dict[str, Any]:
         fits = {}
         sharding = step.sharded and gpus > 1
         for method in methods:
-            est = estimate_method(cfg, counts, method, gpus=gpus, sharded=sharding, **settings)
+            est = estimate_method(cfg, counts, method, step, gpus=gpus, sharded=sharding)
             fits[method] = {
                 "per_gpu_gib": round(est.total_gib, 2),
                 "fits": est.total_gib <= 0.9 * gib,
@@ -109,7 +88,7 @@ def plan(model: str, percent: float, **options: Any) -> dict[str, Any]:
                 "methods": fits,
             }
         )
-    single = {m: asdict(estimate_method(cfg, counts, m, **settings)) for m in methods}
+    single = {m: asdict(estimate_method(cfg, counts, m, step)) for m in methods}
     return {
         "model": model,
         "top_percent": percent,

@@ -14,7 +14,13 @@ from factories import run_cli, tiny_qwen3
 import spectrum_sm
 from spectrum_sm.core.freeze import freeze_except
 from spectrum_sm.plan import plan
-from spectrum_sm.training.memory import build_meta, count_parameters, estimate_memory, load_config
+from spectrum_sm.training.memory import (
+    Step,
+    build_meta,
+    count_parameters,
+    estimate_memory,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,11 +154,39 @@ def test_memory_estimate_within_25_percent_of_measured_training(tmp_path):
             counts.total_params,
             report["trainable_params"],
             method,
-            precision="fp32",
-            seq=256,
-            batch=4,
-            checkpointing=False,
+            Step("fp32", seq=256, batch=4, checkpointing=False),
             overhead_gib=overhead_gib,
         )
         measured = report["peak_memory_bytes"] / 1024**3
         assert abs(estimate.total_gib - measured) <= 0.25 * measured, (method, estimate, measured)
+
+
+def test_the_request_planner_counts_the_step_train_py_will_run(monkeypatch, tmp_path):
+    """The client's distribution planner reads the step from the hyperparameters with train.py's
+    own parser (its defaults and its spelling of values), as the recipe's ``auto`` does."""
+    from spectrum_sm.aws.config import TrainingConfig
+    from spectrum_sm.aws.requests import resolve_distribution
+    from spectrum_sm.training import memory
+    from spectrum_sm.training.args import check_hyperparameters
+
+    model = tiny_qwen3(tmp_path / "m")
+    counted: list[memory.Step] = []
+    planner = memory.plan_distribution
+
+    def recording(config, **kwargs):
+        counted.append(kwargs["step"])
+        return planner(config, **kwargs)
+
+    monkeypatch.setattr(memory, "plan_distribution", recording)
+    given = {"max_seq_length": "512", "gradient_checkpointing": "1", "precision": "fp32"}
+    for hyperparameters in ({}, given):
+        config = TrainingConfig(
+            output_s3="s3://b/o",
+            model=str(model),
+            instance_type="ml.g5.12xlarge",
+            hyperparameters=hyperparameters,
+        )
+        resolve_distribution(config)
+    args = check_hyperparameters(given)
+    assert counted == [Step("bf16", 2048, 1, False), Step.of(args, "fp32")]
+    assert counted[1] == Step("fp32", 512, 1, True)  # "1" is true to train.py's parser

@@ -183,17 +183,21 @@ def checkpoint_uri(config: TrainingConfig, name: str) -> str:
 def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
     """The distribution the job will use, with the memory planner's numbers; a configuration
     the planner says will not fit is refused (``force: true`` sends it anyway)."""
-    from ..training.memory import plan_distribution
+    from ..training.args import check_hyperparameters
+    from ..training.memory import Step, plan_distribution
     from .s3 import model_config
 
     gpus_host = config.gpus_per_host()
     total = gpus_host * config.instance_count
     row = instance(config.instance_type)
     gpu_gib = row.gpu_gib if row and row.gpus else None
-    hps = config.hyperparameters
     if gpu_gib is None:
         choice = config.distribution if config.distribution != "auto" else "ddp"
         return {"distribution": choice, "reason": f"no GPU table entry for {config.instance_type}"}
+    # The step train.py will run, read from the hyperparameters by its own parser.
+    strings = {k: hyperparameter_string(v) for k, v in config.hyperparameters.items()}
+    args = check_hyperparameters(strings)
+    step = Step.of(args, "bf16" if args.precision == "auto" else args.precision)
     try:
         plan = plan_distribution(
             model_config(config.model),
@@ -201,10 +205,7 @@ def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
             percent=config.top_percent,
             gpus=total,
             gpu_gib=gpu_gib,
-            precision=str(hps.get("precision", "bf16")).replace("auto", "bf16"),
-            seq=int(hps.get("max_seq_length", 2048)),
-            batch=int(hps.get("per_device_train_batch_size", 1)),
-            checkpointing=str(hps.get("gradient_checkpointing", False)).lower() == "true",
+            step=step,
         )
     except SpectrumError as exc:
         choice = config.distribution if config.distribution != "auto" else "fsdp"
@@ -217,7 +218,7 @@ def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
         # Only what would change the answer: sharding helps across GPUs, checkpointing when off.
         remedies = ["distribution fsdp"] if chosen != "fsdp" and total > 1 else []
         remedies += ["an instance with more (or larger) GPUs", "a smaller batch"]
-        if str(hps.get("gradient_checkpointing", False)).lower() != "true":
+        if not step.checkpointing:
             remedies.append("hyperparameters.gradient_checkpointing: true")
         raise DoesNotFit(
             f"{config.method} on {config.instance_type} x{config.instance_count} with "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from ..core.errors import SpectrumError
 from ..core.hub import hub_file, is_local
 from ..core.names import meta_model
 from ..core.snr import module_type
+from .args import COMPUTE_PRECISIONS
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
@@ -416,6 +417,43 @@ def method_counts(counts: Counts, method: str) -> tuple[int, int]:
     raise SpectrumError(f"unknown method {method!r}")
 
 
+@dataclass(frozen=True)
+class Step:
+    """The shape of one training step the estimate counts (``spectrum-sm plan``'s flags, from
+    :class:`spectrum_sm.plan.PlanOptions`, which extends it); validated at construction."""
+
+    precision: str = field(
+        default="bf16", metadata={"help": "compute precision", "choices": COMPUTE_PRECISIONS}
+    )
+    seq: int = field(default=2048, metadata={"help": "sequence length"})
+    batch: int = field(default=1, metadata={"help": "micro-batch per GPU"})
+    checkpointing: bool = field(
+        default=True,
+        metadata={"help": "count gradient checkpointing", "flag": "gradient-checkpointing"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("seq", "batch", "lora_rank"):
+            value = getattr(self, name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpectrumError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if self.precision not in COMPUTE_PRECISIONS:
+            raise SpectrumError(
+                f"precision must be one of {', '.join(COMPUTE_PRECISIONS)}, got {self.precision!r}"
+            )
+
+    @classmethod
+    def of(cls, args, precision: str) -> Step:
+        """The step train.py runs with these :class:`~.args.TrainArgs`, in ``precision`` (its
+        ``auto`` resolved for the GPU)."""
+        return cls(
+            precision,
+            args.max_seq_length,
+            args.per_device_train_batch_size,
+            args.gradient_checkpointing,
+        )
+
+
 @dataclass
 class Estimate:
     method: str
@@ -456,11 +494,8 @@ def estimate_memory(
     total: int,
     trainable: int,
     method: str,
+    step: Step = Step(),
     *,
-    precision: str = "bf16",
-    seq: int = 2048,
-    batch: int = 1,
-    checkpointing: bool = True,
     gpus: int = 1,
     sharded: bool = False,
     overhead_gib: float = CUDA_OVERHEAD_GIB,
@@ -472,7 +507,8 @@ def estimate_memory(
     mechanism (spectrum) and AdamW's ``step`` tensors are counted; without, every trainable
     parameter is a whole dense one.
     """
-    low = 4 if precision == "fp32" else 2
+    checkpointing = step.checkpointing
+    low = 4 if step.precision == "fp32" else 2
     shard = gpus if sharded else 1
     adapters = method in ("lora", "qlora")
     experts = counts.expert_trainable_params if counts is not None and method == "spectrum" else 0
@@ -495,7 +531,7 @@ def estimate_memory(
     hidden = cfg.hidden_size
     intermediate = _mlp_width(cfg, bool(counts is not None and counts.expert_params))
     layers = cfg.num_hidden_layers
-    tokens = seq * batch
+    tokens = step.seq * step.batch
     per_layer = (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * intermediate) * tokens * low
     if checkpointing:
         activations = layers * tokens * hidden * low + per_layer
@@ -519,11 +555,13 @@ def estimate_memory(
     )
 
 
-def estimate_method(cfg, counts: Counts, method: str, **settings: Any) -> Estimate:
+def estimate_method(cfg, counts: Counts, method: str, step: Step, **settings: Any) -> Estimate:
     """:func:`estimate_memory` of ``method`` for a model counted by :func:`count_parameters`
-    (``settings``: its keywords, e.g. ``precision``, ``seq``, ``gpus``, ``sharded``)."""
+    (``settings``: its keywords, e.g. ``gpus``, ``sharded``)."""
     trainable = method_counts(counts, method)[0]
-    return estimate_memory(cfg, counts.total_params, trainable, method, counts=counts, **settings)
+    return estimate_memory(
+        cfg, counts.total_params, trainable, method, step, counts=counts, **settings
+    )
 
 
 def plan_distribution(
@@ -533,18 +571,14 @@ def plan_distribution(
     percent: float,
     gpus: int,
     gpu_gib: float,
-    precision: str = "bf16",
-    seq: int = 2048,
-    batch: int = 1,
-    checkpointing: bool = True,
+    step: Step,
 ) -> dict[str, Any]:
     """ddp when a full copy of the training state fits one GPU, else fsdp when the sharded one
     does; ``fits`` says whether either does, with the planner's per-GPU numbers."""
     meta, cfg = build_meta(config)
     counts = count_parameters(meta, percent)
-    settings = dict(precision=precision, seq=seq, batch=batch, checkpointing=checkpointing)
-    ddp = estimate_method(cfg, counts, method, gpus=gpus, **settings)
-    fsdp = estimate_method(cfg, counts, method, gpus=gpus, sharded=gpus > 1, **settings)
+    ddp = estimate_method(cfg, counts, method, step, gpus=gpus)
+    fsdp = estimate_method(cfg, counts, method, step, gpus=gpus, sharded=gpus > 1)
     limit = 0.9 * gpu_gib
     numbers = {"ddp_gib": round(ddp.total_gib, 1), "fsdp_gib": round(fsdp.total_gib, 1)}
     if ddp.total_gib <= limit or method in ("lora", "qlora"):

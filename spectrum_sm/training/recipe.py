@@ -696,7 +696,7 @@ def auto_distribution(args, dist) -> str:
     if not torch.cuda.is_available():
         return "ddp"
     from ..core.selection import DEFAULT_TOP_PERCENT, percent_in_path
-    from .memory import load_config, plan_distribution
+    from .memory import Step, load_config, plan_distribution
 
     percent = DEFAULT_TOP_PERCENT
     if args.method == "spectrum":
@@ -712,10 +712,7 @@ def auto_distribution(args, dist) -> str:
         percent=percent,
         gpus=dist.world_size,
         gpu_gib=gib,
-        precision=resolve_precision(args.precision),
-        seq=args.max_seq_length,
-        batch=args.per_device_train_batch_size,
-        checkpointing=args.gradient_checkpointing,
+        step=Step.of(args, resolve_precision(args.precision)),
     )
     log.info("distribution auto: %s (%s)", choice["distribution"], choice["reason"])
     return choice["distribution"]
