@@ -77,6 +77,41 @@ def _plan_fields():
     return dataclasses.fields(PlanOptions)
 
 
+def _add_job_flags(parser: argparse.ArgumentParser, printed: str, every_run: bool = False) -> None:
+    """What every command that launches jobs takes: overrides, a dry run, where they run, and
+    whether to wait and stream their logs."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override a config value{' for every run' if every_run else ''}, e.g. "
+        "training.spot=false (repeatable)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help=f"print {printed}; send nothing")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="run the job(s) on this machine through the container contract, one by one",
+    )
+    parser.add_argument(
+        "--workdir",
+        default="spectrum-sm-jobs",
+        help="local mode: where job folders (laid out like /opt/ml) go",
+    )
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="SageMaker: return once the (last) job is submitted"
+        + ("; --collect later" if every_run else ""),
+    )
+    parser.add_argument(
+        "--no-logs",
+        action="store_true",
+        help="do not stream the jobs' logs (CloudWatch, or a local job's output)",
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, whose messages quote the arguments: never a credential among them."""
 
@@ -154,38 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         job = commands.add_parser(name, help=text, description=text + ".")
         job.add_argument("config", help="pipeline YAML (sections: common, analysis, training)")
-        job.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="SECTION.KEY=VALUE",
-            help="override a config value, e.g. training.spot=false (repeatable)",
-        )
-        job.add_argument(
-            "--dry-run",
-            action="store_true",
-            help="print the CreateTrainingJob request(s) as JSON; send nothing",
-        )
-        job.add_argument(
-            "--local",
-            action="store_true",
-            help="run the job(s) on this machine through the container contract",
-        )
-        job.add_argument(
-            "--workdir",
-            default="spectrum-sm-jobs",
-            help="local mode: where job folders (laid out like /opt/ml) go",
-        )
-        job.add_argument(
-            "--no-wait",
-            action="store_true",
-            help="SageMaker: return once the (last) job is submitted",
-        )
-        job.add_argument(
-            "--no-logs",
-            action="store_true",
-            help="do not stream the jobs' logs (CloudWatch, or a local job's output)",
-        )
+        _add_job_flags(job, "CreateTrainingJob request(s) as JSON")
     comparison = commands.add_parser(
         "compare",
         help="train Spectrum at several percents, LoRA, QLoRA and full on the same data; compare",
@@ -209,13 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
         f"{others} (default: {DEFAULT_METHODS})",
     )
     comparison.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value for every run, e.g. training.spot=false (repeatable)",
-    )
-    comparison.add_argument(
         "--method-set",
         action="append",
         default=[],
@@ -224,15 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lora.learning_rate=2e-4, qlora.instance_type=ml.g5.2xlarge (repeatable; not steps, "
         "batch, sequence length, seed, evaluation or data)",
     )
-    comparison.add_argument(
-        "--dry-run", action="store_true", help="print every request; send nothing"
-    )
-    comparison.add_argument("--local", action="store_true", help="run the jobs here, one by one")
-    comparison.add_argument("--workdir", default="spectrum-sm-jobs", help="local job folders")
-    comparison.add_argument(
-        "--no-wait", action="store_true", help="SageMaker: submit and return; --collect later"
-    )
-    comparison.add_argument("--no-logs", action="store_true", help="local: do not echo job logs")
+    _add_job_flags(comparison, "every request", every_run=True)
     comparison.add_argument(
         "--collect", nargs="+", metavar="JOB", help="compare these finished training jobs"
     )
