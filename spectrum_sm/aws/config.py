@@ -215,12 +215,7 @@ class JobConfig:
                 f"role must be an IAM role ARN (arn:aws:iam::123456789012:role/Name), "
                 f"got {self.role!r}",
             )
-            _check(
-                p,
-                bool(S3_URI.match(self.output_s3)),
-                f"output_s3 must be an s3://bucket/prefix URI, got {self.output_s3!r}",
-            )
-        elif self.output_s3:
+        if need_role or self.output_s3:
             _check(
                 p,
                 bool(S3_URI.match(self.output_s3)),
@@ -496,9 +491,6 @@ def validate(config: JobConfig, *, need_role: bool) -> None:
     problems = config.problems(need_role)
     if problems:
         raise SpectrumError(f"invalid {type(config).__name__}: " + "; ".join(problems))
-
-
-#: A setting left empty (``key:`` or ``--set key=``) keeps its default.
 
 
 def _from_dict(cls, data: dict[str, Any], where: str, given: dict[str, str] | None = None):

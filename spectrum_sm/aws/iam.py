@@ -12,10 +12,9 @@ from typing import Any
 from ..core.errors import SpectrumError
 from .config import JobConfig, PipelineConfig, partition, validate
 from .images import default_image
+from .jobs import LOG_GROUP
 from .requests import LOCAL_ROLE
 from .s3 import split_s3_uri
-
-LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 
 
 def _s3_objects(p: str, uri: str) -> str:
@@ -34,15 +33,9 @@ def _list_statement(p: str, uris: list[str], sid: str) -> list[dict[str, Any]]:
         if key:
             by_bucket[bucket].add(key)
     for index, (bucket, prefixes) in enumerate(sorted(by_bucket.items())):
-        statements.append(
-            {
-                "Sid": f"{sid}{index}",
-                "Effect": "Allow",
-                "Action": "s3:ListBucket",
-                "Resource": f"arn:{p}:s3:::{bucket}",
-                "Condition": {"StringLike": {"s3:prefix": sorted(prefixes)}},
-            }
-        )
+        condition = {"StringLike": {"s3:prefix": sorted(prefixes)}}
+        arn = f"arn:{p}:s3:::{bucket}"
+        statements.append(_allow(f"{sid}{index}", "s3:ListBucket", arn, Condition=condition))
     return statements
 
 
@@ -67,89 +60,65 @@ def _inputs(config: PipelineConfig) -> list[str]:
     return sorted({u for u in uris if u.startswith("s3://")})
 
 
+def _allow(sid: str, action: str | list[str], resource: Any, **condition: Any) -> dict[str, Any]:
+    """One Allow statement (``Condition=`` where it has one)."""
+    return {"Sid": sid, "Effect": "Allow", "Action": action, "Resource": resource, **condition}
+
+
 def job_role_policy(config: PipelineConfig) -> dict[str, Any]:
     """What the jobs do with their role: read inputs, write outputs, logs, metrics, the image."""
     a, t = config.analysis, config.training
     p = partition(t.region)
     outputs = sorted({a.output_s3, t.output_s3})
     region, account = t.region, _account(t)
+    images = sorted({_image_repository(a, "analysis"), _image_repository(t, "training")})
     statements: list[dict[str, Any]] = [
-        {
-            "Sid": "ReadInputsAndCode",
-            "Effect": "Allow",
-            "Action": "s3:GetObject",
-            "Resource": sorted({_s3_objects(p, u) for u in outputs + _inputs(config)}),
-        },
+        _allow(
+            "ReadInputsAndCode",
+            "s3:GetObject",
+            sorted({_s3_objects(p, u) for u in outputs + _inputs(config)}),
+        ),
         *_list_statement(p, outputs + _inputs(config), "ListInputs"),
-        {
-            "Sid": "WriteOutputs",
-            "Effect": "Allow",
-            "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:DeleteObject"],
-            "Resource": sorted({_s3_objects(p, u) for u in outputs}),
-        },
-        {
-            "Sid": "Logs",
-            "Effect": "Allow",
-            "Action": [
+        _allow(
+            "WriteOutputs",
+            ["s3:PutObject", "s3:AbortMultipartUpload", "s3:DeleteObject"],
+            sorted({_s3_objects(p, u) for u in outputs}),
+        ),
+        _allow(
+            "Logs",
+            [
                 "logs:CreateLogGroup",
                 "logs:CreateLogStream",
                 "logs:DescribeLogStreams",
                 "logs:PutLogEvents",
             ],
-            "Resource": f"arn:{p}:logs:{region}:{account}:log-group:{LOG_GROUP}:*",
-        },
-        {
-            "Sid": "Metrics",
-            "Effect": "Allow",
-            "Action": "cloudwatch:PutMetricData",
-            "Resource": "*",
-            "Condition": {"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}},
-        },
-        {
-            "Sid": "PullImageToken",
-            "Effect": "Allow",
-            "Action": "ecr:GetAuthorizationToken",
-            "Resource": "*",
-        },
-        {
-            "Sid": "PullImage",
-            "Effect": "Allow",
-            "Action": [
-                "ecr:BatchCheckLayerAvailability",
-                "ecr:BatchGetImage",
-                "ecr:GetDownloadUrlForLayer",
-            ],
-            "Resource": sorted(
-                {_image_repository(a, "analysis"), _image_repository(t, "training")}
-            ),
-        },
+            f"arn:{p}:logs:{region}:{account}:log-group:{LOG_GROUP}:*",
+        ),
+        _allow(
+            "Metrics",
+            "cloudwatch:PutMetricData",
+            "*",
+            Condition={"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}},
+        ),
+        _allow("PullImageToken", "ecr:GetAuthorizationToken", "*"),
+        _allow(
+            "PullImage",
+            ["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+            images,
+        ),
     ]
     keys = sorted({k for c in (a, t) for k in (c.volume_kms_key, c.output_kms_key) if k})
     if keys:
-        statements.append(
-            {
-                "Sid": "Keys",
-                "Effect": "Allow",
-                "Action": ["kms:CreateGrant", "kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
-                "Resource": [_key_arn(k, p, region, account) for k in keys],
-            }
-        )
+        encrypt = ["kms:CreateGrant", "kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"]
+        statements.append(_allow("Keys", encrypt, [_key_arn(k, p, region, account) for k in keys]))
     secrets = sorted({_secret_arn(arn) for c in (a, t) for arn in c.secret_environment.values()})
     if secrets:
-        statements.append(
-            {
-                "Sid": "Secrets",
-                "Effect": "Allow",
-                "Action": "secretsmanager:GetSecretValue",
-                "Resource": secrets,
-            }
-        )
+        statements.append(_allow("Secrets", "secretsmanager:GetSecretValue", secrets))
     if a.subnets or t.subnets:
         statements.append(
-            {
-                "Sid": "Vpc",
-                "Effect": "Allow",
-                "Action": [
+            _allow(
+                "Vpc",
+                [
                     "ec2:CreateNetworkInterface",
                     "ec2:CreateNetworkInterfacePermission",
                     "ec2:DeleteNetworkInterface",
@@ -160,8 +129,8 @@ def job_role_policy(config: PipelineConfig) -> dict[str, Any]:
                     "ec2:DescribeSubnets",
                     "ec2:DescribeVpcs",
                 ],
-                "Resource": "*",
-            }
+                "*",
+            )
         )
     return {"Version": "2012-10-17", "Statement": statements}
 
@@ -208,70 +177,37 @@ def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
             for c in (a, t)
         }
     )
+    passed = {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
     statements: list[dict[str, Any]] = [
-        {
-            "Sid": "Jobs",
-            "Effect": "Allow",
-            "Action": [
+        _allow(
+            "Jobs",
+            [
                 "sagemaker:AddTags",
                 "sagemaker:CreateTrainingJob",
                 "sagemaker:DescribeTrainingJob",
                 "sagemaker:StopTrainingJob",
             ],
-            "Resource": jobs,
-        },
-        {
-            "Sid": "PassTheJobRole",
-            "Effect": "Allow",
-            "Action": "iam:PassRole",
-            "Resource": sorted({a.role, t.role}),
-            "Condition": {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
-        },
-        {
-            "Sid": "StageAndReadOutputs",
-            "Effect": "Allow",
-            "Action": ["s3:GetObject", "s3:PutObject"],
-            "Resource": sorted({_s3_objects(p, u) for u in outputs}),
-        },
-        *_list_statement(p, outputs + _inputs(config), "ListStaged"),
-        *(
-            [
-                {
-                    "Sid": "ReadInputs",  # config.json for the planner; ETags for reuse
-                    "Effect": "Allow",
-                    "Action": "s3:GetObject",
-                    "Resource": sorted({_s3_objects(p, u) for u in _inputs(config)}),
-                }
-            ]
-            if _inputs(config)
-            else []
+            jobs,
         ),
-        {
-            "Sid": "FollowLogs",
-            "Effect": "Allow",
-            "Action": ["logs:DescribeLogStreams", "logs:GetLogEvents"],
-            "Resource": f"arn:{p}:logs:{region}:{account}:log-group:{LOG_GROUP}:*",
-        },
+        _allow("PassTheJobRole", "iam:PassRole", sorted({a.role, t.role}), Condition=passed),
+        _allow(
+            "StageAndReadOutputs",
+            ["s3:GetObject", "s3:PutObject"],
+            sorted({_s3_objects(p, u) for u in outputs}),
+        ),
+        *_list_statement(p, outputs + _inputs(config), "ListStaged"),
     ]
+    if _inputs(config):  # config.json for the planner; ETags for reuse
+        inputs = sorted({_s3_objects(p, u) for u in _inputs(config)})
+        statements.append(_allow("ReadInputs", "s3:GetObject", inputs))
+    logs = f"arn:{p}:logs:{region}:{account}:log-group:{LOG_GROUP}:*"
+    statements.append(_allow("FollowLogs", ["logs:DescribeLogStreams", "logs:GetLogEvents"], logs))
     keys = sorted({c.output_kms_key for c in (a, t) if c.output_kms_key})
     if keys:
-        statements.append(
-            {
-                "Sid": "EncryptUploads",
-                "Effect": "Allow",
-                "Action": ["kms:Decrypt", "kms:GenerateDataKey"],
-                "Resource": [_key_arn(k, p, region, account) for k in keys],
-            }
-        )
+        arns = [_key_arn(k, p, region, account) for k in keys]
+        statements.append(_allow("EncryptUploads", ["kms:Decrypt", "kms:GenerateDataKey"], arns))
     if a.validate_role or t.validate_role:
-        statements.append(
-            {
-                "Sid": "ValidateRole",
-                "Effect": "Allow",
-                "Action": "iam:GetRole",
-                "Resource": sorted({a.role, t.role}),
-            }
-        )
+        statements.append(_allow("ValidateRole", "iam:GetRole", sorted({a.role, t.role})))
     return {"Version": "2012-10-17", "Statement": statements}
 
 

@@ -39,16 +39,15 @@ def image_uris():
 def default_image(region: str, instance_type: str, *, job: str) -> str:
     """The official training image for ``job`` ("analysis" or "training") on ``instance_type``."""
     uris = image_uris()
+    where = dict(region=region, py_version=PY_VERSION, instance_type=instance_type)
     try:
         with quiet_sdk():
             return uris.retrieve(
                 framework="huggingface",
-                region=region,
                 version=TRANSFORMERS_VERSION,
                 base_framework_version=f"pytorch{PYTORCH_VERSION}",
-                py_version=PY_VERSION,
-                instance_type=instance_type,
                 image_scope="training",
+                **where,
             )
     except ValueError as gpu_only:
         if job != "analysis":
@@ -56,15 +55,11 @@ def default_image(region: str, instance_type: str, *, job: str) -> str:
                 f"no Hugging Face training image for {instance_type} in {region} "
                 f"({gpu_only}); use a GPU instance type or set image_uri"
             ) from gpu_only
+    version = PYTORCH_VERSION.rsplit(".", 1)[0]
     try:
         with quiet_sdk():
             floating = uris.retrieve(
-                framework="pytorch",
-                region=region,
-                version=PYTORCH_VERSION.rsplit(".", 1)[0],
-                py_version=PY_VERSION,
-                instance_type=instance_type,
-                image_scope="training",
+                framework="pytorch", version=version, image_scope="training", **where
             )
     except ValueError as exc:
         raise SpectrumError(

@@ -34,13 +34,7 @@ from typing import Any
 from ..core.container import kill_with_parent
 from ..core.errors import SpectrumError
 from .jobs import TERMINAL, JobHandle, Launcher
-from .s3 import (
-    download_prefix,
-    s3_client,
-    split_s3_uri,
-    sse_arguments,
-    upload_folder,
-)
+from .s3 import download_prefix, read_object, s3_client, split_s3_uri, sse_arguments, upload_folder
 
 log = logging.getLogger(__name__)
 #: Written by :meth:`LocalJob.stop` before it signals the runner: the job ends Stopped.
@@ -150,17 +144,10 @@ def _alive(pid: Any) -> bool:
 def _config_region(request: dict[str, Any]) -> str:
     import yaml
 
-    from .s3 import describe_client_error
-
     output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
     uri = f"{output}/{request['TrainingJobName']}/spectrum-sm-config.yaml"
-    bucket, key = split_s3_uri(uri)
     try:
-        try:
-            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as exc:
-            raise describe_client_error(exc, uri) from exc
-        return str(yaml.safe_load(body).get("region", ""))
+        return str(yaml.safe_load(read_object(uri)).get("region", ""))
     except Exception as exc:  # gone or unreadable: the region only prices the run
         log.info("no config copy at %s (%s); region from the environment", uri, exc)
         return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")

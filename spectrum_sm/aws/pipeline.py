@@ -79,7 +79,25 @@ class PreparedJob:
 
     def stage(self) -> None:
         """Upload the job's inputs (each content once), its code and its config."""
-        _stage(self)
+        from .s3 import upload_folder
+
+        extra = sse_arguments(self.config.output_kms_key)
+        for uri, path in self.uploads.items():
+            marker = staged_marker(uri)
+            if marker in self.markers and _exists(marker):
+                log.info("%s already staged (same content)", uri)
+                continue
+            upload_folder(path, uri, extra_args=extra)  # a data file lands as <uri>/<its name>
+            if marker in self.markers:
+                _put(marker, self.markers[marker], self.config)
+        with tempfile.TemporaryDirectory(
+            prefix="spectrum-code-", ignore_cleanup_errors=True
+        ) as tmp:
+            write_code(Path(tmp), with_trl=isinstance(self.config, TrainingConfig))
+            upload_folder(Path(tmp), self.code_uri, extra_args=extra)
+        output = self.request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+        name = self.request["TrainingJobName"]
+        _put(f"{output}/{name}/spectrum-sm-config.yaml", to_yaml(self.config), self.config)
 
     def submit(self, launcher: Launcher, *, wait: bool = True, logs: bool = True) -> dict[str, str]:
         """Send the staged request where ``launcher`` runs jobs and, when ``wait``, follow its
@@ -287,16 +305,10 @@ def plan_analysis(
     launcher = launcher_for(local, launcher=launcher)
     if not checked:
         check_job(config, launcher, dry_run=dry_run)
-    name = job_name(config.base_job_name, "analysis")
     inputs, uploads, markers = _plan_inputs(config, {"model": config.model}, dry_run=dry_run)
     staged = dataclasses.replace(config, model=inputs["model"])
     request = build_analysis_request(
-        staged,
-        name=name,
-        need_role=launcher.needs_role,
-        reuse_key=reuse_key or "",
-        stage_model_s3=stage_model_s3,
-        checked=True,
+        staged, reuse_key=reuse_key or "", stage_model_s3=stage_model_s3, checked=True
     )
     return PreparedJob(request, staged, uploads, markers)
 
@@ -382,15 +394,13 @@ def plan_training(
         chat_template=inputs["chat_template"],
         spectrum_config=spectrum_uri or inputs.get("spectrum", ""),
     )
-    request = build_training_request(
-        staged, name=name, need_role=launcher.needs_role, distribution=planned, checked=True
-    )
+    request = build_training_request(staged, name=name, distribution=planned, checked=True)
     launcher.prepare_training(request, config)
     return PreparedJob(request, staged, uploads, markers)
 
 
 def _check_trl() -> None:
-    """A training job carries this machine's TRL (see :func:`upload_code`): it must be here,
+    """A training job carries this machine's TRL (see :func:`write_code`): it must be here,
     at the pinned release or later."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -422,24 +432,6 @@ def _exists(uri: str) -> bool:
     return True
 
 
-def _stage(job: PreparedJob) -> None:
-    from .s3 import upload_folder
-
-    extra = sse_arguments(job.config.output_kms_key)
-    for uri, path in job.uploads.items():
-        marker = staged_marker(uri)
-        if marker in job.markers and _exists(marker):
-            log.info("%s already staged (same content)", uri)
-            continue
-        upload_folder(path, uri, extra_args=extra)  # a data file lands as <uri>/<its name>
-        if marker in job.markers:
-            _put(marker, job.markers[marker], job.config)
-    upload_code(job.code_uri, extra_args=extra, with_trl=_is_training(job.request))
-    output = job.request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
-    name = job.request["TrainingJobName"]
-    _put(f"{output}/{name}/spectrum-sm-config.yaml", to_yaml(job.config), job.config)
-
-
 def _put(uri: str, body: str, config: JobConfig) -> None:
     bucket, key = split_s3_uri(uri)
     try:
@@ -448,10 +440,6 @@ def _put(uri: str, body: str, config: JobConfig) -> None:
         )
     except Exception as exc:
         raise describe_client_error(exc, uri) from exc
-
-
-def _is_training(request: dict[str, Any]) -> bool:
-    return request["AlgorithmSpecification"]["ContainerArguments"] == ["train"]
 
 
 def write_code(folder: Path, *, with_trl: bool) -> None:
@@ -471,20 +459,6 @@ def write_code(folder: Path, *, with_trl: bool) -> None:
     for source, relative in trl_code_files() if with_trl else []:
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, folder / relative)
-
-
-def upload_code(
-    uri: str, *, extra_args: dict[str, str] | None = None, with_trl: bool = False
-) -> None:
-    """The job's code channel (:func:`write_code`), uploaded to ``uri``."""
-    from .s3 import upload_folder
-
-    staging = Path(tempfile.mkdtemp(prefix="spectrum-code-"))
-    try:
-        write_code(staging, with_trl=with_trl)
-        upload_folder(staging, uri, extra_args=extra_args)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- reuse: an analysis of the same bytes and settings -------------------------------------
@@ -569,17 +543,13 @@ def launch(
     looked up or uploaded, and staged before the first is submitted.
     """
     launcher = launcher_for(local, workdir, launcher)
+    if reuse is None:
+        reuse = config.reuse_analysis if isinstance(config, PipelineConfig) else True
     if isinstance(config, PipelineConfig):
         return _launch_pipeline(
-            config,
-            dry_run=dry_run,
-            wait=wait,
-            logs=logs,
-            reuse=config.reuse_analysis if reuse is None else reuse,
-            launcher=launcher,
+            config, launcher, dry_run=dry_run, wait=wait, logs=logs, reuse=reuse
         )
     if isinstance(config, AnalysisConfig):
-        reuse = True if reuse is None else reuse
         job: AnalysisStep | PreparedJob = plan_analysis_step(
             config, reuse=reuse, dry_run=dry_run, launcher=launcher
         )
@@ -591,45 +561,12 @@ def launch(
     return job.submit(launcher, wait=wait, logs=logs)
 
 
-def _with_percent(config: PipelineConfig) -> TrainingConfig:
-    """The training config, told the analysis's percent (the memory planner counts it)."""
-    return dataclasses.replace(config.training, top_percent=config.analysis.top_percent)
-
-
 def hub_stage_uri(config: AnalysisConfig, fingerprint: dict[str, Any] | None) -> str:
     """Where a Hub checkpoint is staged for training: one prefix per repository commit."""
     if not config.stage_model or not fingerprint or fingerprint.get("kind") != "hub":
         return ""
     repo = fingerprint["id"].replace("/", "--")
     return f"{config.output_s3.rstrip('/')}/models/{repo}@{fingerprint['sha'][:12]}/"
-
-
-def _read_model_from(request: dict[str, Any], uri: str) -> None:
-    """The training job reads the staged checkpoint as its ``model`` channel (no Hub, no token)."""
-    request["HyperParameters"].pop("model_name_or_path", None)
-    request["InputDataConfig"].append(s3_channel("model", uri))
-    validate_request(request)
-
-
-def _fingerprint(config: AnalysisConfig, *, dry_run: bool) -> dict[str, Any] | None:
-    try:
-        return model_fingerprint(config.model, config.revision)
-    except SpectrumError as exc:
-        if not dry_run:
-            raise
-        # e.g. no credentials to list an S3 model in a dry run
-        log.warning("dry run: the reuse key is left out (%s)", exc)
-        return None
-
-
-def _identify(config: AnalysisConfig, *, dry_run: bool) -> tuple[str | None, str, bool]:
-    """The analysis's reuse key (None: the content is unknown), where its Hub checkpoint is
-    staged ("" when it is not), and whether that copy is complete already."""
-    fingerprint = _fingerprint(config, dry_run=dry_run)
-    key = analysis_key(config, fingerprint) if fingerprint else None
-    stage_uri = hub_stage_uri(config, fingerprint)
-    staged = bool(stage_uri) and not dry_run and _exists(staged_marker(stage_uri))
-    return key, stage_uri, staged
 
 
 @dataclass
@@ -655,7 +592,10 @@ class AnalysisStep:
                 "the reused analysis staged no checkpoint; training reads %s from the Hub", model
             )
             return False
-        _read_model_from(training.request, self.stage_uri)
+        # the staged checkpoint as its ``model`` channel (no Hub, no token)
+        training.request["HyperParameters"].pop("model_name_or_path", None)
+        training.request["InputDataConfig"].append(s3_channel("model", self.stage_uri))
+        validate_request(training.request)
         return True
 
     @property
@@ -702,7 +642,16 @@ def plan_analysis_step(
 ) -> AnalysisStep:
     """Find a reusable analysis (unless ``dry_run`` or not ``reuse``) or plan a new one."""
     check_job(config, launcher, dry_run=dry_run)  # before any Hub or S3 lookup uses it
-    key, stage_uri, staged_already = _identify(config, dry_run=dry_run)
+    try:
+        fingerprint = model_fingerprint(config.model, config.revision)
+    except SpectrumError as exc:
+        if not dry_run:
+            raise
+        log.warning("dry run: the reuse key is left out (%s)", exc)  # e.g. no S3 credentials
+        fingerprint = None
+    key = analysis_key(config, fingerprint) if fingerprint else None
+    stage_uri = hub_stage_uri(config, fingerprint)
+    staged_already = bool(stage_uri) and not dry_run and _exists(staged_marker(stage_uri))
     reused = find_reusable_analysis(config, key) if not dry_run and reuse and key else None
     if reused:
         return AnalysisStep(
@@ -724,12 +673,12 @@ def plan_analysis_step(
 
 def _launch_pipeline(
     config: PipelineConfig,
+    launcher: Launcher,
     *,
     dry_run: bool,
     wait: bool,
     logs: bool,
     reuse: bool,
-    launcher: Launcher,
 ) -> dict[str, Any]:
     """Analysis, then training on its layer file (:func:`launch`)."""
     if config.percent_conflict():  # before any lookup or upload
@@ -737,7 +686,8 @@ def _launch_pipeline(
     check_job(config.training, launcher, dry_run=dry_run)
     step = plan_analysis_step(config.analysis, reuse=reuse, dry_run=dry_run, launcher=launcher)
     training = plan_training(
-        _with_percent(config),
+        # told the analysis's percent (the memory planner counts it)
+        dataclasses.replace(config.training, top_percent=config.analysis.top_percent),
         spectrum_uri=step.layer_dir,
         dry_run=dry_run,
         launcher=launcher,

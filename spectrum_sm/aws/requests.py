@@ -66,9 +66,7 @@ def s3_channel(name: str, uri: str) -> dict[str, Any]:
     }
 
 
-def _common(
-    config: JobConfig, name: str, output_path: str, code_uri: str, entry: str
-) -> dict[str, Any]:
+def _common(config: JobConfig, name: str, output_path: str, entry: str) -> dict[str, Any]:
     job = "analysis" if entry == "analyze" else "training"
     image = config.image_uri or default_image(config.region, config.instance_type, job=job)
     request: dict[str, Any] = {
@@ -82,7 +80,9 @@ def _common(
             "ContainerArguments": [entry],
         },
         "HyperParameters": {},
-        "InputDataConfig": [s3_channel(CODE_CHANNEL, code_uri)],
+        "InputDataConfig": [
+            s3_channel(CODE_CHANNEL, f"{config.output_s3.rstrip('/')}/code/{name}/")
+        ],
         "OutputDataConfig": {"S3OutputPath": output_path, "CompressionType": "NONE"},
         "ResourceConfig": {
             "InstanceType": config.instance_type,
@@ -130,8 +130,6 @@ def build_analysis_request(
     config: AnalysisConfig,
     *,
     name: str | None = None,
-    code_uri: str | None = None,
-    need_role: bool = True,
     reuse_key: str = "",
     stage_model_s3: str = "",
     checked: bool = False,
@@ -141,21 +139,16 @@ def build_analysis_request(
     copies a Hub checkpoint for the training job. ``checked``: the caller validated ``config``
     already (the pipeline does, once, before any lookup)."""
     if not checked:
-        validate(config, need_role=need_role)
+        validate(config, need_role=True)
     name = name or job_name(config.base_job_name, "analysis")
-    code_uri = code_uri or f"{config.output_s3.rstrip('/')}/code/{name}/"
-    request = _common(config, name, analysis_prefix(config) + "/", code_uri, "analyze")
+    request = _common(config, name, analysis_prefix(config) + "/", "analyze")
     # Every scan option travels under its own name: analyze.py's parser is generated from the
     # same fields. An empty list is its default and stays out of the request.
     hps: dict[str, Any] = {
         f.name: getattr(config, f.name) for f in scan_fields() if getattr(config, f.name) != []
     }
-    hps = {
-        **hps,
-        "model_name": config.model.rstrip("/").rsplit("/", 1)[-1]
-        if config.model.startswith("s3://")
-        else config.model,
-    }
+    s3_model = config.model.startswith("s3://")
+    hps["model_name"] = config.model.rstrip("/").rsplit("/", 1)[-1] if s3_model else config.model
     if config.layer_percents:
         hps["layer_percents"] = config.layer_percents
     if reuse_key:
@@ -166,7 +159,7 @@ def build_analysis_request(
             hps["stage_kms_key"] = config.output_kms_key
     if config.revision:
         hps["revision"] = config.revision
-    if config.model.startswith("s3://"):
+    if s3_model:
         request["InputDataConfig"].append(s3_channel("model", config.model))
     else:
         hps["model_name_or_path"] = config.model
@@ -174,10 +167,6 @@ def build_analysis_request(
     request["HyperParameters"] = {k: hyperparameter_string(v) for k, v in hps.items()}
     validate_request(request)
     return request
-
-
-def checkpoint_uri(config: TrainingConfig, name: str) -> str:
-    return f"{config.output_s3.rstrip('/')}/checkpoints/{name}/"
 
 
 def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
@@ -246,8 +235,6 @@ def build_training_request(
     *,
     spectrum_uri: str | None = None,
     name: str | None = None,
-    code_uri: str | None = None,
-    need_role: bool = True,
     distribution: dict[str, Any] | None = None,
     checked: bool = False,
 ) -> dict[str, Any]:
@@ -259,10 +246,9 @@ def build_training_request(
     the caller validated ``config`` already.
     """
     if not checked:
-        validate(config, need_role=need_role)
+        validate(config, need_role=True)
     name = name or job_name(config.base_job_name, "train")
-    code_uri = code_uri or f"{config.output_s3.rstrip('/')}/code/{name}/"
-    request = _common(config, name, config.output_s3.rstrip("/") + "/training/", code_uri, "train")
+    request = _common(config, name, config.output_s3.rstrip("/") + "/training/", "train")
     spectrum = spectrum_uri or config.spectrum_config
     if config.method == "spectrum" and not spectrum:
         raise SpectrumError(
@@ -310,13 +296,10 @@ def build_training_request(
     if config.spot or int(config.hyperparameters.get("save_steps", 0) or 0) > 0:
         # One prefix per run: SageMaker restores it into the job (a spot restart resumes), and
         # no other run ever finds it. Continuing another run is explicit (resume_from).
-        request["Environment"][CHECKPOINT_S3_ENV] = config.checkpoint_s3 or checkpoint_uri(
-            config, name
-        )  # so a stopped job can say where its work is kept
-        request["CheckpointConfig"] = {
-            "S3Uri": config.checkpoint_s3 or checkpoint_uri(config, name),
-            "LocalPath": "/opt/ml/checkpoints",
-        }
+        checkpoints = config.checkpoint_s3 or f"{config.output_s3.rstrip('/')}/checkpoints/{name}/"
+        request["CheckpointConfig"] = {"S3Uri": checkpoints, "LocalPath": "/opt/ml/checkpoints"}
+        # so a stopped job can say where its work is kept
+        request["Environment"][CHECKPOINT_S3_ENV] = checkpoints
     validate_request(request)
     return request
 

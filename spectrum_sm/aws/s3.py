@@ -169,20 +169,26 @@ class S3Source:
         }
 
 
+def read_object(uri: str) -> bytes:
+    """The bytes of one S3 object."""
+    bucket, key = split_s3_uri(uri)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:
+        raise describe_client_error(exc, uri) from exc
+
+
 def model_config(model: str) -> dict[str, Any]:
     """``config.json`` of an ``s3://`` prefix, a local folder or file, or a Hub id."""
     if not model.startswith("s3://"):
         from ..training.memory import load_config
 
         return load_config(model)
-    bucket, key = split_s3_uri(model.rstrip("/") + "/config.json")
+    uri = model.rstrip("/") + "/config.json"
     try:
-        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        return json.loads(body)
+        return json.loads(read_object(uri))
     except ValueError as exc:
-        raise SpectrumError(f"s3://{bucket}/{key}: unreadable config.json ({exc})") from exc
-    except Exception as exc:
-        raise describe_client_error(exc, f"s3://{bucket}/{key}") from exc
+        raise SpectrumError(f"{uri}: unreadable config.json ({exc})") from exc
 
 
 def download_prefix(uri: str, target: Path) -> int:

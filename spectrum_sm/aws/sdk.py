@@ -24,27 +24,18 @@ from .s3 import error_code
 log = logging.getLogger(__name__)
 
 
-def _resources():
+def launch(request: dict[str, Any], session) -> None:
+    """Send ``request`` as it is (CreateTrainingJob) with a boto3 session."""
+    validate_request(request)
     try:
         from sagemaker.core.resources import TrainingJob
         from sagemaker.core.utils.utils import transform
     except ImportError as exc:
         raise SpectrumError(f"launching on SageMaker needs {INSTALL_HINT}") from exc
-    return TrainingJob, transform
-
-
-def _changed_fields(prepared: dict[str, Any], sent: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(prepared) | set(sent) if prepared.get(k) != sent.get(k))
-
-
-def launch(request: dict[str, Any], session) -> None:
-    """Send ``request`` as it is (CreateTrainingJob) with a boto3 session."""
-    validate_request(request)
-    resource, transform = _resources()
     name = request["TrainingJobName"]
 
     def exactly_as_prepared(params: dict[str, Any], **_: Any) -> None:
-        changed = _changed_fields(request, params)
+        changed = sorted(k for k in {*request, *params} if request.get(k) != params.get(k))
         if changed:
             raise SpectrumError(
                 f"job {name} was not sent: the SageMaker SDK would change "
@@ -56,7 +47,7 @@ def launch(request: dict[str, Any], session) -> None:
     session.events.register(event, exactly_as_prepared)
     try:
         with quiet_sdk():
-            resource.create(
+            TrainingJob.create(
                 **transform(request, "CreateTrainingJobRequest"),
                 session=session,
                 region=session.region_name,

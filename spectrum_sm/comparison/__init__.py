@@ -19,14 +19,7 @@ grammar, a run's record) <- ``render`` (table, figure, files) <- ``collection`` 
 from __future__ import annotations
 
 from .collection import collect
-from .methods import (
-    DEFAULT_METHODS,
-    METHODS,
-    Method,
-    Run,
-    parse_method_settings,
-    parse_methods,
-)
+from .methods import DEFAULT_METHODS, METHODS, Method, Run, parse_method_settings, parse_methods
 from .render import Comparison, render_table
 from .run import compare, qlora_problem
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..aws.jobs import JobHandle, Launcher
+from ..aws.s3 import read_object
 from ..core.errors import SpectrumError
 from ..core.selection import percent_in_path
 from ..prices import PriceTable, job_cost, load_prices
@@ -136,19 +137,9 @@ def _epoch(value: Any) -> float | None:
     return dt.datetime.fromisoformat(str(value)).timestamp()
 
 
-def _read_object(uri: str) -> bytes:
-    from ..aws.s3 import describe_client_error, s3_client, split_s3_uri
-
-    bucket, key = split_s3_uri(uri)
-    try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except Exception as exc:
-        raise describe_client_error(exc, uri) from exc
-
-
 def _read_json(uri: str) -> dict[str, Any]:
     try:
-        return json.loads(_read_object(uri))
+        return json.loads(read_object(uri))
     except ValueError as exc:
         raise SpectrumError(f"{uri}: not valid JSON ({exc})") from exc
 
