@@ -43,15 +43,9 @@ class _Parser(argparse.ArgumentParser):
         raise SpectrumError(f"invalid arguments: {message}")
 
 
-def _default_output_dir() -> str:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from spectrum_sm.core.container import in_container
 
-    if os.environ.get("SM_MODEL_DIR"):
-        return os.environ["SM_MODEL_DIR"]
-    return "/opt/ml/model" if in_container() else "model_snr_results"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _Parser(description="Spectrum SNR scan (analysis job)", allow_abbrev=False)
     parser.add_argument(
         "--model_name_or_path",
@@ -73,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--stage_kms_key", default="", help="SSE-KMS key for the staged copy")
     # /opt/ml/model only inside a job: a hand run must not create /opt/ml on a workstation.
-    parser.add_argument("--output_dir", default=_default_output_dir())
+    local = "/opt/ml/model" if in_container() else "model_snr_results"
+    parser.add_argument("--output_dir", default=os.environ.get("SM_MODEL_DIR") or local)
     args = parser.parse_args(argv)
     args.scan = ScanOptions(**given(args, scan_fields()))
     if not args.model_name_or_path:

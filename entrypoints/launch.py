@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = {"analyze": HERE / "analyze.py", "train": HERE / "train.py"}
 # The code channel ships spectrum_sm next to entrypoints/; its instance table is pure data.
 sys.path.insert(0, str(HERE.parent))
+from spectrum_sm.core.container import kill_with_parent  # noqa: E402
 from spectrum_sm.core.instances import instance as instance_row  # noqa: E402
 
 SECRET_PREFIX = "SPECTRUM_SM_SECRET_"
@@ -173,17 +174,6 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child ends with this launcher (a local job killed with -9). The same as
-    spectrum_sm.core.container.kill_with_parent: this launcher uses the standard library only."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _children(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc)."""
     found = []
@@ -201,7 +191,8 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
 
     Under torchrun the signal goes to the workers themselves, not to torchrun: torchrun would
     pass it on but kill the workers 30 s later, mid-save; SageMaker allows 120 s."""
-    child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    # The child ends with this launcher (a local job killed with -9).
+    child = subprocess.Popen(cmd, env=env, preexec_fn=kill_with_parent)
     stopped = []
 
     def forward(signum, _frame):

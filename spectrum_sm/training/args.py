@@ -177,15 +177,7 @@ class TrainArgs:
     def _range_problems(self) -> list[str]:
         """Values that would train nothing or train wrongly (exit 0 with a broken model)."""
         problems = []
-        for name in (
-            "learning_rate",
-            "weight_decay",
-            "warmup_ratio",
-            "max_grad_norm",
-            "num_train_epochs",
-            "lora_dropout",
-            "validation_share",
-        ):
+        for name in [f.name for f in dataclasses.fields(self) if f.type == "float"]:
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
         if problems:
@@ -194,14 +186,6 @@ class TrainArgs:
             (
                 0 < self.learning_rate <= 1,
                 f"learning_rate must be in (0, 1], got {self.learning_rate}",
-            ),
-            (
-                0 <= self.weight_decay < 1,
-                f"weight_decay must be in [0, 1), got {self.weight_decay}",
-            ),
-            (
-                0 <= self.warmup_ratio < 1,
-                f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}",
             ),
             (
                 self.max_grad_norm > 0,
@@ -213,19 +197,12 @@ class TrainArgs:
                 f"max_seq_length must be at least {MIN_SEQ_LENGTH}, got {self.max_seq_length}: "
                 "shorter windows leave (almost) no token to learn from",
             ),
-            (self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}"),
             (
                 not self.save_steps or bool(self.checkpoint_dir),
                 f"save_steps {self.save_steps} saves into checkpoint_dir, which is not set: pass "
                 "--checkpoint_dir DIR (a SageMaker job sets it) or leave save_steps at 0",
             ),
             (self.save_total_limit >= 1, "save_total_limit must be at least 1"),
-            (self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}"),
-            (
-                0 <= self.validation_share < 1,
-                f"validation_share must be in [0, 1), got {self.validation_share}",
-            ),
-            (self.num_proc >= 0, f"num_proc must be >= 0, got {self.num_proc}"),
             (
                 bool(self.prompt_template) == bool(self.completion_template),
                 "prompt_template and completion_template go together",
@@ -240,12 +217,14 @@ class TrainArgs:
                 0 <= self.seed < 2**32,
                 f"seed must be in [0, 2**32), got {self.seed} (numpy's and torch's range)",
             ),
-            (
-                0 <= self.lora_dropout < 1,
-                f"lora_dropout must be in [0, 1), got {self.lora_dropout}",
-            ),
         ]
         problems = [message for ok, message in checks if not ok]
+        for name in ("weight_decay", "warmup_ratio", "validation_share", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("save_steps", "eval_steps", "num_proc"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in (
             "per_device_train_batch_size",
             "per_device_eval_batch_size",
@@ -269,12 +248,8 @@ class TrainArgs:
         """Output folders that would mix or fail: the model and the checkpoints in one tree
         (a checkpoint's optimizer state saved as part of the model), a file where a folder goes."""
         problems = []
-        folders = {
-            "output_dir": self.output_dir,
-            "checkpoint_dir": self.checkpoint_dir,
-            "tensorboard_dir": self.tensorboard_dir,
-        }
-        for name, folder in folders.items():
+        for name in ("output_dir", "checkpoint_dir", "tensorboard_dir"):
+            folder = getattr(self, name)
             if folder and Path(folder).expanduser().is_file():
                 problems.append(f"{name} {folder!r} is a file; give a folder")
         if self.output_dir and self.checkpoint_dir:

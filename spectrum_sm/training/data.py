@@ -400,16 +400,9 @@ def shape_row(row: dict[str, Any], index: int, options: DataOptions, chat: bool)
         completion = _format(options.completion_template, row, "completion_template", index)
         if not chat:
             return {"prompt": prompt, "completion": completion}
-        system = [{"role": "system", "content": options.system_prompt}] * bool(
-            options.system_prompt
-        )
-        return {
-            "messages": [
-                *system,
-                {"role": "user", "content": prompt},
-                {"role": "assistant", "content": completion},
-            ]
-        }
+        turns = [("system", options.system_prompt)] * bool(options.system_prompt)
+        turns += [("user", prompt), ("assistant", completion)]
+        return {"messages": [{"role": role, "content": text} for role, text in turns]}
     return row
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -273,12 +273,10 @@ def expert_modules(model) -> dict[str, FusedExperts]:
             continue
         bias_name = name + EXPERT_BIAS_SUFFIX
         bias = params.get(bias_name)
-        if bias is not None and bias.ndim >= 1 and bias.shape[0] == experts:
-            out[name] = FusedExperts(
-                [(name.rsplit(".", 1)[-1], rows * cols + bias[0].numel())], bias_name
-            )
-        else:
-            out[name] = FusedExperts([(name.rsplit(".", 1)[-1], rows * cols)])
+        if bias is None or bias.ndim < 1 or bias.shape[0] != experts:
+            bias_name, bias = None, None
+        size = rows * cols + (bias[0].numel() if bias is not None else 0)
+        out[name] = FusedExperts([(name.rsplit(".", 1)[-1], size)], bias_name)
     return out
 
 
@@ -468,14 +466,7 @@ class Estimate:
 
     @property
     def total_gib(self) -> float:
-        return (
-            self.weights_gib
-            + self.gradients_gib
-            + self.optimizer_gib
-            + self.activations_gib
-            + self.overhead_gib
-            + self.transient_gib
-        )
+        return sum(getattr(self, f.name) for f in fields(self) if f.name.endswith("_gib"))
 
 
 def _mlp_width(cfg, moe: bool) -> int:
@@ -565,13 +556,7 @@ def estimate_method(cfg, counts: Counts, method: str, step: Step, **settings: An
 
 
 def plan_distribution(
-    config: dict[str, Any],
-    *,
-    method: str,
-    percent: float,
-    gpus: int,
-    gpu_gib: float,
-    step: Step,
+    config: dict[str, Any], *, method: str, percent: float, gpus: int, gpu_gib: float, step: Step
 ) -> dict[str, Any]:
     """ddp when a full copy of the training state fits one GPU, else fsdp when the sharded one
     does; ``fits`` says whether either does, with the planner's per-GPU numbers."""

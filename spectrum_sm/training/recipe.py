@@ -102,17 +102,6 @@ class Dist:
         return value[0]
 
 
-class Terminate:
-    """SIGTERM (spot interruption, StopTrainingJob) asks for a checkpoint and a clean exit."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-
 def resolve_precision(precision: str) -> str:
     import torch
 
@@ -162,7 +151,12 @@ class Recipe:
             raise SpectrumError("fsdp trains in bf16 or fp32; fp16 needs a gradient scaler (ddp)")
         if tracker:
             acc.init_trackers("")
-        self._check_paths()
+        base, out = Path(str(args.model_name_or_path)).resolve(), Path(args.output_dir).resolve()
+        if base.is_dir() and (out == base or base in out.parents):
+            raise SpectrumError(
+                f"output_dir {args.output_dir!r} is the base model's folder (or inside it): "
+                "saving would overwrite the model being trained; choose another output_dir"
+            )
 
     def lock_folders(self) -> None:
         """Hold the output and checkpoint folders for the whole run (each host's main process):
@@ -197,23 +191,7 @@ class Recipe:
                 "distribution zero3 (DeepSpeed) is not supported by train.py; use fsdp, which "
                 "shards the same state"
             )
-        if requested != "auto":
-            return requested
-        if self.dist.world_size == 1:
-            return "ddp"
-        return auto_distribution(self.args, self.dist)
-
-    def _check_paths(self) -> None:
-        args = self.args
-        model = Path(str(args.model_name_or_path))
-        out = Path(args.output_dir).resolve()
-        if model.is_dir():
-            base = model.resolve()
-            if out == base or base in out.parents:
-                raise SpectrumError(
-                    f"output_dir {args.output_dir!r} is the base model's folder (or inside it): "
-                    "saving would overwrite the model being trained; choose another output_dir"
-                )
+        return requested if requested != "auto" else auto_distribution(self.args, self.dist)
 
     # -- data ------------------------------------------------------------------------------
 
@@ -244,7 +222,8 @@ class Recipe:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id = self.tokenizer.pad_token_id
-        vocab = _vocab_size(self.config)
+        text_config = getattr(self.config, "get_text_config", None)
+        vocab = getattr(text_config() if text_config else self.config, "vocab_size", None)
         if vocab is not None and len(self.tokenizer) > vocab:
             raise SpectrumError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's embedding has "
@@ -387,9 +366,7 @@ class Recipe:
         # state for the selected elements only, and their frozen fused weights get none.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.trainable,
-            lr=args.learning_rate,
-            weight_decay=args.weight_decay,
+            self.trainable, lr=args.learning_rate, weight_decay=args.weight_decay
         )
         if not self.sharded:
             # accelerate's wrapper unscales fp16 gradients; it steps on every call here because
@@ -444,7 +421,9 @@ class Recipe:
         from . import metrics
 
         args, dist, state = self.args, self.dist, self.state
-        terminate = Terminate()
+        # SIGTERM (spot interruption, StopTrainingJob) asks for a checkpoint and a clean exit.
+        terminated: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
         self.model.train()
         log.info(
             "training %d steps (%d per epoch), %d examples",
@@ -501,7 +480,7 @@ class Recipe:
                     window_tokens, window_start = 0, time.perf_counter()
                 if self.eval_examples and args.eval_steps and state.step % args.eval_steps == 0:
                     self._evaluate()
-                stop = not dist.all_agree(not terminate.requested)
+                stop = not dist.all_agree(not terminated)
                 if args.checkpoint_dir and (
                     stop or (args.save_steps and state.step % args.save_steps == 0)
                 ):
@@ -682,18 +661,12 @@ def _has_tensorboard() -> bool:
     return True
 
 
-def _vocab_size(config) -> int | None:
-    text = getattr(config, "get_text_config", None)
-    cfg = text() if text is not None else config
-    return getattr(cfg, "vocab_size", None)
-
-
 def auto_distribution(args, dist) -> str:
     """ddp when a full copy of the training state fits one GPU (the planner's estimate), else
-    fsdp. On CPU (tests, local runs) ddp."""
+    fsdp. On one process or on CPU (tests, local runs) ddp."""
     import torch
 
-    if not torch.cuda.is_available():
+    if dist.world_size == 1 or not torch.cuda.is_available():
         return "ddp"
     from ..core.selection import DEFAULT_TOP_PERCENT, percent_in_path
     from .memory import Step, load_config, plan_distribution
@@ -733,12 +706,12 @@ def load_model(args, dtype_name: str, config):
     kwargs = {key: dtype, "trust_remote_code": args.trust_remote_code}
     # MXFP4 (gpt-oss) loads dequantized, trainable; packed for Triton kernels it would not be.
     kwargs.update(dequantized_load_kwargs(config))
-    if args.method == "qlora" and "quantization_config" in kwargs:
-        raise SpectrumError(
-            "method qlora cannot load an MXFP4 checkpoint (it would quantize it a second time); "
-            "use spectrum, full or lora"
-        )
     if args.method == "qlora":
+        if "quantization_config" in kwargs:
+            raise SpectrumError(
+                "method qlora cannot load an MXFP4 checkpoint (it would quantize it a second "
+                "time); use spectrum, full or lora"
+            )
         if not torch.cuda.is_available():
             raise SpectrumError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels)")
         try:
@@ -863,13 +836,12 @@ def evaluate(recipe: Recipe, examples) -> float:
     args, dist, model = recipe.args, recipe.dist, recipe.model
     model.eval()
     mine = examples[dist.rank :: dist.world_size]
-    rounds = math.ceil(len(examples) / dist.world_size / args.per_device_eval_batch_size)
+    size = args.per_device_eval_batch_size
+    rounds = math.ceil(len(examples) / dist.world_size / size)
     total, count = 0.0, 0.0
     with torch.no_grad():
         for index in range(rounds):
-            chunk = mine[index * args.per_device_eval_batch_size :][
-                : args.per_device_eval_batch_size
-            ]
+            chunk = mine[index * size : (index + 1) * size]
             # FSDP needs every process in every forward: an empty share runs a dummy batch.
             batch = collate(chunk or examples[:1], recipe.pad_id)
             batch = {k: v.to(dist.device) for k, v in batch.items()}
@@ -911,9 +883,7 @@ def save_model(
         state_dict = {
             k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()
         }
-    elif method == "qlora":
-        pass  # the adapter alone: its 4-bit base cannot be merged losslessly
-    else:
+    elif method != "qlora":  # qlora saves the adapter alone: its 4-bit base cannot be merged
         if method == "lora":
             model = model.merge_and_unload()
         with torch.no_grad():

@@ -249,13 +249,9 @@ def save_checkpoint(
         tensors.update(opt_tensors)
         meta.update(opt_meta)
     stem = f"rank-{dist.rank:05d}"
-    save_file(tensors, str(tmp / f"{stem}.safetensors"))
-    meta["files"] = {
-        f"{stem}.safetensors": {
-            "size": (tmp / f"{stem}.safetensors").stat().st_size,
-            "sha256": file_digest(tmp / f"{stem}.safetensors"),
-        }
-    }
+    weights = tmp / f"{stem}.safetensors"
+    save_file(tensors, str(weights))
+    meta["files"] = {weights.name: {"size": weights.stat().st_size, "sha256": file_digest(weights)}}
     if dist.rank == 0:
         state.scheduler = {k: v for k, v in scheduler.state_dict().items() if _jsonable(v)}
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
@@ -325,13 +321,11 @@ def find_resumable(directory, dist, fingerprint: dict[str, Any], *, explicit: bo
     """The newest checkpoint in ``directory`` that verifies on every rank and belongs to this
     run (any run when ``explicit``: ``--resume_from``). All ranks return the same answer."""
     for path in checkpoints(directory):
+        saved, reason = None, None
         try:
             saved = TrainingState(**json.loads((path / STATE_FILE).read_text()))
         except (OSError, ValueError, TypeError) as exc:
             reason = f"state.json unreadable ({exc})"
-            saved = None
-        else:
-            reason = None
         if saved is not None and saved.world_size != dist.world_size:
             raise SpectrumError(
                 f"checkpoint {path} was written by {saved.world_size} processes, this run has "
@@ -370,7 +364,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, dist, sharded: bool
         )
     own = load_file(str(path / f"rank-{dist.rank:05d}.safetensors"))
     meta = json.loads((path / f"rank-{dist.rank:05d}.json").read_text())
-    source, source_meta = (own, meta) if sharded else _rank_zero(path, dist, own, meta)
+    source, source_meta = own, meta
+    if not sharded and dist.rank != 0:  # under DDP rank 0 saved the weights and optimizer
+        source = load_file(str(path / "rank-00000.safetensors"))
+        source_meta = json.loads((path / "rank-00000.json").read_text())
     with torch.no_grad():
         for name, param in trainable:
             _local(param).copy_(source[f"param/{name}"])
@@ -381,14 +378,3 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, dist, sharded: bool
     _restore_rng(own, meta)
     log.info("resumed from %s (step %d)", path, state.step)
     return state
-
-
-def _rank_zero(path: Path, dist, own, meta):
-    from safetensors.torch import load_file
-
-    if dist.rank == 0:
-        return own, meta
-    return (
-        load_file(str(path / "rank-00000.safetensors")),
-        json.loads((path / "rank-00000.json").read_text()),
-    )
