@@ -128,16 +128,7 @@ def make_toy_training_setup(
     texts = [m["content"] for r in data for m in r["messages"]]
     model_dir = directory / "model"
     make_tokenizer(model_dir, texts * 4, vocab_size=320)
-    make_qwen3(
-        model_dir,
-        layers=layers,
-        hidden=64,
-        intermediate=128,
-        vocab=320,
-        seed=seed,
-        shard_size=None,
-        dtype="bfloat16",
-    )
+    make_qwen3(model_dir, layers=layers, intermediate=128, vocab=320, seed=seed, shard_size=None)
     data_file = directory / "train.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in data))
     held_out = toy_chat_rows(validation_rows, seed + 1)

@@ -161,6 +161,7 @@ def freeze_except(
     checkpoint names are translated to the loaded model's). Raises :class:`SpectrumError`
     naming every entry that matches nothing.
     """
+    from .names import translator
     from .slices import install_slices, installed_slices, merge_slices
 
     if isinstance(entries, (str, Path)):
@@ -179,7 +180,7 @@ def freeze_except(
         pattern = compile_entry(body, name_prefix)
         hits = [(n, p) for n, p in named if pattern.match(n)]
         if not hits and index is None and _is_literal(body):
-            translate = translate or _translator(model)
+            translate = translate or translator(model)
             target = translate(body.strip("^$") + ".weight")
             if target is not None:
                 translated[entry] = target.entry()
@@ -231,12 +232,6 @@ def freeze_except(
 
 def _is_literal(body: str) -> bool:
     return re.fullmatch(r"\^?[A-Za-z0-9_.]+\$?", body) is not None
-
-
-def _translator(model):
-    from .names import translator
-
-    return translator(model)
 
 
 def _check_index(entry: str, name: str, param, index: tuple[slice, ...]) -> None:

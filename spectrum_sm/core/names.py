@@ -313,13 +313,9 @@ def _with_transformers(config, tensors, multimodal) -> ModelNames:
     with quiet_logger("transformers", logging.ERROR):
         model = meta_model(config)
     converter = _Converter(model)
-    targets, unresolved = {}, []
-    for name in tensors:
-        target = converter.resolve(name, tensors)
-        if target is None:
-            unresolved.append(name)
-            target = Target(name)
-        targets[name] = target
+    resolved = {name: converter.resolve(name, tensors) for name in tensors}
+    unresolved = [name for name, target in resolved.items() if target is None]
+    targets = {name: target or Target(name) for name, target in resolved.items()}
     by_id = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(param), []).append(name)
@@ -342,9 +338,9 @@ def _with_transformers(config, tensors, multimodal) -> ModelNames:
 
 def _from_checkpoint(config, tensors, multimodal) -> ModelNames:
     names = sorted(tensors)
-    vocab = (config or {}).get("vocab_size") or ((config or {}).get("text_config") or {}).get(
-        "vocab_size"
-    )
+    config = config or {}
+    text = config.get("text_config") or {}
+    vocab = config.get("vocab_size") or text.get("vocab_size")
     embedding = next((n for n in names if n.endswith(_INPUT_EMBEDDING_SUFFIXES)), None)
     if embedding is None and vocab:
         by_shape = [
@@ -358,12 +354,7 @@ def _from_checkpoint(config, tensors, multimodal) -> ModelNames:
     head = next(
         (n for n in names for h in _OUTPUT_HEAD_NAMES if n == h or n.endswith("." + h)), None
     )
-    tie_flag = bool(
-        (config or {}).get(
-            "tie_word_embeddings",
-            ((config or {}).get("text_config") or {}).get("tie_word_embeddings"),
-        )
-    )
+    tie_flag = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings")))
     tied = embedding is not None and (head is None or tie_flag)
     if tied and head is None:
         head = "lm_head.weight"  # the alias transformers gives the shared matrix

@@ -135,7 +135,7 @@ class ScanOptions:
 
     def scan_problems(self) -> list[str]:
         """Every way these options are wrong (types first: the other checks assume them)."""
-        own = [f.name for f in scan_fields()]
+        own = {f.name: f for f in scan_fields()}
         problems = [p for p in type_problems(self) if p.split(" ")[0] in own]
         if problems:
             return problems
@@ -144,11 +144,12 @@ class ScanOptions:
         if not all(map(is_percent, self.certify_percents)):
             problems.append(f"certify_percents must be in (0, 100], got {self.certify_percents!r}")
         for name in ("precision", "device", "towers"):
-            choices = _field(name).metadata["choices"]
+            choices = own[name].metadata["choices"]
             value = getattr(self, name)
             values = value if isinstance(value, list) else [value]
             if not values or any(v not in choices for v in values):
-                problems.append(f"{name} must be {_one_of(choices, name)}, got {value!r}")
+                kind = "some of" if name == "towers" else "one of"
+                problems.append(f"{name} must be {kind} {', '.join(choices)}, got {value!r}")
         if self.chunk_mb < 1:
             problems.append(f"chunk_mb must be at least 1, got {self.chunk_mb}")
         return problems
@@ -164,17 +165,8 @@ class ScanOptions:
         }
 
 
-def _one_of(choices: tuple[str, ...], name: str) -> str:
-    kind = "some of" if name == "towers" else "one of"
-    return f"{kind} {', '.join(choices)}"
-
-
 def scan_fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(ScanOptions)
-
-
-def _field(name: str) -> dataclasses.Field:
-    return next(f for f in scan_fields() if f.name == name)
 
 
 def parse_bool(text: str) -> bool:
@@ -228,17 +220,13 @@ def add_arguments(
                 **extra,
             )
             continue
+        parse = (types or {}).get(f.name)
         if kind.startswith("list["):
-            extra["type"] = (types or {}).get(f.name) or _listed(kind)
-            extra["action"] = "append"
+            extra.update(type=parse or _listed(kind), action="append")
             if meta.get("choices"):
                 extra["help"] = f"{help_text}: {', '.join(meta['choices'])}"
         else:
-            extra["type"] = (types or {}).get(f.name) or {
-                "int": int,
-                "float": float,
-                "bool": parse_bool,
-            }.get(kind, str)
+            extra["type"] = parse or {"int": int, "float": float, "bool": parse_bool}.get(kind, str)
             if meta.get("choices"):
                 extra["choices"] = meta["choices"]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

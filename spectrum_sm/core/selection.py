@@ -43,8 +43,7 @@ def check_percent(percent: float) -> float:
 
 def format_percent(percent: float) -> str:
     """``30`` for 30 or 30.0 (like the reference's int argument), ``12.5`` otherwise."""
-    value = check_percent(percent)
-    return str(value)
+    return str(check_percent(percent))
 
 
 def model_slug(model_name: str) -> str:
@@ -95,10 +94,7 @@ def manifest_file_name(slug: str) -> str:
 
 def types_in_order(scores: Scores) -> list[str]:
     """Module types in order of first appearance."""
-    seen: dict[str, None] = {}
-    for info in scores.values():
-        seen.setdefault(info["type"], None)
-    return list(seen)
+    return list(dict.fromkeys(info["type"] for info in scores.values()))
 
 
 def filter_types(
@@ -133,17 +129,9 @@ def select_layers(
 ) -> dict[str, list[str]]:
     """Per type, the top ``int(count * percent / 100)`` modules by score (stable for ties)."""
     percent = check_percent(percent)
-    kept = filter_types(types_in_order(scores), include, exclude)
-    by_type: dict[str, list[tuple[str, float]]] = {t: [] for t in kept}
-    for module, info in scores.items():
-        if info["type"] in by_type:
-            by_type[info["type"]].append((module, float(info["snr"])))
-    selection = {}
-    for layer_type, layers in by_type.items():
-        ranked = sorted(layers, key=_rank_key, reverse=True)
-        count = int(len(layers) * percent / 100)
-        selection[layer_type] = [module for module, _ in ranked[:count]]
-    return selection
+    ranked = sorted_results(scores)
+    kept = filter_types(ranked, include, exclude)
+    return {t: list(ranked[t])[: int(len(ranked[t]) * percent / 100)] for t in kept}
 
 
 def sorted_results(scores: Scores) -> dict[str, dict[str, float]]:

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 import threading
@@ -32,25 +33,32 @@ BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 BIN_SINGLE_FILE = "pytorch_model.bin"
 # The header of a safetensors file is bounded (100 MB in the reference implementation).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_HASH_BLOCK = 8 * 1024 * 1024
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 #: 8-bit floats: stored with a scale, never meaningful on their own.
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
+#: safetensors dtype -> (torch dtype name, bytes per value); unsigned 16-64 bit integers have
+#: no torch reader here.
+_DTYPES = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "U16": (None, 2),
+    "U32": (None, 4),
+    "U64": (None, 8),
+}
+DTYPE_BYTES = {name: size for name, (_, size) in _DTYPES.items()}
+_TORCH_TO_SAFETENSORS = {
+    torch_name: name for name, (torch_name, _) in _DTYPES.items() if torch_name
 }
 
 
@@ -65,10 +73,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
+        return math.prod(self.shape)
 
 
 class ShardSource(Protocol):
@@ -139,9 +144,7 @@ def parse_header(raw: bytes, header_len: int, size: int, label: str) -> dict[str
         try:
             start, stop = entry["data_offsets"]
             dtype, shape = entry["dtype"], entry["shape"]
-            numel = 1
-            for dim in shape:
-                numel *= int(dim)
+            numel = math.prod(int(dim) for dim in shape)
         except (KeyError, TypeError, ValueError) as exc:
             raise SpectrumError(f"{label}: corrupt entry for tensor {name!r}") from exc
         if stop > data_size or start > stop:
@@ -233,10 +236,12 @@ def visible_files(path: Path) -> list[tuple[str, Path]]:
     ]
 
 
-def sha256_file(path: Path, block: int = 8 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path, digest: Any = None, offset: int = 0) -> str:
+    """The sha256 of a file, or of its rest from ``offset`` into a ``digest`` of the start."""
+    digest = hashlib.sha256() if digest is None else digest
     with open(path, "rb") as handle:
-        while chunk := handle.read(block):
+        handle.seek(offset)
+        while chunk := handle.read(_HASH_BLOCK):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -246,8 +251,6 @@ class BackgroundHasher:
     (importing torch, reading headers), paused before the BLAS workers start: a busy extra
     thread stalls them far more than hashing costs. :meth:`finish` hashes the rest, one file per
     core (hashlib releases the GIL)."""
-
-    BLOCK = 8 * 1024 * 1024
 
     def __init__(self, paths: list[Path]) -> None:
         self._paths = list(paths)
@@ -262,7 +265,7 @@ class BackgroundHasher:
             digest, offset = hashlib.sha256(), 0
             try:
                 with open(path, "rb") as handle:
-                    while chunk := handle.read(self.BLOCK):
+                    while chunk := handle.read(_HASH_BLOCK):
                         digest.update(chunk)
                         offset += len(chunk)
                         if self._pause.is_set():
@@ -282,11 +285,7 @@ class BackgroundHasher:
         self.pause()
         if self._partial is not None:
             path, digest, offset = self._partial
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                while chunk := handle.read(self.BLOCK):
-                    digest.update(chunk)
-            self._done[path] = digest.hexdigest()
+            self._done[path] = sha256_file(path, digest, offset)
             self._partial = None
         rest = [p for p in self._paths if p not in self._done]
         if rest:
@@ -444,21 +443,6 @@ def open_source(
 
 
 # -- Opened shards: the tensors they hold and reads of their rows --------------------------------
-
-_TORCH_TO_SAFETENSORS = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
 
 
 def torch_dtype(name: str) -> Any:
