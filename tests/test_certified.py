@@ -195,3 +195,33 @@ def test_bounds_hold_at_the_sizes_where_float32_errors_are_largest(kind):
         )
         assert float((eig - exact64).abs().max()) <= error / 2
         assert low <= score64 <= high
+
+
+def test_from_float64_eigen_from_on_the_float32_gram_is_solved_in_float64(tmp_path, monkeypatch):
+    """Weights whose short side reaches FLOAT64_EIGEN_FROM (2048 on real models; 256 here, so
+    the test stays small) are labelled float32-gram and carry the bound of a float64 solve:
+    the product's rounding alone, without the float32 eigensolver's term."""
+    from factories import tiny_qwen3
+    from safetensors import safe_open
+
+    from spectrum_sm.core import scanner
+
+    model = tiny_qwen3(tmp_path / "m", layers=2, hidden=256, intermediate=512, vocab=512, seed=3)
+    weights = {}
+    for shard in model.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            weights.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (not a dict)
+    monkeypatch.setattr(scanner, "FLOAT64_EIGEN_FROM", 256)
+    certified = spectrum_sm.scan(model, 30, show_progress=False)
+    float64 = spectrum_sm.scan(model, 30, precision="float64", show_progress=False)
+    gram = [s for s in certified.scores.values() if s.precision == "float32-gram"]
+    assert len(gram) >= 4 and all(min(s.shape) >= 256 for s in gram)
+    for score in gram:
+        exact = float64.scores[score.module].snr
+        assert score.bounds[0] <= exact <= score.bounds[1]
+        assert score.snr == pytest.approx(exact, rel=1e-5)
+        weight = weights[score.stored].to(torch.float64)
+        largest = float(torch.linalg.matrix_norm(weight, ord=2)) ** 2
+        expected = float32_eigenvalue_bound(largest, None, min(score.shape), max(score.shape))
+        assert score.error == pytest.approx(expected, rel=1e-3)
+    assert certified.selection() == float64.selection()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import json
 import logging
 import threading
@@ -66,6 +67,8 @@ FLOAT64_BELOW = 128
 #: eigensolver saves only ~25% there (1.3x at 4096, against 1.7x at 1024), while its error
 #: bound, which grows with n, would send most weights to a float64 recheck.
 FLOAT64_EIGEN_FROM = 2048
+#: The scan method a result records, by precision (``exact`` records ``svdvals-float32``).
+_METHODS = {"certified": "gram-float32-certified", "float64": "gram-float64-eigvalsh"}
 #: Quantization methods whose weights cannot be scored from the checkpoint as stored (MXFP4
 #: experts can: they are dequantized, see :mod:`spectrum_sm.core.mxfp4`).
 _PACKED_QUANTIZATION = {"gptq", "awq", "bitsandbytes", "hqq", "aqlm", "eetq", "quanto"}
@@ -283,27 +286,22 @@ class _Weight:
         return self.mxfp4 or (self.info.dtype == "BF16" and self.scale is None)
 
 
-@dataclass
-class _Plan:
-    weights: list[_Weight]
-    names: ModelNames
-    skipped: list[str]
-
-
-def _quant_method(config: dict[str, Any] | None) -> str:
+def _quantization(config: dict[str, Any] | None) -> tuple[str, tuple[int, int] | None]:
+    """The checkpoint's quantization method and FP8 block size; packed integer formats are
+    refused."""
     quant = (config or {}).get("quantization_config") or {}
-    return str(quant.get("quant_method", "")).lower() if isinstance(quant, dict) else ""
-
-
-def _check_quantization(config: dict[str, Any] | None) -> None:
-    quant = (config or {}).get("quantization_config") or {}
-    method = _quant_method(config)
+    quant = quant if isinstance(quant, dict) else {}
+    method = str(quant.get("quant_method", "")).lower()
     if method in _PACKED_QUANTIZATION or quant.get("load_in_4bit") or quant.get("load_in_8bit"):
         raise SpectrumError(
             f"the checkpoint is quantized with {method or 'bitsandbytes'}: its weights are packed "
             "integers, and Spectrum's scores need the real weights; scan the unquantized model "
             "(the scores apply to any of its quantized copies)"
         )
+    block = quant.get("weight_block_size")
+    if isinstance(block, (list, tuple)) and len(block) == 2:
+        return method, (int(block[0]), int(block[1]))
+    return method, None
 
 
 def _plan(
@@ -314,16 +312,15 @@ def _plan(
     exclude: list[str],
     towers: list[str],
     location: str,
-) -> _Plan:
+) -> tuple[list[_Weight], ModelNames, list[str]]:
     """Choose the weights to score, with their loaded-model names, towers and types."""
-    _check_quantization(config)
+    method, block_size = _quantization(config)
     by_name = {t.name: t for t in infos}
     names = model_names(config, {t.name: t.shape for t in infos})
     for note in names.notes:
         log.info("%s", note)
     head_param = names.output_head
-    block_size = _block_size(config)
-    packed_mxfp4 = _quant_method(config) == mxfp4.QUANT_METHOD
+    packed_mxfp4 = method == mxfp4.QUANT_METHOD
     skipped, weights, refused, malformed = [], [], [], []
     left_out: dict[str, int] = {}
     for info in infos:
@@ -392,7 +389,7 @@ def _plan(
         log.info("the output head is tied to the input embedding: it is scored once")
     for reason in skipped:
         log.info("skipped %s", reason)
-    return _Plan(weights, names, skipped)
+    return weights, names, skipped
 
 
 def _type_of(module: str, tower: str) -> str:
@@ -453,13 +450,6 @@ def _expert_weights(
             _Weight(info, module, kind, tower, target.entry(), scale, expert=expert, mxfp4=packed)
         )
     return weights
-
-
-def _block_size(config: dict[str, Any] | None) -> tuple[int, int] | None:
-    block = ((config or {}).get("quantization_config") or {}).get("weight_block_size")
-    if isinstance(block, (list, tuple)) and len(block) == 2:
-        return int(block[0]), int(block[1])
-    return None
 
 
 def _scale_of(
@@ -599,7 +589,10 @@ def _score_tensor(
             if acc is None:
                 score = snr_from_singular_values(singular_values_exact(whole.to(device)), n, m)
             elif float32:
-                eigenvalues, shifted_norm = acc.shifted_eigenvalues()
+                if short >= FLOAT64_EIGEN_FROM:  # the float32 Gram, solved in float64
+                    eigenvalues, shifted_norm = acc.eigenvalues(), None
+                else:
+                    eigenvalues, shifted_norm = acc.shifted_eigenvalues()
                 error = float32_eigenvalue_bound(float(eigenvalues[0]), shifted_norm, short, long)
                 score = snr_from_singular_values(eigenvalues.clamp_min(0.0).sqrt(), n, m)
                 bounds = snr_bounds(eigenvalues, error, n, m)
@@ -703,6 +696,14 @@ def _run_pipeline(
             return opened[shard]
         return open_shard(source.fetch(shard), f"{source.location}/{shard}")
 
+    score_one = functools.partial(
+        _score_tensor,
+        device=device,
+        precision=precision,
+        exact=exact,
+        chunk_elements=chunk_elements,
+        stop=stop,
+    )
     progress = Progress(sum(_cost(w) for w in weights), len(weights), label, show_progress)
     try:
         fetches: dict[str, Future] = {shards[0]: fetcher.submit(fetch_and_open, shards[0])}
@@ -714,19 +715,7 @@ def _run_pipeline(
                 fetches[nxt] = fetcher.submit(fetch_and_open, nxt)
             # Largest first, so the pool does not end on one big weight with idle cores.
             tasks = sorted(by_shard[shard], key=_cost, reverse=True)
-            futures = {
-                pool.submit(
-                    _score_tensor,
-                    handle,
-                    w,
-                    device=device,
-                    precision=precision,
-                    exact=exact,
-                    chunk_elements=chunk_elements,
-                    stop=stop,
-                ): w
-                for w in tasks
-            }
+            futures = {pool.submit(score_one, handle, w): w for w in tasks}
             in_flight.append((shard, handle, futures))
             while len(in_flight) > 1 or (in_flight and index == len(shards) - 1):
                 done_shard, done_handle, done = in_flight.pop(0)
@@ -817,20 +806,7 @@ def scan_source(
         lock = output_lock(ensure_output_dir(output_dir), wait=False)
         lock.__enter__()
     try:
-        result = _scan(
-            source,
-            top_percent,
-            percents,
-            include=list(options.include),
-            exclude=list(options.exclude),
-            embeddings=options.embeddings,
-            exact=options.exact,
-            precision=options.precision,
-            towers=options.resolved_towers(),
-            device=resolve_device(options.device),
-            chunk_mb=options.chunk_mb,
-            show_progress=show_progress,
-        )
+        result = _scan(source, options, top_percent, percents, show_progress)
         result.seconds = time.perf_counter() - started
         if output_dir is not None:
             result.write(output_dir, lock=False)
@@ -843,69 +819,50 @@ def scan_source(
 
 def _scan(
     source: ShardSource,
+    options: ScanOptions,
     top_percent: float,
     percents: list[float],
-    *,
-    include: list[str],
-    exclude: list[str],
-    embeddings: bool,
-    exact: bool,
-    precision: str,
-    towers: list[str],
-    device: str,
-    chunk_mb: int,
     show_progress: bool,
 ) -> ScanResult:
+    include, exclude = list(options.include), list(options.exclude)
+    towers, device = options.resolved_towers(), resolve_device(options.device)
+    exact, precision = options.exact, options.precision
+    certified = precision == "certified" and not exact
     shards = shard_files(source)
     config = read_config(source)
     infos, opened = _read_headers(source, shards)
+    # A source's background hashing of shards, where it has one (see BackgroundHasher).
+    pause_hashing = getattr(source, "pause_hashing", lambda: None)
     try:
-        plan = _plan(
-            infos,
-            config,
-            include=include,
-            exclude=exclude,
-            towers=towers,
-            location=source.location,
+        weights, names, skipped = _plan(
+            infos, config, include=include, exclude=exclude, towers=towers, location=source.location
         )
-        if exact:
-            method = "svdvals-float32"
-        elif precision == "certified":
-            method = "gram-float32-certified"
-        else:
-            method = "gram-float64-eigvalsh"
+        method = "svdvals-float32" if exact else _METHODS[precision]
         log.info(
             "scanning %d weights of %s (%d shard%s) on %s with %s",
-            len(plan.weights),
+            len(weights),
             source.location,
             len(shards),
             "" if len(shards) == 1 else "s",
             device,
             method,
         )
-        chunk_elements = chunk_mb * 1024 * 1024 // 8
-        _pause_hashing(source)
-        scores = _run_pipeline(
+        run = functools.partial(
+            _run_pipeline,
             source,
-            plan.weights,
             device=device,
-            precision=precision,
-            exact=exact,
-            chunk_elements=chunk_elements,
-            label="SNR scan",
+            chunk_elements=options.chunk_mb * 1024 * 1024 // 8,
             show_progress=show_progress,
             opened=opened,
         )
-        recomputed = []
-        if precision == "certified" and not exact:
-            recomputed = _certify(
-                source, plan, scores, percents, device, chunk_elements, opened, show_progress
-            )
+        pause_hashing()  # before the BLAS workers start
+        scores = run(weights, precision=precision, exact=exact, label="SNR scan")
+        recomputed = _certify(run, weights, scores, percents) if certified else []
         provenance = source.provenance()
     finally:
         for handle in opened.values():
             handle.close()
-        _pause_hashing(source)  # a failed scan must not leave a hashing thread behind
+        pause_hashing()  # a failed scan must not leave a hashing thread behind
     ordered = {m: scores[m] for m in sorted(scores, key=natural_key)}
     return ScanResult(
         model_name=source.name,
@@ -916,61 +873,40 @@ def _scan(
         top_percent=top_percent,
         include=include,
         exclude=exclude,
-        embeddings=embeddings,
-        tied_embeddings=plan.names.tied,
+        embeddings=options.embeddings,
+        tied_embeddings=names.tied,
         provenance=provenance,
         config=config,
         seconds=0.0,
-        skipped=plan.skipped,
+        skipped=skipped,
         towers=towers,
-        embedding_entries=plan.names.embedding_entries(),
-        names_source=plan.names.source,
-        certified_percents=percents if not exact and precision == "certified" else [],
+        embedding_entries=names.embedding_entries(),
+        names_source=names.source,
+        certified_percents=percents if certified else [],
         recomputed=recomputed,
     )
 
 
-def _pause_hashing(source: ShardSource) -> None:
-    """Pause a source's background hashing of shards, where it has one (before BLAS workers
-    start, and when a scan ends)."""
-    pause_hashing = getattr(source, "pause_hashing", None)
-    if pause_hashing is not None:
-        pause_hashing()
-
-
 def _certify(
-    source: ShardSource,
-    plan: _Plan,
-    scores: dict[str, TensorScore],
-    percents: list[float],
-    device: str,
-    chunk_elements: int,
-    opened: dict[str, Any],
-    show_progress: bool,
+    run, weights: list[_Weight], scores: dict[str, TensorScore], percents: list[float]
 ) -> list[str]:
     """Recompute in float64 every weight whose bound leaves its selection open, until none
     does (each round only narrows intervals, so this ends)."""
-    by_module = {w.module: w for w in plan.weights}
+    by_module = {w.module: w for w in weights}
     recomputed: list[str] = []
     while doubtful := uncertain_weights(scores, percents):
-        weights = [by_module[m] for m in doubtful]
         log.info(
             "recomputing %d weight%s in float64: their float32 bounds overlap a selection "
             "boundary (%s)",
-            len(weights),
-            "" if len(weights) == 1 else "s",
+            len(doubtful),
+            "" if len(doubtful) == 1 else "s",
             ", ".join(doubtful[:3]) + (", ..." if len(doubtful) > 3 else ""),
         )
-        again = _run_pipeline(
-            source,
-            weights,
-            device=device,
+        again = run(
+            [by_module[m] for m in doubtful],
             precision="float64",
             exact=False,
-            chunk_elements=chunk_elements,
             label="float64 recheck",
-            show_progress=show_progress,
-            opened=opened,
         )
         for module, score in again.items():
             low, high = scores[module].bounds
