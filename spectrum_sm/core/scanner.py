@@ -206,8 +206,12 @@ class ScanResult:
     def _remove_stale_layer_files(self, out: Path, written: set[str]) -> None:
         """Layer files of this name at other percents were selected from the results just
         replaced (another model saved under the same name, or other settings): training on one
-        would silently train the wrong layers."""
+        would silently train the wrong layers. One that these scores select too stays: a rescan
+        of the same weights may differ in the last bits (threaded float sums), not in layers."""
         for stale in sorted(out.glob(sel.layer_file_glob(self.slug))):
+            percent = sel.percent_in_path(stale.name)
+            if percent is not None and stale.read_text() == self.layer_file_text(percent):
+                continue
             if stale.name not in written:
                 log.warning(
                     "removing %s: it was selected from the %s this scan replaced",
