@@ -112,13 +112,8 @@ def compile_entry(entry: str, name_prefix: str | None = None) -> re.Pattern[str]
     body = entry[1:] if entry.startswith("^") else entry
     if name_prefix and body.startswith("model.") and not body.startswith(name_prefix):
         body = name_prefix + body[len("model.") :]
-    anchored_end = body.endswith("$")
-    if anchored_end:
-        body = body[:-1]
     escaped = re.sub(r"(?<!\\)\.(?!\+)", r"\\.", body)
-    if anchored_end:
-        escaped += "$"
-    elif not escaped.endswith((r"\.", ".+")):
+    if not escaped.endswith(("$", r"\.", ".+")):
         escaped += r"(?:\.|$)"  # a module name ends at a name boundary
     try:
         return re.compile("^" + escaped)

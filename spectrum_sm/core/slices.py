@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -72,6 +73,32 @@ class Slices:
 
         return torch.index_put(fused.detach(), self.index_on(fused.device), values.to(fused.dtype))
 
+    def lend(self, owner, leaf: str, module, args) -> None:
+        """A holder's forward pre-hook: its ``leaf`` reads the composed weight for this call."""
+        fused = module._parameters[leaf]
+        values = owner._parameters[self.leaf + SUFFIX]
+        # An instance attribute wins over the module's parameter lookup for this forward.
+        module.__dict__[leaf] = self.compose(fused, values)
+
+    def fold(self, module, state, prefix, local_metadata) -> None:
+        """The owner's state_dict post-hook: the trained values into the fused weight."""
+        key, slice_key = prefix + self.leaf, prefix + self.leaf + SUFFIX
+        if key not in state or slice_key not in state:
+            return
+        fused, values = state[key], state[slice_key]
+        if hasattr(fused, "device_mesh") or hasattr(values, "device_mesh"):
+            return  # FSDP2 shards: the recipe merges the gathered state (merged_state_dict)
+        state[key] = self.compose(fused, values.detach())
+        del state[slice_key]
+
+    def unfold(self, owner, state, prefix, *args) -> None:
+        """The owner's load_state_dict pre-hook: an incoming fused weight refreshes the slices."""
+        key, slice_key = prefix + self.leaf, prefix + self.leaf + SUFFIX
+        if key in state and slice_key not in state:
+            current = owner._parameters[self.leaf + SUFFIX]
+            incoming = state[key]
+            state[slice_key] = incoming[self.index_on(incoming.device)].to(current.dtype)
+
 
 def selection_index(shape: Sequence[int], regions: Sequence[tuple[slice, ...]]):
     """Index tensors (one per leading dimension the regions slice) of the union of ``regions``,
@@ -105,19 +132,20 @@ def install_slices(model: torch.nn.Module, parts: dict[str, Sequence[tuple[slice
         # composed weight, so both uses train the one slice parameter.
         for holder, holder_leaf in _holders(model, fused):
             slices.handles += [
-                holder.register_forward_pre_hook(_compose(slices, owner, holder_leaf)),
+                holder.register_forward_pre_hook(partial(Slices.lend, slices, owner, holder_leaf)),
                 # always_call: activation checkpointing stops a recomputed forward early (an
                 # exception inside it) once it has what backward needs; without this the
                 # composed copy would outlive its layer until the next step (measured: one
                 # more copy of all the experts held between steps).
-                holder.register_forward_hook(_release(holder_leaf), always_call=True),
+                holder.register_forward_hook(partial(_release, holder_leaf), always_call=True),
             ]
         # state_dict() stays a plain model's (the trained values in the fused weight, no slice
         # key), so save_pretrained, Trainer.save_model and push_to_hub save the training;
-        # load_state_dict refreshes the slices from an incoming fused weight.
+        # load_state_dict refreshes the slices from an incoming fused weight. (Hooks are
+        # partials, not bound methods: torch marks a state dict hook with an attribute.)
         slices.handles += [
-            owner.register_state_dict_post_hook(_fold(slices)),
-            owner._register_load_state_dict_pre_hook(_unfold(slices, owner)),
+            owner.register_state_dict_post_hook(partial(Slices.fold, slices)),
+            owner._register_load_state_dict_pre_hook(partial(Slices.unfold, slices, owner)),
         ]
         installed[name] = slices
     # A plain attribute, not a module or parameter: it is no part of the state dict.
@@ -134,48 +162,9 @@ def _holders(model, param) -> list[tuple[Any, str]]:
     ]
 
 
-def _compose(slices: Slices, owner, leaf: str):
-
-    def hook(module, args):
-        fused = module._parameters[leaf]
-        values = owner._parameters[slices.leaf + SUFFIX]
-        # An instance attribute wins over the module's parameter lookup for this forward.
-        module.__dict__[leaf] = slices.compose(fused, values)
-
-    return hook
-
-
-def _release(leaf: str):
-    def hook(module, args, output):
-        module.__dict__.pop(leaf, None)
-
-    return hook
-
-
-def _fold(slices: Slices):
-
-    def hook(module, state, prefix, local_metadata):
-        key, slice_key = prefix + slices.leaf, prefix + slices.leaf + SUFFIX
-        if key not in state or slice_key not in state:
-            return
-        fused, values = state[key], state[slice_key]
-        if hasattr(fused, "device_mesh") or hasattr(values, "device_mesh"):
-            return  # FSDP2 shards: the recipe merges the gathered state (merged_state_dict)
-        state[key] = slices.compose(fused, values.detach())
-        del state[slice_key]
-
-    return hook
-
-
-def _unfold(slices: Slices, owner):
-    def hook(state, prefix, *args):
-        key, slice_key = prefix + slices.leaf, prefix + slices.leaf + SUFFIX
-        if key in state and slice_key not in state:
-            current = owner._parameters[slices.leaf + SUFFIX]
-            incoming = state[key]
-            state[slice_key] = incoming[slices.index_on(incoming.device)].to(current.dtype)
-
-    return hook
+def _release(leaf: str, module, args, output) -> None:
+    """A holder's forward hook: the composed weight goes with the call."""
+    module.__dict__.pop(leaf, None)
 
 
 def installed_slices(model: torch.nn.Module) -> dict[str, Slices]:

@@ -173,14 +173,8 @@ def _trl_training_template(tokenizer: Any, template: str) -> tuple[str, str] | N
     if training is None:  # already marked and prefix-preserving (checked before us)
         return None
     folder = Path(utils.__file__).parent / "chat_templates"
-    name = next(
-        (
-            f.name
-            for f in sorted(folder.glob("*_training.jinja"))
-            if f.read_text("utf-8") == training
-        ),
-        "training template",
-    )
+    files = sorted(folder.glob("*_training.jinja"))
+    name = next((f.name for f in files if f.read_text("utf-8") == training), "training template")
     return training, f"trl {trl.__version__} {name}"
 
 
@@ -282,25 +276,29 @@ def render_with_mask(
     *,
     template: str | None = None,
     template_kwargs: dict[str, Any] | None = None,
+    assistant_only: bool = True,
 ) -> tuple[list[int], list[bool]]:
-    """Token ids of the conversation and which of them the assistant wrote.
+    """Token ids of the conversation and which of them the assistant wrote (every one, when
+    not ``assistant_only``: the conversation as the template renders it, all of it trained).
 
     ``template`` replaces the tokenizer's chat template; ``template_kwargs`` reach the template
     (``enable_thinking``, ``reasoning_effort``, ...), as a row's ``chat_template_kwargs`` do in
     TRL. Raises :class:`SpectrumError` (naming the message) when the template refuses the
     conversation or when no exact mask exists for it."""
-    way = mask_way(tokenizer, template)
-    kwargs = {**(template_kwargs or {}), "chat_template": way.template, "tools": tools}
-    if way.kind in ("markers", "trl"):
+    way = mask_way(tokenizer, template) if assistant_only else None
+    template = way.template if way else template or _template_of(tokenizer)
+    kwargs = {**(template_kwargs or {}), "chat_template": template, "tools": tools}
+    if way is None or way.kind in ("markers", "trl"):
         out = _apply(
             tokenizer,
             messages,
             tokenize=True,
             return_dict=True,
-            return_assistant_tokens_mask=True,
+            return_assistant_tokens_mask=way is not None,
             **kwargs,
         )
-        return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+        ids = list(out["input_ids"])
+        return ids, [bool(m) for m in out["assistant_masks"]] if way else [True] * len(ids)
     text, spans = prefix_spans(tokenizer, messages, **kwargs)
     encoding = _encode(tokenizer, text)
     return list(encoding.ids), _overlapping(encoding, spans)
@@ -317,20 +315,6 @@ def _encode(tokenizer: Any, text: str) -> Any:
             f"{type(tokenizer).__name__} is not one"
         )
     return backend.encode(text, add_special_tokens=False)
-
-
-def render_ids(
-    tokenizer: Any,
-    messages: list[dict[str, Any]],
-    tools: list | None = None,
-    *,
-    template: str | None = None,
-    template_kwargs: dict[str, Any] | None = None,
-) -> list[int]:
-    """Token ids of the conversation as the template renders it (every token trained)."""
-    template = template or _template_of(tokenizer)
-    kwargs = {**(template_kwargs or {}), "chat_template": template, "tools": tools}
-    return list(_apply(tokenizer, messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
 
 
 def _apply(tokenizer: Any, conversation: list, **kwargs: Any) -> Any:

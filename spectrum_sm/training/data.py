@@ -34,7 +34,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,13 +121,14 @@ def _derived_copy(file: Path, kind: str, name: str, write: Callable[[Path], None
     return copy
 
 
-def _check_file(file: Path) -> None:
-    """Refuse an empty file or text that is not UTF-8 (a latin-1 export, say), naming the file
+def _without_bom(file: Path) -> Path:
+    """The file itself, or (for a text file starting with a UTF-8 BOM) a copy without it.
+    Refuses an empty file or text that is not UTF-8 (a latin-1 export, say), naming the file
     and where: the readers would fail later with a traceback, or not at all."""
     if file.stat().st_size == 0:
         raise SpectrumError(f"{file}: the file is empty (no rows)")
     if file.suffix not in (".json", ".jsonl", ".csv"):
-        return
+        return file
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with file.open("rb") as handle:
@@ -142,15 +143,8 @@ def _check_file(file: Path) -> None:
                     f"{at}); save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {file.name}"
                 ) from None
             if not block:
-                return
+                break
             offset += len(block)
-
-
-def _without_bom(file: Path) -> Path:
-    """The file itself, or (for a text file starting with a UTF-8 BOM) a copy without it."""
-    _check_file(file)
-    if file.suffix not in (".json", ".jsonl", ".csv"):
-        return file
     with file.open("rb") as handle:
         if handle.read(3) != b"\xef\xbb\xbf":
             return file
@@ -482,7 +476,7 @@ def encode_row(
 
 
 def _encode_messages(row: dict[str, Any], index: int, tokenizer: Any, options: DataOptions):
-    from .chat import render_ids, render_with_mask
+    from .chat import render_with_mask
 
     messages = row["messages"]
     if not isinstance(messages, list):
@@ -507,10 +501,9 @@ def _encode_messages(row: dict[str, Any], index: int, tokenizer: Any, options: D
             raise SpectrumError(f"data row {index}: 'tools' is not valid JSON ({exc})") from None
     render = {"template": options.chat_template or None, "template_kwargs": template_kwargs}
     try:
-        if not options.assistant_only:
-            ids = render_ids(tokenizer, messages, tools, **render)
-            return ids, list(ids)
-        ids, mask = render_with_mask(tokenizer, messages, tools, **render)
+        ids, mask = render_with_mask(
+            tokenizer, messages, tools, assistant_only=options.assistant_only, **render
+        )
     except SpectrumError as exc:
         raise SpectrumError(f"data row {index}: {exc}") from None
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
@@ -551,10 +544,6 @@ class TokenizedData(Sequence):
             return [self[i] for i in range(len(self))[index]]
         row = self.table[int(index)]
         return Example(list(row["input_ids"]), list(row["labels"]))
-
-    def __iter__(self) -> Iterator[Example]:
-        for index in range(len(self)):
-            yield self[index]
 
 
 class Subset(Sequence):

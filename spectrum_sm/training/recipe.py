@@ -456,17 +456,11 @@ class Recipe:
                 if state.step % args.logging_steps == 0 or state.step == self.total_steps:
                     state.last_loss = window_loss / window_steps
                     rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                    log.info(
-                        "%s",
-                        metrics.train_line(
-                            state.step,
-                            state.last_loss,
-                            step_lr,
-                            self.grad_norm,
-                            rate,
-                            metrics.peak_memory_bytes() / 1024**3,
-                        ),
+                    gib = metrics.peak_memory_bytes() / 1024**3
+                    line = metrics.train_line(
+                        state.step, state.last_loss, step_lr, self.grad_norm, rate, gib
                     )
+                    log.info("%s", line)
                     self._log_scalars(
                         state.step,
                         {
@@ -980,29 +974,25 @@ def _is_model_file(name: str) -> bool:
 
 def run(args) -> int:
     """The whole recipe; returns the process's exit code (143 after a SIGTERM stop)."""
+    from ..core.container import write_failure
+
     recipe = Recipe(args)
     recipe.setup_runtime()
     recipe.lock_folders()
     with recipe.locks:
-        return _run(recipe)
-
-
-def _run(recipe: Recipe) -> int:
-    from ..core.container import write_failure
-
-    args = recipe.args
-    recipe.setup_data()  # a bad row fails before minutes of model loading
-    recipe.setup_model()
-    recipe.setup_optimizer()
-    recipe.resume()
-    try:
-        recipe.train()
-    except Stopped as stop:
-        step = stop.args[0]
-        where = stop_message(step, args.checkpoint_dir, os.environ.get("SPECTRUM_SM_CHECKPOINT_S3"))
-        log.warning("SIGTERM: stopped at step %d; %s", step, where)
-        write_failure(f"stopped by SIGTERM at step {step}; {where}")
-        recipe.accelerator.end_training()
-        return 143
-    recipe.finish()
-    return 0
+        recipe.setup_data()  # a bad row fails before minutes of model loading
+        recipe.setup_model()
+        recipe.setup_optimizer()
+        recipe.resume()
+        try:
+            recipe.train()
+        except Stopped as stop:
+            step = stop.args[0]
+            s3 = os.environ.get("SPECTRUM_SM_CHECKPOINT_S3")
+            where = stop_message(step, args.checkpoint_dir, s3)
+            log.warning("SIGTERM: stopped at step %d; %s", step, where)
+            write_failure(f"stopped by SIGTERM at step {step}; {where}")
+            recipe.accelerator.end_training()
+            return 143
+        recipe.finish()
+        return 0

@@ -181,12 +181,9 @@ def _optimizer_payload(optimizer, params: list[Any]) -> tuple[dict[str, Any], di
 def _restore_optimizer(optimizer, params, tensors, meta) -> None:
     import torch
 
-    by_index = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, index, name = key.split("/", 2)
-            by_index.setdefault(int(index), {})[name] = value
-    for key, value in meta["optimizer_scalars"].items():
+    by_index: dict[int, dict[str, Any]] = {}
+    saved = [(k.removeprefix("optim/"), v) for k, v in tensors.items() if k.startswith("optim/")]
+    for key, value in saved + list(meta["optimizer_scalars"].items()):  # "<index>/<name>"
         index, name = key.split("/", 1)
         by_index.setdefault(int(index), {})[name] = value
     for index, values in by_index.items():
@@ -241,11 +238,10 @@ def save_checkpoint(
     dist.barrier()
     trainable = _trainable(model)
     tensors, meta = _rng_tensors_and_json()
-    if sharded or dist.rank == 0:
+    if sharded or dist.rank == 0:  # under DDP rank 0 saves the weights and optimizer alone
         for name, param in trainable:
             tensors[f"param/{name}"] = _local(param).detach().cpu().contiguous()
-    opt_tensors, opt_meta = _optimizer_payload(optimizer, [p for _, p in trainable])
-    if sharded or dist.rank == 0:
+        opt_tensors, opt_meta = _optimizer_payload(optimizer, [p for _, p in trainable])
         tensors.update(opt_tensors)
         meta.update(opt_meta)
     stem = f"rank-{dist.rank:05d}"
