@@ -78,8 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from spectrum_sm.api import scan
+    from spectrum_sm.api import scan, select
+    from spectrum_sm.core.atomic import write_files_atomically
     from spectrum_sm.core.errors import SpectrumError
+    from spectrum_sm.core.selection import layer_folder
 
     try:
         args = parse_args(argv)
@@ -92,15 +94,27 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             **{f.name: getattr(options, f.name) for f in scan_fields()},
         )
-        for percent in args.layer_percents:
-            write_layer_folder(result, float(percent), args)
+        # <output>/percent-<P>/: the layer file for P, selected from this scan's results
+        # (certified at P) exactly as ``spectrum-sm select`` would
+        results = Path(result.files["results"])
+        for percent in map(float, args.layer_percents):
+            select(
+                results,
+                percent,
+                output_dir=results.parent / layer_folder(percent),
+                include=options.include,
+                exclude=options.exclude,
+                embeddings=options.embeddings,
+            )
     except SpectrumError as exc:
         return fail(str(exc))
     except Exception as exc:  # anything else still becomes the job's FailureReason
         traceback.print_exc()
         return fail(f"{type(exc).__name__}: {exc}")
-    if args.reuse_key:
-        _record_reuse_key(result.files["manifest"], args.reuse_key)
+    if args.reuse_key:  # the manifest names the key (model content, settings, scanner) reused by
+        manifest = result.files["manifest"]
+        data = {**json.loads(manifest.read_text()), "reuse_key": args.reuse_key}
+        write_files_atomically(manifest.parent, {manifest.name: json.dumps(data, indent=2) + "\n"})
     if args.stage_model_s3:
         try:
             stage_hub_model(
@@ -110,23 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             return fail(str(exc))
     print(json.dumps({k: str(v) for k, v in result.files.items()}))
     return 0
-
-
-def write_layer_folder(result, percent: float, args: argparse.Namespace) -> Path:
-    """``<output>/percent-<P>/``: the layer file for ``percent``, selected from this scan's
-    results (certified at that percent) exactly as ``spectrum-sm select`` would."""
-    from spectrum_sm.api import select
-    from spectrum_sm.core.selection import layer_folder
-
-    results = Path(result.files["results"])
-    return select(
-        results,
-        percent,
-        output_dir=results.parent / layer_folder(percent),
-        include=args.scan.include,
-        exclude=args.scan.exclude,
-        embeddings=args.scan.embeddings,
-    )
 
 
 #: What a training job needs from a Hub repository besides the weights the scan already cached.
@@ -163,15 +160,6 @@ def stage_hub_model(model: str, revision: str | None, uri: str, kms_key: str = "
         s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode(), **extra)
     except Exception as exc:
         raise describe_client_error(exc, marker) from exc
-
-
-def _record_reuse_key(manifest: Path, key: str) -> None:
-    """The manifest names the key (model content, settings, scanner) the client reuses it by."""
-    from spectrum_sm.core.atomic import write_files_atomically
-
-    data = json.loads(manifest.read_text())
-    data["reuse_key"] = key
-    write_files_atomically(manifest.parent, {manifest.name: json.dumps(data, indent=2) + "\n"})
 
 
 def fail(reason: str) -> int:

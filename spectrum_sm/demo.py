@@ -62,16 +62,6 @@ def embedded_s3() -> Iterator[str]:
                 os.environ[key] = value
 
 
-@contextlib.contextmanager
-def s3_endpoint() -> Iterator[str]:
-    """The configured S3 endpoint, or an embedded moto server for the duration."""
-    if os.environ.get("AWS_ENDPOINT_URL"):
-        yield os.environ["AWS_ENDPOINT_URL"]
-        return
-    with embedded_s3() as endpoint:
-        yield endpoint
-
-
 def _check_endpoint(url: str) -> None:
     """A configured endpoint that does not answer fails in seconds, not after boto's retries."""
     from urllib.parse import urlparse
@@ -103,11 +93,13 @@ def run_demo(
     from .toy import make_toy_training_setup
 
     workdir = ensure_output_dir(Path(workdir).resolve())
-    if os.environ.get("AWS_ENDPOINT_URL"):
-        _check_endpoint(os.environ["AWS_ENDPOINT_URL"])
+    configured = os.environ.get("AWS_ENDPOINT_URL")
+    if configured:
+        _check_endpoint(configured)
     log.info("building a small Qwen3 model and a chat dataset in %s", workdir / "inputs")
     paths = make_toy_training_setup(workdir / "inputs", layers=4, rows=96)
-    with s3_endpoint() as endpoint:
+    # The configured S3 endpoint, or an embedded moto server for the duration.
+    with contextlib.nullcontext(configured) if configured else embedded_s3() as endpoint:
         client = s3_client()
         try:
             client.create_bucket(Bucket=BUCKET)

@@ -11,14 +11,7 @@ from typing import Any
 from .aws.s3 import model_config
 from .core.errors import SpectrumError
 from .core.instances import INSTANCES
-from .training.memory import (
-    CUDA_OVERHEAD_GIB,
-    Estimate,
-    Step,
-    build_meta,
-    count_parameters,
-    estimate_method,
-)
+from .training.memory import CUDA_OVERHEAD_GIB, Step, build_meta, count_parameters, estimate_method
 
 #: The instance types the planner recommends from (cheapest first by the prices). Not
 #: ml.g5.xlarge: its 16 GiB of host memory cannot load an 8B model in bf16 on its way to the GPU;
@@ -70,32 +63,30 @@ def plan(model: str, percent: float, **options: Any) -> dict[str, Any]:
     prices = load_prices()
     for name in sorted(CANDIDATES, key=lambda n: prices.hourly("us-east-1", n) or float("inf")):
         gpus, gib = INSTANCES[name].gpus, INSTANCES[name].gpu_gib
-        price = prices.hourly("us-east-1", name)
-        fits = {}
         sharding = step.sharded and gpus > 1
-        for method in methods:
-            est = estimate_method(cfg, counts, method, step, gpus=gpus, sharded=sharding)
-            fits[method] = {
-                "per_gpu_gib": round(est.total_gib, 2),
-                "fits": est.total_gib <= 0.9 * gib,
-            }
+        need = {
+            m: estimate_method(cfg, counts, m, step, gpus=gpus, sharded=sharding).total_gib
+            for m in methods
+        }
         instances.append(
             {
                 "instance_type": name,
                 "gpus": gpus,
                 "gpu_gib": gib,
-                "usd_per_hour": price,
-                "methods": fits,
+                "usd_per_hour": prices.hourly("us-east-1", name),
+                "methods": {
+                    m: {"per_gpu_gib": round(g, 2), "fits": g <= 0.9 * gib} for m, g in need.items()
+                },
             }
         )
-    single = {m: asdict(estimate_method(cfg, counts, m, step)) for m in methods}
+    single = {m: estimate_method(cfg, counts, m, step) for m in methods}
     return {
         "model": model,
         "top_percent": percent,
         **asdict(step),
         **asdict(counts),
-        "memory_one_gpu_gib": {m: round(Estimate(**e).total_gib, 2) for m, e in single.items()},
-        "memory_one_gpu_breakdown": single,
+        "memory_one_gpu_gib": {m: round(e.total_gib, 2) for m, e in single.items()},
+        "memory_one_gpu_breakdown": {m: asdict(e) for m, e in single.items()},
         "recommended": {
             m: next((i["instance_type"] for i in instances if i["methods"][m]["fits"]), None)
             for m in methods

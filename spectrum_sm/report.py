@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +59,7 @@ def _sizes_from_manifest(results_path: Path) -> dict[str, int] | None:
     if not manifest.is_file():
         return None
     tensors = json.loads(manifest.read_text()).get("tensors", {})
-    sizes = {}
-    for module, info in tensors.items():
-        count = 1
-        for dim in info.get("shape", []):
-            count *= dim
-        sizes[module] = count
-    return sizes
+    return {module: math.prod(info.get("shape", [])) for module, info in tensors.items()}
 
 
 def snr_report(

@@ -123,6 +123,8 @@ def test_images_come_from_the_sdk_image_uris():
         (lambda: analysis(base_job_name="bad_name!"), "base_job_name"),
         (lambda: training(spot=True, max_wait_s=10), "max_wait_s"),
         (lambda: training(hyperparameters={"spectrum_config": "x"}), "set by the job itself"),
+        # the job points TensorBoard at its own upload folder; a user path would lose the curves
+        (lambda: training(hyperparameters={"tensorboard_dir": "/tmp/tb"}), "set by the job itself"),
         (lambda: training(method="dpo"), "method"),
     ],
 )

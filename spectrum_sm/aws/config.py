@@ -22,7 +22,7 @@ from ..core.options import TYPES, ScanOptions, is_percent, type_problems
 from ..core.secrets import secret_fields, secret_message
 from ..core.selection import DEFAULT_TOP_PERCENT
 from ..core.yamlio import load_yaml
-from ..training.args import DISTRIBUTION_HELP, JOB_DISTRIBUTIONS, METHOD_HELP, METHODS
+from ..training.args import DISTRIBUTION_HELP, JOB_DISTRIBUTIONS, JOB_SET, METHOD_HELP, METHODS
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@\-/]{1,512}$")
 S3_URI = re.compile(r"^s3://[^/]+(/.*)?$")
@@ -76,21 +76,17 @@ def _location_problems(fields: dict[str, str], *, hub_ok: tuple[str, ...]) -> li
     return problems
 
 
-def _tag_text_ok(text: str) -> bool:
-    # The service's pattern ^([\p{L}\p{Z}\p{N}_.:/=+\-@]*)$ (letters, spaces, digits of any
-    # script and _.:/=+-@), which the request check cannot run (Python's re has no \p{...}).
-    import unicodedata
-
-    return all(c in "_.:/=+-@" or unicodedata.category(c)[0] in "LNZ" for c in text)
-
-
 def tag_problem(key: str, value: str) -> str | None:
     """Why SageMaker would refuse this tag (after the uploads), or None."""
+    import unicodedata
+
     if not 1 <= len(key) <= 128 or len(value) > 256:
         return "keys are 1-128 characters and values at most 256"
     if key.lower().startswith("aws:"):
         return "keys starting with aws: are reserved for AWS"
-    if not (_tag_text_ok(key) and _tag_text_ok(value)):
+    # The service's pattern ^([\p{L}\p{Z}\p{N}_.:/=+\-@]*)$ (letters, spaces, digits of any
+    # script and _.:/=+-@), which the request check cannot run (Python's re has no \p{...}).
+    if not all(c in "_.:/=+-@" or unicodedata.category(c)[0] in "LNZ" for c in key + value):
         return "tags hold letters, digits, spaces and _ . : / = + - @ only"
     return None
 
@@ -154,21 +150,24 @@ def _arn_partition_problem(what: str, arn: str, region: str) -> str | None:
     return None
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A config field with an immutable default and its help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class JobConfig:
     """What both jobs share: where, on what, with which permissions."""
 
-    role: str = field(default="", metadata={"help": "IAM role ARN the job runs as"})
-    region: str = field(default="us-east-1", metadata={"help": "AWS region"})
-    output_s3: str = field(default="", metadata={"help": "s3:// prefix for job outputs"})
-    instance_type: str = field(default="ml.g5.2xlarge", metadata={"help": "ML instance type"})
-    instance_count: int = field(default=1, metadata={"help": "instances (multi-node training)"})
-    volume_size_gb: int = field(default=200, metadata={"help": "EBS volume per instance"})
-    max_runtime_s: int = field(default=24 * 3600, metadata={"help": "stop after this long"})
-    image_uri: str = field(
-        default="", metadata={"help": "training image (default: official HF/PyTorch image)"}
-    )
-    base_job_name: str = field(default="spectrum", metadata={"help": "job name prefix"})
+    role: str = _setting("", "IAM role ARN the job runs as")
+    region: str = _setting("us-east-1", "AWS region")
+    output_s3: str = _setting("", "s3:// prefix for job outputs")
+    instance_type: str = _setting("ml.g5.2xlarge", "ML instance type")
+    instance_count: int = _setting(1, "instances (multi-node training)")
+    volume_size_gb: int = _setting(200, "EBS volume per instance")
+    max_runtime_s: int = _setting(24 * 3600, "stop after this long")
+    image_uri: str = _setting("", "training image (default: official HF/PyTorch image)")
+    base_job_name: str = _setting("spectrum", "job name prefix")
     environment: dict[str, str] = field(
         default_factory=dict, metadata={"help": "env vars (no credentials: secret_environment)"}
     )
@@ -182,20 +181,14 @@ class JobConfig:
     tags: dict[str, str] = field(default_factory=dict, metadata={"help": "resource tags"})
     subnets: list[str] = field(default_factory=list, metadata={"help": "VPC subnets"})
     security_group_ids: list[str] = field(default_factory=list, metadata={"help": "VPC SGs"})
-    volume_kms_key: str = field(
-        default="", metadata={"help": "KMS key for the EBS volume (ignored on NVMe instances)"}
-    )
-    output_kms_key: str = field(
-        default="", metadata={"help": "KMS key for outputs and our uploads (SSE-KMS)"}
-    )
-    network_isolation: bool = field(default=False, metadata={"help": "no network in the job"})
-    encrypt_inter_container: bool = field(default=False, metadata={"help": "between nodes"})
-    validate_role: bool = field(
-        default=False,
-        metadata={
-            "help": "check with IAM (GetRole) that the role exists and trusts SageMaker before "
-            "launching; needs iam:GetRole"
-        },
+    volume_kms_key: str = _setting("", "KMS key for the EBS volume (ignored on NVMe instances)")
+    output_kms_key: str = _setting("", "KMS key for outputs and our uploads (SSE-KMS)")
+    network_isolation: bool = _setting(False, "no network in the job")
+    encrypt_inter_container: bool = _setting(False, "between nodes")
+    validate_role: bool = _setting(
+        False,
+        "check with IAM (GetRole) that the role exists and trusts SageMaker before "
+        "launching; needs iam:GetRole",
     )
 
     def problems(self, need_role: bool) -> list[str]:
@@ -281,8 +274,8 @@ class AnalysisConfig(JobConfig, ScanOptions):
     """The analysis job: the SNR scan on a GPU instance (a CPU one works: the scan streams).
     Its scan settings are the fields of :class:`ScanOptions`, written flat under ``analysis:``."""
 
-    model: str = field(default="", metadata={"help": "Hub id or s3:// prefix of the weights"})
-    revision: str = field(default="", metadata={"help": "Hub revision"})
+    model: str = _setting("", "Hub id or s3:// prefix of the weights")
+    revision: str = _setting("", "Hub revision")
     layer_percents: list[float] = field(
         default_factory=list,
         metadata={
@@ -290,14 +283,12 @@ class AnalysisConfig(JobConfig, ScanOptions):
             "certified like certify_percents (spectrum-sm compare sets them)"
         },
     )
-    max_runtime_s: int = field(default=4 * 3600, metadata={"help": "stop after this long"})
-    stage_model: bool = field(
-        default=True,
-        metadata={
-            "help": "a Hub model: the analysis job (which reads every byte anyway) also copies "
-            "the checkpoint to S3, and training reads it from there (no token, no internet, one "
-            "download per instance)"
-        },
+    max_runtime_s: int = _setting(4 * 3600, "stop after this long")
+    stage_model: bool = _setting(
+        True,
+        "a Hub model: the analysis job (which reads every byte anyway) also copies "
+        "the checkpoint to S3, and training reads it from there (no token, no internet, one "
+        "download per instance)",
     )
 
     def _problems(self, need_role: bool) -> list[str]:
@@ -331,40 +322,31 @@ class AnalysisConfig(JobConfig, ScanOptions):
 class TrainingConfig(JobConfig):
     """The training job: train.py on one or more GPU instances, spot optional."""
 
-    model: str = field(default="", metadata={"help": "Hub id, s3:// prefix or folder"})
-    train_data: str = field(default="", metadata={"help": "s3:// prefix, file or folder"})
-    validation_data: str = field(default="", metadata={"help": "optional validation data"})
-    spectrum_config: str = field(
-        default="", metadata={"help": "layer file location (the pipeline fills it in)"}
+    model: str = _setting("", "Hub id, s3:// prefix or folder")
+    train_data: str = _setting("", "s3:// prefix, file or folder")
+    validation_data: str = _setting("", "optional validation data")
+    spectrum_config: str = _setting("", "layer file location (the pipeline fills it in)")
+    chat_template: str = _setting(
+        "",
+        "a .jinja chat template (file or s3:// URI) that renders and masks chat "
+        "rows instead of the tokenizer's, e.g. one with {% generation %} blocks",
     )
-    chat_template: str = field(
-        default="",
-        metadata={
-            "help": "a .jinja chat template (file or s3:// URI) that renders and masks chat "
-            "rows instead of the tokenizer's, e.g. one with {% generation %} blocks"
-        },
-    )
-    method: str = field(default="spectrum", metadata={"help": METHOD_HELP})
+    method: str = _setting("spectrum", METHOD_HELP)
     hyperparameters: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "train.py arguments, e.g. max_steps: 500"}
     )
-    processes_per_host: int = field(default=0, metadata={"help": "0: one per GPU"})
-    distribution: str = field(default="auto", metadata={"help": DISTRIBUTION_HELP})
-    top_percent: float = field(
-        default=DEFAULT_TOP_PERCENT,
-        metadata={"help": "the layer file's percent, for the memory planner"},
+    processes_per_host: int = _setting(0, "0: one per GPU")
+    distribution: str = _setting("auto", DISTRIBUTION_HELP)
+    top_percent: float = _setting(
+        DEFAULT_TOP_PERCENT, "the layer file's percent, for the memory planner"
     )
-    force: bool = field(
-        default=False, metadata={"help": "send a job the memory planner says will not fit"}
-    )
-    resume_from: str = field(
-        default="", metadata={"help": "s3:// checkpoints of another run to continue on purpose"}
-    )
-    spot: bool = field(default=False, metadata={"help": "managed spot training"})
-    max_wait_s: int = field(default=0, metadata={"help": "spot: total wait (0: 2x runtime)"})
-    checkpoint_s3: str = field(default="", metadata={"help": "spot checkpoints (default: auto)"})
-    tensorboard: bool = field(default=True, metadata={"help": "upload TensorBoard output"})
-    instance_type: str = field(default="ml.p4d.24xlarge", metadata={"help": "ML instance type"})
+    force: bool = _setting(False, "send a job the memory planner says will not fit")
+    resume_from: str = _setting("", "s3:// checkpoints of another run to continue on purpose")
+    spot: bool = _setting(False, "managed spot training")
+    max_wait_s: int = _setting(0, "spot: total wait (0: 2x runtime)")
+    checkpoint_s3: str = _setting("", "spot checkpoints (default: auto)")
+    tensorboard: bool = _setting(True, "upload TensorBoard output")
+    instance_type: str = _setting("ml.p4d.24xlarge", "ML instance type")
 
     def _problems(self, need_role: bool) -> list[str]:
         p = super()._problems(need_role)
@@ -404,18 +386,8 @@ class TrainingConfig(JobConfig):
             f"distribution must be one of {', '.join(JOB_DISTRIBUTIONS)}, "
             f"got {self.distribution!r}",
         )
-        for key in (
-            "distribution",
-            "resume_from",
-            "model_name_or_path",
-            "spectrum_config",
-            "train_data",
-            "validation_data",
-            "output_dir",
-            "checkpoint_dir",
-            "chat_template_path",
-            "method",
-        ):
+        # train.py's paths the job fills in from its channels (JOB_SET), and what the config sets
+        for key in ("distribution", "resume_from", *JOB_SET, "method"):
             _check(
                 p,
                 key not in self.hyperparameters,
