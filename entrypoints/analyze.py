@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # anything else still becomes the job's FailureReason
         traceback.print_exc()
         return fail(f"{type(exc).__name__}: {exc}")
-    if args.reuse_key:  # the manifest names the key (model content, settings, scanner) reused by
+    if args.reuse_key:  # the manifest names the key (model, settings, scanner) it is reused by
         manifest = result.files["manifest"]
         data = {**json.loads(manifest.read_text()), "reuse_key": args.reuse_key}
         write_files_atomically(manifest.parent, {manifest.name: json.dumps(data, indent=2) + "\n"})
