@@ -136,8 +136,8 @@ def stage_hub_model(model: str, revision: str | None, uri: str, kms_key: str = "
     from huggingface_hub import snapshot_download
 
     from spectrum_sm.aws.s3 import (
-        describe_client_error,
         s3_client,
+        s3_errors,
         split_s3_uri,
         sse_arguments,
         staged_marker,
@@ -156,10 +156,8 @@ def stage_hub_model(model: str, revision: str | None, uri: str, kms_key: str = "
     marker = staged_marker(uri)
     bucket, key = split_s3_uri(marker)
     body = json.dumps({"model": model, "revision": revision, "commit": folder.name})
-    try:
+    with s3_errors(marker):
         s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode(), **extra)
-    except Exception as exc:
-        raise describe_client_error(exc, marker) from exc
 
 
 def fail(reason: str) -> int:

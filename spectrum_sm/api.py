@@ -118,7 +118,7 @@ def select(
     manifest = _manifest_beside(Path(results), table)
     text_options: dict = {}
     if manifest is not None:
-        _check_certified(manifest, table, top_percent, include, exclude, Path(results))
+        _check_certified(manifest, table, top_percent, set(chosen))
         tensors = manifest["tensors"]
         text_options = {
             "embedding_entries": manifest.get("embedding_entries"),
@@ -153,13 +153,13 @@ def _manifest_beside(results: Path, table: dict) -> dict | None:
     return manifest
 
 
-def _check_certified(manifest, table, percent, include, exclude, results: Path) -> None:
+def _check_certified(manifest, table, percent, kept: set[str]) -> None:
+    """Refuse a selection (of the types ``kept``) that the float32 bounds leave open."""
     from .core.scanner import TensorScore, uncertain_weights
 
     tensors = manifest["tensors"]
     if not any("bounds" in t and t.get("precision") == "float32" for t in tensors.values()):
         return
-    kept = set(sel.filter_types(sel.types_in_order(table), include, exclude))
     scores = {
         m: TensorScore(
             m,

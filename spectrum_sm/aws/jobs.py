@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import SpectrumError
-from .s3 import describe_client_error, s3_client, split_s3_uri
+from .s3 import s3_client, s3_errors, split_s3_uri
 
 log = logging.getLogger(__name__)
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -157,16 +157,12 @@ class JobHandle:
         model_uri = self.outputs["model"]
         bucket, key = split_s3_uri(model_uri)
         client = s3_client()
-        try:
+        with s3_errors(model_uri):
             listing = client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])
             match = [o["Key"] for o in listing if wanted(o["Key"].rsplit("/", 1)[-1])]
             if len(match) != 1:
                 raise SpectrumError(f"{model_uri}: expected one {what}, found {len(match)}")
             return client.get_object(Bucket=bucket, Key=match[0])["Body"].read().decode()
-        except SpectrumError:
-            raise
-        except Exception as exc:
-            raise describe_client_error(exc, model_uri) from exc
 
     def layer_file(self) -> list[str]:
         """An analysis job's layer list, read from S3."""

@@ -50,6 +50,7 @@ from .s3 import (
     describe_client_error,
     error_code,
     s3_client,
+    s3_errors,
     split_s3_uri,
     sse_arguments,
     staged_marker,
@@ -138,7 +139,7 @@ def model_fingerprint(model: str, revision: str = "") -> dict[str, Any] | None:
         bucket, key = split_s3_uri(model)
         prefix = key.rstrip("/") + "/" if key.strip("/") else ""
         files = []
-        try:
+        with s3_errors(model):
             pages = (
                 s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             )
@@ -147,8 +148,6 @@ def model_fingerprint(model: str, revision: str = "") -> dict[str, Any] | None:
                     [o["Key"][len(prefix) :], o["Size"], o.get("ETag", "").strip('"')]
                     for o in page.get("Contents", [])
                 ]
-        except Exception as exc:
-            raise describe_client_error(exc, model) from exc
         return {"kind": "s3", "files": sorted(files)}
     path = Path(model).expanduser()
     if path.exists():
@@ -233,10 +232,8 @@ def _plan_inputs(
 def require_s3(uri: str) -> None:
     """Fail before any job starts when an S3 input does not exist."""
     bucket, key = split_s3_uri(uri)
-    try:
+    with s3_errors(uri):
         found = s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
-    except Exception as exc:
-        raise describe_client_error(exc, uri) from exc
     if not found.get("KeyCount"):
         raise SpectrumError(f"{uri}: no such S3 object or prefix")
 
@@ -434,12 +431,10 @@ def _exists(uri: str) -> bool:
 
 def _put(uri: str, body: str, config: JobConfig) -> None:
     bucket, key = split_s3_uri(uri)
-    try:
+    with s3_errors(uri):
         s3_client().put_object(
             Bucket=bucket, Key=key, Body=body.encode(), **sse_arguments(config.output_kms_key)
         )
-    except Exception as exc:
-        raise describe_client_error(exc, uri) from exc
 
 
 def write_code(folder: Path, *, with_trl: bool) -> None:
@@ -481,10 +476,8 @@ def find_reusable_analysis(config: AnalysisConfig, key: str) -> dict[str, str] |
         # Access denied or a broken endpoint is not "no analysis": say so, start nothing.
         raise describe_client_error(exc, uri) from exc
     layer_bucket, layer_key = split_s3_uri(record["layer_dir"])
-    try:
+    with s3_errors(record["layer_dir"]):
         listing = client.list_objects_v2(Bucket=layer_bucket, Prefix=layer_key)
-    except Exception as exc:
-        raise describe_client_error(exc, record["layer_dir"]) from exc
     names = [o["Key"][len(layer_key) :].lstrip("/") for o in listing.get("Contents", [])]
     folders = {n.rsplit("/", 1)[0] if "/" in n else "" for n in names if n.endswith("percent.yaml")}
     missing = {""} | {layer_folder(p) for p in config.layer_percents}

@@ -74,6 +74,18 @@ def describe_client_error(exc: Exception, what: str) -> SpectrumError:
     return SpectrumError(f"{what}: {name}: {exc}")
 
 
+@contextlib.contextmanager
+def s3_errors(what: str):
+    """Any boto3/botocore failure inside, as :func:`describe_client_error`'s one line about
+    ``what`` (our own SpectrumErrors pass through)."""
+    try:
+        yield
+    except SpectrumError:
+        raise
+    except Exception as exc:
+        raise describe_client_error(exc, what) from exc
+
+
 @dataclass
 class S3Source:
     """A checkpoint under an S3 prefix. Shards are downloaded one ahead and deleted after use."""
@@ -94,7 +106,7 @@ class S3Source:
 
     def list_files(self) -> list[str]:
         if not self._sizes:
-            try:
+            with s3_errors(self.location):
                 pages = self._client.get_paginator("list_objects_v2").paginate(
                     Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
                 )
@@ -106,8 +118,6 @@ class S3Source:
                         if rel:
                             self._sizes[rel] = obj["Size"]
                             self._etags[rel] = obj.get("ETag", "").strip('"')
-            except Exception as exc:
-                raise describe_client_error(exc, self.location) from exc
             if not self._sizes and folders:  # a model's files are read at this level only
                 shown = ", ".join(f[len(self.prefix) :] for f in folders[:5])
                 raise SpectrumError(
@@ -129,22 +139,18 @@ class S3Source:
         return parse_header(raw, header_len, size, label)
 
     def _range(self, filename: str, first: int, last: int) -> bytes:
-        try:
+        with s3_errors(f"{self.location}/{filename}"):
             response = self._client.get_object(
                 Bucket=self.bucket, Key=self.prefix + filename, Range=f"bytes={first}-{last}"
             )
             return response["Body"].read()
-        except Exception as exc:
-            raise describe_client_error(exc, f"{self.location}/{filename}") from exc
 
     def fetch(self, filename: str) -> Path:
         if filename in self._fetched:
             return self._fetched[filename]
         target = self._tmp / filename
-        try:
+        with s3_errors(f"{self.location}/{filename}"):
             self._client.download_file(self.bucket, self.prefix + filename, str(target))
-        except Exception as exc:
-            raise describe_client_error(exc, f"{self.location}/{filename}") from exc
         self._fetched[filename] = target
         return target
 
@@ -172,10 +178,8 @@ class S3Source:
 def read_object(uri: str) -> bytes:
     """The bytes of one S3 object."""
     bucket, key = split_s3_uri(uri)
-    try:
+    with s3_errors(uri):
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except Exception as exc:
-        raise describe_client_error(exc, uri) from exc
 
 
 def model_config(model: str) -> dict[str, Any]:
@@ -197,7 +201,7 @@ def download_prefix(uri: str, target: Path) -> int:
     client = s3_client()
     target.mkdir(parents=True, exist_ok=True)
     count = 0
-    try:
+    with s3_errors(uri):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
         for page in pages:
             for obj in page.get("Contents", []):
@@ -208,10 +212,6 @@ def download_prefix(uri: str, target: Path) -> int:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, obj["Key"], str(dest))
                 count += 1
-    except SpectrumError:
-        raise
-    except Exception as exc:
-        raise describe_client_error(exc, uri) from exc
     if count == 0:
         raise SpectrumError(f"{uri}: no such S3 object or prefix")
     return count
@@ -224,11 +224,9 @@ def upload_folder(folder: Path, uri: str, *, extra_args: dict[str, str] | None =
     key = key.rstrip("/") + "/" if key else ""
     client = s3_client()
     keys = []
-    try:
+    with s3_errors(uri):
         for rel, path in visible_files(folder):
             object_key = key + rel
             client.upload_file(str(path), bucket, object_key, ExtraArgs=extra_args or None)
             keys.append(f"s3://{bucket}/{object_key}")
-    except Exception as exc:
-        raise describe_client_error(exc, uri) from exc
     return keys

@@ -78,7 +78,7 @@ def write_error(exc: BaseException, what: str) -> SpectrumError | None:
     return SpectrumError(f"{what} failed: {reason}; nothing was replaced")
 
 
-def write_files_atomically(directory: Path, files: Mapping[str, str]) -> list[Path]:
+def write_files_atomically(directory: Path, files: Mapping[str, str]) -> None:
     """Write every ``name -> text`` into ``directory``, all or nothing.
 
     Each file is written to a temporary name in the same directory, flushed, then renamed, so a
@@ -96,12 +96,8 @@ def write_files_atomically(directory: Path, files: Mapping[str, str]) -> list[Pa
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, mode)
-        written = []
         for name, tmp in staged:
-            target = directory / name
-            os.replace(tmp, target)
-            written.append(target)
-        return written
+            os.replace(tmp, directory / name)
     except OSError as exc:
         raise SpectrumError(
             f"cannot write {', '.join(files)} into {str(directory)!r}: "

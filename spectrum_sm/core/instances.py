@@ -31,10 +31,6 @@ class Instance:
     efa_rdma: bool = False  #: EFA with device RDMA (the SDK's SM_EFA_RDMA_INSTANCES)
 
     @property
-    def family(self) -> str:
-        return family(self.name)
-
-    @property
     def nvme(self) -> bool:
         return has_instance_storage(self.name)
 

@@ -50,7 +50,6 @@ from .weights import (
     FP8_DTYPES,
     ShardSource,
     TensorInfo,
-    is_safetensors,
     open_shard,
     read_config,
     read_header,
@@ -515,8 +514,17 @@ def _chunks(reader, weight: _Weight, scale, chunk_elements: int, whole: bool):
     n, m = as_matrix_shape(weight.shape)
     if weight.mxfp4:
         # One expert dequantized whole, as the loaded model holds it: the same blocks, in the
-        # same order, as the bf16 checkpoint of the same values gives (so the same scores).
-        expert = _mxfp4_expert(reader, weight, chunk_elements)
+        # same order, as the bf16 checkpoint of the same values gives (so the same scores). Read
+        # from its own blocks and scales alone: never the other experts.
+        _, rows, groups, width = info.shape
+        blocks = reader.rows(info, weight.expert * rows * groups, rows * groups)
+        scales = reader.rows(weight.scale, weight.expert * rows, rows)
+        expert = mxfp4.expert_matrix(
+            blocks.reshape(rows, groups, width),
+            scales.reshape(rows, groups),
+            rows_per_step=chunk_elements // (groups * mxfp4.GROUP),
+        )
+        del blocks, scales  # not held while the expert is scored
 
         def read(start: int, count: int):
             return expert[start : start + count]
@@ -526,33 +534,19 @@ def _chunks(reader, weight: _Weight, scale, chunk_elements: int, whole: bool):
         def read(start: int, count: int):
             return _dequantize(reader.rows(info, first + start, count), weight, start, scale)
 
-    if whole or n < m:
+    if whole:
+        yield read(0, n)
+    elif n < m:
         # Wide weights are read whole (at most the largest tensor) and cut into transposed
         # column blocks.
         matrix = read(0, n)
-        if whole:
-            yield matrix
-            return
         step = max(1, chunk_elements // n)
         for start in range(0, m, step):
             yield matrix[:, start : start + step].T
-        return
-    step = max(1, chunk_elements // m)
-    for start in range(0, n, step):
-        yield read(start, min(step, n - start))
-
-
-def _mxfp4_expert(reader, weight: _Weight, chunk_elements: int):
-    """One expert of an MXFP4 fused tensor, dequantized to float32 ``[32 * groups, rows]``
-    from its own blocks and scales (read alone: never the other experts)."""
-    _, rows, groups, width = weight.info.shape
-    blocks = reader.rows(weight.info, weight.expert * rows * groups, rows * groups)
-    scales = reader.rows(weight.scale, weight.expert * rows, rows)
-    return mxfp4.expert_matrix(
-        blocks.reshape(rows, groups, width),
-        scales.reshape(rows, groups),
-        rows_per_step=chunk_elements // (groups * mxfp4.GROUP),
-    )
+    else:
+        step = max(1, chunk_elements // m)
+        for start in range(0, n, step):
+            yield read(start, min(step, n - start))
 
 
 def _score_tensor(
@@ -670,10 +664,10 @@ def _run_pipeline(
     chunk_elements: int,
     label: str,
     show_progress: bool,
-    opened: dict[str, Any] | None = None,
+    opened: dict[str, Any],
 ) -> dict[str, TensorScore]:
     """Fetch shards one ahead, score their weights on a pool of workers, release shards
-    (behind a progress bar or log lines named ``label``)."""
+    (behind a progress bar or log lines named ``label``); ``opened`` shards stay open."""
     import torch
 
     by_shard: dict[str, list[_Weight]] = {}
@@ -682,7 +676,6 @@ def _run_pipeline(
     shards = list(by_shard)
     if not shards:
         return {}
-    opened = opened if opened is not None else {}
     workers = _worker_count(device)
     threads_before = torch.get_num_threads()
     stop = threading.Event()
@@ -692,8 +685,6 @@ def _run_pipeline(
     if workers > 1:
         torch.set_num_threads(1)
     bf16_only = all(w.bf16_exact for w in weights) and precision == "certified"
-    matmul_mode = _bf16_exact_matmul(bf16_only)
-    matmul_mode.__enter__()
 
     def fetch_and_open(shard: str):
         if shard in opened:
@@ -709,36 +700,35 @@ def _run_pipeline(
         stop=stop,
     )
     progress = Progress(sum(_cost(w) for w in weights), len(weights), label, show_progress)
-    try:
-        fetches: dict[str, Future] = {shards[0]: fetcher.submit(fetch_and_open, shards[0])}
-        in_flight: list[tuple[str, Any, dict[Future, _Weight]]] = []
-        for index, shard in enumerate(shards):
-            handle = fetches.pop(shard).result()
-            if index + 1 < len(shards):
-                nxt = shards[index + 1]
-                fetches[nxt] = fetcher.submit(fetch_and_open, nxt)
-            # Largest first, so the pool does not end on one big weight with idle cores.
-            tasks = sorted(by_shard[shard], key=_cost, reverse=True)
-            futures = {pool.submit(score_one, handle, w): w for w in tasks}
-            in_flight.append((shard, handle, futures))
-            while len(in_flight) > 1 or (in_flight and index == len(shards) - 1):
-                done_shard, done_handle, done = in_flight.pop(0)
-                for future in as_completed(done):
-                    score = future.result()
-                    scores[score.module] = score
-                    progress.update(_cost(done[future]), score.module)
-                if done_shard not in opened:
-                    done_handle.close()
-                    source.release(done_shard)
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        progress.close()
-        pool.shutdown(wait=True, cancel_futures=True)
-        fetcher.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads_before)
-        matmul_mode.__exit__(None, None, None)
+    with _bf16_exact_matmul(bf16_only):
+        try:
+            fetch = fetcher.submit(fetch_and_open, shards[0])
+            in_flight: list[tuple[str, Any, dict[Future, _Weight]]] = []
+            for index, shard in enumerate(shards):
+                handle = fetch.result()
+                if index + 1 < len(shards):
+                    fetch = fetcher.submit(fetch_and_open, shards[index + 1])
+                # Largest first, so the pool does not end on one big weight with idle cores.
+                tasks = sorted(by_shard[shard], key=_cost, reverse=True)
+                futures = {pool.submit(score_one, handle, w): w for w in tasks}
+                in_flight.append((shard, handle, futures))
+                while len(in_flight) > 1 or (in_flight and index == len(shards) - 1):
+                    done_shard, done_handle, done = in_flight.pop(0)
+                    for future in as_completed(done):
+                        score = future.result()
+                        scores[score.module] = score
+                        progress.update(_cost(done[future]), score.module)
+                    if done_shard not in opened:
+                        done_handle.close()
+                        source.release(done_shard)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            progress.close()
+            pool.shutdown(wait=True, cancel_futures=True)
+            fetcher.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads_before)
     return scores
 
 
@@ -775,19 +765,15 @@ def _read_headers(source: ShardSource, shards: list[str]) -> tuple[list[TensorIn
     reads); ``.bin`` shards have no header and are opened (memory-mapped) here."""
     infos: list[TensorInfo] = []
     opened: dict[str, Any] = {}
-    remote_header = getattr(source, "read_header", None)
     for shard in shards:
-        if is_safetensors(shard):
-            header = (
-                remote_header(shard)
-                if remote_header is not None
-                else read_header(source.fetch(shard), f"{source.location}/{shard}")
-            )
-            infos += tensors_from_header(header, shard)
+        label = f"{source.location}/{shard}"
+        if not shard.endswith(".safetensors"):
+            opened[shard] = open_shard(source.fetch(shard), label)
+            infos += opened[shard].tensors
+        elif hasattr(source, "read_header"):  # a remote source reads the header alone
+            infos += tensors_from_header(source.read_header(shard), shard)
         else:
-            handle = open_shard(source.fetch(shard), f"{source.location}/{shard}")
-            opened[shard] = handle
-            infos += handle.tensors
+            infos += tensors_from_header(read_header(source.fetch(shard), label), shard)
     return infos, opened
 
 
@@ -804,19 +790,13 @@ def scan_source(
     options = options or ScanOptions()
     top_percent = sel.check_percent(options.top_percent)
     percents = sorted({top_percent, *(sel.check_percent(p) for p in options.certify_percents)})
-    lock = None
-    if output_dir is not None:
-        # Fail before an hour of work, not after; and keep a second scan out of this folder.
-        lock = output_lock(ensure_output_dir(output_dir), wait=False)
-        lock.__enter__()
-    try:
+    # Fail before an hour of work, not after; and keep a second scan out of this folder.
+    out = None if output_dir is None else ensure_output_dir(output_dir)
+    with contextlib.nullcontext() if out is None else output_lock(out, wait=False):
         result = _scan(source, options, top_percent, percents, show_progress)
         result.seconds = time.perf_counter() - started
-        if output_dir is not None:
-            result.write(output_dir, lock=False)
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
+        if out is not None:
+            result.write(out, lock=False)
     log.info("scanned %d weights in %.1f s", len(result.scores), result.seconds)
     return result
 

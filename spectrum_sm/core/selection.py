@@ -92,11 +92,6 @@ def manifest_file_name(slug: str) -> str:
     return f"scan_manifest_{slug}.json"
 
 
-def types_in_order(scores: Scores) -> list[str]:
-    """Module types in order of first appearance."""
-    return list(dict.fromkeys(info["type"] for info in scores.values()))
-
-
 def filter_types(
     types: Iterable[str], include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
 ) -> list[str]:

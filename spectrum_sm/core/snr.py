@@ -218,19 +218,15 @@ class GramAccumulator:
 
     def singular_values(self) -> torch.Tensor:
         """Singular values, descending, in float64 (on the accumulator's device)."""
-        import torch
+        return self.eigenvalues(self.device).clamp_min_(0.0).sqrt_()
 
-        self._check_finite()
-        eig = torch.linalg.eigvalsh(self.gram.to(torch.float64), UPLO="L")
-        return torch.flip(eig.clamp_min_(0.0).sqrt_(), dims=(0,))
-
-    def eigenvalues(self) -> torch.Tensor:
-        """Eigenvalues (descending, float64, on the CPU) of the Gram matrix promoted to
+    def eigenvalues(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Eigenvalues (descending, float64, on ``device``) of the Gram matrix promoted to
         float64: no float32 eigensolver error, only the Gram's own rounding."""
         import torch
 
         self._check_finite()
-        eig = torch.linalg.eigvalsh(self.gram.to(torch.float64), UPLO="L").to("cpu")
+        eig = torch.linalg.eigvalsh(self.gram.to(torch.float64), UPLO="L").to(device)
         return torch.flip(eig, dims=(0,))
 
     def shifted_eigenvalues(self) -> tuple[torch.Tensor, float]:

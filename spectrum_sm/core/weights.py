@@ -209,10 +209,6 @@ def _indexed_shards(source: ShardSource, index_file: str, files: list[str]) -> l
     return shards
 
 
-def is_safetensors(filename: str) -> bool:
-    return filename.endswith(".safetensors")
-
-
 def read_config(source: ShardSource) -> dict[str, Any] | None:
     """The model's ``config.json`` when the checkpoint has one."""
     if "config.json" not in source.list_files():
@@ -553,6 +549,6 @@ class TorchBinShard:
 
 def open_shard(path: Path, label: str):
     """An opened shard of either format."""
-    if is_safetensors(path.name):
+    if path.name.endswith(".safetensors"):
         return SafetensorsShard(path, label)
     return TorchBinShard(path, label)
