@@ -31,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from spectrum_sm.core.container import in_container, write_failure
+from spectrum_sm.core.errors import SpectrumError
 from spectrum_sm.core.options import ScanOptions, add_arguments, given, scan_fields
 
 log = logging.getLogger("spectrum_sm.analyze")
@@ -38,14 +40,10 @@ log = logging.getLogger("spectrum_sm.analyze")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # the job's FailureReason, not a usage dump
-        from spectrum_sm.core.errors import SpectrumError
-
         raise SpectrumError(f"invalid arguments: {message}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from spectrum_sm.core.container import in_container
-
     parser = _Parser(description="Spectrum SNR scan (analysis job)", allow_abbrev=False)
     parser.add_argument(
         "--model_name_or_path",
@@ -80,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from spectrum_sm.api import scan, select
     from spectrum_sm.core.atomic import write_files_atomically
-    from spectrum_sm.core.errors import SpectrumError
     from spectrum_sm.core.selection import layer_folder
 
     try:
@@ -147,8 +144,6 @@ def stage_hub_model(model: str, revision: str | None, uri: str, kms_key: str = "
     try:
         folder = Path(snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_FILES))
     except Exception as exc:
-        from spectrum_sm.core.errors import SpectrumError
-
         raise SpectrumError(f"cannot fetch {model} to stage it in S3: {exc}") from exc
     log.info("staging %s for training at %s", model, uri)
     extra = sse_arguments(kms_key)
@@ -161,8 +156,6 @@ def stage_hub_model(model: str, revision: str | None, uri: str, kms_key: str = "
 
 
 def fail(reason: str) -> int:
-    from spectrum_sm.core.container import write_failure
-
     log.error("%s", reason)
     write_failure(reason)
     return 1

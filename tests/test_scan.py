@@ -12,7 +12,7 @@ import torch
 import yaml
 from factories import planted_checkpoint, tiny_qwen3
 from reference_spectrum import reference_scan, reference_select
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import spectrum_sm
 from spectrum_sm.core.selection import EMBEDDING_ENTRIES
@@ -306,3 +306,42 @@ def test_same_selection_as_reference_on_other_architectures(tmp_path, arch):
     assert set(ours.scores) == set(ref)
     for percent in (25, 50):
         assert nonempty(ours.selection(percent)) == nonempty(reference_select(ref, percent))
+
+
+def test_recomputed_weights_are_listed_in_model_order(tmp_path, monkeypatch):
+    """The float64 rechecks are listed in model order, not in the order the workers finished
+    them (so the manifest is the same bytes on every run): one worker finishes them in header
+    order here, ``layers.10`` before ``layers.2``."""
+    from spectrum_sm.core import scanner
+
+    monkeypatch.setattr(scanner, "_worker_count", lambda device: 1)
+    ranks = {"model.layers.2.mlp.down_proj": 30, "model.layers.1.mlp.down_proj": 10}
+    model = planted_checkpoint(
+        tmp_path / "m", {**ranks, "model.layers.3.mlp.down_proj": 0}, size=160
+    )
+    tensors = load_file(model / "model.safetensors")
+    twin = tensors["model.layers.2.mlp.down_proj.weight"].clone()
+    tensors["model.layers.10.mlp.down_proj.weight"] = twin  # ties across the 50% boundary
+    save_file(tensors, str(model / "model.safetensors"))
+    result = spectrum_sm.scan(model, 50, output_dir=tmp_path / "out", show_progress=False)
+    twins = ["model.layers.2.mlp.down_proj", "model.layers.10.mlp.down_proj"]
+    assert result.recomputed == twins
+    assert json.loads(result.files["manifest"].read_text())["recomputed_in_float64"] == twins
+
+
+@pytest.mark.parametrize("scale_shape", [(), (96,), (96, 1)], ids=["scalar", "per-row", "column"])
+def test_fp8_weights_with_a_scalar_or_per_row_scale(tmp_path, scale_shape):
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randn(96, 48, generator=gen).to(torch.float8_e4m3fn)
+    scale = torch.rand(scale_shape, generator=gen) + 0.1
+    model = tmp_path / "fp8"
+    model.mkdir()
+    tensors = {"a.0.proj.weight": codes, "a.0.proj.weight_scale": scale}
+    save_file(tensors, str(model / "model.safetensors"))
+    (model / "config.json").write_text('{"model_type": "planted"}')
+    result = spectrum_sm.scan(model, 100, precision="float64", show_progress=False)
+    dequantized = (codes.float() * scale.reshape(-1, 1)).double()  # as the scan dequantizes
+    expected = spectrum_sm.core.snr.snr_from_singular_values(
+        torch.linalg.svdvals(dequantized), 96, 48
+    )
+    assert result.scores["a.0.proj"].snr == pytest.approx(expected, rel=1e-9)

@@ -18,7 +18,7 @@ import yaml
 from ..core.errors import SpectrumError, did_you_mean
 from ..core.hub import is_local
 from ..core.instances import has_cuda, instance
-from ..core.options import TYPES, ScanOptions, is_percent, type_problems
+from ..core.options import TYPES, ScanOptions, is_number, is_percent, type_problems
 from ..core.secrets import secret_fields, secret_message
 from ..core.selection import DEFAULT_TOP_PERCENT
 from ..core.yamlio import load_yaml
@@ -58,14 +58,14 @@ def hyperparameter_string(value: Any) -> str:
     return str(value)
 
 
-def _location_problems(fields: dict[str, str], *, hub_ok: tuple[str, ...]) -> list[str]:
-    """Each input is an s3:// URI, an existing local path or (where allowed) a Hub id, told
-    apart by the Hub's rule without asking the network."""
+def _location_problems(fields: dict[str, str]) -> list[str]:
+    """Each input is an s3:// URI, an existing local path or (the model) a Hub id, told apart
+    by the Hub's rule without asking the network."""
     problems = []
     for name, value in fields.items():
         if not value or value.startswith("s3://"):
             continue
-        if name not in hub_ok:
+        if name != "model":
             if not Path(value).expanduser().exists():
                 problems.append(f"{name} {value!r} does not exist (an s3:// URI or a local path)")
             continue
@@ -141,15 +141,6 @@ def secret_problems(config: Any) -> list[str]:
     return [secret_message(place) for place in secret_fields(config)]
 
 
-def _arn_partition_problem(what: str, arn: str, region: str) -> str | None:
-    if arn.startswith("arn:") and arn.split(":")[1] != partition(region):
-        return (
-            f"{what} {arn!r} is in partition {arn.split(':')[1]!r}, but region {region!r} is "
-            f"in {partition(region)!r}"
-        )
-    return None
-
-
 def _setting(default: Any, help: str) -> Any:
     """A config field with an immutable default and its help text."""
     return field(default=default, metadata={"help": help})
@@ -194,10 +185,7 @@ class JobConfig:
     def problems(self, need_role: bool) -> list[str]:
         """Every way this config is wrong. A credential in it is the only problem reported:
         the other messages quote values."""
-        secrets = secret_problems(self)
-        if secrets:
-            return secrets
-        return type_problems(self) or self._problems(need_role)
+        return secret_problems(self) or type_problems(self) or self._problems(need_role)
 
     def _problems(self, need_role: bool) -> list[str]:
         p: list[str] = []
@@ -239,14 +227,20 @@ class JobConfig:
         region_ok = bool(re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", self.region))
         _check(p, region_ok, f"region looks wrong: {self.region!r}")
         if region_ok:
+            region_partition = partition(self.region)
             for what, arn in (
                 ("role", self.role),
                 ("volume_kms_key", self.volume_kms_key),
                 ("output_kms_key", self.output_kms_key),
                 *((f"secret_environment.{k}", v) for k, v in self.secret_environment.items()),
             ):
-                problem = _arn_partition_problem(what, arn, self.region)
-                _check(p, problem is None, str(problem))
+                arn_partition = arn.split(":")[1] if arn.startswith("arn:") else region_partition
+                _check(
+                    p,
+                    arn_partition == region_partition,
+                    f"{what} {arn!r} is in partition {arn_partition!r}, but region "
+                    f"{self.region!r} is in {region_partition!r}",
+                )
         for key, value in self.tags.items():
             problem = tag_problem(str(key), str(value))
             _check(p, problem is None, f"tags.{key}: {problem}")
@@ -294,7 +288,7 @@ class AnalysisConfig(JobConfig, ScanOptions):
     def _problems(self, need_role: bool) -> list[str]:
         p = super()._problems(need_role)
         _check(p, bool(self.model), "analysis needs a model (Hub id, s3:// prefix or folder)")
-        p += _location_problems({"model": self.model}, hub_ok=("model",))
+        p += _location_problems({"model": self.model})
         _check(
             p,
             not self.revision
@@ -360,15 +354,14 @@ class TrainingConfig(JobConfig):
                 f"{'method qlora' if self.method == 'qlora' else 'precision fp16'} needs a CUDA "
                 f"GPU; {self.instance_type} has none (use a g or p instance type)",
             )
-        p += _location_problems(
-            {
-                "model": self.model,
-                "train_data": self.train_data,
-                "validation_data": self.validation_data,
-                "chat_template": self.chat_template,
-            },
-            hub_ok=("model",),
-        )
+        inputs = {
+            "model": self.model,
+            "train_data": self.train_data,
+            "validation_data": self.validation_data,
+            "spectrum_config": self.spectrum_config,
+            "chat_template": self.chat_template,
+        }
+        p += _location_problems({k: v for k, v in inputs.items() if k != "spectrum_config"})
         _check(
             p,
             self.method in METHODS,
@@ -402,13 +395,7 @@ class TrainingConfig(JobConfig):
         for uri in (self.checkpoint_s3, self.resume_from):
             if uri:
                 _check(p, bucket_problem(uri) is None, str(bucket_problem(uri)))
-        for name, uri in (
-            ("model", self.model),
-            ("train_data", self.train_data),
-            ("validation_data", self.validation_data),
-            ("spectrum_config", self.spectrum_config),
-            ("chat_template", self.chat_template),
-        ):
+        for name, uri in inputs.items():
             if uri.startswith("s3://"):
                 _check(p, bucket_problem(uri) is None, f"{name} {bucket_problem(uri)}")
         _check(
@@ -418,16 +405,19 @@ class TrainingConfig(JobConfig):
             "validation data; with validation_data set, leave it out",
         )
         if not any("set by the job itself" in problem for problem in p):
-            from ..training.args import check_hyperparameters
-
             try:  # train.py's own parser: names, types and ranges, before anything is uploaded
-                check_hyperparameters(
-                    {k: hyperparameter_string(v) for k, v in self.hyperparameters.items()},
-                    "hyperparameters",
-                )
+                self.train_args()
             except SpectrumError as exc:
                 p.append(str(exc))
         return p
+
+    def train_args(self):
+        """The hyperparameters parsed by train.py's own parser, as the job will parse them."""
+        from ..training.args import check_hyperparameters
+
+        return check_hyperparameters(
+            {k: hyperparameter_string(v) for k, v in self.hyperparameters.items()}
+        )
 
     def gpus_per_host(self) -> int:
         if self.processes_per_host:
@@ -484,22 +474,20 @@ def _from_dict(cls, data: dict[str, Any], where: str, given: dict[str, str] | No
         place = (given or {}).get(key, where)
         if isinstance(value, dict):  # an empty entry (``KEY:`` or ``--set ...KEY=``): not set
             value = {k: v for k, v in value.items() if v is not None}
-        allowed = TYPES.get(str(fields[key].type), (object,))
-        wrong_bool = isinstance(value, bool) and bool not in allowed
-        if not isinstance(value, allowed) or wrong_bool:
-            raise SpectrumError(f"{place}: {key} must be {fields[key].type!s}, got {value!r}")
-        if str(fields[key].type) == "list[str]" and not all(isinstance(v, str) for v in value):
+        kind = str(fields[key].type)
+        allowed = TYPES.get(kind, (object,))
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise SpectrumError(f"{place}: {key} must be {kind}, got {value!r}")
+        if kind == "list[str]" and not all(isinstance(v, str) for v in value):
             raise SpectrumError(f"{place}: {key} must be a list of strings")
-        if str(fields[key].type) == "dict[str, str]":
+        if kind == "dict[str, str]":
             for name, item in value.items():
                 if not isinstance(item, str):
                     raise SpectrumError(
                         f"{place}: {key}.{name} must be text, got the YAML value {item!r}: quote "
                         f'it as you mean it ("{item}" may not be what you typed)'
                     )
-        if str(fields[key].type) == "list[float]" and not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-        ):
+        if kind == "list[float]" and not all(map(is_number, value)):
             raise SpectrumError(f"{place}: {key} must be a list of numbers, got {value!r}")
         values[key] = value
     return cls(**values)
@@ -563,11 +551,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             f"{path}: common: {stray[0]!r} is not a setting both jobs have"
             f"{did_you_mean(stray[0], section_fields('common'))}; put it under analysis or training"
         )
-    analysis = _from_dict(
-        AnalysisConfig, _merged(common, data, "analysis"), f"{path}: analysis", given["analysis"]
-    )
-    training = _from_dict(
-        TrainingConfig, _merged(common, data, "training"), f"{path}: training", given["training"]
+    analysis, training = (
+        _from_dict(cls, _merged(common, data, job), f"{path}: {job}", given[job])
+        for cls, job in ((AnalysisConfig, "analysis"), (TrainingConfig, "training"))
     )
     reuse = data.get("reuse_analysis", True)
     if not isinstance(reuse, bool):
@@ -579,8 +565,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
 
 
 def _merged(common: dict[str, Any], data: dict[str, Any], job: str) -> dict[str, Any]:
-    """A job's settings over the common ones; mappings (tags, environment, ...) merge key by key,
-    the job's keys winning."""
+    """A job's settings over the common ones; mappings merge key by key, the job's keys winning."""
     settings = data.get(job) or {}
     if not isinstance(settings, dict):
         raise SpectrumError(f"{job} must be a mapping of settings")
@@ -650,8 +635,7 @@ def _apply_override(data: dict[str, Any], override: str) -> tuple[str, str]:
     else:
         target[parts[1]] = value
     if section == "common":  # the command line wins over the file's sections too
-        for job in ("analysis", "training"):
-            settings = data.get(job)
+        for settings in (data.get("analysis"), data.get("training")):
             if not isinstance(settings, dict) or parts[1] not in settings:
                 continue
             if len(parts) == 2:

@@ -24,21 +24,15 @@ CPU_IMAGE_TAG = "2.9.0-cpu-py312-ubuntu22.04-sagemaker"
 INSTALL_HINT = "pip install 'spectrum-sm[sagemaker]' (the SageMaker Python SDK v3)"
 
 
-def image_uris():
-    """``sagemaker.core.image_uris``, or a clear error naming the install command."""
+def default_image(region: str, instance_type: str, *, job: str) -> str:
+    """The official training image for ``job`` ("analysis" or "training") on ``instance_type``."""
     try:
-        from sagemaker.core import image_uris as module
+        from sagemaker.core import image_uris as uris
     except ImportError as exc:
         raise SpectrumError(
             f"looking up the training image needs the SageMaker Python SDK v3: {INSTALL_HINT}, "
             "or set image_uri"
         ) from exc
-    return module
-
-
-def default_image(region: str, instance_type: str, *, job: str) -> str:
-    """The official training image for ``job`` ("analysis" or "training") on ``instance_type``."""
-    uris = image_uris()
     where = dict(region=region, py_version=PY_VERSION, instance_type=instance_type)
     try:
         with quiet_sdk():

@@ -31,7 +31,6 @@ from .config import (
     JobConfig,
     PipelineConfig,
     TrainingConfig,
-    hyperparameter_string,
     to_yaml,
     validate,
 )
@@ -74,10 +73,6 @@ class PreparedJob:
     uploads: dict[str, Path] = field(default_factory=dict)  # S3 prefix -> local file or folder
     markers: dict[str, str] = field(default_factory=dict)  # S3 URI -> body, after the uploads
 
-    @property
-    def code_uri(self) -> str:
-        return self.request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"]
-
     def stage(self) -> None:
         """Upload the job's inputs (each content once), its code and its config."""
         from .s3 import upload_folder
@@ -95,7 +90,8 @@ class PreparedJob:
             prefix="spectrum-code-", ignore_cleanup_errors=True
         ) as tmp:
             write_code(Path(tmp), with_trl=isinstance(self.config, TrainingConfig))
-            upload_folder(Path(tmp), self.code_uri, extra_args=extra)
+            code = self.request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"]
+            upload_folder(Path(tmp), code, extra_args=extra)
         output = self.request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
         name = self.request["TrainingJobName"]
         _put(f"{output}/{name}/spectrum-sm-config.yaml", to_yaml(self.config), self.config)
@@ -310,15 +306,11 @@ def plan_analysis(
     return PreparedJob(request, staged, uploads, markers)
 
 
-def check_training_data(config: TrainingConfig) -> None:
+def check_training_data(config: TrainingConfig, args) -> None:
     """Local training data read on the client as the job will read it, before anything is
     uploaded: its format, encoding and rows, and, when the model's tokenizer is here too, that
-    some token carries loss with the job's own data settings (as ``spectrum-sm data-check``)."""
-    from ..training.args import check_hyperparameters
-
-    args = check_hyperparameters(
-        {k: hyperparameter_string(v) for k, v in config.hyperparameters.items()}
-    )
+    some token carries loss with the job's own data settings (as ``spectrum-sm data-check``).
+    ``args``: the hyperparameters as train.py parses them (:meth:`TrainingConfig.train_args`)."""
     datasets = {"train_data": (config.train_data, args.train_split)}
     datasets["validation_data"] = (config.validation_data, args.validation_split)
     for name, (data, split) in datasets.items():
@@ -367,8 +359,9 @@ def plan_training(
         check_job(config, launcher, dry_run=dry_run)
     _check_trl()
     name = job_name(config.base_job_name, kind)
+    args = config.train_args()  # parsed once, for the planner and the data check
     # The planner reads config.json where the user put the model, before any upload.
-    planned = resolve_distribution(config)
+    planned = resolve_distribution(config, args)
     fields = {
         "model": config.model,
         "train": config.train_data,
@@ -379,7 +372,7 @@ def plan_training(
         from ..training.chat import read_chat_template
 
         read_chat_template(config.chat_template)  # readable, before anything is uploaded
-    check_training_data(config)
+    check_training_data(config, args)
     if spectrum_uri is None and config.spectrum_config:
         fields["spectrum"] = config.spectrum_config
     inputs, uploads, markers = _plan_inputs(config, fields, dry_run=dry_run)
@@ -480,8 +473,7 @@ def find_reusable_analysis(config: AnalysisConfig, key: str) -> dict[str, str] |
         listing = client.list_objects_v2(Bucket=layer_bucket, Prefix=layer_key)
     names = [o["Key"][len(layer_key) :].lstrip("/") for o in listing.get("Contents", [])]
     folders = {n.rsplit("/", 1)[0] if "/" in n else "" for n in names if n.endswith("percent.yaml")}
-    missing = {""} | {layer_folder(p) for p in config.layer_percents}
-    missing -= folders
+    missing = ({""} | {layer_folder(p) for p in config.layer_percents}) - folders
     if missing:
         log.info(
             "analysis %s left no layer file in %s; running a new one",
@@ -647,21 +639,19 @@ def plan_analysis_step(
     staged_already = bool(stage_uri) and not dry_run and _exists(staged_marker(stage_uri))
     reused = find_reusable_analysis(config, key) if not dry_run and reuse and key else None
     if reused:
-        return AnalysisStep(
-            config, key, stage_uri, staged_already, reused, None, reused["job"], reused["layer_dir"]
+        job, name, layer_dir = None, reused["job"], reused["layer_dir"]
+    else:
+        job = plan_analysis(
+            config,
+            dry_run=dry_run,
+            launcher=launcher,
+            reuse_key=key,
+            stage_model_s3="" if staged_already else stage_uri,
+            checked=True,
         )
-    job = plan_analysis(
-        config,
-        dry_run=dry_run,
-        launcher=launcher,
-        reuse_key=key,
-        stage_model_s3="" if staged_already else stage_uri,
-        checked=True,
-    )
-    name = job.request["TrainingJobName"]
-    return AnalysisStep(
-        config, key, stage_uri, staged_already, None, job, name, analysis_output_uri(config, name)
-    )
+        name = job.request["TrainingJobName"]
+        layer_dir = analysis_output_uri(config, name)
+    return AnalysisStep(config, key, stage_uri, staged_already, reused, job, name, layer_dir)
 
 
 def _launch_pipeline(

@@ -149,16 +149,15 @@ def build_analysis_request(
     }
     s3_model = config.model.startswith("s3://")
     hps["model_name"] = config.model.rstrip("/").rsplit("/", 1)[-1] if s3_model else config.model
-    if config.layer_percents:
-        hps["layer_percents"] = config.layer_percents
-    if reuse_key:
-        hps["reuse_key"] = reuse_key
-    if stage_model_s3:
-        hps["stage_model_s3"] = stage_model_s3
-        if config.output_kms_key:  # a bucket that requires SSE-KMS takes the staged copy too
-            hps["stage_kms_key"] = config.output_kms_key
-    if config.revision:
-        hps["revision"] = config.revision
+    optional = {
+        "layer_percents": config.layer_percents,
+        "reuse_key": reuse_key,
+        "stage_model_s3": stage_model_s3,
+        # a bucket that requires SSE-KMS takes the staged copy too
+        "stage_kms_key": config.output_kms_key if stage_model_s3 else "",
+        "revision": config.revision,
+    }
+    hps.update({k: v for k, v in optional.items() if v})
     if s3_model:
         request["InputDataConfig"].append(s3_channel("model", config.model))
     else:
@@ -169,10 +168,10 @@ def build_analysis_request(
     return request
 
 
-def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
+def resolve_distribution(config: TrainingConfig, args=None) -> dict[str, Any]:
     """The distribution the job will use, with the memory planner's numbers; a configuration
-    the planner says will not fit is refused (``force: true`` sends it anyway)."""
-    from ..training.args import check_hyperparameters
+    the planner says will not fit is refused (``force: true`` sends it anyway). ``args``: the
+    hyperparameters parsed already (:meth:`~.config.TrainingConfig.train_args`)."""
     from ..training.memory import Step, plan_distribution
     from .s3 import model_config
 
@@ -184,8 +183,7 @@ def resolve_distribution(config: TrainingConfig) -> dict[str, Any]:
         choice = config.distribution if config.distribution != "auto" else "ddp"
         return {"distribution": choice, "reason": f"no GPU table entry for {config.instance_type}"}
     # The step train.py will run, read from the hyperparameters by its own parser.
-    strings = {k: hyperparameter_string(v) for k, v in config.hyperparameters.items()}
-    args = check_hyperparameters(strings)
+    args = args or config.train_args()
     step = Step.of(args, "bf16" if args.precision == "auto" else args.precision)
     try:
         plan = plan_distribution(
@@ -307,10 +305,6 @@ def build_training_request(
 # --- validation against botocore's service model -------------------------------------------
 
 
-def _input_shape():
-    return sagemaker_service_model().operation_model("CreateTrainingJob").input_shape
-
-
 def validate_request(request: dict[str, Any]) -> None:
     """Raise :class:`SpectrumError` listing every way ``request`` breaks the service's limits."""
     # Secret references travel as SPECTRUM_SM_SECRET_<VAR>=<ARN>: names, not values.
@@ -323,7 +317,8 @@ def validate_request(request: dict[str, Any]) -> None:
     if leaks:  # a second guard: configs refuse these already
         raise SpectrumError("; ".join(secret_message(f"request {place}") for place in leaks))
     problems: list[str] = []
-    _walk(_input_shape(), request, "request", problems)
+    shape = sagemaker_service_model().operation_model("CreateTrainingJob").input_shape
+    _walk(shape, request, "request", problems)
     if problems:
         raise SpectrumError("invalid CreateTrainingJob request: " + "; ".join(problems[:10]))
 
@@ -341,8 +336,7 @@ _EXPECTED = {
 
 
 def _walk(shape, value, where: str, problems: list[str]) -> None:
-    meta = shape.metadata
-    kind = shape.type_name
+    meta, kind = shape.metadata, shape.type_name
     expected, called = _EXPECTED.get(kind, (object, ""))
     # bool is an int in Python, never in the API
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):

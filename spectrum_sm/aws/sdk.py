@@ -56,12 +56,9 @@ def launch(request: dict[str, Any], session) -> None:
         raise
     except Exception as exc:
         code = error_code(exc) or type(exc).__name__
-        raise SpectrumError(f"SageMaker refused job {name}: {code}: {_first_line(exc)}") from exc
+        text = str(exc).strip()
+        first = text.splitlines()[0][:300] if text else "no message"
+        raise SpectrumError(f"SageMaker refused job {name}: {code}: {first}") from exc
     finally:
         session.events.unregister(event, exactly_as_prepared)
     log.info("submitted %s", name)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else "no message"

@@ -93,9 +93,8 @@ def split_slice(entry: str) -> tuple[str, tuple[slice, ...] | None]:
     match = _SLICE.match(entry)
     if match is None:
         return entry, None
-    parts = [p.strip() for p in match.group("spec").split(",")]
     index = []
-    for part in parts:
+    for part in (p.strip() for p in match.group("spec").split(",")):
         if ":" in part:
             start, stop = part.split(":")
             index.append(slice(int(start) if start else 0, int(stop) if stop else None))
@@ -174,7 +173,7 @@ def freeze_except(
         body, index = split_slice(entry)
         pattern = compile_entry(body, name_prefix)
         hits = [(n, p) for n, p in named if pattern.match(n)]
-        if not hits and index is None and _is_literal(body):
+        if not hits and index is None and re.fullmatch(r"\^?[A-Za-z0-9_.]+\$?", body):
             translate = translate or translator(model)
             target = translate(body.strip("^$") + ".weight")
             if target is not None:
@@ -197,15 +196,13 @@ def freeze_except(
         parts.pop(ident, None)  # a whole-parameter entry wins over its slices
     for _, param in named:
         param.requires_grad_(id(param) in whole)
-    unique = {id(p): p for _, p in named}
-    all_params = sum(p.numel() for p in unique.values())  # before the slices join the model
+    all_params = sum(p.numel() for p in model.parameters())  # before the slices join the model
     partial = {canonical[ident]: regions for ident, regions in parts.items()}
     install_slices(model, partial)
-    trained = {id(p): p for p in model.parameters() if p.requires_grad}
     report = FreezeReport(
         trainable=[n for n, p in model.named_parameters() if p.requires_grad],
         # Counted on the model object: what the optimizer will hold state for.
-        trainable_params=sum(p.numel() for p in trained.values()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         all_params=all_params,
         tied=sorted(set(tied)),
         partial=partial,
@@ -214,19 +211,14 @@ def freeze_except(
     for note in report.tied:
         log.warning("%s: unfreezing it trains the shared weight (input and output embedding)", note)
     if translated:
-        first = next(iter(translated.items()))
         log.info(
             "%d layer-file entries use the checkpoint's names and were translated to the loaded "
             "model's, e.g. %s -> %s",
             len(translated),
-            *first,
+            *next(iter(translated.items())),
         )
     log.info("%s", report.summary())
     return report
-
-
-def _is_literal(body: str) -> bool:
-    return re.fullmatch(r"\^?[A-Za-z0-9_.]+\$?", body) is not None
 
 
 def _check_index(entry: str, name: str, param, index: tuple[slice, ...]) -> None:

@@ -55,8 +55,7 @@ def dequantize_rows(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     low = lut[(codes & 0x0F).long()]
     high = lut[(codes >> 4).long()]
     values = torch.stack((low, high), dim=-1).reshape(*codes.shape[:-1], 2 * codes.shape[-1])
-    exponent = scales.to(torch.int32) - SCALE_BIAS
-    values = torch.ldexp(values, exponent.unsqueeze(-1))
+    values = torch.ldexp(values, (scales.to(torch.int32) - SCALE_BIAS).unsqueeze(-1))
     return values.reshape(*codes.shape[:-2], codes.shape[-2] * 2 * codes.shape[-1])
 
 

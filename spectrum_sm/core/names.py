@@ -44,6 +44,10 @@ _OUTPUT_HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 #: A fused expert parameter's bias is the parameter's name and this (gpt-oss: ``gate_up_proj``
 #: and ``gate_up_proj_bias``, both ``[experts, ...]``).
 EXPERT_BIAS_SUFFIX = "_bias"
+#: The conversions (by operation) that fuse stored per-expert weights: ``MergeModulelist(dim=0)``
+#: stacks experts on dimension 0, then ``Concatenate(dim=1)`` puts the sources (gate, up) side by
+#: side on dimension 1. Other conversions are not mapped.
+FUSING_OPERATIONS = (["MergeModulelist"], ["MergeModulelist", "Concatenate"])
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ def meta_model(config: Mapping[str, Any], where: str = "model"):
     """The model built from ``config`` on the meta device (no memory), with the class
     :func:`model_class_for` picks; ``where`` names the command in a refusal."""
     import torch
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     data = dict(config)
     model_type = data.pop("model_type", None)
@@ -171,9 +175,7 @@ def meta_model(config: Mapping[str, Any], where: str = "model"):
         except ValueError:
             if cls.__name__ == "AutoModelForCausalLM":
                 raise
-            import transformers
-
-            return transformers.AutoModelForCausalLM.from_config(cfg)
+            return AutoModelForCausalLM.from_config(cfg)
 
 
 class _Converter:
@@ -210,14 +212,9 @@ class _Converter:
         return self._fused(stored, key, pattern, converter, shapes)
 
     def _fused(self, stored, param, pattern, converter, shapes) -> Target | None:
-        """A stored expert weight merged into a 3-D parameter: ``MergeModulelist(dim=0)``
-        stacks experts on dimension 0, then ``Concatenate(dim=1)`` puts the sources (gate, up)
-        side by side on dimension 1. Other conversions are not mapped."""
+        """A stored expert weight merged into a 3-D parameter (:data:`FUSING_OPERATIONS`)."""
         ops = [type(op).__name__ for op in converter.operations]
-        if param not in self.params or ops not in (
-            ["MergeModulelist"],
-            ["MergeModulelist", "Concatenate"],
-        ):
+        if param not in self.params or ops not in FUSING_OPERATIONS:
             return None
         regex = re.escape(pattern).replace(r"\*", r"(\d+)")
         match = re.search(regex, stored)
@@ -319,8 +316,7 @@ def _with_transformers(config, tensors, multimodal) -> ModelNames:
     by_id = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(param), []).append(name)
-    inp = model.get_input_embeddings()
-    out = model.get_output_embeddings()
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     inp_name = by_id.get(id(getattr(inp, "weight", None)), [None])[0]
     out_names = by_id.get(id(getattr(out, "weight", None)), [])
     tied = inp is not None and out is not None and out.weight is inp.weight

@@ -209,14 +209,13 @@ def add_arguments(
         name = (meta.get("flag") or f.name.replace("_", "-")) if flags else f.name
         extra: dict[str, Any] = {"default": None, "help": help_text}
         if kind == "bool" and flags:
-            default = f.default
-            if default:
+            if f.default:
                 extra["help"] = f"do not {help_text} (on by default)"
             parser.add_argument(
-                f"--no-{name}" if default else f"--{name}",
+                f"--no-{name}" if f.default else f"--{name}",
                 dest=f.name,
                 action="store_const",
-                const=not default,
+                const=not f.default,
                 **extra,
             )
             continue

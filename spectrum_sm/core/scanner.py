@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import itertools
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -290,8 +292,7 @@ class _Weight:
 
 
 def _quantization(config: dict[str, Any] | None) -> tuple[str, tuple[int, int] | None]:
-    """The checkpoint's quantization method and FP8 block size; packed integer formats are
-    refused."""
+    """The checkpoint's quantization method and FP8 block size (packed integer formats refused)."""
     quant = (config or {}).get("quantization_config") or {}
     quant = quant if isinstance(quant, dict) else {}
     method = str(quant.get("quant_method", "")).lower()
@@ -322,17 +323,15 @@ def _plan(
     names = model_names(config, {t.name: t.shape for t in infos})
     for note in names.notes:
         log.info("%s", note)
-    head_param = names.output_head
-    packed_mxfp4 = method == mxfp4.QUANT_METHOD
     skipped, weights, refused, malformed = [], [], [], []
     left_out: dict[str, int] = {}
     for info in infos:
-        fused = _fused_experts(info, by_name, packed_mxfp4)
+        fused = _fused_experts(info, by_name, method == mxfp4.QUANT_METHOD)
         if fused is None and not info.name.endswith(".weight"):
             continue  # biases, buffers and the scales of quantized weights
+        tower = names.tower(info.name)
         if fused is not None:
             kind, why = fused
-            tower = names.tower(info.name)
             if tower not in towers:
                 left_out[tower] = left_out.get(tower, 0) + info.shape[0]
             elif kind == "refused":
@@ -344,10 +343,9 @@ def _plan(
             continue
         stored_module = info.name[: -len(".weight")]
         target = names.target(info.name)
-        if names.tied and target.param == head_param != names.input_embedding:
+        if names.tied and target.param == names.output_head != names.input_embedding:
             skipped.append(f"{stored_module}: tied to the input embedding, scored once")
             continue
-        tower = names.tower(info.name)
         if tower not in towers:
             left_out[tower] = left_out.get(tower, 0) + 1
             continue
@@ -396,8 +394,7 @@ def _plan(
 
 
 def _type_of(module: str, tower: str) -> str:
-    """A weight's type: its module's, with the tower before it outside the language model
-    (``vision:qkv``)."""
+    """Its module's type, after its tower outside the language model (``vision:qkv``)."""
     kind = module_type(module)
     return kind if tower == "language" else f"{tower}:{kind}"
 
@@ -432,16 +429,14 @@ def _fused_experts(
         or info.numel == 0
     ):
         return None
-    float_ = info.dtype in FLOAT_DTYPES and info.dtype not in FP8_DTYPES
-    return ("float", "") if float_ else ("refused", "")
+    return ("float", "") if info.dtype in FLOAT_DTYPES - FP8_DTYPES else ("refused", "")
 
 
 def _expert_weights(
     info: TensorInfo, by_name: dict[str, TensorInfo], names: ModelNames, tower: str, packed: bool
 ) -> list[_Weight]:
-    """One weight per expert of a fused expert tensor, named and typed per expert (as the
-    reference named experts when they were modules); each selects the expert's row of the
-    loaded parameter and of its bias, when it has one ("handled like weights")."""
+    """One weight per expert of a fused expert tensor, named as the reference named experts
+    when they were modules; each selects the expert's row of the parameter (and of its bias)."""
     base = mxfp4.base_name(info.name) if packed else info.name
     with_bias = base + EXPERT_BIAS_SUFFIX in by_name
     scale = by_name[base + mxfp4.SCALES_SUFFIX] if packed else None
@@ -482,8 +477,8 @@ def _scale_of(
 
 def _cost(weight: _Weight) -> float:
     n, m = as_matrix_shape(weight.shape)
-    short, long_ = min(n, m), max(n, m)
-    return long_ * short * short + short**3
+    short = min(n, m)
+    return max(n, m) * short * short + short**3
 
 
 class _Stopped(Exception):
@@ -571,8 +566,9 @@ def _score_tensor(
     with torch.no_grad(), shard.reader() as reader:
         scale = None
         if weight.scale is not None and not weight.mxfp4:
-            scale = reader.rows(weight.scale, 0, max(1, weight.scale.shape[0])).to(torch.float32)
-            scale = scale.reshape(weight.scale.shape) if weight.scale.shape else scale.reshape(())
+            # Rows of its last dimension, as readers count them: one for a 0-D or 1-D scale.
+            rows = reader.rows(weight.scale, 0, math.prod(weight.scale.shape[:-1]))
+            scale = rows.to(torch.float32).reshape(weight.scale.shape)
         dtype = torch.float32 if float32 else torch.float64
         acc = None if exact else GramAccumulator(short, device=device, dtype=dtype)
         whole = None
@@ -628,12 +624,12 @@ def _bf16_exact_matmul(enabled: bool):
     before = getattr(mkldnn, "fp32_precision", None)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
-        if mkldnn is not None and before is not None:
+        if before is not None:  # so mkldnn is not None either
             mkldnn.fp32_precision = "bf16" if enabled else "ieee"
         torch.backends.cuda.matmul.allow_tf32 = enabled  # tf32 holds bf16 values exactly too
         yield
     finally:
-        if mkldnn is not None and before is not None:
+        if before is not None:
             mkldnn.fp32_precision = before
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
@@ -743,20 +739,15 @@ def uncertain_weights(scores: dict[str, TensorScore], percents: Iterable[float])
     doubtful: dict[str, None] = {}
     for percent in percents:
         for layer_type, chosen in sel.select_layers(table, percent).items():
-            members = [m for m, s in scores.items() if s.type == layer_type]
-            if not chosen or len(chosen) == len(members):
-                continue
             picked = set(chosen)
-            rest = [m for m in members if m not in picked]
-            for i in chosen:
-                for j in rest:
-                    a, b = scores[i], scores[j]
-                    if a.precision == b.precision == "float64":
-                        continue
-                    if not a.bounds[0] > b.bounds[1]:
-                        for m in (i, j):
-                            if scores[m].precision != "float64":
-                                doubtful[m] = None
+            rest = [m for m, s in scores.items() if s.type == layer_type and m not in picked]
+            for i, j in itertools.product(chosen, rest):
+                a, b = scores[i], scores[j]
+                if a.precision == b.precision == "float64" or a.bounds[0] > b.bounds[1]:
+                    continue
+                for m in (i, j):
+                    if scores[m].precision != "float64":
+                        doubtful[m] = None
     return list(doubtful)
 
 
@@ -847,11 +838,10 @@ def _scan(
         for handle in opened.values():
             handle.close()
         pause_hashing()  # a failed scan must not leave a hashing thread behind
-    ordered = {m: scores[m] for m in sorted(scores, key=natural_key)}
     return ScanResult(
         model_name=source.name,
         slug=sel.model_slug(source.name),
-        scores=ordered,
+        scores={m: scores[m] for m in sorted(scores, key=natural_key)},
         method=method,
         device=device,
         top_percent=top_percent,
@@ -905,4 +895,4 @@ def _certify(
             score.seconds += scores[module].seconds
             scores[module] = score
         recomputed += doubtful
-    return recomputed
+    return sorted(recomputed, key=natural_key)  # model order, not the workers' finishing order

@@ -250,5 +250,4 @@ def _from_sorted_layout(data: dict[str, Any], path: Path) -> dict[str, dict[str,
 
 
 def slug_from_results_path(path: str | Path) -> str:
-    stem = Path(path).stem
-    return stem[len(RESULTS_PREFIX) :] if stem.startswith(RESULTS_PREFIX) else stem
+    return Path(path).stem.removeprefix(RESULTS_PREFIX)

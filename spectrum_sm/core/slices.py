@@ -117,7 +117,7 @@ def install_slices(model: torch.nn.Module, parts: dict[str, Sequence[tuple[slice
     module docstring). Returns the installed :class:`Slices` by fused parameter name."""
     import torch
 
-    installed = getattr(model, ATTRIBUTE, None) or {}
+    installed = installed_slices(model)
     for name, regions in parts.items():
         module_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(module_name)

@@ -258,14 +258,13 @@ class BackgroundHasher:
 
     def _run(self) -> None:
         for path in self._paths:
-            digest, offset = hashlib.sha256(), 0
+            digest = hashlib.sha256()
             try:
                 with open(path, "rb") as handle:
                     while chunk := handle.read(_HASH_BLOCK):
                         digest.update(chunk)
-                        offset += len(chunk)
                         if self._pause.is_set():
-                            self._partial = (path, digest, offset)
+                            self._partial = (path, digest, handle.tell())
                             return
             except OSError:
                 return  # finish() hashes it again and reports the error

@@ -40,9 +40,8 @@ for kind, pattern, first in (
 
 def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
     text = loader.construct_scalar(node)
-    if text.startswith(("0o", "0x")):
-        return int(text, 0)
-    return int(text, 10)  # 0755 is 755, as YAML 1.2 reads it
+    # 0o and 0x are octal and hexadecimal; 0755 is 755, as YAML 1.2 reads it.
+    return int(text, 0 if text.startswith(("0o", "0x")) else 10)
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _int)

@@ -58,10 +58,6 @@ WAYS_OUT = (
 )
 
 
-def has_generation_markers(template: str | None) -> bool:
-    return bool(template) and _MARKERS.search(template) is not None
-
-
 @dataclass(frozen=True)
 class MaskWay:
     """How one chat template's masks are made: ``kind`` (a key of :data:`WAYS`), the template
@@ -82,8 +78,14 @@ def mask_way(tokenizer: Any, template: str | None = None) -> MaskWay:
     """The way masks are made for ``template`` (default: the tokenizer's own), decided once."""
     template = template or _template_of(tokenizer)
     if template not in _WAYS:
-        _WAYS[template] = _decide(tokenizer, template)
-        log.info("assistant-only loss: %s", _WAYS[template].describe())
+        if _MARKERS.search(template):
+            way = MaskWay("markers", template, "")
+        elif _trl_holds(template) and (training := _trl_training_template(tokenizer, template)):
+            way = MaskWay("trl", *training)
+        else:
+            way = MaskWay("prefix", template, "")
+        _WAYS[template] = way
+        log.info("assistant-only loss: %s", way.describe())
     return _WAYS[template]
 
 
@@ -94,15 +96,6 @@ def _template_of(tokenizer: Any) -> str:
     if not template:
         raise SpectrumError("the tokenizer has no chat template; 'messages' rows need one")
     return template
-
-
-def _decide(tokenizer: Any, template: str) -> MaskWay:
-    if has_generation_markers(template):
-        return MaskWay("markers", template, "")
-    training = _trl_training_template(tokenizer, template) if _trl_holds(template) else None
-    if training is not None:
-        return MaskWay("trl", *training)
-    return MaskWay("prefix", template, "")
 
 
 def _trl_holds(template: str) -> bool:
@@ -324,14 +317,11 @@ def _apply(tokenizer: Any, conversation: list, **kwargs: Any) -> Any:
     except SpectrumError:
         raise
     except Exception as exc:  # the template's own refusal (raise_exception, a type it rejects)
+        text = " ".join(str(exc).split())
+        text = text if len(text) <= 200 else text[:197] + "..."
         raise SpectrumError(
-            f"the chat template refuses this conversation ({type(exc).__name__}: {_one_line(exc)})"
+            f"the chat template refuses this conversation ({type(exc).__name__}: {text})"
         ) from None
-
-
-def _one_line(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def prefix_spans(

@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError
-from ..core.hub import is_hub_id as hub_rule
-from ..core.hub import require_hub
+from ..core.hub import is_hub_id, require_hub
 from ..core.names import quiet_logger
 
 log = logging.getLogger(__name__)
@@ -145,7 +144,7 @@ def _without_bom(file: Path) -> Path:
             if not block:
                 break
             offset += len(block)
-    with file.open("rb") as handle:
+        handle.seek(0)
         if handle.read(3) != b"\xef\xbb\xbf":
             return file
 
@@ -220,11 +219,6 @@ def _first_bad_json_line(files: list[Path]) -> str:
     return ""
 
 
-def is_hub_id(source: str) -> bool:
-    """A Hub dataset id by the Hub's rule, not a data file name that does not exist."""
-    return hub_rule(str(source)) and Path(str(source)).suffix not in BUILDERS
-
-
 def load_split(source: str | Path, *, split: str = "train", name: str | None = None):
     """A `datasets.Dataset` from a file, a folder, a ``save_to_disk`` folder or a Hub id."""
     datasets = _datasets()
@@ -279,7 +273,8 @@ def load_split(source: str | Path, *, split: str = "train", name: str | None = N
             )
             raise SpectrumError(reason) from exc
         return _nonempty(loaded, path)
-    if is_hub_id(str(source)):
+    # A Hub dataset id by the Hub's rule, not a data file name that does not exist.
+    if is_hub_id(str(source)) and path.suffix not in BUILDERS:
         require_hub(f"dataset {source!r}")
         try:
             loaded = datasets.load_dataset(str(source), name, split=split)
@@ -314,9 +309,6 @@ class DataOptions:
     system_prompt: str = ""
     #: The text of a chat template that replaces the tokenizer's (``--chat_template_path``).
     chat_template: str = ""
-
-    def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
 
 def data_options(settings: Any) -> DataOptions:
@@ -370,10 +362,9 @@ def _format(template: str, row: dict[str, Any], what: str, index: int) -> str:
     try:
         return template.format(**row)
     except (KeyError, IndexError, AttributeError, ValueError) as exc:
-        fields = ", ".join(sorted(row))
         raise SpectrumError(
             f"data row {index}: {what} {template!r} does not fit the row ({type(exc).__name__}: "
-            f"{exc}); the row has [{fields}]"
+            f"{exc}); the row has [{', '.join(sorted(row))}]"
         ) from None
 
 
@@ -601,14 +592,13 @@ def mask_source(tokenizer: Any, options: DataOptions, columns: Sequence[str]) ->
 
 
 def _encode_batch(batch, indices, tokenizer, options):
-    keys = list(batch)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "loss_tokens": [], "drop_reason": []}
-    for offset, index in enumerate(indices):
-        row = {k: batch[k][offset] for k in keys}
-        encoded = encode_row(row, index, tokenizer, options)
-        for key in out:
-            out[key].append(encoded[key])
-    return out
+    rows = [
+        encode_row({k: batch[k][offset] for k in batch}, index, tokenizer, options)
+        for offset, index in enumerate(indices)
+    ]
+    return {
+        k: [row[k] for row in rows] for k in ("input_ids", "labels", "loss_tokens", "drop_reason")
+    }
 
 
 def prepare_split(
@@ -630,7 +620,7 @@ def prepare_split(
             [
                 dataset._fingerprint,
                 _tokenizer_key(tokenizer),
-                options.key(),
+                json.dumps(asdict(options), sort_keys=True),
                 mask_source(tokenizer, options, dataset.column_names),
                 FORMAT_VERSION,
                 packing,
@@ -665,8 +655,7 @@ def prepare_split(
         batched=True,
         cache_file_name=str(cache / f"{key}-kept.arrow"),
         new_fingerprint=key + "-kept",
-    )
-    kept = kept.select_columns(["input_ids", "labels"])
+    ).select_columns(["input_ids", "labels"])
     if packing:
         kept = kept.map(
             _pack,

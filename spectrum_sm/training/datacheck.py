@@ -21,8 +21,6 @@ from .data import (
     prepare_split,
 )
 
-GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
-
 
 def _tokenizer(model: str):
     from transformers import AutoTokenizer
@@ -55,7 +53,7 @@ def _pieces(tokenizer: Any, ids: list[int], labels: list[int]) -> list[tuple[str
 
 def render_row(pieces: list[tuple[str, bool]], *, color: bool) -> str:
     """The text with its loss-carrying parts highlighted (green) or bracketed ``[[...]]``."""
-    opened, closed = (GREEN, RESET) if color else ("[[", "]]")
+    opened, closed = ("\x1b[1;32m", "\x1b[0m") if color else ("[[", "]]")
     return "".join(f"{opened}{text}{closed}" if flag else text for text, flag in pieces)
 
 
@@ -97,10 +95,7 @@ def check_data(
         rendered.append(pieces)
     report = {
         "loss_mask": mask_source(tokenizer, options, dataset.column_names) or None,
-        "rows_read": counts.rows_read,
-        "rows_kept": counts.rows_kept,
-        "dropped": counts.dropped,
-        "loss_tokens": counts.loss_tokens,
+        **vars(counts),  # rows_read, rows_kept, dropped, loss_tokens
         "examples": examples,
         "rendered": rendered,
     }

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import SpectrumError
 from ..core.hub import hub_file, is_local
-from ..core.names import meta_model
+from ..core.names import EXPERT_BIAS_SUFFIX, FUSING_OPERATIONS, is_multimodal, meta_model, tower_of
 from ..core.snr import module_type
 from .args import COMPUTE_PRECISIONS
 
@@ -207,9 +208,8 @@ class _Module:
 
 
 def _converters(model) -> list[Any]:
-    """transformers' checkpoint conversions of ``model`` that stack per-expert weights into a
-    fused parameter (``MergeModulelist``, then ``Concatenate`` of gate and up): the stored
-    per-expert modules each fused parameter holds. Others do not describe experts."""
+    """transformers' conversions of ``model`` that stack stored per-expert weights into a fused
+    parameter (see :data:`~spectrum_sm.core.names.FUSING_OPERATIONS`); others are no experts."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter
@@ -220,20 +220,17 @@ def _converters(model) -> list[Any]:
     except (AttributeError, TypeError, ValueError) as exc:
         log.debug("no conversion mapping for %s: %s", type(model).__name__, exc)
         return []
-    allowed = (["MergeModulelist"], ["MergeModulelist", "Concatenate"])
     return [
         t
         for t in transforms
-        if isinstance(t, WeightConverter) and [type(op).__name__ for op in t.operations] in allowed
+        if isinstance(t, WeightConverter)
+        and [type(op).__name__ for op in t.operations] in FUSING_OPERATIONS
     ]
 
 
 def _targets(converter, name: str) -> bool:
-    for target in converter.target_patterns:
-        pattern = re.escape(target.lstrip(".")).replace(r"\*", r"\d+")
-        if re.search(rf"(?:^|\.){pattern}$", name):
-            return True
-    return False
+    patterns = (re.escape(t.lstrip(".")).replace(r"\*", r"\d+") for t in converter.target_patterns)
+    return any(re.search(rf"(?:^|\.){pattern}$", name) for pattern in patterns)
 
 
 @dataclass
@@ -254,8 +251,6 @@ def expert_modules(model) -> dict[str, FusedExperts]:
     parameter stored fused (gpt-oss) is scored per expert under its own leaf; its bias
     (``<name>_bias``, ``[experts, ...]``) trains with the expert's row, so the row counts it.
     """
-    from ..core.names import EXPERT_BIAS_SUFFIX
-
     converters = _converters(model)
     params = dict(model.named_parameters())
     out: dict[str, FusedExperts] = {}
@@ -300,8 +295,6 @@ def count_parameters(model, percent: float, lora_rank: int = 16) -> Counts:
     """
     import torch
 
-    from ..core.names import is_multimodal, tower_of
-
     named = list(model.named_parameters())  # unique: a tied head appears once
     total = sum(p.numel() for _, p in named)
     multimodal = is_multimodal(model.config.to_dict())
@@ -318,7 +311,8 @@ def count_parameters(model, percent: float, lora_rank: int = 16) -> Counts:
             under.setdefault(".".join(parts[:depth]), []).append(param.numel())
     by_type: dict[str, list[_Module]] = {}
     embedding_types: set[str] = set()
-    expert_total, expert_layers = 0, {}
+    expert_total, expert_layers = 0, Counter()
+    fused_per_type: Counter[str] = Counter()  # fused parameters of each type the scan scores
     for name, param in named:
         if multimodal and tower_of(name) != "language":
             continue  # the scan scores the language model unless told otherwise
@@ -326,8 +320,8 @@ def count_parameters(model, percent: float, lora_rank: int = 16) -> Counts:
             experts = fused[name]
             elements = param.numel() + (sizes[experts.bias] if experts.bias else 0)
             expert_total += elements
-            layer = _layer_of(name)
-            expert_layers[layer] = expert_layers.get(layer, 0) + elements
+            expert_layers[_layer_of(name)] += elements
+            fused_per_type[module_type(name)] += 1
             module = name.rsplit(".", 1)[0]
             for expert in range(param.shape[0]):
                 for leaf, size in experts.parts:
@@ -344,7 +338,7 @@ def count_parameters(model, percent: float, lora_rank: int = 16) -> Counts:
         if id(param) in embed_ids:
             embedding_types.add(kind)
     selected = embedding_selected = expert_selected = tensors = 0
-    slices_by_fused: dict[str, int] = {}
+    slices_by_fused: Counter[str] = Counter()
     for kind, modules in by_type.items():
         keep = sorted(modules, key=lambda m: m.elements, reverse=True)[
             : int(len(modules) * percent / 100)
@@ -355,15 +349,11 @@ def count_parameters(model, percent: float, lora_rank: int = 16) -> Counts:
             embedding_selected += elements  # the embedding entries train these anyway
         elif keep and keep[0].fused:
             expert_selected += elements
-            slices_by_fused[keep[0].fused] = slices_by_fused.get(keep[0].fused, 0) + len(keep)
+            slices_by_fused[keep[0].fused] += len(keep)
         else:
             tensors += sum(m.tensors for m in keep)
     # One trainable tensor per fused parameter holding slices: at most one per layer (and its
     # bias), however many slices it holds; which layers have some depends on the scores.
-    fused_per_type: dict[str, int] = {}
-    for name in fused:
-        if not multimodal or tower_of(name) == "language":
-            fused_per_type[module_type(name)] = fused_per_type.get(module_type(name), 0) + 1
     for kind, slices in slices_by_fused.items():
         has_bias = any(f.bias for n, f in fused.items() if module_type(n) == kind)
         tensors += min(slices, fused_per_type[kind]) * (2 if has_bias else 1)
@@ -469,17 +459,6 @@ class Estimate:
         return sum(getattr(self, f.name) for f in fields(self) if f.name.endswith("_gib"))
 
 
-def _mlp_width(cfg, moe: bool) -> int:
-    """Intermediate width a token's MLP activations have: the dense MLP's, or for a MoE the
-    ``k`` experts it is routed to (and a shared expert's, where there is one)."""
-    hidden = cfg.hidden_size
-    if not moe:
-        return getattr(cfg, "intermediate_size", None) or 4 * hidden
-    k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "experts_per_token", 1) or 1
-    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
-    return k * width + (getattr(cfg, "shared_expert_intermediate_size", None) or 0)
-
-
 def estimate_memory(
     cfg,
     total: int,
@@ -520,7 +499,14 @@ def estimate_memory(
         # checkpointing every layer's composed copies are saved for backward.
         transient = 2 * layer if checkpointing else counts.expert_params * low + layer
     hidden = cfg.hidden_size
-    intermediate = _mlp_width(cfg, bool(counts is not None and counts.expert_params))
+    # The width a token's MLP activations have: the dense MLP's, or for a MoE the ``k`` experts
+    # it is routed to (and a shared expert's, where there is one).
+    if counts is not None and counts.expert_params:
+        k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "experts_per_token", 1) or 1
+        width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+        intermediate = k * width + (getattr(cfg, "shared_expert_intermediate_size", None) or 0)
+    else:
+        intermediate = getattr(cfg, "intermediate_size", None) or 4 * hidden
     layers = cfg.num_hidden_layers
     tokens = step.seq * step.batch
     per_layer = (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * intermediate) * tokens * low
