@@ -58,14 +58,6 @@ def secret_environment(environ: dict[str, str]) -> dict[str, str]:
     return values
 
 
-def cache_environment(root: Path, environ: dict[str, str]) -> dict[str, str]:
-    """Hub downloads go to the job's volume (large), not the image's home on the small root
-    disk; every rank shares one cache, whose file locks let one process download each file."""
-    if "HF_HOME" in environ:
-        return {}
-    return {"HF_HOME": str(root / "input" / "data" / ".cache" / "huggingface")}
-
-
 def _read_json(path: Path, default):
     return json.loads(path.read_text()) if path.is_file() else default
 
@@ -145,20 +137,21 @@ def command(kind: str, root: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     root = Path(os.environ.get("SM_OPT_ML", "/opt/ml"))
+    failure = root / "output" / "failure"
     if len(argv) != 1 or argv[0] not in SCRIPTS:
         reason = f"launch.py expects one of {', '.join(SCRIPTS)}, got {argv}"
         print(f"error: {reason}", file=sys.stderr)
-        failure = root / "output" / "failure"
         if failure.parent.is_dir():
             failure.write_text(reason)
         return 2
     env = {**os.environ, **container_environment(root)}
-    env.update(cache_environment(root, env))
+    # Hub downloads go to the job's volume (large), not the image's home on the small root
+    # disk; every rank shares one cache, whose file locks let one process download each file.
+    env.setdefault("HF_HOME", str(root / "input" / "data" / ".cache" / "huggingface"))
     try:
         env.update(secret_environment(env))
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        failure = root / "output" / "failure"
         if failure.parent.is_dir():
             failure.write_text(str(exc))
         return 1
@@ -167,7 +160,6 @@ def main(argv: list[str]) -> int:
     cmd = command(argv[0], root)
     print("launch: " + " ".join(cmd), flush=True)
     code = run_forwarding_signals(cmd, env)
-    failure = root / "output" / "failure"
     if code != 0 and failure.parent.is_dir() and not failure.is_file():
         # The script died before writing its own reason (killed, out of memory, ...).
         failure.write_text(f"{SCRIPTS[argv[0]].name} exited with code {code}; see the job's log")
@@ -178,10 +170,8 @@ def _children(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc)."""
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
+        with contextlib.suppress(OSError):
             found += [int(p) for p in task.read_text().split()]
-        except OSError:
-            continue
     return found
 
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spectrum_sm.core.container import die_with_parent, exit_job, write_failure
 from spectrum_sm.core.errors import SpectrumError
+from spectrum_sm.core.secrets import redact
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(reason: str) -> int:
-    from spectrum_sm.core.secrets import redact
-
     reason = redact(reason)  # a message may quote a token passed to the wrong flag
     print(f"error: {reason}", file=sys.stderr)
     write_failure(reason)

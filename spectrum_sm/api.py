@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from .core import selection as sel
 from .core.atomic import ensure_output_dir, write_files_atomically
 from .core.errors import SpectrumError, did_you_mean
 from .core.options import ScanOptions, scan_fields
-from .core.scanner import ScanResult, scan_source
+from .core.scanner import ScanResult, TensorScore, scan_source, uncertain_weights
 from .core.weights import ShardSource, open_source
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,16 @@ def scan(
     if not isinstance(model, (str, os.PathLike)) and not hasattr(model, "list_files"):
         raise SpectrumError(f"model must be a path, an s3:// prefix or a Hub id, got {model!r}")
     scan_options = scan_options_from(top_percent, options)
-    source = _open(model, name=name, revision=revision, hash_files=hash_files)
+    if isinstance(model, str) and model.startswith("s3://"):
+        from .aws.s3 import S3Source
+
+        source = S3Source(model, name=name)
+    else:
+        source = open_source(model, name=name, revision=revision, hash_files=hash_files)
     try:
         return scan_source(source, scan_options, output_dir=output_dir, show_progress=show_progress)
     finally:
-        close = getattr(source, "close", None)
-        if close is not None:
+        if (close := getattr(source, "close", None)) is not None:
             close()
 
 
@@ -83,14 +89,6 @@ def scan_options_from(top_percent: float, options: dict[str, Any]) -> ScanOption
         elif isinstance(options.get(key), tuple):
             options[key] = list(options[key])
     return ScanOptions(top_percent=top_percent, **options)
-
-
-def _open(model, *, name: str, revision: str | None, hash_files: bool) -> ShardSource:
-    if isinstance(model, str) and model.startswith("s3://"):
-        from .aws.s3 import S3Source
-
-        return S3Source(model, name=name)
-    return open_source(model, name=name, revision=revision, hash_files=hash_files)
 
 
 def select(
@@ -119,10 +117,9 @@ def select(
     text_options: dict = {}
     if manifest is not None:
         _check_certified(manifest, table, top_percent, set(chosen))
-        tensors = manifest["tensors"]
         text_options = {
             "embedding_entries": manifest.get("embedding_entries"),
-            "entries": {m: t["entry"] for m, t in tensors.items() if "entry" in t},
+            "entries": {m: t["entry"] for m, t in manifest["tensors"].items() if "entry" in t},
         }
     out = ensure_output_dir(output_dir if output_dir is not None else Path(results).parent)
     file_name = sel.layer_file_name(slug, top_percent)
@@ -135,10 +132,7 @@ def select(
 
 def _manifest_beside(results: Path, table: dict) -> dict | None:
     """Our scan manifest for these results (same folder, same modules), if there is one."""
-    import json
-
-    slug = sel.slug_from_results_path(results)
-    path = results.parent / sel.manifest_file_name(slug)
+    path = results.parent / sel.manifest_file_name(sel.slug_from_results_path(results))
     if not path.is_file():
         return None
     try:
@@ -155,8 +149,6 @@ def _manifest_beside(results: Path, table: dict) -> dict | None:
 
 def _check_certified(manifest, table, percent, kept: set[str]) -> None:
     """Refuse a selection (of the types ``kept``) that the float32 bounds leave open."""
-    from .core.scanner import TensorScore, uncertain_weights
-
     tensors = manifest["tensors"]
     if not any("bounds" in t and t.get("precision") == "float32" for t in tensors.values()):
         return
@@ -174,8 +166,7 @@ def _check_certified(manifest, table, percent, kept: set[str]) -> None:
         for m, t in tensors.items()
         if table[m]["type"] in kept
     }
-    doubtful = uncertain_weights(scores, [percent])
-    if doubtful:
+    if doubtful := uncertain_weights(scores, [percent]):
         certified = ", ".join(str(p) for p in manifest.get("certified_percents", [])) or "none"
         raise SpectrumError(
             f"at {percent}% the float32 scores of {', '.join(doubtful[:3])} are within their "
@@ -193,8 +184,6 @@ def check_data(data: str, model: str, **options):
 
     if not str(data).startswith("s3://"):
         return check_local(data, model, **options)
-    import tempfile
-
     from .aws.s3 import download_prefix
 
     with tempfile.TemporaryDirectory(prefix="spectrum-data-") as scratch:

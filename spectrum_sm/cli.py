@@ -7,13 +7,18 @@ Every error a user can cause ends in one ``error: ...`` line and exit status 1 (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Sequence
 
+from .core.errors import SpectrumError
 from .core.options import add_arguments, given, scan_fields
+from .core.secrets import redact
 from .core.selection import DEFAULT_TOP_PERCENT
+from .core.version import __version__
+from .training.args import DATA_SETTINGS, METHODS, MIN_SEQ_LENGTH, TrainArgs
 
 log = logging.getLogger("spectrum_sm")
 
@@ -39,17 +44,15 @@ def _positive_int(text: str) -> int:
 
 
 def _seq_length(text: str) -> int:
-    from .training.args import MIN_SEQ_LENGTH  # train.py's own minimum, so both agree
-
     value = _positive_int(text)
-    if value < MIN_SEQ_LENGTH:
+    if value < MIN_SEQ_LENGTH:  # train.py's own minimum, so both agree
         raise argparse.ArgumentTypeError(f"must be at least {MIN_SEQ_LENGTH} (as train.py)")
     return value
 
 
 #: How a person types percents: ``--top-percent 30``, ``--certify-percents 10,50``.
 PERCENT_TYPES = {
-    "top_percent": lambda text: _percent(text),
+    "top_percent": _percent,
     "certify_percents": lambda text: [_percent(p) for p in text.split(",") if p.strip()],
 }
 
@@ -61,25 +64,18 @@ def _selection_fields():
 
 def _data_fields():
     """train.py's data arguments, which data-check takes as flags."""
-    import dataclasses
-
-    from .training.args import DATA_SETTINGS, TrainArgs
-
     return tuple(f for f in dataclasses.fields(TrainArgs) if f.name in DATA_SETTINGS)
 
 
 def _plan_fields():
     """The planner's options, which ``plan`` takes as flags."""
-    import dataclasses
-
     from .plan import PlanOptions
 
     return dataclasses.fields(PlanOptions)
 
 
 def _add_job_flags(parser: argparse.ArgumentParser, printed: str, every_run: bool = False) -> None:
-    """What every command that launches jobs takes: overrides, a dry run, where they run, and
-    whether to wait and stream their logs."""
+    """The flags of every command that launches jobs."""
     parser.add_argument(
         "--set",
         action="append",
@@ -116,14 +112,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse, whose messages quote the arguments: never a credential among them."""
 
     def error(self, message: str):
-        from .core.secrets import redact
-
         super().error(redact(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .core.version import __version__
-
     parser = _Parser(
         prog="spectrum-sm",
         description="Spectrum fine-tuning on Amazon SageMaker: SNR scan, layer selection, jobs.",
@@ -175,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     select.add_argument(
         "--output-dir",
-        default=None,
         metavar="DIR",
         help="where the layer file goes (default: next to RESULTS)",
     )
@@ -202,7 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
         "config", nargs="?", help="pipeline YAML (its training section is the common recipe)"
     )
     from .comparison.methods import DEFAULT_METHODS
-    from .training.args import METHODS
 
     others = ", ".join(m for m in METHODS if m != "spectrum")
     comparison.add_argument(
@@ -230,7 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comparison.add_argument(
         "--prices",
-        default=None,
         metavar="FILE",
         help="USD per instance-hour (JSON/YAML) over the shipped, dated table",
     )
@@ -306,7 +295,6 @@ def _run_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .core.atomic import ensure_output_dir
-    from .core.errors import SpectrumError
     from .report import snr_report
 
     output = (
@@ -348,14 +336,10 @@ def _run_plan(args: argparse.Namespace) -> int:
         rows.insert(2, ("spectrum, expert slices", result["expert_trainable_params"]))
     for label, count in rows:
         print(f"  {label:24} trainable {count:>16,}  ({100 * count / total:6.2f}%)")
-    print(
-        "memory on one GPU (GiB): "
-        + ", ".join(f"{m} {g}" for m, g in result["memory_one_gpu_gib"].items())
-    )
-    print(
-        "cheapest instance that fits: "
-        + ", ".join(f"{m} {i or 'none listed'}" for m, i in result["recommended"].items())
-    )
+    memory = ", ".join(f"{m} {g}" for m, g in result["memory_one_gpu_gib"].items())
+    print(f"memory on one GPU (GiB): {memory}")
+    fits = ", ".join(f"{m} {i or 'none listed'}" for m, i in result["recommended"].items())
+    print(f"cheapest instance that fits: {fits}")
     print(f"assumptions: {result['assumptions']}")
     return 0
 
@@ -372,9 +356,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(
-        level=level,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -395,12 +378,11 @@ def _run_scan(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         **given(args, scan_fields()),
     )
-    chosen = result.selection()
     summary = {
         "model": result.model_name,
         "weights_scanned": len(result.scores),
         "recomputed_in_float64": len(result.recomputed),
-        "selected": sum(len(v) for v in chosen.values()),
+        "selected": sum(len(v) for v in result.selection().values()),
         "seconds": round(result.seconds, 2),
         "files": {k: str(p) for k, p in result.files.items()},
     }
@@ -431,34 +413,31 @@ def _run_select(args: argparse.Namespace) -> int:
 
 def _run_data_check(args: argparse.Namespace) -> int:
     from .api import check_data
-    from .core.errors import SpectrumError
     from .training.datacheck import render_row
 
     settings = {f.name: getattr(args, f.name) for f in _data_fields()}
     report = check_data(args.data, args.model, rows=args.rows, split=args.split, **settings)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "rendered"}))
-        if report.get("error"):
-            raise SpectrumError(report["error"])
-        return 0
-    dropped = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in report["dropped"].items())
-    print(
-        f"{report['rows_read']} rows read, {report['rows_kept']} kept"
-        + (f", dropped: {dropped}" if dropped else "")
-        + f"; {report['loss_tokens']} tokens carry loss"
-    )
-    if report["loss_mask"]:
-        print(f"loss mask: {report['loss_mask']}")
-    color = sys.stdout.isatty()
-    for example, pieces in zip(report["examples"], report["rendered"], strict=True):
+    else:
+        dropped = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in report["dropped"].items())
         print(
-            f"\n--- row {example['row']}: {example['tokens']} tokens, "
-            f"{example['loss_tokens']} with loss"
-            + (f" (dropped: {example['drop_reason']})" if example["drop_reason"] else "")
+            f"{report['rows_read']} rows read, {report['rows_kept']} kept"
+            + (f", dropped: {dropped}" if dropped else "")
+            + f"; {report['loss_tokens']} tokens carry loss"
         )
-        print(render_row(pieces, color=color))
-    if not color:
-        print("\n(text between [[ and ]] carries loss)")
+        if report["loss_mask"]:
+            print(f"loss mask: {report['loss_mask']}")
+        color = sys.stdout.isatty()
+        for example, pieces in zip(report["examples"], report["rendered"], strict=True):
+            print(
+                f"\n--- row {example['row']}: {example['tokens']} tokens, "
+                f"{example['loss_tokens']} with loss"
+                + (f" (dropped: {example['drop_reason']})" if example["drop_reason"] else "")
+            )
+            print(render_row(pieces, color=color))
+        if not color:
+            print("\n(text between [[ and ]] carries loss)")
     if report.get("error"):
         raise SpectrumError(report["error"])
     return 0
@@ -467,7 +446,6 @@ def _run_data_check(args: argparse.Namespace) -> int:
 def _run_compare(args: argparse.Namespace) -> int:
     from .aws.pipeline import launcher_for
     from .comparison import collect, compare
-    from .core.errors import SpectrumError
 
     launcher = launcher_for(args.local, args.workdir)
 
@@ -509,10 +487,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     if not result.files:  # submitted, not waited for
         jobs = " ".join(r.job for r in result.runs if r.job)
         print(f"submitted; when they end: spectrum-sm compare --collect {jobs}")
-    else:
-        if not args.quiet:
-            print(result.table("text"))
-            print(f"table: {result.files['markdown']}\nfigure: {result.files['figure']}")
+    elif not args.quiet:
+        print(result.table("text"))
+        print(f"table: {result.files['markdown']}\nfigure: {result.files['figure']}")
     if args.json:
         print(json.dumps(result.summary()))
     if result.failed:
@@ -571,8 +548,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: ``spectrum-sm COMMAND ...``."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
-    from .core.errors import SpectrumError
-
     try:
         return COMMANDS[args.command](args)
     except SpectrumError as exc:

@@ -71,8 +71,7 @@ def _check_endpoint(url: str) -> None:
     parsed = urlparse(url)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        with socket.create_connection((parsed.hostname or "", port), timeout=3):
-            pass
+        socket.create_connection((parsed.hostname or "", port), timeout=3).close()
     except OSError as exc:
         raise SpectrumError(
             f"AWS_ENDPOINT_URL {url} does not answer ({exc.strerror or exc}); start that server, "
@@ -107,19 +106,14 @@ def run_demo(
             pass
         except Exception as exc:  # credentials, endpoint: one line
             raise describe_client_error(exc, f"creating s3://{BUCKET} at {endpoint}") from exc
-        common = {"output_s3": f"s3://{BUCKET}/demo", "base_job_name": "demo"}
+        model = str(paths["model"])
+        common = {"output_s3": f"s3://{BUCKET}/demo", "base_job_name": "demo", "model": model}
         # What the jobs would run on in SageMaker (the scan streams, so a CPU instance does).
         config = PipelineConfig(
-            AnalysisConfig(
-                **common,
-                instance_type="ml.m5.xlarge",
-                model=str(paths["model"]),
-                top_percent=top_percent,
-            ),
+            AnalysisConfig(**common, instance_type="ml.m5.xlarge", top_percent=top_percent),
             TrainingConfig(
                 **common,
                 instance_type="ml.g5.xlarge",
-                model=str(paths["model"]),
                 train_data=str(paths["train"]),
                 hyperparameters={
                     "max_steps": steps,
@@ -144,7 +138,7 @@ def run_demo(
     scores = load_results(results_file)
     heatmap = snr_report(results_file, top_percent).save(workdir / "snr_report.png")
     return {
-        "base_model": str(paths["model"]),
+        "base_model": model,
         "train_data": str(paths["train"]),
         "unfrozen_parameters": str(layer_file),
         "snr_results": str(results_file),

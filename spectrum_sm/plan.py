@@ -11,6 +11,8 @@ from typing import Any
 from .aws.s3 import model_config
 from .core.errors import SpectrumError
 from .core.instances import INSTANCES
+from .core.selection import check_percent
+from .prices import load_prices
 from .training.memory import CUDA_OVERHEAD_GIB, Step, build_meta, count_parameters, estimate_method
 
 #: The instance types the planner recommends from (cheapest first by the prices). Not
@@ -46,11 +48,8 @@ class PlanOptions(Step):
 def plan(model: str, percent: float, **options: Any) -> dict[str, Any]:
     """Counts, estimates and the instances that fit, cheapest first. ``options`` are
     :class:`PlanOptions`' fields (precision, seq, batch, checkpointing, lora_rank, sharded)."""
-    from .core.selection import check_percent
-
     percent = check_percent(percent)
-    unknown = sorted(set(options) - {f.name for f in fields(PlanOptions)})
-    if unknown:
+    if unknown := sorted(set(options) - {f.name for f in fields(PlanOptions)}):
         known = ", ".join(f.name for f in fields(PlanOptions))
         raise SpectrumError(f"plan: unknown option(s) {', '.join(unknown)}; options: {known}")
     step = PlanOptions(**options)
@@ -58,8 +57,6 @@ def plan(model: str, percent: float, **options: Any) -> dict[str, Any]:
     counts = count_parameters(meta, percent, step.lora_rank)
     methods = ("spectrum", "full", "lora")
     instances = []
-    from .prices import load_prices
-
     prices = load_prices()
     for name in sorted(CANDIDATES, key=lambda n: prices.hourly("us-east-1", n) or float("inf")):
         gpus, gib = INSTANCES[name].gpus, INSTANCES[name].gpu_gib

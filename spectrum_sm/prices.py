@@ -66,9 +66,7 @@ class PriceTable:
     overrides: dict[str, float] = field(default_factory=dict)  # any region
 
     def hourly(self, region: str, instance_type: str) -> float | None:
-        if instance_type in self.overrides:
-            return self.overrides[instance_type]
-        return self.regions.get(region, {}).get(instance_type)
+        return self.overrides.get(instance_type, self.regions.get(region, {}).get(instance_type))
 
     def describe(self) -> dict[str, Any]:
         return {"as_of": self.as_of, "source": self.source}

@@ -96,19 +96,17 @@ def toy_chat_rows(count: int = 64, seed: int = 0) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        rows.append(
-            {
-                "messages": [
-                    {"role": "system", "content": "You add numbers."},
-                    {"role": "user", "content": f"What is {a} plus {b}?"},
-                    {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-                ]
-            }
-        )
-    return rows
+    sums = [(rng.randint(1, 9), rng.randint(1, 9)) for _ in range(count)]
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "You add numbers."},
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+            ]
+        }
+        for a, b in sums
+    ]
 
 
 def make_toy_training_setup(
@@ -129,9 +127,8 @@ def make_toy_training_setup(
     model_dir = directory / "model"
     make_tokenizer(model_dir, texts * 4, vocab_size=320)
     make_qwen3(model_dir, layers=layers, intermediate=128, vocab=320, seed=seed, shard_size=None)
-    data_file = directory / "train.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in data))
-    held_out = toy_chat_rows(validation_rows, seed + 1)
-    validation_file = directory / "validation.jsonl"
-    validation_file.write_text("".join(json.dumps(r) + "\n" for r in held_out))
-    return {"model": model_dir, "train": data_file, "validation": validation_file}
+    paths = {"model": model_dir}
+    for kind, chats in (("train", data), ("validation", toy_chat_rows(validation_rows, seed + 1))):
+        paths[kind] = directory / f"{kind}.jsonl"
+        paths[kind].write_text("".join(json.dumps(r) + "\n" for r in chats))
+    return paths

@@ -17,10 +17,13 @@ from .requests import LOCAL_ROLE
 from .s3 import split_s3_uri
 
 
-def _s3_objects(p: str, uri: str) -> str:
-    bucket, key = split_s3_uri(uri)
-    key = key.strip("/")
-    return f"arn:{p}:s3:::{bucket}/{key + '/' if key else ''}*"
+def _s3_objects(p: str, uris: list[str]) -> list[str]:
+    arns = set()
+    for uri in uris:
+        bucket, key = split_s3_uri(uri)
+        key = key.strip("/")
+        arns.add(f"arn:{p}:s3:::{bucket}/{key + '/' if key else ''}*")
+    return sorted(arns)
 
 
 def _list_statement(p: str, uris: list[str], sid: str) -> list[dict[str, Any]]:
@@ -29,9 +32,7 @@ def _list_statement(p: str, uris: list[str], sid: str) -> list[dict[str, Any]]:
     for uri in uris:
         bucket, key = split_s3_uri(uri)
         key = key.strip("/")
-        by_bucket.setdefault(bucket, set()).add(f"{key}/*" if key else "*")
-        if key:
-            by_bucket[bucket].add(key)
+        by_bucket.setdefault(bucket, set()).update({f"{key}/*", key} if key else {"*"})
     for index, (bucket, prefixes) in enumerate(sorted(by_bucket.items())):
         condition = {"StringLike": {"s3:prefix": sorted(prefixes)}}
         arn = f"arn:{p}:s3:::{bucket}"
@@ -53,10 +54,9 @@ def _image_repository(config: JobConfig, job: str) -> str:
 
 
 def _inputs(config: PipelineConfig) -> list[str]:
-    uris = [config.analysis.model, config.training.model, config.training.train_data]
-    uris += [config.training.validation_data, config.training.spectrum_config]
-    uris += [config.training.chat_template]
-    uris += [config.training.resume_from, config.training.checkpoint_s3]
+    t = config.training
+    uris = [config.analysis.model, t.model, t.train_data, t.validation_data, t.spectrum_config]
+    uris += [t.chat_template, t.resume_from, t.checkpoint_s3]
     return sorted({u for u in uris if u.startswith("s3://")})
 
 
@@ -72,18 +72,11 @@ def job_role_policy(config: PipelineConfig) -> dict[str, Any]:
     outputs = sorted({a.output_s3, t.output_s3})
     region, account = t.region, _account(t)
     images = sorted({_image_repository(a, "analysis"), _image_repository(t, "training")})
+    write = ["s3:PutObject", "s3:AbortMultipartUpload", "s3:DeleteObject"]
     statements: list[dict[str, Any]] = [
-        _allow(
-            "ReadInputsAndCode",
-            "s3:GetObject",
-            sorted({_s3_objects(p, u) for u in outputs + _inputs(config)}),
-        ),
+        _allow("ReadInputsAndCode", "s3:GetObject", _s3_objects(p, outputs + _inputs(config))),
         *_list_statement(p, outputs + _inputs(config), "ListInputs"),
-        _allow(
-            "WriteOutputs",
-            ["s3:PutObject", "s3:AbortMultipartUpload", "s3:DeleteObject"],
-            sorted({_s3_objects(p, u) for u in outputs}),
-        ),
+        _allow("WriteOutputs", write, _s3_objects(p, outputs)),
         _allow(
             "Logs",
             [
@@ -146,22 +139,7 @@ def _secret_arn(arn: str) -> str:
 
 
 def _key_arn(key: str, p: str, region: str, account: str) -> str:
-    if key.startswith("arn:"):
-        return key
-    return f"arn:{p}:kms:{region}:{account}:key/{key}"
-
-
-def _refuse_aliases(config: PipelineConfig) -> None:
-    for job, c in (("analysis", config.analysis), ("training", config.training)):
-        for name in ("volume_kms_key", "output_kms_key"):
-            key = getattr(c, name)
-            if key.startswith("alias/") or ":alias/" in key:
-                raise SpectrumError(
-                    f"{job}.{name} {key!r} is a KMS alias: a policy naming an alias does not "
-                    "authorise the key's use, so this policy would not let the job encrypt. Put "
-                    "the key's id or ARN in the config (aws kms describe-key --key-id "
-                    f"{key.split(':')[-1]} --query KeyMetadata.Arn)"
-                )
+    return key if key.startswith("arn:") else f"arn:{p}:kms:{region}:{account}:key/{key}"
 
 
 def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
@@ -171,12 +149,8 @@ def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
     p = partition(t.region)
     region, account = t.region, _account(t)
     outputs = sorted({a.output_s3, t.output_s3})
-    jobs = sorted(
-        {
-            f"arn:{p}:sagemaker:{region}:{account}:training-job/{c.base_job_name.lower()}-*"
-            for c in (a, t)
-        }
-    )
+    prefix = f"arn:{p}:sagemaker:{region}:{account}:training-job/"
+    jobs = sorted({f"{prefix}{c.base_job_name.lower()}-*" for c in (a, t)})
     passed = {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
     statements: list[dict[str, Any]] = [
         _allow(
@@ -190,16 +164,11 @@ def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
             jobs,
         ),
         _allow("PassTheJobRole", "iam:PassRole", sorted({a.role, t.role}), Condition=passed),
-        _allow(
-            "StageAndReadOutputs",
-            ["s3:GetObject", "s3:PutObject"],
-            sorted({_s3_objects(p, u) for u in outputs}),
-        ),
+        _allow("StageAndReadOutputs", ["s3:GetObject", "s3:PutObject"], _s3_objects(p, outputs)),
         *_list_statement(p, outputs + _inputs(config), "ListStaged"),
     ]
     if _inputs(config):  # config.json for the planner; ETags for reuse
-        inputs = sorted({_s3_objects(p, u) for u in _inputs(config)})
-        statements.append(_allow("ReadInputs", "s3:GetObject", inputs))
+        statements.append(_allow("ReadInputs", "s3:GetObject", _s3_objects(p, _inputs(config))))
     logs = f"arn:{p}:logs:{region}:{account}:log-group:{LOG_GROUP}:*"
     statements.append(_allow("FollowLogs", ["logs:DescribeLogStreams", "logs:GetLogEvents"], logs))
     keys = sorted({c.output_kms_key for c in (a, t) if c.output_kms_key})
@@ -213,9 +182,18 @@ def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
 
 def policies(config: PipelineConfig) -> dict[str, Any]:
     """Both policies, for ``spectrum-sm iam-policy``, for a config that ``run`` would accept."""
-    for job in (config.analysis, config.training):
-        validate(job, need_role=True)
-    _refuse_aliases(config)
+    for c in (config.analysis, config.training):
+        validate(c, need_role=True)
+    for job, c in (("analysis", config.analysis), ("training", config.training)):
+        for name in ("volume_kms_key", "output_kms_key"):
+            key = getattr(c, name)
+            if key.startswith("alias/") or ":alias/" in key:
+                raise SpectrumError(
+                    f"{job}.{name} {key!r} is a KMS alias: a policy naming an alias does not "
+                    "authorise the key's use, so this policy would not let the job encrypt. Put "
+                    "the key's id or ARN in the config (aws kms describe-key --key-id "
+                    f"{key.split(':')[-1]} --query KeyMetadata.Arn)"
+                )
     return {
         "job_role": job_role_policy(config),
         "launching_user": launching_user_policy(config),

@@ -108,13 +108,11 @@ class JobHandle:
         while True:
             description = self.describe()
             if logs:
-                for line in self._new_log_lines():
-                    echo(line)
+                self._echo_new_lines(echo)
             status = description["TrainingJobStatus"]
             if status in TERMINAL:
                 if logs:
-                    for line in self._new_log_lines():
-                        echo(line)
+                    self._echo_new_lines(echo)
                 if status != "Completed":
                     raise JobFailed(
                         self.name,
@@ -127,11 +125,12 @@ class JobHandle:
                 raise JobTimeout(f"job {self.name} still {status} after {timeout_s:.0f} s")
             time.sleep(poll_s)
 
-    def _new_log_lines(self) -> list[str]:
-        """Lines not seen yet, across the job's hosts."""
+    def _echo_new_lines(self, echo: Callable[[str], None]) -> None:
+        """Echo the lines not seen yet, across the job's hosts."""
         lines = [event["message"] for event in self.log_events()]
         self._log_tail = (self._log_tail + lines)[-40:]
-        return lines
+        for line in lines:
+            echo(line)
 
     def _fetch_tail(self) -> list[str]:
         lines = [event["message"] for event in self.log_events(from_start=True)]
@@ -142,13 +141,10 @@ class JobHandle:
     def outputs(self) -> dict[str, str]:
         """S3 URIs of the job's results (``model`` is a folder: outputs are uncompressed)."""
         description = self.describe()
-        output = description["OutputDataConfig"]["S3OutputPath"].rstrip("/")
-        uris = {
-            "model": f"{output}/{self.name}/output/model/",
-            "output": f"{output}/{self.name}/output/",
-        }
-        checkpoint = description.get("CheckpointConfig", {}).get("S3Uri")
-        if checkpoint:
+        root = description["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+        output = f"{root}/{self.name}/output/"
+        uris = {"model": output + "model/", "output": output}
+        if checkpoint := description.get("CheckpointConfig", {}).get("S3Uri"):
             uris["checkpoints"] = checkpoint
         return uris
 
@@ -212,17 +208,14 @@ class TrainingJob(JobHandle):
         except Exception as exc:
             raise SpectrumError(f"cannot stop job {self.name}: {exc}") from exc
 
-    def _logs_client(self):
-        if self._logs is None:
-            self._logs = _client("logs")
-        return self._logs
-
     def log_events(self, *, from_start: bool = False) -> list[dict[str, Any]]:
         """CloudWatch events (``timestamp`` in ms, ``message``) across the job's log streams (one
         per instance), each read to its end."""
         if from_start:
             self._tokens.clear()
-        client = self._logs_client()
+        if self._logs is None:
+            self._logs = _client("logs")
+        client = self._logs
         events: list[dict[str, Any]] = []
         try:
             streams = client.describe_log_streams(

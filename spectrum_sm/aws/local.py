@@ -19,10 +19,13 @@ A local job is followed through the same handle interface as a SageMaker one
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -42,10 +45,8 @@ STOP_REQUESTED = "stop-requested"
 
 
 class LocalJob(JobHandle):
-    """A job run (or running) on this machine, read from its folder: ``job.json`` (the request),
-    ``description.json`` (status, times, FailureReason: what the runner recorded), each host's
-    ``output/job.log``; its outputs are in S3 where the runner uploaded them, as for a
-    SageMaker job."""
+    """A job run (or running) on this machine, read from its folder (see the module's docstring);
+    its outputs are in S3 where the runner uploaded them, as for a SageMaker job."""
 
     billed = False
 
@@ -53,7 +54,6 @@ class LocalJob(JobHandle):
         self.folder = Path(folder).resolve()
         super().__init__(self.folder.name)
         self._read: dict[Path, int] = {}  # log lines already returned, per host's log
-        self._region: str | None = None
 
     def _roots(self) -> list[Path]:
         """Each host's /opt/ml: the job's folder, or algo-1/, algo-2/, ... for several hosts."""
@@ -120,13 +120,19 @@ class LocalJob(JobHandle):
     def model_dir(self) -> str:  # type: ignore[override]
         return str(self._roots()[0] / "model")
 
-    @property
+    @functools.cached_property
     def region(self) -> str:
         """The region of the config the job was staged with (its copy next to the outputs),
         else the environment's."""
-        if self._region is None:
-            self._region = _config_region(self.describe())
-        return self._region
+        import yaml
+
+        output = self.describe()["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+        uri = f"{output}/{self.name}/spectrum-sm-config.yaml"
+        try:
+            return str(yaml.safe_load(read_object(uri)).get("region", ""))
+        except Exception as exc:  # gone or unreadable: the region only prices the run
+            log.info("no config copy at %s (%s); region from the environment", uri, exc)
+            return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
 
 
 def _alive(pid: Any) -> bool:
@@ -139,18 +145,6 @@ def _alive(pid: Any) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _config_region(request: dict[str, Any]) -> str:
-    import yaml
-
-    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
-    uri = f"{output}/{request['TrainingJobName']}/spectrum-sm-config.yaml"
-    try:
-        return str(yaml.safe_load(read_object(uri)).get("region", ""))
-    except Exception as exc:  # gone or unreadable: the region only prices the run
-        log.info("no config copy at %s (%s); region from the environment", uri, exc)
-        return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
 
 
 class Local(Launcher):
@@ -201,8 +195,7 @@ class Local(Launcher):
 
 def _prepare(request: dict[str, Any], root: Path, host: str, hosts: list[str], data: Path) -> None:
     config = root / "input" / "config"
-    config.mkdir(parents=True, exist_ok=True)
-    for sub in ("model", "output/data", "checkpoints", "input/data"):
+    for sub in ("input/config", "model", "output/data", "checkpoints", "input/data"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (config / "hyperparameters.json").write_text(json.dumps(request.get("HyperParameters", {})))
     (config / "resourceconfig.json").write_text(
@@ -243,7 +236,7 @@ class _CheckpointSync:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="checkpoint-sync")
 
-    def restore(self) -> None:
+    def start(self) -> None:
         for folder in self.folders:
             try:
                 count = download_prefix(self.uri, folder)
@@ -255,8 +248,6 @@ class _CheckpointSync:
                 if path.is_file():
                     stat = path.stat()
                     self._seen[path] = (stat.st_size, stat.st_mtime)
-
-    def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
@@ -285,11 +276,11 @@ class _CheckpointSync:
                 try:
                     client.upload_file(str(path), bucket, key + rel.as_posix())
                 except FileNotFoundError:
-                    continue
+                    pass
                 except Exception as exc:
                     log.warning("checkpoint sync of %s failed: %s", path, exc)
-                    continue
-                self._seen[path] = (stat.st_size, stat.st_mtime)
+                else:
+                    self._seen[path] = (stat.st_size, stat.st_mtime)
 
 
 def run_local(
@@ -327,9 +318,10 @@ def run_local(
         sync = _CheckpointSync(
             request["CheckpointConfig"]["S3Uri"], [roots[h] / "checkpoints" for h in hosts]
         )
-        sync.restore()
         sync.start()
-    port = _free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     tail: deque[str] = deque(maxlen=40)
     procs = {}
     try:
@@ -383,12 +375,11 @@ def run_local(
         # As the service does: outputs encrypted with the job's output key, when it has one.
         extra = sse_arguments(request["OutputDataConfig"].get("KmsKeyId", ""))
         tensorboard = request.get("TensorBoardOutputConfig")
+        board = first / "output" / "tensorboard"
         try:
             upload_folder(first / "model", model_s3, extra_args=extra)
-            if tensorboard and (first / "output" / "tensorboard").is_dir():
-                upload_folder(
-                    first / "output" / "tensorboard", tensorboard["S3OutputPath"], extra_args=extra
-                )
+            if tensorboard and board.is_dir():
+                upload_folder(board, tensorboard["S3OutputPath"], extra_args=extra)
         except Exception as exc:
             _describe(base, "Failed", started, ended, f"uploading the outputs: {exc}")
             raise
@@ -404,11 +395,8 @@ def run_local(
 def _describe(
     base: Path, status: str, started: float, ended: float | None = None, reason: str = ""
 ) -> None:
-    """``description.json``: the DescribeTrainingJob fields a local run can answer (status,
-    times, FailureReason), so a local job is described, waited for and collected like a
-    SageMaker one (:class:`LocalJob`). While it runs, the runner's pid (to stop it, and to
-    tell a run that died from one in progress)."""
-    import datetime as dt
+    """``description.json``: the DescribeTrainingJob fields a local run can answer; while it
+    runs, the runner's pid (to stop it, and to tell a run that died from one in progress)."""
 
     def iso(stamp: float) -> str:
         return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat()
@@ -489,11 +477,3 @@ def _pump(proc, root: Path, host: str, name: str, tail: deque, stream_logs: bool
             tail.append(line.rstrip("\n"))
             if stream_logs:
                 log.info("[%s] %s", label, line.rstrip("\n"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

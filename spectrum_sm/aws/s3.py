@@ -157,8 +157,7 @@ class S3Source:
     def release(self, filename: str) -> None:
         path = self._fetched.pop(filename, None)
         if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -205,10 +204,9 @@ def download_prefix(uri: str, target: Path) -> int:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
         for page in pages:
             for obj in page.get("Contents", []):
-                rel = obj["Key"][len(key) :].lstrip("/") or Path(obj["Key"]).name
                 if obj["Key"].endswith("/"):
                     continue
-                dest = target / rel
+                dest = target / (obj["Key"][len(key) :].lstrip("/") or Path(obj["Key"]).name)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, obj["Key"], str(dest))
                 count += 1
@@ -217,16 +215,12 @@ def download_prefix(uri: str, target: Path) -> int:
     return count
 
 
-def upload_folder(folder: Path, uri: str, *, extra_args: dict[str, str] | None = None) -> list[str]:
+def upload_folder(folder: Path, uri: str, *, extra_args: dict[str, str] | None = None) -> None:
     """Upload a file, or every visible file below a folder, under the S3 prefix ``uri``;
     ``extra_args`` go with each object (e.g. SSE-KMS)."""
     bucket, key = split_s3_uri(uri)
     key = key.rstrip("/") + "/" if key else ""
     client = s3_client()
-    keys = []
     with s3_errors(uri):
         for rel, path in visible_files(folder):
-            object_key = key + rel
-            client.upload_file(str(path), bucket, object_key, ExtraArgs=extra_args or None)
-            keys.append(f"s3://{bucket}/{object_key}")
-    return keys
+            client.upload_file(str(path), bucket, key + rel, ExtraArgs=extra_args or None)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..aws.jobs import JobHandle, Launcher
-from ..aws.s3 import read_object
+from ..aws.s3 import download_prefix, read_object
 from ..core.errors import SpectrumError
 from ..core.selection import percent_in_path
 from ..prices import PriceTable, job_cost, load_prices
@@ -53,8 +53,7 @@ def collect(
 
 
 def _collect_all(runs: list[Run], table: PriceTable, launcher: Launcher) -> None:
-    """Collect every completed run; one whose outputs cannot be read is marked failed (with why)
-    and the others are still shown."""
+    """Collect every completed run; one that cannot be read is marked failed, the others go on."""
     for run in runs:
         if run.status != "completed":
             continue
@@ -66,16 +65,13 @@ def _collect_all(runs: list[Run], table: PriceTable, launcher: Launcher) -> None
 
 
 def _describe_run(job: JobHandle, *, region: str) -> Run:
-    """A Run for an existing job, from its request (method, channels, instance) and status, as
-    its description echoes them."""
+    """A Run for an existing job, from the request and status its description echoes."""
     request = description = job.describe()
     status = description["TrainingJobStatus"]
-    name = job.name
-    hps = request.get("HyperParameters", {})
-    method_name = hps.get("method", "")
+    method_name = request.get("HyperParameters", {}).get("method", "")
     if method_name not in METHODS:
         raise SpectrumError(
-            f"job {name} is not a spectrum-sm training job (method {method_name!r})"
+            f"job {job.name} is not a spectrum-sm training job (method {method_name!r})"
         )
     percent = None
     if method_name == "spectrum":
@@ -85,7 +81,7 @@ def _describe_run(job: JobHandle, *, region: str) -> Run:
     resources = request.get("ResourceConfig", {})
     run = Run(
         Method(method_name, percent),
-        job=name,
+        job=job.name,
         region=region or job.region or "us-east-1",
         instance_type=resources.get("InstanceType", ""),
         instance_count=int(resources.get("InstanceCount", 1)),
@@ -105,7 +101,11 @@ def _describe_run(job: JobHandle, *, region: str) -> Run:
 def _collect_run(run: Run, table: PriceTable, job: JobHandle) -> None:
     """Fill a completed run's numbers from its report, description, curves; price it: billed
     jobs by their billable seconds, the others (local) by wall seconds, as an estimate."""
-    run.report = _read_json(run.model_s3 + "training_report.json")
+    uri = run.model_s3 + "training_report.json"
+    try:
+        run.report = json.loads(read_object(uri))
+    except ValueError as exc:
+        raise SpectrumError(f"{uri}: not valid JSON ({exc})") from exc
     description = run.description or job.describe()
     run.model_dir = job.model_dir
     run.billed = job.billed
@@ -114,10 +114,8 @@ def _collect_run(run: Run, table: PriceTable, job: JobHandle) -> None:
         "TrainingWallSeconds", description.get("TrainingTimeInSeconds")
     )
     run.billable_seconds = description.get("BillableTimeInSeconds") if job.billed else None
-    started = _epoch(description.get("TrainingStartTime"))
     if run.method.name == "spectrum" and run.method.percent is None:
-        percent = percent_in_path(str(run.report.get("layer_file") or ""))
-        run.method = Method("spectrum", percent)
+        run.method = Method("spectrum", percent_in_path(str(run.report.get("layer_file") or "")))
     run.cost_usd, run.cost_basis = job_cost(
         table,
         run.region,
@@ -126,7 +124,7 @@ def _collect_run(run: Run, table: PriceTable, job: JobHandle) -> None:
         run.billable_seconds if job.billed else run.job_seconds,
         billed=run.billed,
     )
-    run.curves, run.curve_source = _curves(run, started, job)
+    run.curves, run.curve_source = _curves(run, _epoch(description.get("TrainingStartTime")), job)
 
 
 def _epoch(value: Any) -> float | None:
@@ -137,20 +135,12 @@ def _epoch(value: Any) -> float | None:
     return dt.datetime.fromisoformat(str(value)).timestamp()
 
 
-def _read_json(uri: str) -> dict[str, Any]:
-    try:
-        return json.loads(read_object(uri))
-    except ValueError as exc:
-        raise SpectrumError(f"{uri}: not valid JSON ({exc})") from exc
-
-
 def _curves(
     run: Run, started: float | None, job: JobHandle
 ) -> tuple[dict[str, list[list[float]]], str]:
     """``{"train": [[seconds, step, loss]...], "eval": [...]}``, seconds since the job started:
     from its TensorBoard files in S3, else from the metric lines of its log."""
-    request = run.request or {}
-    tensorboard = request.get("TensorBoardOutputConfig", {}).get("S3OutputPath")
+    tensorboard = (run.request or {}).get("TensorBoardOutputConfig", {}).get("S3OutputPath")
     points = _tensorboard_points(tensorboard) if tensorboard else None
     source = "tensorboard"
     if not points:
@@ -173,8 +163,6 @@ def _tensorboard_points(uri: str) -> list[tuple[float | None, int, str, float]] 
     except ImportError:
         log.warning("tensorboard is not installed: loss curves from the logs instead")
         return None
-    from ..aws.s3 import download_prefix
-
     with tempfile.TemporaryDirectory(prefix="spectrum-tb-") as tmp:
         try:
             download_prefix(uri, Path(tmp))

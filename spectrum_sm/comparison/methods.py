@@ -11,7 +11,7 @@ from ..aws.config import TrainingConfig
 from ..core.errors import SpectrumError, did_you_mean
 from ..core.selection import check_percent, format_percent
 from ..core.yamlio import load_yaml
-from ..training.args import METHODS, with_role
+from ..training.args import METHODS, TrainArgs, with_role
 
 DEFAULT_METHODS = "spectrum,qlora"  # Spectrum at the analysis's top_percent
 #: What makes the runs comparable: a per-method setting may not change these (the role is
@@ -67,6 +67,7 @@ def parse_methods(spec: str | Iterable[str], default_percent: float | None = Non
             )
         if name != "spectrum" and sep:
             raise SpectrumError(f"--methods: {part!r}: only spectrum takes a percent")
+        value = None
         if name == "spectrum":
             if sep:
                 try:
@@ -77,9 +78,7 @@ def parse_methods(spec: str | Iterable[str], default_percent: float | None = Non
                 value = check_percent(default_percent)
             else:
                 raise SpectrumError("--methods: spectrum needs a percent, e.g. spectrum:30")
-            method = Method(name, value)
-        else:
-            method = Method(name)
+        method = Method(name, value)
         if method in methods:
             raise SpectrumError(f"--methods: {method.label} is named twice")
         methods.append(method)
@@ -94,7 +93,6 @@ def parse_method_settings(
     job's instance (:data:`INSTANCE_SETTINGS`). Settings that would change the shared budget
     (steps, batch, sequence length, seed, evaluation) or the data are refused: they would make
     the runs incomparable."""
-
     chosen: dict[Method, dict[str, Any]] = {m: {} for m in methods}
     for setting in settings:
         target, sep, raw = setting.partition("=")
@@ -153,13 +151,8 @@ class Run:
         """The peak learning rate the job was sent (train.py's default when not set)."""
         if not self.request:
             return None
-        from ..training.args import TrainArgs
-
         value = self.request.get("HyperParameters", {}).get("learning_rate")
-        default = next(
-            f.default for f in dataclasses.fields(TrainArgs) if f.name == "learning_rate"
-        )
-        return float(value) if value is not None else float(default)
+        return float(value if value is not None else TrainArgs.learning_rate)
 
     def row(self) -> dict[str, Any]:
         """The JSON row: the report's numbers, the job's times, the cost."""
@@ -184,10 +177,7 @@ class Run:
             "job": self.job,
             "status": self.status,
         }
-        if self.model_s3:
-            row["model_s3"] = self.model_s3
-        if self.model_dir:
-            row["model_dir"] = self.model_dir
-        if self.reason:
-            row["reason"] = self.reason
+        for key in ("model_s3", "model_dir", "reason"):  # only where there is one
+            if getattr(self, key):
+                row[key] = getattr(self, key)
         return row

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..aws.s3 import sse_arguments, upload_folder
 from ..core.errors import SpectrumError
-from ..core.selection import format_percent
 from ..prices import PriceTable, job_cost
-from .methods import Run
+from .methods import Method, Run
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,6 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
     def number(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    label = row["method"] + (
-        f":{format_percent(row['top_percent'])}" if row["top_percent"] is not None else ""
-    )
     trainable = row["trainable_params"]
     share = (
         f" ({100 * trainable / row['all_params']:.1f}%)"
@@ -88,7 +85,7 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
     )
     memory = row["peak_memory_bytes"]
     return {
-        "method": label,
+        "method": Method(row["method"], row["top_percent"]).label,
         "trainable": "-" if trainable is None else f"{trainable:,}{share}",
         "eval": number(row.get("final_eval_loss"), ".4f"),
         "lr": number(row.get("learning_rate"), ".0e"),
@@ -198,8 +195,7 @@ def plot(result: Comparison, path: Path) -> Path:
     if skipped:
         figure.text(0.01, 0.01, "not shown: " + "; ".join(skipped), fontsize=8)
     figure.tight_layout(rect=(0, 0.04 if skipped else 0, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110)  # into write_outputs' folder, which exists
     plt.close(figure)
     return path
 
@@ -230,8 +226,6 @@ def write_outputs(result: Comparison, output_dir: Path) -> None:
 
 def _upload_outputs(result: Comparison, uri: str, kms_key: str) -> None:
     """A copy next to the jobs' outputs, so a notebook finds it later."""
-    from ..aws.s3 import sse_arguments, upload_folder
-
     try:
         upload_folder(result.output_dir, uri, extra_args=sse_arguments(kms_key))  # type: ignore[arg-type]
     except SpectrumError as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..aws.config import PipelineConfig, TrainingConfig, load_pipeline, training_instance_types
-from ..aws.jobs import Launcher
+from ..aws.jobs import TERMINAL, JobHandle, Launcher, SageMaker
 from ..core.errors import SpectrumError
 from ..core.selection import layer_folder
 from ..prices import PriceTable, load_prices
@@ -163,11 +163,9 @@ def _common_recipe(training: TrainingConfig) -> TrainingConfig:
         return training  # train.py's parser names the bad value when the jobs are planned
     if not evaluating:
         if steps > 0:
-            hyperparameters["eval_steps"] = max(1, steps // EVALS_PER_RUN)
+            hyperparameters["eval_steps"] = every = max(1, steps // EVALS_PER_RUN)
             log.info(
-                "eval_steps %d: a validation curve of %d points per run",
-                hyperparameters["eval_steps"],
-                steps // hyperparameters["eval_steps"],
+                "eval_steps %d: a validation curve of %d points per run", every, steps // every
             )
         else:
             log.warning("no max_steps and no eval_steps: validation only at the end of each run")
@@ -276,8 +274,6 @@ def _keep_global_batch(
 def qlora_problem(instance_type: str, launcher: Launcher | None = None) -> str | None:
     """Why QLoRA cannot run on ``instance_type`` where ``launcher`` runs jobs (default:
     SageMaker; it needs CUDA and bitsandbytes), or None."""
-    from ..aws.jobs import SageMaker
-
     return (launcher or SageMaker()).qlora_problem(instance_type)
 
 
@@ -286,8 +282,6 @@ def _run_all(
 ) -> None:
     """Launch every job, then follow every handle until its job ends. A job that cannot be
     launched (e.g. a quota) or that fails is recorded with its reason and the others go on."""
-    from ..aws.jobs import TERMINAL, JobHandle
-
     handles: dict[str, JobHandle] = {}
     for run in runs:
         log.info("comparison: %s (%s)", run.method.label, run.job)
@@ -312,21 +306,18 @@ def _run_all(
                 del pending[name]
                 run.description = description
                 if status == "Completed":
-                    run.status = "completed"
-                    run.model_s3 = handles[name].outputs["model"]
+                    run.status, run.model_s3 = "completed", handles[name].outputs["model"]
                 else:
                     run.status = "failed"
-                    reason = description.get("FailureReason", "no reason given")
-                    run.reason = f"{status}: {reason}"
+                    run.reason = f"{status}: {description.get('FailureReason', 'no reason given')}"
                     log.error("%s failed: %s", run.method.label, run.reason)
                 log.info("%s: %s (%d still running)", run.method.label, status, len(pending))
             if pending:
                 time.sleep(poll_s)
     except KeyboardInterrupt:
-        names = " ".join(handles)
         log.warning(
             "interrupted: the jobs that were sent keep running; when they end: spectrum-sm "
             "compare --collect %s",
-            names,
+            " ".join(handles),
         )
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,13 +24,6 @@ def ensure_output_dir(path: str | os.PathLike[str]) -> Path:
     if not os.access(out, os.W_OK):
         raise SpectrumError(f"output directory {str(out)!r} is not writable")
     return out
-
-
-def _umask() -> int:
-    # os.umask can only be read by setting it; restore it at once.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager
@@ -66,8 +60,6 @@ def output_lock(
 def write_error(exc: BaseException, what: str) -> SpectrumError | None:
     """One line for a failed write (disk full, a file-size limit, no permission), or None when
     ``exc`` is not a write failure. safetensors reports its I/O errors as its own type."""
-    import re
-
     found = re.search(r"\(os error (\d+)\)", str(exc))
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
@@ -86,7 +78,9 @@ def write_files_atomically(directory: Path, files: Mapping[str, str]) -> None:
     (a full disk included); files get the usual permissions (0666 less the umask).
     """
     staged: list[tuple[str, Path]] = []
-    mode = 0o666 & ~_umask()
+    # os.umask can only be read by setting it; restore it at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
     try:
         for name, text in files.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
@@ -95,7 +89,7 @@ def write_files_atomically(directory: Path, files: Mapping[str, str]) -> None:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.chmod(tmp, mode)
+            os.chmod(tmp, 0o666 & ~mask)
         for name, tmp in staged:
             os.replace(tmp, directory / name)
     except OSError as exc:
@@ -105,5 +99,4 @@ def write_files_atomically(directory: Path, files: Mapping[str, str]) -> None:
         ) from exc
     finally:
         for _, tmp in staged:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            tmp.unlink(missing_ok=True)

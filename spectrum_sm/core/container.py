@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -12,22 +13,17 @@ from typing import NoReturn
 log = logging.getLogger(__name__)
 
 
-def failure_file() -> Path:
-    """Where SageMaker reads a job's FailureReason (overridable for tests and local runs)."""
-    return Path(os.environ.get("SM_OUTPUT_FAILURE", "/opt/ml/output/failure"))
-
-
 def write_failure(reason: str) -> None:
     """Record why the job died, when the output folder exists (SageMaker shows the first 1 KB)."""
-    path = failure_file()
+    # Where SageMaker reads a job's FailureReason (overridable for tests and local runs).
+    path = Path(os.environ.get("SM_OUTPUT_FAILURE", "/opt/ml/output/failure"))
     if path.parent.is_dir():
         path.write_text(reason[:1024])
 
 
 def env_path(name: str) -> str | None:
     """An ``SM_*`` folder from the environment, or None."""
-    value = os.environ.get(name)
-    return value or None
+    return os.environ.get(name) or None
 
 
 def in_container() -> bool:
@@ -40,9 +36,7 @@ def in_container() -> bool:
 def default_checkpoint_dir() -> str | None:
     """``/opt/ml/checkpoints`` inside a SageMaker job (synced to S3 for spot training); no
     default outside one."""
-    if not in_container():
-        return None
-    return os.environ.get("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints")
+    return os.environ.get("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints") if in_container() else None
 
 
 def kill_with_parent() -> None:
@@ -50,10 +44,8 @@ def kill_with_parent() -> None:
     a ``preexec_fn``. Elsewhere nothing happens."""
     try:
         import ctypes
-        import signal
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError) as exc:
         log.debug("no parent-death signal: %s", exc)
 
@@ -69,8 +61,6 @@ def die_with_parent() -> None:
         return
     kill_with_parent()
     if os.getppid() == 1:  # torchrun died before the signal was armed
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 

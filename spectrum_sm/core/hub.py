@@ -8,6 +8,7 @@ characters, no ``--`` or ``..``, not starting or ending with ``-`` or ``.``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -73,8 +74,7 @@ def hub_unreachable() -> str | None:
 
 def require_hub(what: str) -> None:
     """Refuse in one line, within seconds, when the Hub cannot be reached for ``what``."""
-    reason = hub_unreachable()
-    if reason:
+    if reason := hub_unreachable():
         raise SpectrumError(
             f"cannot reach the Hugging Face Hub for {what}: {reason}; give a local folder or an "
             "s3:// prefix, or check the network (HF_ENDPOINT for a mirror)"
@@ -86,10 +86,8 @@ def hub_file(repo_id: str, filename: str, *, revision: str | None = None) -> Pat
     downloaded after a fast reachability check."""
     from huggingface_hub import hf_hub_download
 
-    try:
+    with contextlib.suppress(Exception):  # not cached: ask the Hub
         return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
-    except Exception:  # not cached: ask the Hub
-        pass
     require_hub(f"{repo_id!r}")
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))

@@ -92,9 +92,8 @@ def secret_fields(value: Any, where: str = "") -> list[str]:
     found: list[str] = []
     if isinstance(value, dict) and not where:
         for key, item in value.items():
-            if key in REFERENCE_FIELDS:
-                continue
-            _walk(item, str(key), key in NAMED_FIELDS, found)
+            if key not in REFERENCE_FIELDS:
+                _walk(item, str(key), key in NAMED_FIELDS, found)
     else:
         _walk(value, where, False, found)
     return found

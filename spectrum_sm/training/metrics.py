@@ -6,6 +6,7 @@ captures it from CloudWatch (SageMaker ``MetricDefinitions``).
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
@@ -43,13 +44,10 @@ def peak_memory_bytes() -> int:
 
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

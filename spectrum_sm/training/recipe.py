@@ -16,6 +16,8 @@ one process with N times the batch train the same model.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import logging
 import math
@@ -28,9 +30,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import write_error
+from ..core.atomic import ensure_output_dir, output_lock, write_error
+from ..core.container import write_failure
 from ..core.errors import SpectrumError, first_sentence, unknown_model
+from ..core.freeze import FreezeReport, find_layer_file, freeze_except, read_layer_file
 from ..core.hub import hub_offline, is_local, require_hub
+from ..core.names import model_class_for
+from ..core.selection import DEFAULT_TOP_PERCENT, percent_in_path
+from ..core.slices import installed_slices, merge_slices, merged_state_dict
+from . import metrics
+from .data import collate, data_options, default_num_proc, hold_out, load_split, prepare_split
+from .loading import dequantized_load_kwargs
+from .memory import Step, load_config, plan_distribution
+from .state import TrainingState, find_resumable, load_checkpoint, run_fingerprint, save_checkpoint
 
 log = logging.getLogger("spectrum_sm.train")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -107,9 +119,7 @@ def resolve_precision(precision: str) -> str:
 
     if precision != "auto":
         return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
 class Recipe:
@@ -146,7 +156,14 @@ class Recipe:
         if not self.dist.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         set_seed(args.seed)
-        self.distribution = self._choose_distribution()
+        if args.distribution == "zero3":
+            raise SpectrumError(
+                "distribution zero3 (DeepSpeed) is not supported by train.py; use fsdp, which "
+                "shards the same state"
+            )
+        self.distribution = (
+            args.distribution if args.distribution != "auto" else auto_distribution(args, self.dist)
+        )
         if self.distribution == "fsdp" and self.precision == "fp16":
             raise SpectrumError("fsdp trains in bf16 or fp32; fp16 needs a gradient scaler (ddp)")
         if tracker:
@@ -161,10 +178,6 @@ class Recipe:
     def lock_folders(self) -> None:
         """Hold the output and checkpoint folders for the whole run (each host's main process):
         a second run into either is refused at once instead of mixing or replacing files."""
-        import contextlib
-
-        from ..core.atomic import ensure_output_dir, output_lock
-
         self.locks = contextlib.ExitStack()
         if not self.dist.is_local_main:
             return
@@ -184,32 +197,18 @@ class Recipe:
                 output_lock(path, wait=False, holder="another training run", option=option)
             )
 
-    def _choose_distribution(self) -> str:
-        requested = self.args.distribution
-        if requested == "zero3":
-            raise SpectrumError(
-                "distribution zero3 (DeepSpeed) is not supported by train.py; use fsdp, which "
-                "shards the same state"
-            )
-        return requested if requested != "auto" else auto_distribution(self.args, self.dist)
-
     # -- data ------------------------------------------------------------------------------
 
     def setup_data(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .data import data_options, default_num_proc, hold_out, load_split, prepare_split
-
         args = self.args
         if not is_local(str(args.model_name_or_path), "model_name_or_path") and not hub_offline():
             require_hub(f"model {args.model_name_or_path!r}")  # seconds, not retries
+        trust = {"trust_remote_code": args.trust_remote_code}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                args.model_name_or_path, trust_remote_code=args.trust_remote_code
-            )
-            self.config = AutoConfig.from_pretrained(
-                args.model_name_or_path, trust_remote_code=args.trust_remote_code
-            )
+            self.tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, **trust)
+            self.config = AutoConfig.from_pretrained(args.model_name_or_path, **trust)
         except OSError as exc:
             raise SpectrumError(f"cannot load {args.model_name_or_path!r}: {exc}") from exc
         except (ValueError, KeyError) as exc:  # a model_type this transformers does not know
@@ -301,8 +300,6 @@ class Recipe:
         """
         import torch
 
-        from .data import collate
-
         args = self.args
         order = torch.randperm(
             len(self.train_examples), generator=torch.Generator().manual_seed(args.seed + epoch)
@@ -321,9 +318,8 @@ class Recipe:
 
         args = self.args
         self.sharded = self.distribution == "fsdp"
-        base = "fp32" if self.precision == "fp32" else self.precision
-        model = load_model(args, DTYPES[base], self.config)
-        self.save_dtype = checkpoint_dtype(self.config, getattr(torch, DTYPES[base]))
+        model = load_model(args, DTYPES[self.precision], self.config)
+        self.save_dtype = checkpoint_dtype(self.config, getattr(torch, DTYPES[self.precision]))
         model, self.freeze_report, self.layer_file = select_trainable(model, args)
         if args.method in ("lora", "qlora") and self.sharded:
             raise SpectrumError(f"method {args.method} trains with ddp; set distribution ddp")
@@ -378,8 +374,6 @@ class Recipe:
     # -- resume ----------------------------------------------------------------------------
 
     def resume(self) -> None:
-        from .state import TrainingState, find_resumable, load_checkpoint, run_fingerprint
-
         args = self.args
         # Hashing the data once, not once per process (8 ranks reading a big dataset 8 times).
         self.fingerprint = self.dist.from_main(lambda: run_fingerprint(args, self.dist.world_size))
@@ -417,9 +411,6 @@ class Recipe:
     # -- loop ------------------------------------------------------------------------------
 
     def train(self) -> None:
-
-        from . import metrics
-
         args, dist, state = self.args, self.dist, self.state
         # SIGTERM (spot interruption, StopTrainingJob) asks for a checkpoint and a clean exit.
         terminated: list[int] = []
@@ -437,10 +428,9 @@ class Recipe:
         window_loss, window_steps = 0.0, 0
         self.step_seconds: list[float] = []
         last_step_end = time.perf_counter()
-        accumulation = args.gradient_accumulation_steps
         while state.step < self.total_steps:
             batches = self.micro_batches(state.epoch, state.micro_batch)
-            for group in _groups(batches, accumulation):
+            for group in _groups(batches, args.gradient_accumulation_steps):
                 step_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                 loss_sum, tokens = self._step(group)
                 state.micro_batch = group[-1][0] + 1
@@ -461,15 +451,13 @@ class Recipe:
                         state.step, state.last_loss, step_lr, self.grad_norm, rate, gib
                     )
                     log.info("%s", line)
-                    self._log_scalars(
-                        state.step,
-                        {
-                            "train/loss": state.last_loss,
-                            "train/learning_rate": step_lr,
-                            "train/grad_norm": self.grad_norm,
-                            "train/tokens_per_sec": rate,
-                        },
-                    )
+                    scalars = {
+                        "train/loss": state.last_loss,
+                        "train/learning_rate": step_lr,
+                        "train/grad_norm": self.grad_norm,
+                        "train/tokens_per_sec": rate,
+                    }
+                    self.accelerator.log(scalars, step=state.step)
                     window_loss, window_steps = 0.0, 0
                     window_tokens, window_start = 0, time.perf_counter()
                 if self.eval_examples and args.eval_steps and state.step % args.eval_steps == 0:
@@ -478,7 +466,16 @@ class Recipe:
                 if args.checkpoint_dir and (
                     stop or (args.save_steps and state.step % args.save_steps == 0)
                 ):
-                    self.save_checkpoint()
+                    save_checkpoint(
+                        args.checkpoint_dir,
+                        state,
+                        self.unwrapped,
+                        self.optimizer,
+                        self.scheduler,
+                        dist,
+                        args.save_total_limit,
+                        self.sharded,
+                    )
                 if stop:
                     raise Stopped(state.step)
                 if state.step >= self.total_steps:
@@ -526,12 +523,9 @@ class Recipe:
 
     def _sync(self, last: bool):
         """Gradient synchronisation only on an accumulation group's last micro-batch."""
-        import contextlib
-
         if self.sharded:
             self.model.set_requires_gradient_sync(last)
-            return contextlib.nullcontext()
-        if last or self.dist.world_size == 1:
+        if self.sharded or last or self.dist.world_size == 1:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
@@ -545,36 +539,37 @@ class Recipe:
         return float(full() if full is not None else norm)
 
     def _evaluate(self) -> None:
-        from . import metrics
+        """Token-weighted mean loss over the validation set, shared across processes."""
+        import torch
 
-        self.eval_loss = evaluate(self, self.eval_examples)
+        dist, model, examples = self.dist, self.model, self.eval_examples
+        model.eval()
+        mine = examples[dist.rank :: dist.world_size]
+        size = self.args.per_device_eval_batch_size
+        rounds = math.ceil(len(examples) / dist.world_size / size)
+        total, count = 0.0, 0.0
+        with torch.no_grad():
+            for index in range(rounds):
+                chunk = mine[index * size : (index + 1) * size]
+                # FSDP needs every process in every forward: an empty share runs a dummy batch.
+                batch = collate(chunk or examples[:1], self.pad_id)
+                batch = {k: v.to(dist.device) for k, v in batch.items()}
+                with self.accelerator.autocast():
+                    loss = model(**batch).loss
+                tokens = int((batch["labels"][:, 1:] != -100).sum()) if chunk else 0
+                total += float(loss) * tokens
+                count += tokens
+        total, count = dist.sum([total, count])
+        model.train()
+        self.eval_loss = total / count if count > 0 else float("nan")
         self.eval_step = self.state.step
         log.info("%s", metrics.eval_line(self.state.step, self.eval_loss))
-        self._log_scalars(self.state.step, {"eval/loss": self.eval_loss})
-
-    def _log_scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.accelerator.trackers:
-            self.accelerator.log(values, step=step)
-
-    def save_checkpoint(self) -> None:
-        from .state import save_checkpoint
-
-        save_checkpoint(
-            self.args.checkpoint_dir,
-            self.state,
-            self.unwrapped,
-            self.optimizer,
-            self.scheduler,
-            self.dist,
-            self.args.save_total_limit,
-            self.sharded,
-        )
+        # accelerate's log is a no-op without trackers (and off the main process).
+        self.accelerator.log({"eval/loss": self.eval_loss}, step=self.state.step)
 
     # -- finish ----------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        from . import metrics
-
         args, state = self.args, self.state
         if self.eval_examples and self.eval_step != state.step:  # not twice at the last step
             self._evaluate()
@@ -611,9 +606,12 @@ class Recipe:
             "seconds": round(seconds, 2),
         }
         self.dist.barrier()
-        from ..core.slices import installed_slices, merge_slices, merged_state_dict
+        full_state = None
+        if self.sharded:  # the full state dict, gathered to rank 0's CPU
+            from torch.distributed.checkpoint import state_dict as dist_state
 
-        full_state = gathered_state(self.model) if self.sharded else None
+            options = dist_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full_state = dist_state.get_model_state_dict(self.model, options=options)
         if self.dist.is_main:  # (the gathered state is rank 0's alone: empty elsewhere)
             # The trained slices go back into their fused weights.
             if full_state is not None:
@@ -662,13 +660,8 @@ def auto_distribution(args, dist) -> str:
 
     if dist.world_size == 1 or not torch.cuda.is_available():
         return "ddp"
-    from ..core.selection import DEFAULT_TOP_PERCENT, percent_in_path
-    from .memory import Step, load_config, plan_distribution
-
     percent = DEFAULT_TOP_PERCENT
     if args.method == "spectrum":
-        from ..core.freeze import find_layer_file
-
         # The planner counts the share the layer file's name says it holds (a file named
         # otherwise: the default share).
         percent = percent_in_path(str(find_layer_file(args.spectrum_config))) or percent
@@ -691,9 +684,6 @@ def load_model(args, dtype_name: str, config):
     train on text."""
     import torch
     import transformers
-
-    from ..core.names import model_class_for
-    from .loading import dequantized_load_kwargs
 
     dtype = getattr(torch, dtype_name)
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
@@ -740,8 +730,6 @@ def checkpoint_dtype(config, fallback):
 
 def select_trainable(model, args):
     """Freeze per method; returns (model, freeze report, layer file path or None)."""
-    from ..core.freeze import FreezeReport, find_layer_file, freeze_except, read_layer_file
-
     if args.method == "spectrum":
         entries = read_layer_file(args.spectrum_config)
         report = freeze_except(model, entries, name_prefix=args.name_prefix or None)
@@ -812,46 +800,8 @@ def shard_model(model, dist, precision: str):
     return model
 
 
-def gathered_state(model) -> dict[str, Any]:
-    """The full state dict of a sharded model, gathered to rank 0's CPU (empty elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-
-
-def evaluate(recipe: Recipe, examples) -> float:
-    """Token-weighted mean loss over the validation set, shared across processes."""
-    import torch
-
-    from .data import collate
-
-    args, dist, model = recipe.args, recipe.dist, recipe.model
-    model.eval()
-    mine = examples[dist.rank :: dist.world_size]
-    size = args.per_device_eval_batch_size
-    rounds = math.ceil(len(examples) / dist.world_size / size)
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for index in range(rounds):
-            chunk = mine[index * size : (index + 1) * size]
-            # FSDP needs every process in every forward: an empty share runs a dummy batch.
-            batch = collate(chunk or examples[:1], recipe.pad_id)
-            batch = {k: v.to(dist.device) for k, v in batch.items()}
-            with recipe.accelerator.autocast():
-                loss = model(**batch).loss
-            tokens = int((batch["labels"][:, 1:] != -100).sum()) if chunk else 0
-            total += float(loss) * tokens
-            count += tokens
-    total, count = dist.sum([total, count])
-    model.train()
-    return total / count if count > 0 else float("nan")
-
-
 def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of optimizer state this process holds (its own shards under FSDP), measured on
-    the optimizer's tensors."""
+    """Bytes of optimizer state this process holds (its own shards under FSDP)."""
     import torch
 
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -867,10 +817,8 @@ def optimizer_state_bytes(optimizer) -> int:
 def save_model(
     model, tokenizer, output_dir: Path, save_dtype, method: str, report: dict, state_dict=None
 ) -> None:
-    """A Hugging Face model folder, written beside and then moved into ``output_dir``.
-
-    ``state_dict`` carries the gathered weights of a sharded (FSDP) model.
-    """
+    """A Hugging Face model folder, written beside and then moved into ``output_dir``;
+    ``state_dict`` carries the gathered weights of a sharded (FSDP) model."""
     import torch
 
     if state_dict is not None:
@@ -909,7 +857,8 @@ def save_model(
     # An older model's files the new one does not have (shards of another count, an index, an
     # adapter) would be read with it: remove them.
     for old in output_dir.iterdir():
-        if old.name not in new and old.is_file() and _is_model_file(old.name):
+        model_file = any(fnmatch.fnmatch(old.name, pattern) for pattern in MODEL_FILES)
+        if old.name not in new and old.is_file() and model_file:
             log.info("removing %s, a file of the model that was here before", old.name)
             old.unlink()
 
@@ -939,8 +888,6 @@ def _config_dict(model: str) -> dict[str, Any]:
 
 
 def _remove_if_empty(path: Path) -> None:
-    import contextlib
-
     with contextlib.suppress(OSError):  # not empty: the run wrote into it
         path.rmdir()
 
@@ -966,16 +913,8 @@ MODEL_FILES = (
 )
 
 
-def _is_model_file(name: str) -> bool:
-    import fnmatch
-
-    return any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
-
-
 def run(args) -> int:
     """The whole recipe; returns the process's exit code (143 after a SIGTERM stop)."""
-    from ..core.container import write_failure
-
     recipe = Recipe(args)
     recipe.setup_runtime()
     recipe.lock_folders()

@@ -60,13 +60,10 @@ class TrainingState:
 
 def folder_digest(path: str | Path | None) -> str | None:
     """sha256 over a file's or folder's files (names and contents), hidden files left out."""
-    if not path:
-        return None
-    root = Path(path)
-    if not root.exists():
+    if not path or not Path(path).exists():
         return None
     digest = hashlib.sha256()
-    for rel, file in visible_files(root):  # the files an upload of ``path`` would send
+    for rel, file in visible_files(Path(path)):  # the files an upload of ``path`` would send
         digest.update(rel.encode() + b"\0" + file_digest(file).encode() + b"\0")
     return digest.hexdigest()
 
@@ -104,10 +101,9 @@ def run_fingerprint(args, world_size: int) -> dict[str, Any]:
 
 
 def fingerprint_difference(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(current))
     return [
         f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here"
-        for k in keys
+        for k in sorted(set(saved) | set(current))
         if saved.get(k) != current.get(k)
     ]
 
@@ -258,7 +254,9 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        _prune(directory, keep)
+        complete = _numbered(directory)  # the newest ``keep`` stay (at least one)
+        for _, path in complete[: max(0, len(complete) - max(1, keep))]:
+            shutil.rmtree(path, ignore_errors=True)
         log.info("saved checkpoint %s", final)
     dist.barrier()
     return final
@@ -272,12 +270,11 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def _prune(directory: Path, keep: int) -> None:
-    complete = sorted(
+def _numbered(directory: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-<step>`` folders as (step, path), oldest first."""
+    return sorted(
         (int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name))
     )
-    for _, path in complete[: max(0, len(complete) - max(1, keep))]:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- find, verify, load ----------------------------------------------------------------------
@@ -287,12 +284,7 @@ def checkpoints(directory: str | Path | None) -> list[Path]:
     """Complete-looking checkpoints, newest first."""
     if not directory or not Path(directory).is_dir():
         return []
-    found = [
-        (int(m.group(1)), p)
-        for p in Path(directory).iterdir()
-        if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).is_file()
-    ]
-    return [p for _, p in sorted(found, reverse=True)]
+    return [p for _, p in reversed(_numbered(Path(directory))) if (p / STATE_FILE).is_file()]
 
 
 def _verify_rank(path: Path, rank: int) -> str | None:
