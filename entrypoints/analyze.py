@@ -19,12 +19,12 @@ shows it as the job's FailureReason. Its scan options are the fields of
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 import traceback
+from argparse import Namespace
 from pathlib import Path
 
 # Shipped next to the spectrum_sm package in the job's code folder.
@@ -33,18 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from spectrum_sm.core.container import in_container, write_failure
 from spectrum_sm.core.errors import SpectrumError
-from spectrum_sm.core.options import ScanOptions, add_arguments, given, scan_fields
+from spectrum_sm.core.options import JobParser, ScanOptions, add_arguments, given, scan_fields
 
 log = logging.getLogger("spectrum_sm.analyze")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # the job's FailureReason, not a usage dump
-        raise SpectrumError(f"invalid arguments: {message}")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(description="Spectrum SNR scan (analysis job)", allow_abbrev=False)
+def parse_args(argv: list[str] | None = None) -> Namespace:
+    parser = JobParser(description="Spectrum SNR scan (analysis job)", allow_abbrev=False)
     parser.add_argument(
         "--model_name_or_path",
         default=os.environ.get("SM_CHANNEL_MODEL"),
@@ -132,27 +127,20 @@ def stage_hub_model(model: str, revision: str | None, uri: str, kms_key: str = "
     write ``<uri>.staged.json`` last, so a half-copied prefix is never taken for a model."""
     from huggingface_hub import snapshot_download
 
-    from spectrum_sm.aws.s3 import (
-        s3_client,
-        s3_errors,
-        split_s3_uri,
-        sse_arguments,
-        staged_marker,
-        upload_folder,
-    )
+    from spectrum_sm.aws import s3
 
     try:
         folder = Path(snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_FILES))
     except Exception as exc:
         raise SpectrumError(f"cannot fetch {model} to stage it in S3: {exc}") from exc
     log.info("staging %s for training at %s", model, uri)
-    extra = sse_arguments(kms_key)
-    upload_folder(folder, uri, extra_args=extra)
-    marker = staged_marker(uri)
-    bucket, key = split_s3_uri(marker)
+    extra = s3.sse_arguments(kms_key)
+    s3.upload_folder(folder, uri, extra_args=extra)
+    marker = s3.staged_marker(uri)
+    bucket, key = s3.split_s3_uri(marker)
     body = json.dumps({"model": model, "revision": revision, "commit": folder.name})
-    with s3_errors(marker):
-        s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode(), **extra)
+    with s3.s3_errors(marker):
+        s3.s3_client().put_object(Bucket=bucket, Key=key, Body=body.encode(), **extra)
 
 
 def fail(reason: str) -> int:

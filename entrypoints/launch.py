@@ -88,11 +88,10 @@ def container_environment(root: Path) -> dict[str, str]:
 
 
 def network_environment(resources: dict) -> dict[str, str]:
-    """NCCL over the job's interface, and EFA where the instance type has it (as the SDK's
-    torchrun driver does); values already in the environment win."""
+    """NCCL over the job's interface, and EFA where the instance type has it (as the SageMaker
+    SDK's own torchrun driver does: sagemaker.train.container_drivers' SM_EFA_NCCL_INSTANCES,
+    SM_EFA_RDMA_INSTANCES); values already in the environment win."""
     env = {"NCCL_SOCKET_IFNAME": resources.get("network_interface_name", "eth0")}
-    # As the SageMaker SDK's own torchrun driver does for these instance types
-    # (sagemaker.train.container_drivers: SM_EFA_NCCL_INSTANCES, SM_EFA_RDMA_INSTANCES).
     row = instance_row(resources.get("current_instance_type", ""))
     if row and row.efa:
         env["FI_PROVIDER"] = "efa"
@@ -104,9 +103,7 @@ def network_environment(resources: dict) -> dict[str, str]:
 
 def command(kind: str, root: Path) -> list[str]:
     hyperparameters = _read_json(root / "input" / "config" / "hyperparameters.json", {})
-    args = []
-    for key, value in hyperparameters.items():
-        args += [f"--{key}", str(value)]
+    args = [part for key, value in hyperparameters.items() for part in (f"--{key}", str(value))]
     script = str(SCRIPTS[kind])
     resources = _read_json(root / "input" / "config" / "resourceconfig.json", {})
     # Every host must agree on the ranks: the same sorted list everywhere, as the SDK does.
@@ -138,12 +135,15 @@ def command(kind: str, root: Path) -> list[str]:
 def main(argv: list[str]) -> int:
     root = Path(os.environ.get("SM_OPT_ML", "/opt/ml"))
     failure = root / "output" / "failure"
-    if len(argv) != 1 or argv[0] not in SCRIPTS:
-        reason = f"launch.py expects one of {', '.join(SCRIPTS)}, got {argv}"
+
+    def fail(reason: str, code: int) -> int:
         print(f"error: {reason}", file=sys.stderr)
         if failure.parent.is_dir():
             failure.write_text(reason)
-        return 2
+        return code
+
+    if len(argv) != 1 or argv[0] not in SCRIPTS:
+        return fail(f"launch.py expects one of {', '.join(SCRIPTS)}, got {argv}", 2)
     env = {**os.environ, **container_environment(root)}
     # Hub downloads go to the job's volume (large), not the image's home on the small root
     # disk; every rank shares one cache, whose file locks let one process download each file.
@@ -151,10 +151,7 @@ def main(argv: list[str]) -> int:
     try:
         env.update(secret_environment(env))
     except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if failure.parent.is_dir():
-            failure.write_text(str(exc))
-        return 1
+        return fail(str(exc), 1)
     # The code channel ships spectrum_sm next to entrypoints/.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     cmd = command(argv[0], root)
@@ -164,15 +161,6 @@ def main(argv: list[str]) -> int:
         # The script died before writing its own reason (killed, out of memory, ...).
         failure.write_text(f"{SCRIPTS[argv[0]].name} exited with code {code}; see the job's log")
     return code
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            found += [int(p) for p in task.read_text().split()]
-    return found
 
 
 def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
@@ -187,7 +175,11 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
 
     def forward(signum, _frame):
         stopped.append(signum)
-        workers = _children(child.pid) if "torch.distributed.run" in cmd else []
+        workers = []  # torchrun's direct children (Linux /proc)
+        if "torch.distributed.run" in cmd:
+            for task in Path(f"/proc/{child.pid}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    workers += [int(p) for p in task.read_text().split()]
         for pid in workers or [child.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)

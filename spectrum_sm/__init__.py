@@ -8,58 +8,45 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .core.version import __version__
+from .core.version import __version__ as __version__
 
+#: What each name is loaded from, the first time it is asked for.
 _LAZY = {
-    "scan": "spectrum_sm.api",
-    "select": "spectrum_sm.api",
-    "SpectrumError": "spectrum_sm.core.errors",
-    "ScanResult": "spectrum_sm.core.scanner",
-    "select_layers": "spectrum_sm.core.selection",
-    "load_results": "spectrum_sm.core.selection",
-    "freeze_except": "spectrum_sm.core.freeze",
-    "merge_slices": "spectrum_sm.core.slices",
-    "load_pipeline": "spectrum_sm.aws.config",
-    "launch": "spectrum_sm.aws.pipeline",
-    "run_pipeline": "spectrum_sm.aws.pipeline",
-    "TrainingJob": "spectrum_sm.aws.jobs",
-    "submit": "spectrum_sm.aws.jobs",
-    "check_data": "spectrum_sm.api",
-    "compare": "spectrum_sm.comparison",
-    "collect": "spectrum_sm.comparison",
+    name: f"spectrum_sm.{module}"
+    for module, names in {
+        "api": ("scan", "select", "check_data"),
+        "core.errors": ("SpectrumError",),
+        "core.scanner": ("ScanResult",),
+        "core.selection": ("select_layers", "load_results"),
+        "core.freeze": ("freeze_except",),
+        "core.slices": ("merge_slices",),
+        "aws.config": ("load_pipeline",),
+        "aws.pipeline": ("launch", "run_pipeline"),
+        "aws.jobs": ("TrainingJob", "submit"),
+        "comparison": ("compare", "collect"),
+    }.items()
+    for name in names
 }
 
-if TYPE_CHECKING:
-    from .api import check_data, scan, select
-    from .aws.config import load_pipeline
-    from .aws.jobs import TrainingJob, submit
-    from .aws.pipeline import launch, run_pipeline
-    from .comparison import collect, compare
-    from .core.errors import SpectrumError
-    from .core.freeze import freeze_except
-    from .core.scanner import ScanResult
-    from .core.selection import load_results, select_layers
-    from .core.slices import merge_slices
+if TYPE_CHECKING:  # the names as re-exports (``X as X``), for type checkers and editors
+    from .api import check_data as check_data
+    from .api import scan as scan
+    from .api import select as select
+    from .aws.config import load_pipeline as load_pipeline
+    from .aws.jobs import TrainingJob as TrainingJob
+    from .aws.jobs import submit as submit
+    from .aws.pipeline import launch as launch
+    from .aws.pipeline import run_pipeline as run_pipeline
+    from .comparison import collect as collect
+    from .comparison import compare as compare
+    from .core.errors import SpectrumError as SpectrumError
+    from .core.freeze import freeze_except as freeze_except
+    from .core.scanner import ScanResult as ScanResult
+    from .core.selection import load_results as load_results
+    from .core.selection import select_layers as select_layers
+    from .core.slices import merge_slices as merge_slices
 
-__all__ = [
-    "ScanResult",
-    "SpectrumError",
-    "TrainingJob",
-    "__version__",
-    "check_data",
-    "collect",
-    "compare",
-    "freeze_except",
-    "launch",
-    "load_pipeline",
-    "load_results",
-    "merge_slices",
-    "run_pipeline",
-    "scan",
-    "select",
-    "select_layers",
-    "submit",
-]
+__all__ = sorted([*_LAZY, "__version__"])
 
 
 def __getattr__(name: str) -> Any:

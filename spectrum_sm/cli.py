@@ -62,16 +62,18 @@ def _selection_fields():
     return tuple(f for f in scan_fields() if f.name in ("include", "exclude", "embeddings"))
 
 
-def _data_fields():
-    """train.py's data arguments, which data-check takes as flags."""
-    return tuple(f for f in dataclasses.fields(TrainArgs) if f.name in DATA_SETTINGS)
-
-
 def _plan_fields():
     """The planner's options, which ``plan`` takes as flags."""
     from .plan import PlanOptions
 
     return dataclasses.fields(PlanOptions)
+
+
+def _add_top_percent(parser: argparse.ArgumentParser, help=None, required=False) -> None:
+    default = None if required else DEFAULT_TOP_PERCENT
+    parser.add_argument(
+        "--top-percent", type=_percent, default=default, required=required, metavar="P", help=help
+    )
 
 
 def _add_job_flags(parser: argparse.ArgumentParser, printed: str, every_run: bool = False) -> None:
@@ -158,13 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repository's model_snr_results/), without rescanning.",
     )
     select.add_argument("results", help="snr_results_<model>.json")
-    select.add_argument(
-        "--top-percent",
-        type=_percent,
-        required=True,
-        metavar="P",
-        help="share of each module type to train, in (0, 100]",
-    )
+    _add_top_percent(select, "share of each module type to train, in (0, 100]", required=True)
     select.add_argument(
         "--output-dir",
         metavar="DIR",
@@ -237,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--rows", type=int, default=3, metavar="K", help="rows to show (default 3)")
     check.add_argument("--split", default="train", help="Hub or DatasetDict split")
     # train.py's data arguments, as flags: the same names, help and defaults.
-    add_arguments(check, _data_fields(), flags=True, types={"max_seq_length": _seq_length})
+    data_fields = tuple(f for f in dataclasses.fields(TrainArgs) if f.name in DATA_SETTINGS)
+    add_arguments(check, data_fields, flags=True, types={"max_seq_length": _seq_length})
     check.add_argument("--json", action="store_true", help="print one JSON object")
     policy = commands.add_parser(
         "iam-policy",
@@ -254,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "results JSON and print the sorted table and trainable share.",
     )
     report.add_argument("results", help="snr_results_<model>.json (ours or the reference's)")
-    report.add_argument("--top-percent", type=_percent, default=DEFAULT_TOP_PERCENT, metavar="P")
+    _add_top_percent(report)
     report.add_argument("--output", default=None, help="PNG path (default: next to RESULTS)")
     report.add_argument("--no-embeddings", dest="embeddings", action="store_false")
 
@@ -265,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "memory from a model's config.json alone; recommend instances that fit.",
     )
     planner.add_argument("model", help="folder or config.json path, or Hub id")
-    planner.add_argument("--top-percent", type=_percent, default=DEFAULT_TOP_PERCENT, metavar="P")
+    _add_top_percent(planner)
     sizes = {"seq": _positive_int, "batch": _positive_int, "lora_rank": _positive_int}
     add_arguments(planner, _plan_fields(), flags=True, types=sizes)
     planner.add_argument("--json", action="store_true", help="print one JSON object")
@@ -280,13 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps", type=_positive_int, default=30, help="training steps (default: 30)"
     )
-    demo.add_argument(
-        "--top-percent",
-        type=_percent,
-        default=DEFAULT_TOP_PERCENT,
-        metavar="P",
-        help="share of each module type to train (default: 50)",
-    )
+    _add_top_percent(demo, "share of each module type to train (default: 50)")
     demo.add_argument("--json", action="store_true", help="end with one JSON line")
     return parser
 
@@ -297,10 +288,8 @@ def _run_report(args: argparse.Namespace) -> int:
     from .core.atomic import ensure_output_dir
     from .report import snr_report
 
-    output = (
-        Path(args.output)
-        if args.output
-        else Path(args.results).with_suffix(f".snr_{args.top_percent}percent.png")
+    output = Path(
+        args.output or Path(args.results).with_suffix(f".snr_{args.top_percent}percent.png")
     )
     if output.suffix.lower() != ".png":  # never another file overwritten by a figure
         raise SpectrumError(f"--output {str(output)!r}: the heatmap is a PNG; name it *.png")
@@ -355,17 +344,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_logging(verbose: bool, quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "tensorboard"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _run_scan(args: argparse.Namespace) -> int:
     from .api import scan
 
@@ -413,19 +391,15 @@ def _run_select(args: argparse.Namespace) -> int:
 
 def _run_data_check(args: argparse.Namespace) -> int:
     from .api import check_data
+    from .training.data import Counts
     from .training.datacheck import render_row
 
-    settings = {f.name: getattr(args, f.name) for f in _data_fields()}
+    settings = {name: getattr(args, name) for name in DATA_SETTINGS}
     report = check_data(args.data, args.model, rows=args.rows, split=args.split, **settings)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "rendered"}))
     else:
-        dropped = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in report["dropped"].items())
-        print(
-            f"{report['rows_read']} rows read, {report['rows_kept']} kept"
-            + (f", dropped: {dropped}" if dropped else "")
-            + f"; {report['loss_tokens']} tokens carry loss"
-        )
+        print(Counts(**{f.name: report[f.name] for f in dataclasses.fields(Counts)}).line())
         if report["loss_mask"]:
             print(f"loss mask: {report['loss_mask']}")
         color = sys.stdout.isatty()
@@ -447,20 +421,17 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .aws.pipeline import launcher_for
     from .comparison import collect, compare
 
-    launcher = launcher_for(args.local, args.workdir)
-
+    shared = {
+        "launcher": launcher_for(args.local, args.workdir),
+        "output_dir": args.output_dir,
+        "prices": args.prices,
+    }
     if args.collect:
         if args.config or args.dry_run or args.set or args.method_set:
             raise SpectrumError(
                 "--collect takes job names only (no CONFIG, --set, --method-set or --dry-run)"
             )
-        result = collect(
-            args.collect,
-            launcher=launcher,
-            output_dir=args.output_dir,
-            prices=args.prices,
-            region=args.region,
-        )
+        result = collect(args.collect, region=args.region, **shared)
     else:
         if not args.config:
             raise SpectrumError("compare needs CONFIG (or --collect JOB...)")
@@ -469,12 +440,10 @@ def _run_compare(args: argparse.Namespace) -> int:
             args.methods,
             overrides=args.set,
             method_settings=args.method_set,
-            launcher=launcher,
             dry_run=args.dry_run,
-            output_dir=args.output_dir,
-            prices=args.prices,
             wait=not args.no_wait,
             logs=not args.no_logs,
+            **shared,
         )
     if args.dry_run:
         requests = {
@@ -547,7 +516,14 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: ``spectrum-sm COMMAND ...``."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose, args.quiet)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "tensorboard"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except SpectrumError as exc:

@@ -55,11 +55,9 @@ def embedded_s3() -> Iterator[str]:
         yield os.environ["AWS_ENDPOINT_URL"]
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        for key in keys:
+            os.environ.pop(key, None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
 def _check_endpoint(url: str) -> None:

@@ -96,7 +96,6 @@ def toy_chat_rows(count: int = 64, seed: int = 0) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    sums = [(rng.randint(1, 9), rng.randint(1, 9)) for _ in range(count)]
     return [
         {
             "messages": [
@@ -105,7 +104,7 @@ def toy_chat_rows(count: int = 64, seed: int = 0) -> list[dict]:
                 {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
             ]
         }
-        for a, b in sums
+        for a, b in ((rng.randint(1, 9), rng.randint(1, 9)) for _ in range(count))
     ]
 
 

@@ -65,12 +65,11 @@ def _location_problems(fields: dict[str, str]) -> list[str]:
     for name, value in fields.items():
         if not value or value.startswith("s3://"):
             continue
-        if name != "model":
-            if not Path(value).expanduser().exists():
-                problems.append(f"{name} {value!r} does not exist (an s3:// URI or a local path)")
-            continue
         try:
-            is_local(value, name)
+            if name == "model":
+                is_local(value, name)
+            elif not Path(value).expanduser().exists():
+                problems.append(f"{name} {value!r} does not exist (an s3:// URI or a local path)")
         except SpectrumError as exc:
             problems.append(str(exc))
     return problems
@@ -189,13 +188,12 @@ class JobConfig:
 
     def _problems(self, need_role: bool) -> list[str]:
         p: list[str] = []
-        if need_role:
-            _check(
-                p,
-                bool(ROLE_ARN.match(self.role)),
-                f"role must be an IAM role ARN (arn:aws:iam::123456789012:role/Name), "
-                f"got {self.role!r}",
-            )
+        _check(
+            p,
+            not need_role or bool(ROLE_ARN.match(self.role)),
+            f"role must be an IAM role ARN (arn:aws:iam::123456789012:role/Name), "
+            f"got {self.role!r}",
+        )
         if need_role or self.output_s3:
             _check(
                 p,
@@ -354,13 +352,10 @@ class TrainingConfig(JobConfig):
                 f"{'method qlora' if self.method == 'qlora' else 'precision fp16'} needs a CUDA "
                 f"GPU; {self.instance_type} has none (use a g or p instance type)",
             )
-        inputs = {
-            "model": self.model,
-            "train_data": self.train_data,
-            "validation_data": self.validation_data,
-            "spectrum_config": self.spectrum_config,
-            "chat_template": self.chat_template,
-        }
+        names = ("model", "train_data", "validation_data", "spectrum_config", "chat_template")
+        inputs = {name: getattr(self, name) for name in names}
+        # Not spectrum_config's path: a run replaces it with the analysis's layer file, and
+        # plan_training refuses a missing one when it stages it.
         p += _location_problems({k: v for k, v in inputs.items() if k != "spectrum_config"})
         _check(
             p,
@@ -386,12 +381,11 @@ class TrainingConfig(JobConfig):
                 key not in self.hyperparameters,
                 f"hyperparameter {key!r} is set by the job itself; use the config field",
             )
-        if self.spot:
-            _check(
-                p,
-                self.max_wait_s == 0 or self.max_wait_s >= self.max_runtime_s,
-                "max_wait_s must be at least max_runtime_s for spot training",
-            )
+        _check(
+            p,
+            not self.spot or self.max_wait_s == 0 or self.max_wait_s >= self.max_runtime_s,
+            "max_wait_s must be at least max_runtime_s for spot training",
+        )
         for uri in (self.checkpoint_s3, self.resume_from):
             if uri:
                 _check(p, bucket_problem(uri) is None, str(bucket_problem(uri)))
@@ -603,9 +597,8 @@ def _apply_override(data: dict[str, Any], override: str) -> tuple[str, str]:
         )
     known = section_fields(section)
     if parts[1] not in known:
-        if section == "common" and parts[1] in section_fields("training") | section_fields(
-            "analysis"
-        ):
+        either = section_fields("training") | section_fields("analysis")
+        if section == "common" and parts[1] in either:
             raise SpectrumError(
                 f"--set {override!r}: {parts[1]!r} is not a setting both jobs have; "
                 "put it under analysis or training"

@@ -18,21 +18,16 @@ from .s3 import split_s3_uri
 
 
 def _s3_objects(p: str, uris: list[str]) -> list[str]:
-    arns = set()
-    for uri in uris:
-        bucket, key = split_s3_uri(uri)
-        key = key.strip("/")
-        arns.add(f"arn:{p}:s3:::{bucket}/{key + '/' if key else ''}*")
-    return sorted(arns)
+    keys = {(bucket, key.strip("/")) for bucket, key in map(split_s3_uri, uris)}
+    return sorted(f"arn:{p}:s3:::{bucket}/{key + '/' if key else ''}*" for bucket, key in keys)
 
 
 def _list_statement(p: str, uris: list[str], sid: str) -> list[dict[str, Any]]:
-    statements = []
     by_bucket: dict[str, set[str]] = {}
-    for uri in uris:
-        bucket, key = split_s3_uri(uri)
+    for bucket, key in map(split_s3_uri, uris):
         key = key.strip("/")
         by_bucket.setdefault(bucket, set()).update({f"{key}/*", key} if key else {"*"})
+    statements = []
     for index, (bucket, prefixes) in enumerate(sorted(by_bucket.items())):
         condition = {"StringLike": {"s3:prefix": sorted(prefixes)}}
         arn = f"arn:{p}:s3:::{bucket}"
@@ -68,9 +63,8 @@ def _allow(sid: str, action: str | list[str], resource: Any, **condition: Any) -
 def job_role_policy(config: PipelineConfig) -> dict[str, Any]:
     """What the jobs do with their role: read inputs, write outputs, logs, metrics, the image."""
     a, t = config.analysis, config.training
-    p = partition(t.region)
+    p, region, account = partition(t.region), t.region, _account(t)
     outputs = sorted({a.output_s3, t.output_s3})
-    region, account = t.region, _account(t)
     images = sorted({_image_repository(a, "analysis"), _image_repository(t, "training")})
     write = ["s3:PutObject", "s3:AbortMultipartUpload", "s3:DeleteObject"]
     statements: list[dict[str, Any]] = [
@@ -146,8 +140,7 @@ def launching_user_policy(config: PipelineConfig) -> dict[str, Any]:
     """What ``spectrum-sm run`` and ``compare`` do as the user: stage inputs, send, follow and
     stop the jobs, read their outputs."""
     a, t = config.analysis, config.training
-    p = partition(t.region)
-    region, account = t.region, _account(t)
+    p, region, account = partition(t.region), t.region, _account(t)
     outputs = sorted({a.output_s3, t.output_s3})
     prefix = f"arn:{p}:sagemaker:{region}:{account}:training-job/"
     jobs = sorted({f"{prefix}{c.base_job_name.lower()}-*" for c in (a, t)})

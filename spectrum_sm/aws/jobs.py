@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import SpectrumError
+from ..core.instances import has_cuda
 from .s3 import s3_client, s3_errors, split_s3_uri
 
 log = logging.getLogger(__name__)
@@ -114,12 +115,11 @@ class JobHandle:
                 if logs:
                     self._echo_new_lines(echo)
                 if status != "Completed":
-                    raise JobFailed(
-                        self.name,
-                        status,
-                        description.get("FailureReason", ""),
-                        self._log_tail or self._fetch_tail(),
-                    )
+                    if not self._log_tail:
+                        events = self.log_events(from_start=True)
+                        self._log_tail = [event["message"] for event in events][-40:]
+                    reason = description.get("FailureReason", "")
+                    raise JobFailed(self.name, status, reason, self._log_tail)
                 return description
             if deadline is not None and time.monotonic() >= deadline:
                 raise JobTimeout(f"job {self.name} still {status} after {timeout_s:.0f} s")
@@ -131,11 +131,6 @@ class JobHandle:
         self._log_tail = (self._log_tail + lines)[-40:]
         for line in lines:
             echo(line)
-
-    def _fetch_tail(self) -> list[str]:
-        lines = [event["message"] for event in self.log_events(from_start=True)]
-        self._log_tail = lines[-40:]
-        return self._log_tail
 
     @property
     def outputs(self) -> dict[str, str]:
@@ -284,8 +279,6 @@ class SageMaker(Launcher):
         return config.gpus_per_host()
 
     def qlora_problem(self, instance_type: str) -> str | None:
-        from ..core.instances import has_cuda
-
         if not has_cuda(instance_type):
             return f"QLoRA needs a CUDA GPU; {instance_type} has none"
         return None

@@ -327,7 +327,10 @@ def run_local(
     try:
         for host in hosts:
             env = {
-                **_job_environment(roots[host]),
+                # This machine's Hub cache, not a fresh one per job (launch.py's default there).
+                "HF_HOME": str(Path.home() / ".cache" / "huggingface"),
+                **{k: v for k, v in os.environ.items() if k not in SHELL_ONLY},
+                "HF_TOKEN_PATH": str(roots[host] / "no-hf-login"),
                 **request.get("Environment", {}),
                 "SM_OPT_ML": str(roots[host]),
                 "SM_TRAINING_JOB_NAME": name,
@@ -429,14 +432,6 @@ def container_python() -> str:
     """The interpreter that plays the container's: ``SPECTRUM_SM_LOCAL_PYTHON`` (e.g. an
     environment with the training image's packages) or this one."""
     return os.environ.get("SPECTRUM_SM_LOCAL_PYTHON") or sys.executable
-
-
-def _job_environment(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SHELL_ONLY}
-    env["HF_TOKEN_PATH"] = str(root / "no-hf-login")
-    # This machine's Hub cache, not a fresh one per job (launch.py's default in a container).
-    env.setdefault("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-    return env
 
 
 def _follow(procs, roots, name: str, tail: deque, stream_logs: bool) -> dict[str, int]:

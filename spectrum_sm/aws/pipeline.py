@@ -36,6 +36,7 @@ from .config import (
 )
 from .jobs import Launcher, SageMaker
 from .requests import (
+    DATA_CHANNELS,
     analysis_output_uri,
     analysis_prefix,
     build_analysis_request,
@@ -101,9 +102,8 @@ class PreparedJob:
         handle to the end (:class:`~.jobs.JobFailed` when it fails); returns its name, status
         (``Submitted`` when not waited for) and model prefix."""
         handle = launcher.launch(self.request, logs=logs)
-        status = "Submitted"
-        if wait or launcher.launch_waits:
-            status = handle.wait(logs=logs)["TrainingJobStatus"]
+        waits = wait or launcher.launch_waits
+        status = handle.wait(logs=logs)["TrainingJobStatus"] if waits else "Submitted"
         return {"job": handle.name, "status": status, "model_s3": handle.outputs["model"]}
 
 
@@ -134,24 +134,22 @@ def model_fingerprint(model: str, revision: str = "") -> dict[str, Any] | None:
     if model.startswith("s3://"):
         bucket, key = split_s3_uri(model)
         prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-        files = []
         with s3_errors(model):
             pages = (
                 s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             )
-            for page in pages:
-                files += [
-                    [o["Key"][len(prefix) :], o["Size"], o.get("ETag", "").strip('"')]
-                    for o in page.get("Contents", [])
-                ]
+            files = [
+                [o["Key"][len(prefix) :], o["Size"], o.get("ETag", "").strip('"')]
+                for page in pages
+                for o in page.get("Contents", [])
+            ]
         return {"kind": "s3", "files": sorted(files)}
     path = Path(model).expanduser()
     if path.exists():
         return _local_fingerprint(path)
     if HUB_SHA.match(revision):
         return {"kind": "hub", "id": model, "sha": revision}
-    unreachable = hub_unreachable()
-    if unreachable:  # seconds, not huggingface_hub's retries
+    if unreachable := hub_unreachable():  # seconds, not huggingface_hub's retries
         log.warning(
             "cannot ask the Hub which commit %s is (%s); its analysis is not reused",
             model,
@@ -190,10 +188,6 @@ def analysis_key(config: AnalysisConfig, fingerprint: dict[str, Any]) -> str:
 # --- planning: everything that can be checked here, before any upload ---------------------
 
 
-def _content_uri(config: JobConfig, channel: str, fingerprint: dict[str, Any]) -> str:
-    return f"{config.output_s3.rstrip('/')}/inputs/{channel}-{_digest(fingerprint)[:16]}/"
-
-
 def _plan_inputs(
     config: JobConfig, fields: dict[str, str], *, dry_run: bool
 ) -> tuple[dict[str, str], dict[str, Path], dict[str, str]]:
@@ -218,7 +212,7 @@ def _plan_inputs(
         # Staged by content: the analysis and every training run (of a pipeline, a comparison
         # or a rerun) share one copy, and changed bytes get a new one.
         fingerprint = model_fingerprint(str(path))
-        uri = _content_uri(config, channel, fingerprint)
+        uri = f"{config.output_s3.rstrip('/')}/inputs/{channel}-{_digest(fingerprint)[:16]}/"
         markers[staged_marker(uri)] = json.dumps(fingerprint)
         uploads[uri] = path
         resolved[channel] = uri
@@ -311,34 +305,31 @@ def check_training_data(config: TrainingConfig, args) -> None:
     uploaded: its format, encoding and rows, and, when the model's tokenizer is here too, that
     some token carries loss with the job's own data settings (as ``spectrum-sm data-check``).
     ``args``: the hyperparameters as train.py parses them (:meth:`TrainingConfig.train_args`)."""
-    datasets = {"train_data": (config.train_data, args.train_split)}
-    datasets["validation_data"] = (config.validation_data, args.validation_split)
-    for name, (data, split) in datasets.items():
-        if not data or data.startswith("s3://") or not Path(data).expanduser().exists():
-            continue  # S3 is checked by the job; a Hub dataset is read there
-        try:
-            error = _data_problem(config, args, data, split)
-        except SpectrumError as exc:
-            error = str(exc)
-        if error:
-            raise SpectrumError(f"{name} {data!r}: {error}")
-
-
-def _data_problem(config: TrainingConfig, args, data: str, split: str) -> str:
-    """What is wrong with one local dataset ("" when nothing), read as the job reads it."""
     from ..training.args import DATA_SETTINGS
     from ..training.data import load_split
     from ..training.datacheck import check_data
 
-    if not Path(config.model).expanduser().is_dir():  # no tokenizer here: the files only
-        load_split(data, split=split, name=args.dataset_config or None)
-        return ""
     settings = {name: getattr(args, name) for name in DATA_SETTINGS}
     # The job reads its template from the chat_template channel; here, the local file (if any).
     local_template = not config.chat_template.startswith("s3://")
     settings["chat_template_path"] = config.chat_template if local_template else ""
-    report = check_data(data, config.model, rows=0, split=split, **settings)
-    return report.get("error") or ""
+    for name, data, split in (
+        ("train_data", config.train_data, args.train_split),
+        ("validation_data", config.validation_data, args.validation_split),
+    ):
+        if not data or data.startswith("s3://") or not Path(data).expanduser().exists():
+            continue  # S3 is checked by the job; a Hub dataset is read there
+        error = ""
+        try:
+            if Path(config.model).expanduser().is_dir():
+                report = check_data(data, config.model, rows=0, split=split, **settings)
+                error = report.get("error") or ""
+            else:  # no tokenizer here: the files only
+                load_split(data, split=split, name=args.dataset_config or None)
+        except SpectrumError as exc:
+            error = str(exc)
+        if error:
+            raise SpectrumError(f"{name} {data!r}: {error}")
 
 
 def plan_training(
@@ -362,12 +353,7 @@ def plan_training(
     args = config.train_args()  # parsed once, for the planner and the data check
     # The planner reads config.json where the user put the model, before any upload.
     planned = resolve_distribution(config, args)
-    fields = {
-        "model": config.model,
-        "train": config.train_data,
-        "validation": config.validation_data,
-        "chat_template": config.chat_template,
-    }
+    fields = {"model": config.model, **{c: getattr(config, k) for c, k in DATA_CHANNELS.items()}}
     if config.chat_template and not config.chat_template.startswith("s3://"):
         from ..training.chat import read_chat_template
 
@@ -379,10 +365,8 @@ def plan_training(
     staged = dataclasses.replace(
         config,
         model=inputs["model"],
-        train_data=inputs["train"],
-        validation_data=inputs["validation"],
-        chat_template=inputs["chat_template"],
         spectrum_config=spectrum_uri or inputs.get("spectrum", ""),
+        **{key: inputs[channel] for channel, key in DATA_CHANNELS.items()},
     )
     request = build_training_request(staged, name=name, distribution=planned, checked=True)
     launcher.prepare_training(request, config)
@@ -531,9 +515,35 @@ def launch(
     if reuse is None:
         reuse = config.reuse_analysis if isinstance(config, PipelineConfig) else True
     if isinstance(config, PipelineConfig):
-        return _launch_pipeline(
-            config, launcher, dry_run=dry_run, wait=wait, logs=logs, reuse=reuse
+        if config.percent_conflict():  # before any lookup or upload
+            raise SpectrumError(config.percent_conflict())
+        check_job(config.training, launcher, dry_run=dry_run)
+        step = plan_analysis_step(config.analysis, reuse=reuse, dry_run=dry_run, launcher=launcher)
+        training = plan_training(
+            # told the analysis's percent (the memory planner counts it)
+            dataclasses.replace(config.training, top_percent=config.analysis.top_percent),
+            spectrum_uri=step.layer_dir,
+            dry_run=dry_run,
+            launcher=launcher,
+            checked=True,
         )
+        staged_model = step.train_from_staged_model(training, config.training.model)
+        if dry_run:
+            return {"analysis": step.request, "training": training.request}
+        step.stage()
+        training.stage()
+        step.submit(launcher, logs=logs)
+        trained = training.submit(launcher, wait=wait, logs=logs)
+        result = {
+            "analysis_job": step.name,
+            "analysis_reused": step.reused is not None,
+            "layer_file_s3": step.layer_dir,
+            "training_job": trained["job"],
+            "model_s3": trained["model_s3"],
+        }
+        if staged_model:
+            result["staged_model_s3"] = step.stage_uri
+        return {**result, **launcher.place()}
     if isinstance(config, AnalysisConfig):
         job: AnalysisStep | PreparedJob = plan_analysis_step(
             config, reuse=reuse, dry_run=dry_run, launcher=launcher
@@ -652,47 +662,6 @@ def plan_analysis_step(
         name = job.request["TrainingJobName"]
         layer_dir = analysis_output_uri(config, name)
     return AnalysisStep(config, key, stage_uri, staged_already, reused, job, name, layer_dir)
-
-
-def _launch_pipeline(
-    config: PipelineConfig,
-    launcher: Launcher,
-    *,
-    dry_run: bool,
-    wait: bool,
-    logs: bool,
-    reuse: bool,
-) -> dict[str, Any]:
-    """Analysis, then training on its layer file (:func:`launch`)."""
-    if config.percent_conflict():  # before any lookup or upload
-        raise SpectrumError(config.percent_conflict())
-    check_job(config.training, launcher, dry_run=dry_run)
-    step = plan_analysis_step(config.analysis, reuse=reuse, dry_run=dry_run, launcher=launcher)
-    training = plan_training(
-        # told the analysis's percent (the memory planner counts it)
-        dataclasses.replace(config.training, top_percent=config.analysis.top_percent),
-        spectrum_uri=step.layer_dir,
-        dry_run=dry_run,
-        launcher=launcher,
-        checked=True,
-    )
-    staged_model = step.train_from_staged_model(training, config.training.model)
-    if dry_run:
-        return {"analysis": step.request, "training": training.request}
-    step.stage()
-    training.stage()
-    step.submit(launcher, logs=logs)
-    trained = training.submit(launcher, wait=wait, logs=logs)
-    result = {
-        "analysis_job": step.name,
-        "analysis_reused": step.reused is not None,
-        "layer_file_s3": step.layer_dir,
-        "training_job": trained["job"],
-        "model_s3": trained["model_s3"],
-    }
-    if staged_model:
-        result["staged_model_s3"] = step.stage_uri
-    return {**result, **launcher.place()}
 
 
 #: The earlier name of :func:`launch` for a whole pipeline, kept for scripts that use it.

@@ -38,6 +38,12 @@ CODE_CHANNEL = "code"
 SECRET_PREFIX = "SPECTRUM_SM_SECRET_"
 #: Where SageMaker uploads the job's checkpoint folder (told to train.py for its stop message).
 CHECKPOINT_S3_ENV = "SPECTRUM_SM_CHECKPOINT_S3"
+#: A training job's data channels and the config fields that name them.
+DATA_CHANNELS = {
+    "train": "train_data",
+    "validation": "validation_data",
+    "chat_template": "chat_template",
+}
 
 
 def job_name(base: str, kind: str) -> str:
@@ -66,8 +72,13 @@ def s3_channel(name: str, uri: str) -> dict[str, Any]:
     }
 
 
-def _common(config: JobConfig, name: str, output_path: str, entry: str) -> dict[str, Any]:
-    job = "analysis" if entry == "analyze" else "training"
+def _common(config: JobConfig, name: str | None, checked: bool) -> dict[str, Any]:
+    if not checked:
+        validate(config, need_role=True)
+    analysis = isinstance(config, AnalysisConfig)
+    name = name or job_name(config.base_job_name, "analysis" if analysis else "train")
+    output = analysis_prefix(config) if analysis else f"{config.output_s3.rstrip('/')}/training"
+    job = "analysis" if analysis else "training"
     image = config.image_uri or default_image(config.region, config.instance_type, job=job)
     request: dict[str, Any] = {
         "TrainingJobName": name,
@@ -77,13 +88,13 @@ def _common(config: JobConfig, name: str, output_path: str, entry: str) -> dict[
             "TrainingImage": image,
             "TrainingInputMode": "File",
             "ContainerEntrypoint": ["python3", LAUNCHER],
-            "ContainerArguments": [entry],
+            "ContainerArguments": ["analyze" if analysis else "train"],
         },
         "HyperParameters": {},
         "InputDataConfig": [
             s3_channel(CODE_CHANNEL, f"{config.output_s3.rstrip('/')}/code/{name}/")
         ],
-        "OutputDataConfig": {"S3OutputPath": output_path, "CompressionType": "NONE"},
+        "OutputDataConfig": {"S3OutputPath": output + "/", "CompressionType": "NONE"},
         "ResourceConfig": {
             "InstanceType": config.instance_type,
             "InstanceCount": config.instance_count,
@@ -138,10 +149,7 @@ def build_analysis_request(
     settings, scanner version) goes to the job's manifest; ``stage_model_s3`` is where the job
     copies a Hub checkpoint for the training job. ``checked``: the caller validated ``config``
     already (the pipeline does, once, before any lookup)."""
-    if not checked:
-        validate(config, need_role=True)
-    name = name or job_name(config.base_job_name, "analysis")
-    request = _common(config, name, analysis_prefix(config) + "/", "analyze")
+    request = _common(config, name, checked)
     # Every scan option travels under its own name: analyze.py's parser is generated from the
     # same fields. An empty list is its default and stays out of the request.
     hps: dict[str, Any] = {
@@ -162,8 +170,7 @@ def build_analysis_request(
         request["InputDataConfig"].append(s3_channel("model", config.model))
     else:
         hps["model_name_or_path"] = config.model
-    _check_isolation(config, hps)
-    request["HyperParameters"] = {k: hyperparameter_string(v) for k, v in hps.items()}
+    request["HyperParameters"] = _hyperparameters(config, hps)
     validate_request(request)
     return request
 
@@ -175,8 +182,7 @@ def resolve_distribution(config: TrainingConfig, args=None) -> dict[str, Any]:
     from ..training.memory import Step, plan_distribution
     from .s3 import model_config
 
-    gpus_host = config.gpus_per_host()
-    total = gpus_host * config.instance_count
+    total = config.gpus_per_host() * config.instance_count
     row = instance(config.instance_type)
     gpu_gib = row.gpu_gib if row and row.gpus else None
     if gpu_gib is None:
@@ -220,12 +226,14 @@ class DoesNotFit(SpectrumError):
     """The memory planner says the training job cannot fit its instance."""
 
 
-def _check_isolation(config: JobConfig, hps: dict[str, Any]) -> None:
+def _hyperparameters(config: JobConfig, hps: dict[str, Any]) -> dict[str, str]:
+    """``hps`` as they travel, once a Hub model is known to be reachable from the job."""
     if config.network_isolation and "model_name_or_path" in hps:
         raise SpectrumError(
             "network_isolation blocks downloads from the Hugging Face Hub; put the model in S3 "
             "and give its s3:// prefix as model"
         )
+    return {k: hyperparameter_string(v) for k, v in hps.items()}
 
 
 def build_training_request(
@@ -243,22 +251,16 @@ def build_training_request(
     :func:`resolve_distribution`'s answer when the caller planned already; ``checked``, that
     the caller validated ``config`` already.
     """
-    if not checked:
-        validate(config, need_role=True)
-    name = name or job_name(config.base_job_name, "train")
-    request = _common(config, name, config.output_s3.rstrip("/") + "/training/", "train")
+    request = _common(config, name, checked)
+    name = request["TrainingJobName"]
     spectrum = spectrum_uri or config.spectrum_config
     if config.method == "spectrum" and not spectrum:
         raise SpectrumError(
             "a spectrum training job needs a layer file: set training.spectrum_config (an s3:// "
             "URI or a local path), or use spectrum-sm run, which makes one with the analysis"
         )
-    channels = {
-        "train": config.train_data,
-        "validation": config.validation_data,
-        "chat_template": config.chat_template,
-        "spectrum": spectrum if config.method == "spectrum" else "",
-    }
+    channels = {channel: getattr(config, key) for channel, key in DATA_CHANNELS.items()}
+    channels["spectrum"] = spectrum if config.method == "spectrum" else ""
     hps: dict[str, Any] = {"method": config.method, **config.hyperparameters}
     if config.model.startswith("s3://"):
         channels["model"] = config.model
@@ -277,8 +279,7 @@ def build_training_request(
         # train.py reads the channel's folder from SM_CHANNEL_RESUME, wherever the job's root
         # is (/opt/ml in SageMaker, a work folder in local mode).
         request["InputDataConfig"].append(s3_channel("resume", config.resume_from))
-    _check_isolation(config, hps)
-    request["HyperParameters"] = {k: hyperparameter_string(v) for k, v in hps.items()}
+    request["HyperParameters"] = _hyperparameters(config, hps)
     request["Environment"]["SPECTRUM_SM_NPROC_PER_HOST"] = str(config.gpus_per_host())
     request["AlgorithmSpecification"]["MetricDefinitions"] = METRIC_DEFINITIONS
     if config.tensorboard:
@@ -313,8 +314,7 @@ def validate_request(request: dict[str, Any]) -> None:
         **request,
         "Environment": {k: v for k, v in environment.items() if not k.startswith(SECRET_PREFIX)},
     }
-    leaks = secret_fields(sent)
-    if leaks:  # a second guard: configs refuse these already
+    if leaks := secret_fields(sent):  # a second guard: configs refuse these already
         raise SpectrumError("; ".join(secret_message(f"request {place}") for place in leaks))
     problems: list[str] = []
     shape = sagemaker_service_model().operation_model("CreateTrainingJob").input_shape

@@ -202,14 +202,12 @@ def download_prefix(uri: str, target: Path) -> int:
     count = 0
     with s3_errors(uri):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                if obj["Key"].endswith("/"):
-                    continue
-                dest = target / (obj["Key"][len(key) :].lstrip("/") or Path(obj["Key"]).name)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, obj["Key"], str(dest))
-                count += 1
+        names = (obj["Key"] for page in pages for obj in page.get("Contents", []))
+        for name in (n for n in names if not n.endswith("/")):
+            dest = target / (name[len(key) :].lstrip("/") or Path(name).name)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, name, str(dest))
+            count += 1
     if count == 0:
         raise SpectrumError(f"{uri}: no such S3 object or prefix")
     return count

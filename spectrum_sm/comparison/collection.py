@@ -107,8 +107,7 @@ def _collect_run(run: Run, table: PriceTable, job: JobHandle) -> None:
     except ValueError as exc:
         raise SpectrumError(f"{uri}: not valid JSON ({exc})") from exc
     description = run.description or job.describe()
-    run.model_dir = job.model_dir
-    run.billed = job.billed
+    run.model_dir, run.billed = job.model_dir, job.billed
     # A local run records its wall time to the millisecond; SageMaker whole seconds.
     run.job_seconds = description.get(
         "TrainingWallSeconds", description.get("TrainingTimeInSeconds")
@@ -116,13 +115,9 @@ def _collect_run(run: Run, table: PriceTable, job: JobHandle) -> None:
     run.billable_seconds = description.get("BillableTimeInSeconds") if job.billed else None
     if run.method.name == "spectrum" and run.method.percent is None:
         run.method = Method("spectrum", percent_in_path(str(run.report.get("layer_file") or "")))
+    seconds = run.billable_seconds if job.billed else run.job_seconds
     run.cost_usd, run.cost_basis = job_cost(
-        table,
-        run.region,
-        run.instance_type,
-        run.instance_count,
-        run.billable_seconds if job.billed else run.job_seconds,
-        billed=run.billed,
+        table, run.region, run.instance_type, run.instance_count, seconds, billed=run.billed
     )
     run.curves, run.curve_source = _curves(run, _epoch(description.get("TrainingStartTime")), job)
 

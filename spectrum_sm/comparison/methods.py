@@ -177,7 +177,5 @@ class Run:
             "job": self.job,
             "status": self.status,
         }
-        for key in ("model_s3", "model_dir", "reason"):  # only where there is one
-            if getattr(self, key):
-                row[key] = getattr(self, key)
-        return row
+        extra = {key: getattr(self, key) for key in ("model_s3", "model_dir", "reason")}
+        return row | {key: value for key, value in extra.items() if value}  # where there is one

@@ -77,12 +77,8 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
     def number(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    trainable = row["trainable_params"]
-    share = (
-        f" ({100 * trainable / row['all_params']:.1f}%)"
-        if trainable is not None and row.get("all_params")
-        else ""
-    )
+    trainable, total = row["trainable_params"], row.get("all_params")
+    share = f" ({100 * trainable / total:.1f}%)" if trainable is not None and total else ""
     memory = row["peak_memory_bytes"]
     return {
         "method": Method(row["method"], row["top_percent"]).label,
@@ -112,7 +108,7 @@ def render_table(rows: list[dict[str, Any]], fmt: str, prices: PriceTable) -> st
         writer.writerows(rows)
         return buffer.getvalue()
     cells = [_cells(row) for row in rows]
-    heads = [head for _, head in COLUMNS]
+    grid = [[head for _, head in COLUMNS], *([c[k] for k, _ in COLUMNS] for c in cells)]
     notes = [
         f"{c['method']} {row['status']}: {row['reason']}"
         for c, row in zip(cells, rows, strict=True)
@@ -131,18 +127,13 @@ def render_table(rows: list[dict[str, Any]], fmt: str, prices: PriceTable) -> st
     bases = dict.fromkeys(r["cost_basis"] for r in rows if r["cost_usd"] is not None)
     notes.append(f"cost: {'; '.join(bases) or 'n/a'}; prices as of {prices.as_of}, {prices.source}")
     if fmt == "markdown":
-        lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-        lines += ["| " + " | ".join(c[k] for k, _ in COLUMNS) + " |" for c in cells]
+        lines = ["| " + " | ".join(line) + " |" for line in grid]
+        lines.insert(1, "|" + "---|" * len(COLUMNS))
         return "\n".join([*lines, "", *(f"- {n}" for n in notes)]) + "\n"
     if fmt != "text":
         raise SpectrumError(f"table format must be text, markdown or csv, got {fmt!r}")
-    widths = [
-        max(len(h), *(len(c[k]) for c in cells)) for (k, _), h in zip(COLUMNS, heads, strict=True)
-    ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]
-    lines += [
-        "  ".join(c[k].ljust(w) for (k, _), w in zip(COLUMNS, widths, strict=True)) for c in cells
-    ]
+    widths = [max(map(len, column)) for column in zip(*grid, strict=True)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in grid]
     return "\n".join(line.rstrip() for line in [*lines, *notes]) + "\n"
 
 
@@ -171,8 +162,7 @@ def plot(result: Comparison, path: Path) -> Path:
     for run in done:
         label = run.method.label
         points = run.curves.get("eval") or []
-        seconds = [p[0] for p in points]
-        losses = [p[2] for p in points]
+        seconds, losses = [p[0] for p in points], [p[2] for p in points]
         line = by_time.plot(seconds, losses, marker="o", label=label)[0]
         dollars = _cost_curve(run, seconds, result.prices)
         if dollars is not None:

@@ -136,11 +136,8 @@ def compare(
     output = Path(output_dir) if output_dir else Path("spectrum-sm-compare") / compare_id
     _collect_all(runs, table, launcher)
     write_outputs(result, output)
-    _upload_outputs(
-        result,
-        f"{config.training.output_s3.rstrip('/')}/compare/{compare_id}/",
-        config.training.output_kms_key,
-    )
+    uri = f"{config.training.output_s3.rstrip('/')}/compare/{compare_id}/"
+    _upload_outputs(result, uri, config.training.output_kms_key)
     return result
 
 
@@ -226,8 +223,7 @@ def _plan_run(
         return run
     if step is not None:
         step.train_from_staged_model(prepared, config.model)
-    run.prepared = prepared
-    run.request = prepared.request
+    run.prepared, run.request = prepared, prepared.request
     run.job = prepared.request["TrainingJobName"]
     return run
 

@@ -33,8 +33,7 @@ def unknown_model(
     """transformers refused a model's config: name its type and, for a model that brings its own
     code (``auto_map``), how to run it."""
     model_type = config.get("model_type", "?")
-    custom = config.get("auto_map")
-    if custom:
+    if custom := config.get("auto_map"):
         code = ", ".join(sorted({str(v) for v in dict(custom).values()}))[:120]
         hint = (
             f"it needs its own code ({code}): pass --trust_remote_code true if you trust it"

@@ -75,8 +75,7 @@ def read_layer_file(path: str | Path) -> list[str]:
             if "unfrozen_parameters" not in data:
                 raise SpectrumError(f"{path}: no 'unfrozen_parameters' key")
             data = data["unfrozen_parameters"]
-    if data is None:
-        data = []
+    data = [] if data is None else data
     if not isinstance(data, list) or not all(isinstance(e, str) for e in data if e is not None):
         raise SpectrumError(f"{path}: expected a list of parameter patterns")
     entries = [e.strip() for e in data if e and e.strip() and not e.strip().startswith("#")]
@@ -192,12 +191,11 @@ def freeze_except(
                 tied.append(f"{name} is tied to {canonical[id(param)]}")
     if unmatched:
         raise SpectrumError(_unmatched_message(unmatched, [n for n, _ in named], name_prefix))
-    for ident in whole:
-        parts.pop(ident, None)  # a whole-parameter entry wins over its slices
     for _, param in named:
         param.requires_grad_(id(param) in whole)
     all_params = sum(p.numel() for p in model.parameters())  # before the slices join the model
-    partial = {canonical[ident]: regions for ident, regions in parts.items()}
+    # A whole-parameter entry wins over its slices.
+    partial = {canonical[i]: regions for i, regions in parts.items() if i not in whole}
     install_slices(model, partial)
     report = FreezeReport(
         trainable=[n for n, p in model.named_parameters() if p.requires_grad],

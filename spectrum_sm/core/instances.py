@@ -37,15 +37,13 @@ class Instance:
 
 def _table(text: str) -> dict[str, Instance]:
     """The rows of a text table (below), keyed by instance type; ``#`` starts a comment."""
-    rows = {}
-    for line in text.splitlines():
-        if not line.split("#")[0].strip():
-            continue
-        name, gpus, gpu_gib, host_gib, *efa = line.split("#")[0].split()
-        rows[f"ml.{name}"] = Instance(
+    rows = (line.split("#")[0].split() for line in text.splitlines())
+    return {
+        f"ml.{name}": Instance(
             f"ml.{name}", int(gpus), int(gpu_gib), int(host_gib), bool(efa), efa == ["rdma"]
         )
-    return rows
+        for name, gpus, gpu_gib, host_gib, *efa in filter(None, rows)
+    }
 
 
 #: EFA: "efa" (EFA for NCCL, the SDK's SM_EFA_NCCL_INSTANCES), "rdma" (EFA with device RDMA
@@ -98,10 +96,8 @@ def instance(instance_type: str) -> Instance | None:
 
 def has_cuda(instance_type: str) -> bool:
     """Whether an instance type has NVIDIA GPUs: the g and p families (not trn, inf, CPUs)."""
-    known = INSTANCES.get(instance_type)
-    if known is not None:
-        return known.gpus > 0
-    return family(instance_type).startswith(("g", "p"))
+    known = instance(instance_type)
+    return known.gpus > 0 if known else family(instance_type).startswith(("g", "p"))
 
 
 def has_instance_storage(instance_type: str) -> bool:

@@ -30,9 +30,12 @@ log = logging.getLogger(__name__)
 
 #: The towers of a multimodal model; ``language`` is the text model and its head.
 TOWERS = ("language", "vision", "audio", "projector")
-_PROJECTOR_WORDS = ("projector", "merger", "connector", "aligner")
-_VISION_WORDS = ("visual", "vision", "image_encoder", "vit", "vpm", "siglip")
-_AUDIO_WORDS = ("audio", "speech", "whisper")
+#: Words in a name's components that place it in a tower, checked in this order.
+_TOWER_WORDS = {
+    "projector": ("projector", "merger", "connector", "aligner"),
+    "vision": ("visual", "vision", "image_encoder", "vit", "vpm", "siglip"),
+    "audio": ("audio", "speech", "whisper"),
+}
 _INPUT_EMBEDDING_SUFFIXES = (
     "embed_tokens.weight",
     "wte.weight",
@@ -134,12 +137,9 @@ def is_multimodal(config: Mapping[str, Any] | None) -> bool:
 def tower_of(name: str) -> str:
     """``language``, ``vision``, ``audio`` or ``projector``, from a (stored or loaded) name."""
     parts = name.lower().split(".")
-    if any(word in part for part in parts for word in _PROJECTOR_WORDS):
-        return "projector"
-    if any(part.startswith(word) or word in part for part in parts for word in _VISION_WORDS):
-        return "vision"
-    if any(word in part for part in parts for word in _AUDIO_WORDS):
-        return "audio"
+    for tower, words in _TOWER_WORDS.items():
+        if any(word in part for part in parts for word in words):
+            return tower
     return "language"
 
 
@@ -216,8 +216,7 @@ class _Converter:
         ops = [type(op).__name__ for op in converter.operations]
         if param not in self.params or ops not in FUSING_OPERATIONS:
             return None
-        regex = re.escape(pattern).replace(r"\*", r"(\d+)")
-        match = re.search(regex, stored)
+        match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), stored)
         if match is None:
             return None
         expert = int(match.group(1))
@@ -317,12 +316,11 @@ def _with_transformers(config, tensors, multimodal) -> ModelNames:
     for name, param in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(param), []).append(name)
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    inp_name = by_id.get(id(getattr(inp, "weight", None)), [None])[0]
-    out_names = by_id.get(id(getattr(out, "weight", None)), [])
+    inp_name, out_name = (by_id.get(id(getattr(m, "weight", None)), [None])[0] for m in (inp, out))
     tied = inp is not None and out is not None and out.weight is inp.weight
     # A tied head is an alias of the embedding: name it by its own path when it has one.
     head_module = next((n for n, m in model.named_modules() if m is out), None)
-    out_name = f"{head_module}.weight" if head_module else (out_names[0] if out_names else None)
+    out_name = f"{head_module}.weight" if head_module else out_name
     notes = []
     if unresolved:
         notes.append(
@@ -341,10 +339,8 @@ def _from_checkpoint(config, tensors, multimodal) -> ModelNames:
     if embedding is None and vocab:
         by_shape = [
             n
-            for n in names
-            if len(tensors[n]) == 2
-            and tensors[n][0] == vocab
-            and not n.endswith(_OUTPUT_HEAD_NAMES)
+            for n, shape in sorted(tensors.items())
+            if len(shape) == 2 and shape[0] == vocab and not n.endswith(_OUTPUT_HEAD_NAMES)
         ]
         embedding = by_shape[0] if len(by_shape) == 1 else None
     head = next(

@@ -129,8 +129,7 @@ class ScanOptions:
     )
 
     def __post_init__(self) -> None:
-        problems = self.scan_problems()
-        if problems:
+        if problems := self.scan_problems():
             raise SpectrumError("; ".join(problems))
 
     def scan_problems(self) -> list[str]:
@@ -181,14 +180,20 @@ def parse_bool(text: str) -> bool:
 def _listed(kind: str):
     def parse(text: str) -> list:
         items = [part.strip() for part in str(text).split(",") if part.strip()]
-        if kind == "list[float]":
-            try:
-                return [float(item) for item in items]
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
-        return items
+        try:
+            return [float(item) for item in items] if kind == "list[float]" else items
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
 
     return parse
+
+
+class JobParser(argparse.ArgumentParser):
+    """argparse for a job's entrypoint: a bad argument is one :class:`SpectrumError` (the job's
+    FailureReason), not a usage dump and exit 2."""
+
+    def error(self, message: str):
+        raise SpectrumError(f"invalid arguments: {message}")
 
 
 def add_arguments(
@@ -242,9 +247,7 @@ def given(namespace: argparse.Namespace, fields: tuple[dataclasses.Field, ...]) 
     values = {}
     for f in fields:
         value = getattr(namespace, f.name, None)
-        if value is None:
-            continue
-        if str(f.type).startswith("list["):
-            value = [item for part in value for item in part]
-        values[f.name] = value
+        if value is not None:
+            joined = str(f.type).startswith("list[")
+            values[f.name] = [item for part in value for item in part] if joined else value
     return values

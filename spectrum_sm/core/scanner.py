@@ -49,7 +49,6 @@ from .snr import (
 )
 from .weights import (
     FLOAT_DTYPES,
-    FP8_DTYPES,
     ShardSource,
     TensorInfo,
     open_shard,
@@ -276,13 +275,7 @@ class _Weight:
         if self.mxfp4:
             _, rows, groups, _ = self.info.shape
             return (groups * mxfp4.GROUP, rows)
-        if self.expert is not None:
-            return self.info.shape[1:]
-        return self.info.shape
-
-    @property
-    def dtype(self) -> str:
-        return "MXFP4" if self.mxfp4 else self.info.dtype
+        return self.info.shape if self.expert is None else self.info.shape[1:]
 
     @property
     def bf16_exact(self) -> bool:
@@ -353,7 +346,7 @@ def _plan(
             skipped.append(f"{stored_module}: shape {list(info.shape)} is not a 1-D or 2-D weight")
             continue
         scale = block = None
-        if info.dtype not in FLOAT_DTYPES or info.dtype in FP8_DTYPES:
+        if info.dtype not in FLOAT_DTYPES:
             scale, block = _scale_of(info, by_name, block_size)
             if scale is None:
                 refused.append(f"{info.name} ({info.dtype})")
@@ -429,7 +422,7 @@ def _fused_experts(
         or info.numel == 0
     ):
         return None
-    return ("float", "") if info.dtype in FLOAT_DTYPES - FP8_DTYPES else ("refused", "")
+    return ("float", "") if info.dtype in FLOAT_DTYPES else ("refused", "")
 
 
 def _expert_weights(
@@ -440,14 +433,11 @@ def _expert_weights(
     base = mxfp4.base_name(info.name) if packed else info.name
     with_bias = base + EXPERT_BIAS_SUFFIX in by_name
     scale = by_name[base + mxfp4.SCALES_SUFFIX] if packed else None
-    weights = []
-    for expert in range(info.shape[0]):
-        module, target = names.expert(info.name, expert, with_bias)
-        kind = _type_of(module, tower)
-        weights.append(
-            _Weight(info, module, kind, tower, target.entry(), scale, expert=expert, mxfp4=packed)
-        )
-    return weights
+    experts = [(e, *names.expert(info.name, e, with_bias)) for e in range(info.shape[0])]
+    return [
+        _Weight(info, m, _type_of(m, tower), tower, t.entry(), scale, expert=e, mxfp4=packed)
+        for e, m, t in experts
+    ]
 
 
 def _scale_of(
@@ -457,9 +447,8 @@ def _scale_of(
     apply: per tensor, per output row, or per block (DeepSeek / Qwen FP8: ``weight_scale_inv``
     of 128 x 128 blocks, the block size from ``quantization_config.weight_block_size`` or else
     dividing the weight exactly)."""
-    base = info.name[: -len(".weight")]
-    for suffix in (".weight_scale_inv", ".weight_scale"):
-        scale = by_name.get(base + suffix)
+    for suffix in ("_scale_inv", "_scale"):
+        scale = by_name.get(info.name + suffix)
         if scale is None or scale.shard != info.shard or len(info.shape) != 2:
             continue
         n, m = info.shape
@@ -496,11 +485,9 @@ def _dequantize(rows, weight: _Weight, start: int, scale):
         return values * scale.reshape(())
     if scale.ndim == 1 or scale.shape[1] == 1:
         return values * scale.reshape(-1, 1)[start : start + values.shape[0]]
-    m = weight.info.shape[1]
     block_n, block_m = weight.block
     row_index = torch.arange(start, start + values.shape[0]) // block_n
-    col_scale = scale[row_index].repeat_interleave(block_m, dim=1)[:, :m]
-    return values * col_scale
+    return values * scale[row_index].repeat_interleave(block_m, dim=1)[:, : values.shape[1]]
 
 
 def _chunks(reader, weight: _Weight, scale, chunk_elements: int, whole: bool):
@@ -562,7 +549,7 @@ def _score_tensor(
     n, m = as_matrix_shape(weight.shape)
     short, long = min(n, m), max(n, m)
     float32 = precision == "certified" and short > FLOAT64_BELOW and not exact
-    bounds, error = None, 0.0
+    bounds, error, label = None, 0.0, "float64"
     with torch.no_grad(), shard.reader() as reader:
         scale = None
         if weight.scale is not None and not weight.mxfp4:
@@ -582,11 +569,12 @@ def _score_tensor(
         try:
             if acc is None:
                 score = snr_from_singular_values(singular_values_exact(whole.to(device)), n, m)
+                label = "svdvals-float32"
             elif float32:
                 if short >= FLOAT64_EIGEN_FROM:  # the float32 Gram, solved in float64
-                    eigenvalues, shifted_norm = acc.eigenvalues(), None
+                    eigenvalues, shifted_norm, label = acc.eigenvalues(), None, "float32-gram"
                 else:
-                    eigenvalues, shifted_norm = acc.shifted_eigenvalues()
+                    (eigenvalues, shifted_norm), label = acc.shifted_eigenvalues(), "float32"
                 error = float32_eigenvalue_bound(float(eigenvalues[0]), shifted_norm, short, long)
                 score = snr_from_singular_values(eigenvalues.clamp_min(0.0).sqrt(), n, m)
                 bounds = snr_bounds(eigenvalues, error, n, m)
@@ -601,9 +589,9 @@ def _score_tensor(
         weight.type,
         score,
         tuple(weight.shape),
-        weight.dtype,
+        "MXFP4" if weight.mxfp4 else info.dtype,
         time.perf_counter() - started,
-        precision=_precision_label(exact, float32, short),
+        precision=label,
         bounds=bounds,
         error=error,
         tower=weight.tower,
@@ -632,14 +620,6 @@ def _bf16_exact_matmul(enabled: bool):
         if before is not None:
             mkldnn.fp32_precision = before
         torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-def _precision_label(exact: bool, float32: bool, short: int) -> str:
-    if exact:
-        return "svdvals-float32"
-    if not float32:
-        return "float64"
-    return "float32-gram" if short >= FLOAT64_EIGEN_FROM else "float32"
 
 
 def _worker_count(device: str) -> int:
@@ -743,11 +723,8 @@ def uncertain_weights(scores: dict[str, TensorScore], percents: Iterable[float])
             rest = [m for m, s in scores.items() if s.type == layer_type and m not in picked]
             for i, j in itertools.product(chosen, rest):
                 a, b = scores[i], scores[j]
-                if a.precision == b.precision == "float64" or a.bounds[0] > b.bounds[1]:
-                    continue
-                for m in (i, j):
-                    if scores[m].precision != "float64":
-                        doubtful[m] = None
+                if not (a.precision == b.precision == "float64" or a.bounds[0] > b.bounds[1]):
+                    doubtful |= dict.fromkeys(m for m in (i, j) if scores[m].precision != "float64")
     return list(doubtful)
 
 
@@ -776,7 +753,6 @@ def scan_source(
     show_progress: bool = True,
 ) -> ScanResult:
     """Scan a checkpoint source with :class:`ScanOptions` (validated when built)."""
-
     started = time.perf_counter()
     options = options or ScanOptions()
     top_percent = sel.check_percent(options.top_percent)

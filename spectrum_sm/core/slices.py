@@ -193,8 +193,6 @@ def merged_state_dict(state: dict[str, Any], slices: dict[str, Slices]) -> dict[
     """A full (gathered) state dict with the slice entries written into their fused weights."""
     state = dict(state)
     for name, item in slices.items():
-        if item.slice_name not in state:  # folded already (an unsharded state_dict())
-            continue
-        values = state.pop(item.slice_name)
-        state[name] = item.compose(state[name], values)
+        if item.slice_name in state:  # else folded already (an unsharded state_dict())
+            state[name] = item.compose(state[name], state.pop(item.slice_name))
     return state

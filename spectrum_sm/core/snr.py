@@ -56,11 +56,9 @@ def natural_key(name: str) -> tuple:
 
 def as_matrix_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
     """The 2-D shape the reference uses: ``(1, m)`` for a 1-D weight."""
-    if len(shape) == 1:
-        return 1, int(shape[0])
-    if len(shape) == 2:
-        return int(shape[0]), int(shape[1])
-    raise ValueError(f"expected a 1-D or 2-D weight, got shape {tuple(shape)}")
+    if len(shape) not in (1, 2):
+        raise ValueError(f"expected a 1-D or 2-D weight, got shape {tuple(shape)}")
+    return (1, int(shape[0])) if len(shape) == 1 else (int(shape[0]), int(shape[1]))
 
 
 def _threshold_factor(n: int, m: int) -> float:
@@ -81,9 +79,7 @@ def snr_from_singular_values(singular_values: torch.Tensor, n: int, m: int) -> f
     signal = float(s[above].sum()) if bool(above.any()) else 0.0
     # The reference: noise 1.0 when every value is signal, +inf when the noise values sum to 0.
     noise = float(s[~above].sum()) if bool((~above).any()) else 1.0
-    if noise == 0.0:
-        return math.inf
-    return signal / noise / s_max if s_max > 0 else math.inf
+    return signal / noise / s_max if noise != 0.0 and s_max > 0 else math.inf
 
 
 def snr_bounds(eigenvalues: torch.Tensor, error: float, n: int, m: int) -> tuple[float, float]:
@@ -111,9 +107,7 @@ def snr_bounds(eigenvalues: torch.Tensor, error: float, n: int, m: int) -> tuple
     lo_max, hi_max = float(lo[0]), float(hi[0])
 
     def ratio(signal: float, noise: float, s_max: float) -> float:
-        if noise == 0.0 or s_max == 0.0:
-            return math.inf
-        return signal / noise / s_max
+        return math.inf if noise == 0.0 or s_max == 0.0 else signal / noise / s_max
 
     lows, highs = [], []
     if not bool(surely_signal.all()):  # some value may be noise
@@ -207,8 +201,7 @@ class GramAccumulator:
             g.addmm_(c.T, c)
             return
         for start in range(0, self.short, b):
-            stop = min(start + b, self.short)
-            g[start:, start:stop].addmm_(c[:, start:].T, c[:, start:stop])
+            g[start:, start : start + b].addmm_(c[:, start:].T, c[:, start : start + b])
 
     def _check_finite(self) -> None:
         import torch

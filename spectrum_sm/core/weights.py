@@ -34,9 +34,8 @@ BIN_SINGLE_FILE = "pytorch_model.bin"
 # The header of a safetensors file is bounded (100 MB in the reference implementation).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _HASH_BLOCK = 8 * 1024 * 1024
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
-#: 8-bit floats: stored with a scale, never meaningful on their own.
-FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
+#: Floats meaningful as stored; 8-bit floats (F8_E4M3, F8_E5M2) come with a scale, like integers.
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 #: safetensors dtype -> (torch dtype name, bytes per value); unsigned 16-64 bit integers have
 #: no torch reader here.
 _DTYPES = {
@@ -57,9 +56,7 @@ _DTYPES = {
     "U64": (None, 8),
 }
 DTYPE_BYTES = {name: size for name, (_, size) in _DTYPES.items()}
-_TORCH_TO_SAFETENSORS = {
-    torch_name: name for name, (torch_name, _) in _DTYPES.items() if torch_name
-}
+_TORCH_TO_SAFETENSORS = {t: name for name, (t, _) in _DTYPES.items() if t}
 
 
 @dataclass(frozen=True)
@@ -108,8 +105,7 @@ def read_header_and_offset(path: Path, display_name: str | None = None) -> tuple
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            header_len = header_length(prefix, size, label)
+            header_len = header_length(handle.read(8), size, label)
             raw = handle.read(header_len)
     except OSError as exc:
         raise SpectrumError(f"{label}: cannot read ({exc.strerror})") from exc
@@ -175,17 +171,15 @@ def shard_files(source: ShardSource) -> list[str]:
     gives those.
     """
     files = source.list_files()
-    for index_file, single, suffix in (
-        (INDEX_FILE, SINGLE_FILE, ".safetensors"),
-        (BIN_INDEX_FILE, BIN_SINGLE_FILE, ".bin"),
+    for index_file, single, pre, ext in (
+        (INDEX_FILE, SINGLE_FILE, "", ".safetensors"),
+        (BIN_INDEX_FILE, BIN_SINGLE_FILE, "pytorch_model", ".bin"),
     ):
         if index_file in files:
             return _indexed_shards(source, index_file, files)
         if single in files:
             return [single]
-        shards = sorted(f for f in files if f.endswith(suffix) and "/" not in f)
-        if suffix == ".bin":
-            shards = [f for f in shards if f.startswith("pytorch_model")]
+        shards = sorted(f for f in files if f.startswith(pre) and f.endswith(ext) and "/" not in f)
         if shards:
             return shards
     raise SpectrumError(
@@ -306,8 +300,7 @@ class LocalSource:
             raise SpectrumError(
                 f"{str(self.path)!r} is not a .safetensors or .bin file or a folder"
             )
-        if not self.name:
-            self.name = (self.path.parent if self._single else self.path).resolve().name
+        self.name = self.name or (self.path.parent if self._single else self.path).resolve().name
         self.location = str(self.path)
         self._hasher = BackgroundHasher(self._hashed_paths()) if self.hash_files else None
 
@@ -548,6 +541,4 @@ class TorchBinShard:
 
 def open_shard(path: Path, label: str):
     """An opened shard of either format."""
-    if path.name.endswith(".safetensors"):
-        return SafetensorsShard(path, label)
-    return TorchBinShard(path, label)
+    return (SafetensorsShard if path.name.endswith(".safetensors") else TorchBinShard)(path, label)

@@ -7,7 +7,6 @@ Unknown arguments are an error.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 
 from ..core.container import default_checkpoint_dir, env_path
 from ..core.errors import SpectrumError, did_you_mean
-from ..core.options import parse_bool
+from ..core.options import JobParser, parse_bool
 
 METHODS = ("spectrum", "full", "lora", "qlora")
 #: What a model computes in; ``auto`` picks bf16 where the GPU has it.
@@ -160,10 +159,9 @@ class TrainArgs:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
-        if self.distribution not in DISTRIBUTIONS:
-            problems.append(f"distribution must be one of {', '.join(DISTRIBUTIONS)}")
+        for name, choices in (("precision", PRECISIONS), ("distribution", DISTRIBUTIONS)):
+            if getattr(self, name) not in choices:
+                problems.append(f"{name} must be one of {', '.join(choices)}")
         if not self.model_name_or_path:
             problems.append("no model: pass --model_name_or_path or provide a 'model' channel")
         if not self.train_data:
@@ -242,12 +240,8 @@ class TrainArgs:
                 parse_columns(self.columns)
             except SpectrumError as exc:
                 problems.append(str(exc))
-        return problems + self._folder_problems()
-
-    def _folder_problems(self) -> list[str]:
-        """Output folders that would mix or fail: the model and the checkpoints in one tree
-        (a checkpoint's optimizer state saved as part of the model), a file where a folder goes."""
-        problems = []
+        # Output folders that would mix or fail: the model and the checkpoints in one tree (a
+        # checkpoint's optimizer state saved as part of the model), a file where a folder goes.
         for name in ("output_dir", "checkpoint_dir", "tensorboard_dir"):
             folder = getattr(self, name)
             if folder and Path(folder).expanduser().is_file():
@@ -269,13 +263,8 @@ def _str(text: str) -> str:
     return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == '"' else text
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one clear message instead of usage + exit 2
-        raise SpectrumError(f"invalid arguments: {message}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+def build_parser() -> JobParser:
+    parser = JobParser(
         prog="train.py",
         allow_abbrev=False,
         description="Spectrum / full / LoRA fine-tuning with accelerate",
@@ -294,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
     """Parse ``--name value`` pairs; unset ones keep their (container) defaults."""
     namespace = build_parser().parse_args(argv)
-    given = {k: v for k, v in vars(namespace).items() if v is not None}
-    return TrainArgs(**given)
+    return TrainArgs(**{k: v for k, v in vars(namespace).items() if v is not None})
 
 
 def with_role(role: str) -> tuple[str, ...]:
@@ -311,6 +299,8 @@ def with_role(role: str) -> tuple[str, ...]:
 JOB_SET = with_role("job")
 #: How rows become examples: what data-check and the client's data check take, by these names.
 DATA_SETTINGS = with_role("data")
+#: What the client's checks give the paths a job fills in from its channels.
+_STAND_INS = {k: f"/opt/ml/job-set/{k}" for k in JOB_SET}
 
 
 def data_settings(given: dict[str, Any], where: str = "data settings") -> TrainArgs:
@@ -325,9 +315,8 @@ def data_settings(given: dict[str, Any], where: str = "data settings") -> TrainA
             + ", ".join(DATA_SETTINGS)
         )
     values = {k: v for k, v in given.items() if v is not None}
-    stand_ins = {k: f"/opt/ml/job-set/{k}" for k in JOB_SET}
     try:
-        return TrainArgs(**{**stand_ins, "chat_template_path": "", **values})
+        return TrainArgs(**{**_STAND_INS, "chat_template_path": "", **values})
     except SpectrumError as exc:
         raise SpectrumError(f"{where}: {exc}") from None
 
@@ -347,7 +336,6 @@ def check_hyperparameters(
     try:
         namespace = build_parser().parse_args(argv)
         given = {k: v for k, v in vars(namespace).items() if v is not None}
-        stand_ins = {k: f"/opt/ml/job-set/{k}" for k in JOB_SET if k not in given}
-        return TrainArgs(**{**stand_ins, **given})
+        return TrainArgs(**{**_STAND_INS, **given})
     except SpectrumError as exc:
         raise SpectrumError(f"{where}: {exc}") from None

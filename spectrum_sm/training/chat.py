@@ -32,6 +32,7 @@ for generation blocks).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -105,11 +106,9 @@ def _trl_holds(template: str) -> bool:
     import importlib.util
     from importlib.metadata import PackageNotFoundError, version
 
-    spec = importlib.util.find_spec("trl")
-    try:
+    spec, found = importlib.util.find_spec("trl"), ""
+    with contextlib.suppress(PackageNotFoundError):
         found = version("trl")
-    except PackageNotFoundError:
-        found = ""
     if spec is None or not spec.submodule_search_locations or not trl_is_recent(found):
         _trl()  # raises the install or upgrade hint
     folder = Path(next(iter(spec.submodule_search_locations))) / "chat_templates"
@@ -139,11 +138,8 @@ def _trl():
 
 def trl_is_recent(version: str) -> bool:
     """Is ``version`` (a TRL release) the pinned one or later?"""
-    return bool(version) and _version_tuple(version) >= _version_tuple(TRL_VERSION)
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    found, pinned = ([int(p) for p in re.findall(r"\d+", v)[:3]] for v in (version, TRL_VERSION))
+    return bool(version) and found >= pinned
 
 
 def _trl_training_template(tokenizer: Any, template: str) -> tuple[str, str] | None:
@@ -241,11 +237,10 @@ def check_chat_template(text: str, where: str) -> None:
                 f"chat template {where} is JSON, not a Jinja template: give the template's text "
                 "(e.g. the chat_template value of a tokenizer_config.json, saved as a .jinja file)"
             )
-    try:
+    # Renamed in another transformers: the rendering itself still checks.
+    with contextlib.suppress(ImportError):
         from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:  # renamed in another transformers: the rendering itself still checks
-        _compile_jinja_template = None
-    if _compile_jinja_template is not None:
+
         try:
             _compile_jinja_template(text)
         except Exception as exc:  # jinja2's TemplateSyntaxError and its kin
@@ -293,21 +288,16 @@ def render_with_mask(
         ids = list(out["input_ids"])
         return ids, [bool(m) for m in out["assistant_masks"]] if way else [True] * len(ids)
     text, spans = prefix_spans(tokenizer, messages, **kwargs)
-    encoding = _encode(tokenizer, text)
-    return list(encoding.ids), _overlapping(encoding, spans)
-
-
-def _encode(tokenizer: Any, text: str) -> Any:
-    """``text`` tokenized as ``apply_chat_template`` tokenizes a rendering (no special tokens
-    added), as a ``tokenizers.Encoding``: the fast tokenizer's backend directly, which is what
-    the tokenizer's own call runs, without its per-call wrapping."""
+    # Tokenized as apply_chat_template tokenizes a rendering (no special tokens added), by the
+    # fast tokenizer's backend directly: what the tokenizer's own call runs, without its wrapping.
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise SpectrumError(
             f"assistant-only loss needs a fast tokenizer (character offsets); "
             f"{type(tokenizer).__name__} is not one"
         )
-    return backend.encode(text, add_special_tokens=False)
+    encoding = backend.encode(text, add_special_tokens=False)
+    return list(encoding.ids), _overlapping(encoding, spans)
 
 
 def _apply(tokenizer: Any, conversation: list, **kwargs: Any) -> Any:
@@ -394,9 +384,7 @@ def _overlapping(encoding: Any, spans: list[tuple[int, int]]) -> list[bool]:
     for start, end in spans:
         first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
         if first is None or last is None:
-            for token, (a, b) in enumerate(offsets):
-                if b > start and a < end:
-                    mask[token] = True
+            mask = [m or (b > start and a < end) for m, (a, b) in zip(mask, offsets, strict=True)]
             continue
         while first > 0 and offsets[first - 1][1] > start:
             first -= 1

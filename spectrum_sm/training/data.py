@@ -206,9 +206,7 @@ def _json_field(file: Path) -> str | None:
 
 
 def _first_bad_json_line(files: list[Path]) -> str:
-    for file in files:
-        if file.suffix != ".jsonl":
-            continue
+    for file in (f for f in files if f.suffix == ".jsonl"):
         with file.open(encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, 1):
                 if line.strip():
@@ -242,12 +240,11 @@ def load_split(source: str | Path, *, split: str = "train", name: str | None = N
             raise SpectrumError(f"{path}: mixes {', '.join(sorted(kinds))} files; use one format")
         builder = kinds.pop()
         readable = [_without_bom(f) for f in files]
-        options: dict[str, Any] = {}
-        if builder == "json" and (found := _json_field(readable[0])):
-            options["field"] = found
+        field_name = _json_field(readable[0])  # None but for a .json file
+        options = {"field": field_name} if field_name else {}
         if builder == "json" and not hasattr(datasets, "Json"):
+            options = {}  # the copies hold the rows themselves
             try:
-                field_name = options.pop("field", None)
                 readable = [_free_form_as_text(f, field_name) for f in readable]
             except ValueError as exc:
                 raise SpectrumError(
@@ -437,21 +434,19 @@ def encode_row(
     row = shape_row(row, index, options, chat=chat)
     kind = row_kind(row, index)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if kind == "text":
-        text = _check_text(row["text"], "'text'", index)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos if text else []
-        labels = list(ids)
-    elif kind == "prompt_completion":
-        prompt = _check_text(row["prompt"], "'prompt'", index)
-        completion = _check_text(row["completion"], "'completion'", index)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if kind == "messages":
+        ids, labels = _encode_messages(row, index, tokenizer, options)
+    else:  # a text row is all completion, no prompt
+        prompt_ids, answer = [], "text" if kind == "text" else "completion"
+        if kind == "prompt_completion":
+            prompt = _check_text(row["prompt"], "'prompt'", index)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        completion = _check_text(row[answer], repr(answer), index)
         completion_ids = (
             tokenizer(completion, add_special_tokens=False)["input_ids"] + eos if completion else []
         )
         ids = prompt_ids + completion_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    else:
-        ids, labels = _encode_messages(row, index, tokenizer, options)
     learnable = sum(label != IGNORE_INDEX for label in labels)
     ids, labels = ids[: options.max_length], labels[: options.max_length]
     kept = sum(label != IGNORE_INDEX for label in labels)
@@ -512,10 +507,12 @@ class Counts:
     dropped: dict[str, int]
     loss_tokens: int
 
-    def line(self, split: str) -> str:
+    def line(self, split: str = "") -> str:
+        """The counts in one line, after ``split:`` when one is named."""
         dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in self.dropped.items())
         return (
-            f"{split}: {self.rows_read} rows read, {self.rows_kept} kept"
+            (f"{split}: " if split else "")
+            + f"{self.rows_read} rows read, {self.rows_kept} kept"
             + (f", dropped: {dropped}" if dropped else "")
             + f"; {self.loss_tokens} tokens carry loss"
         )
@@ -674,13 +671,10 @@ def default_num_proc() -> int:
 
 
 def _pack(batch, size: int):
-    ids = [t for row in batch["input_ids"] for t in row]
-    labels = [t for row in batch["labels"] for t in row]
-    starts = range(0, len(ids) - size + 1, size) if len(ids) >= size else [0]
-    return {
-        "input_ids": [ids[i : i + size] for i in starts],
-        "labels": [labels[i : i + size] for i in starts],
-    }
+    flat = {k: [t for row in batch[k] for t in row] for k in ("input_ids", "labels")}
+    total = len(flat["input_ids"])
+    starts = range(0, total - size + 1, size) if total >= size else [0]
+    return {k: [v[i : i + size] for i in starts] for k, v in flat.items()}
 
 
 def nothing_left(split: str, counts: Counts, options: DataOptions) -> str:

@@ -6,6 +6,7 @@ truncation as train.py, with the counts of rows read, kept and dropped (by reaso
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from ..core.errors import SpectrumError, first_sentence
@@ -41,14 +42,8 @@ def _tokenizer(model: str):
 def _pieces(tokenizer: Any, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
     """The row's text in runs that do or do not carry loss (decoded run by run, so multi-byte
     characters split across tokens stay whole)."""
-    runs: list[tuple[list[int], bool]] = []
-    for token, label in zip(ids, labels, strict=True):
-        flag = label != IGNORE_INDEX
-        if runs and runs[-1][1] == flag:
-            runs[-1][0].append(token)
-        else:
-            runs.append(([token], flag))
-    return [(tokenizer.decode(tokens), flag) for tokens, flag in runs]
+    runs = itertools.groupby(zip(ids, labels, strict=True), key=lambda p: p[1] != IGNORE_INDEX)
+    return [(tokenizer.decode([token for token, _ in run]), flag) for flag, run in runs]
 
 
 def render_row(pieces: list[tuple[str, bool]], *, color: bool) -> str:
@@ -80,7 +75,7 @@ def check_data(
     for index in range(min(rows, len(dataset))):
         encoded = encode_row(dataset[index], index, tokenizer, options)
         ids, labels = encoded["input_ids"], encoded["labels"]
-        pieces = _pieces(tokenizer, ids, labels) if ids else []
+        pieces = _pieces(tokenizer, ids, labels)
         loss_ids = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
         examples.append(
             {

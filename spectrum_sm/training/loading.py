@@ -19,15 +19,11 @@ from ..core.mxfp4 import QUANT_METHOD
 def quantization_method(config: Mapping[str, Any] | Any) -> str:
     """The checkpoint's ``quantization_config.quant_method`` (lower case), or ``""``; from
     ``config.json`` as a dict or from a transformers config object."""
-    if isinstance(config, Mapping):
-        quant = config.get("quantization_config")
-    else:
-        quant = getattr(config, "quantization_config", None)
-    if quant is None:
-        return ""
-    method = quant.get("quant_method") if isinstance(quant, Mapping) else None
-    if method is None:
-        method = getattr(quant, "quant_method", "")
+
+    def field(obj, name: str):
+        return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+    method = field(field(config, "quantization_config"), "quant_method")
     return str(getattr(method, "value", method) or "").lower()
 
 

@@ -182,10 +182,8 @@ class Recipe:
         if not self.dist.is_local_main:
             return
         args, held = self.args, set()
-        for option, folder in (
-            ("--output_dir", args.output_dir),
-            ("--checkpoint_dir", args.checkpoint_dir),
-        ):
+        for option in ("--output_dir", "--checkpoint_dir"):
+            folder = getattr(args, option.removeprefix("--"))
             if not folder or Path(folder).resolve() in held:
                 continue
             created = not Path(folder).exists()
@@ -395,9 +393,7 @@ class Recipe:
             if explicit:
                 raise SpectrumError(f"resume_from {args.resume_from!r} holds no usable checkpoint")
             return
-        self.state = load_checkpoint(
-            found, self.unwrapped, self.optimizer, self.scheduler, self.dist, self.sharded
-        )
+        self.state = load_checkpoint(found, self)
         self.state.fingerprint = self.fingerprint
         self.resumed_from = self.state.step
         report = Path(args.output_dir) / "training_report.json"
@@ -430,7 +426,8 @@ class Recipe:
         last_step_end = time.perf_counter()
         while state.step < self.total_steps:
             batches = self.micro_batches(state.epoch, state.micro_batch)
-            for group in _groups(batches, args.gradient_accumulation_steps):
+            # In accumulation groups (a resumed epoch starts at a group boundary).
+            for group in zip(*[batches] * args.gradient_accumulation_steps, strict=False):
                 step_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                 loss_sum, tokens = self._step(group)
                 state.micro_batch = group[-1][0] + 1
@@ -466,16 +463,7 @@ class Recipe:
                 if args.checkpoint_dir and (
                     stop or (args.save_steps and state.step % args.save_steps == 0)
                 ):
-                    save_checkpoint(
-                        args.checkpoint_dir,
-                        state,
-                        self.unwrapped,
-                        self.optimizer,
-                        self.scheduler,
-                        dist,
-                        args.save_total_limit,
-                        self.sharded,
-                    )
+                    save_checkpoint(self)
                 if stop:
                     raise Stopped(state.step)
                 if state.step >= self.total_steps:
@@ -535,8 +523,7 @@ class Recipe:
         if not self.sharded:  # accelerate unscales fp16 gradients first
             return float(self.accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm))
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
-        full = getattr(norm, "full_tensor", None)
-        return float(full() if full is not None else norm)
+        return float(getattr(norm, "full_tensor", lambda: norm)())  # a DTensor: its full value
 
     def _evaluate(self) -> None:
         """Token-weighted mean loss over the validation set, shared across processes."""
@@ -634,16 +621,6 @@ class Recipe:
         return result
 
 
-def _groups(batches, accumulation: int):
-    """Micro-batches in accumulation groups (a resumed epoch starts at a group boundary)."""
-    group = []
-    for item in batches:
-        group.append(item)
-        if len(group) == accumulation:
-            yield group
-            group = []
-
-
 def _has_tensorboard() -> bool:
     try:
         import tensorboard  # noqa: F401
@@ -736,8 +713,7 @@ def select_trainable(model, args):
         # The file itself, not the channel folder: its name says the percent (for compare).
         return model, report, str(find_layer_file(args.spectrum_config))
     if args.method == "full":
-        for param in model.parameters():
-            param.requires_grad_(True)
+        model.requires_grad_(True)
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -804,14 +780,10 @@ def optimizer_state_bytes(optimizer) -> int:
     """Bytes of optimizer state this process holds (its own shards under FSDP)."""
     import torch
 
-    inner = getattr(optimizer, "optimizer", optimizer)
-    total = 0
-    for state in inner.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor
-                total += local.numel() * local.element_size()
-    return total
+    states = getattr(optimizer, "optimizer", optimizer).state.values()
+    tensors = [v for s in states for v in s.values() if isinstance(v, torch.Tensor)]
+    local = [getattr(t, "to_local", lambda t=t: t)() for t in tensors]  # a DTensor's own shard
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def save_model(

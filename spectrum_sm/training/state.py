@@ -118,8 +118,7 @@ def _rng_tensors_and_json() -> tuple[dict[str, Any], dict[str, Any]]:
     version, internal, gauss = random.getstate()
     tensors = {"rng/torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{index}"] = state
+        tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     kind, keys, pos, has_gauss, cached = numpy.random.get_state()
     tensors["rng/numpy"] = torch.from_numpy(numpy.asarray(keys, dtype=numpy.int64))
     meta = {
@@ -149,8 +148,7 @@ def _restore_rng(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
 
 def _local(tensor):
     """A DTensor's local shard (FSDP2), or the tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if to_local is not None else tensor
+    return getattr(tensor, "to_local", lambda: tensor)()
 
 
 def _trainable(model) -> list[tuple[str, Any]]:
@@ -182,10 +180,9 @@ def _restore_optimizer(optimizer, params, tensors, meta) -> None:
     for key, value in saved + list(meta["optimizer_scalars"].items()):  # "<index>/<name>"
         index, name = key.split("/", 1)
         by_index.setdefault(int(index), {})[name] = value
-    for index, values in by_index.items():
+    for index, state in by_index.items():
         param = params[index]
-        state = {}
-        for name, value in values.items():
+        for name, value in state.items():
             if isinstance(value, torch.Tensor):
                 value = value.to(_local(param).device)
                 if hasattr(param, "device_mesh") and value.ndim > 0:
@@ -201,7 +198,7 @@ def _restore_optimizer(optimizer, params, tensors, meta) -> None:
                         shape=param.shape,
                         stride=param.stride(),
                     )
-            state[name] = value
+                state[name] = value
         optimizer.state[param] = state
     for group, saved in zip(optimizer.param_groups, meta["param_groups"], strict=True):
         for key, value in saved.items():
@@ -211,20 +208,12 @@ def _restore_optimizer(optimizer, params, tensors, meta) -> None:
 # -- save ------------------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    directory: str | Path,
-    state: TrainingState,
-    model,
-    optimizer,
-    scheduler,
-    dist,
-    keep: int,
-    sharded: bool,
-) -> Path:
-    """Write this rank's part of checkpoint ``state.step`` (every rank calls it)."""
+def save_checkpoint(run) -> Path:
+    """Write this rank's part of checkpoint ``run.state.step`` (every rank calls it) into
+    ``run.args.checkpoint_dir``; ``run``: the :class:`~.recipe.Recipe`."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
+    directory, state, dist = Path(run.args.checkpoint_dir), run.state, run.dist
     final = directory / f"checkpoint-{state.step:08d}"
     tmp = directory / f".tmp-checkpoint-{state.step:08d}"
     if dist.is_local_main:
@@ -232,12 +221,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    trainable = _trainable(model)
+    trainable = _trainable(run.unwrapped)
     tensors, meta = _rng_tensors_and_json()
-    if sharded or dist.rank == 0:  # under DDP rank 0 saves the weights and optimizer alone
+    if run.sharded or dist.rank == 0:  # under DDP rank 0 saves the weights and optimizer alone
         for name, param in trainable:
             tensors[f"param/{name}"] = _local(param).detach().cpu().contiguous()
-        opt_tensors, opt_meta = _optimizer_payload(optimizer, [p for _, p in trainable])
+        opt_tensors, opt_meta = _optimizer_payload(run.optimizer, [p for _, p in trainable])
         tensors.update(opt_tensors)
         meta.update(opt_meta)
     stem = f"rank-{dist.rank:05d}"
@@ -245,7 +234,7 @@ def save_checkpoint(
     save_file(tensors, str(weights))
     meta["files"] = {weights.name: {"size": weights.stat().st_size, "sha256": file_digest(weights)}}
     if dist.rank == 0:
-        state.scheduler = {k: v for k, v in scheduler.state_dict().items() if _jsonable(v)}
+        state.scheduler = {k: v for k, v in run.scheduler.state_dict().items() if _jsonable(v)}
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     # The rank's JSON last: its presence marks the rank's part complete.
     (tmp / f"{stem}.json").write_text(json.dumps(meta))
@@ -254,8 +243,8 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        complete = _numbered(directory)  # the newest ``keep`` stay (at least one)
-        for _, path in complete[: max(0, len(complete) - max(1, keep))]:
+        complete = _numbered(directory)  # the newest save_total_limit stay (at least one)
+        for _, path in complete[: max(0, len(complete) - max(1, run.args.save_total_limit))]:
             shutil.rmtree(path, ignore_errors=True)
         log.info("saved checkpoint %s", final)
     dist.barrier()
@@ -309,24 +298,23 @@ def find_resumable(directory, dist, fingerprint: dict[str, Any], *, explicit: bo
     """The newest checkpoint in ``directory`` that verifies on every rank and belongs to this
     run (any run when ``explicit``: ``--resume_from``). All ranks return the same answer."""
     for path in checkpoints(directory):
-        saved, reason = None, None
         try:
             saved = TrainingState(**json.loads((path / STATE_FILE).read_text()))
         except (OSError, ValueError, TypeError) as exc:
             reason = f"state.json unreadable ({exc})"
-        if saved is not None and saved.world_size != dist.world_size:
-            raise SpectrumError(
-                f"checkpoint {path} was written by {saved.world_size} processes, this run has "
-                f"{dist.world_size}; resume with the same number of processes"
-            )
-        if saved is not None and not explicit:
-            difference = fingerprint_difference(saved.fingerprint, fingerprint)
+        else:
+            if saved.world_size != dist.world_size:
+                raise SpectrumError(
+                    f"checkpoint {path} was written by {saved.world_size} processes, this run has "
+                    f"{dist.world_size}; resume with the same number of processes"
+                )
+            difference = [] if explicit else fingerprint_difference(saved.fingerprint, fingerprint)
             if difference:
                 raise SpectrumError(
                     f"checkpoint {path} belongs to another run ({'; '.join(difference)}); use "
                     "another checkpoint folder, or --resume_from to continue that run on purpose"
                 )
-        reason = reason or _verify_rank(path, dist.rank)
+            reason = _verify_rank(path, dist.rank)
         if dist.all_agree(reason is None):
             return path
         log.warning(
@@ -338,13 +326,14 @@ def find_resumable(directory, dist, fingerprint: dict[str, Any], *, explicit: bo
     return None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, dist, sharded: bool) -> TrainingState:
-    """Restore what :func:`save_checkpoint` wrote; the run then continues bit for bit."""
+def load_checkpoint(path: Path, run) -> TrainingState:
+    """Restore what :func:`save_checkpoint` wrote into ``run`` (the :class:`~.recipe.Recipe`'s
+    model, optimizer and scheduler); the run then continues bit for bit."""
     import torch
     from safetensors.torch import load_file
 
-    state = TrainingState(**json.loads((path / STATE_FILE).read_text()))
-    trainable = _trainable(model)
+    dist, state = run.dist, TrainingState(**json.loads((path / STATE_FILE).read_text()))
+    trainable = _trainable(run.unwrapped)
     if state.trainable is not None and sorted(state.trainable) != sorted(n for n, _ in trainable):
         raise SpectrumError(
             f"checkpoint {path} trained other parameters than this run; use another "
@@ -353,14 +342,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, dist, sharded: bool
     own = load_file(str(path / f"rank-{dist.rank:05d}.safetensors"))
     meta = json.loads((path / f"rank-{dist.rank:05d}.json").read_text())
     source, source_meta = own, meta
-    if not sharded and dist.rank != 0:  # under DDP rank 0 saved the weights and optimizer
+    if not run.sharded and dist.rank != 0:  # under DDP rank 0 saved the weights and optimizer
         source = load_file(str(path / "rank-00000.safetensors"))
         source_meta = json.loads((path / "rank-00000.json").read_text())
     with torch.no_grad():
         for name, param in trainable:
             _local(param).copy_(source[f"param/{name}"])
-    _restore_optimizer(optimizer, [p for _, p in trainable], source, source_meta)
-    scheduler.load_state_dict({**scheduler.state_dict(), **state.scheduler})
+    _restore_optimizer(run.optimizer, [p for _, p in trainable], source, source_meta)
+    run.scheduler.load_state_dict({**run.scheduler.state_dict(), **state.scheduler})
     if "rng/torch" not in own:
         raise SpectrumError(f"checkpoint {path}: rank {dist.rank} has no RNG state")
     _restore_rng(own, meta)
