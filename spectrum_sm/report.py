@@ -33,8 +33,9 @@ class Report:
         return self.png
 
     def save(self, path: str | Path) -> Path:
-        Path(path).write_bytes(self.png)
-        return Path(path)
+        path = Path(path)
+        path.write_bytes(self.png)
+        return path
 
     def lines(self, top: int = 3) -> list[str]:
         """A text summary: per type, the best modules and how many are selected."""

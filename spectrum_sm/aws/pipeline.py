@@ -515,8 +515,8 @@ def launch(
     if reuse is None:
         reuse = config.reuse_analysis if isinstance(config, PipelineConfig) else True
     if isinstance(config, PipelineConfig):
-        if config.percent_conflict():  # before any lookup or upload
-            raise SpectrumError(config.percent_conflict())
+        if conflict := config.percent_conflict():  # before any lookup or upload
+            raise SpectrumError(conflict)
         check_job(config.training, launcher, dry_run=dry_run)
         step = plan_analysis_step(config.analysis, reuse=reuse, dry_run=dry_run, launcher=launcher)
         training = plan_training(

@@ -74,8 +74,8 @@ def compare(
         config = load_pipeline(config, list(overrides))
     elif overrides:
         raise SpectrumError("overrides apply to a config file; change the PipelineConfig instead")
-    if config.percent_conflict():  # compare's percents come from --methods and analysis
-        raise SpectrumError(config.percent_conflict())
+    if conflict := config.percent_conflict():  # compare's percents come from --methods and analysis
+        raise SpectrumError(conflict)
     table = prices if isinstance(prices, PriceTable) else load_prices(prices)
     chosen = parse_methods(methods, default_percent=config.analysis.top_percent)
     per_method = parse_method_settings(method_settings, chosen)

@@ -433,11 +433,14 @@ def _expert_weights(
     base = mxfp4.base_name(info.name) if packed else info.name
     with_bias = base + EXPERT_BIAS_SUFFIX in by_name
     scale = by_name[base + mxfp4.SCALES_SUFFIX] if packed else None
-    experts = [(e, *names.expert(info.name, e, with_bias)) for e in range(info.shape[0])]
-    return [
-        _Weight(info, m, _type_of(m, tower), tower, t.entry(), scale, expert=e, mxfp4=packed)
-        for e, m, t in experts
-    ]
+    weights = []
+    for expert in range(info.shape[0]):
+        module, target = names.expert(info.name, expert, with_bias)
+        kind = _type_of(module, tower)
+        weights.append(
+            _Weight(info, module, kind, tower, target.entry(), scale, expert=expert, mxfp4=packed)
+        )
+    return weights
 
 
 def _scale_of(

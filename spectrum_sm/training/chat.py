@@ -138,8 +138,11 @@ def _trl():
 
 def trl_is_recent(version: str) -> bool:
     """Is ``version`` (a TRL release) the pinned one or later?"""
-    found, pinned = ([int(p) for p in re.findall(r"\d+", v)[:3]] for v in (version, TRL_VERSION))
-    return bool(version) and found >= pinned
+    return bool(version) and _version_tuple(version) >= _version_tuple(TRL_VERSION)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
 
 
 def _trl_training_template(tokenizer: Any, template: str) -> tuple[str, str] | None:

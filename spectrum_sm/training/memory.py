@@ -395,10 +395,13 @@ def adamw_state_bytes(trainable_elements: int, trainable_tensors: int) -> int:
 def method_counts(counts: Counts, method: str) -> tuple[int, int]:
     """``(trainable elements, trainable tensors)`` of ``method`` (spectrum at the counted
     percent with the embedding entries; full; lora and qlora at the counted rank)."""
-    kind = {"spectrum": "trainable", "full": "full", "lora": "lora", "qlora": "lora"}.get(method)
-    if kind is None:
-        raise SpectrumError(f"unknown method {method!r}")
-    return getattr(counts, f"{kind}_params"), getattr(counts, f"{kind}_tensors")
+    if method == "spectrum":
+        return counts.trainable_params, counts.trainable_tensors
+    if method == "full":
+        return counts.full_params, counts.full_tensors
+    if method in ("lora", "qlora"):
+        return counts.lora_params, counts.lora_tensors
+    raise SpectrumError(f"unknown method {method!r}")
 
 
 @dataclass(frozen=True)
@@ -506,16 +509,26 @@ def estimate_memory(
     layers = cfg.num_hidden_layers
     tokens = step.seq * step.batch
     per_layer = (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * intermediate) * tokens * low
-    saved = tokens * hidden * low if checkpointing else per_layer  # per layer, for backward
-    activations = layers * saved + (per_layer if checkpointing else 0)  # + the one recomputed
+    if checkpointing:
+        activations = layers * tokens * hidden * low + per_layer
+    else:
+        activations = layers * per_layer
     activations += 3 * tokens * cfg.vocab_size * 4  # float32 logits, their softmax and gradient
     if adapters:
         # Measured on the CPU benchmark: LoRA keeps about one more copy of every adapted
         # layer's input (its A matrix needs it for the gradient).
         inputs = 6 * hidden + intermediate  # q, k, v, o, gate, up read hidden; down reads inter.
         activations += (1 if checkpointing else layers) * inputs * tokens * low
-    gib = [b / GIB for b in (weights, gradients, optimizer, activations)]
-    return Estimate(method, trainable, *gib, overhead_gib, transient / GIB)
+    return Estimate(
+        method,
+        trainable,
+        weights / GIB,
+        gradients / GIB,
+        optimizer / GIB,
+        activations / GIB,
+        overhead_gib,
+        transient / GIB,
+    )
 
 
 def estimate_method(cfg, counts: Counts, method: str, step: Step, **settings: Any) -> Estimate:

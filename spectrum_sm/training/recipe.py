@@ -42,7 +42,14 @@ from . import metrics
 from .data import collate, data_options, default_num_proc, hold_out, load_split, prepare_split
 from .loading import dequantized_load_kwargs
 from .memory import Step, load_config, plan_distribution
-from .state import TrainingState, find_resumable, load_checkpoint, run_fingerprint, save_checkpoint
+from .state import (
+    TrainingState,
+    find_resumable,
+    load_checkpoint,
+    local_shard,
+    run_fingerprint,
+    save_checkpoint,
+)
 
 log = logging.getLogger("spectrum_sm.train")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -426,7 +433,8 @@ class Recipe:
         last_step_end = time.perf_counter()
         while state.step < self.total_steps:
             batches = self.micro_batches(state.epoch, state.micro_batch)
-            # In accumulation groups (a resumed epoch starts at a group boundary).
+            # Accumulation groups: zip draws n consecutive micro-batches from the one generator
+            # and drops a trailing partial group (a resumed epoch starts at a group boundary).
             for group in zip(*[batches] * args.gradient_accumulation_steps, strict=False):
                 step_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                 loss_sum, tokens = self._step(group)
@@ -523,7 +531,8 @@ class Recipe:
         if not self.sharded:  # accelerate unscales fp16 gradients first
             return float(self.accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm))
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
-        return float(getattr(norm, "full_tensor", lambda: norm)())  # a DTensor: its full value
+        full = getattr(norm, "full_tensor", None)  # a DTensor: its full value
+        return float(full() if full is not None else norm)
 
     def _evaluate(self) -> None:
         """Token-weighted mean loss over the validation set, shared across processes."""
@@ -782,8 +791,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
     states = getattr(optimizer, "optimizer", optimizer).state.values()
     tensors = [v for s in states for v in s.values() if isinstance(v, torch.Tensor)]
-    local = [getattr(t, "to_local", lambda t=t: t)() for t in tensors]  # a DTensor's own shard
-    return sum(t.numel() * t.element_size() for t in local)
+    return sum(t.numel() * t.element_size() for t in map(local_shard, tensors))
 
 
 def save_model(

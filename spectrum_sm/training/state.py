@@ -146,9 +146,10 @@ def _restore_rng(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
 # -- the pieces of model and optimizer this rank owns ----------------------------------------
 
 
-def _local(tensor):
+def local_shard(tensor):
     """A DTensor's local shard (FSDP2), or the tensor itself."""
-    return getattr(tensor, "to_local", lambda: tensor)()
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 def _trainable(model) -> list[tuple[str, Any]]:
@@ -165,7 +166,7 @@ def _optimizer_payload(optimizer, params: list[Any]) -> tuple[dict[str, Any], di
             continue
         for key, value in state.items():
             if hasattr(value, "dtype"):
-                tensors[f"optim/{index}/{key}"] = _local(value).detach().cpu().contiguous()
+                tensors[f"optim/{index}/{key}"] = local_shard(value).detach().cpu().contiguous()
             else:
                 scalars[f"{index}/{key}"] = value
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
@@ -184,7 +185,7 @@ def _restore_optimizer(optimizer, params, tensors, meta) -> None:
         param = params[index]
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
-                value = value.to(_local(param).device)
+                value = value.to(local_shard(param).device)
                 if hasattr(param, "device_mesh") and value.ndim > 0:
                     from torch.distributed.tensor import DTensor
 
@@ -225,7 +226,7 @@ def save_checkpoint(run) -> Path:
     tensors, meta = _rng_tensors_and_json()
     if run.sharded or dist.rank == 0:  # under DDP rank 0 saves the weights and optimizer alone
         for name, param in trainable:
-            tensors[f"param/{name}"] = _local(param).detach().cpu().contiguous()
+            tensors[f"param/{name}"] = local_shard(param).detach().cpu().contiguous()
         opt_tensors, opt_meta = _optimizer_payload(run.optimizer, [p for _, p in trainable])
         tensors.update(opt_tensors)
         meta.update(opt_meta)
@@ -347,7 +348,7 @@ def load_checkpoint(path: Path, run) -> TrainingState:
         source_meta = json.loads((path / "rank-00000.json").read_text())
     with torch.no_grad():
         for name, param in trainable:
-            _local(param).copy_(source[f"param/{name}"])
+            local_shard(param).copy_(source[f"param/{name}"])
     _restore_optimizer(run.optimizer, [p for _, p in trainable], source, source_meta)
     run.scheduler.load_state_dict({**run.scheduler.state_dict(), **state.scheduler})
     if "rng/torch" not in own:
